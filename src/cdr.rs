@@ -1,0 +1,839 @@
+//! CDR decoding and validation (CONTRACT §1).
+//!
+//! One JSON object per Kafka message. Decoding is a single pass of serde_json over
+//! the bytes with a hand-written map visitor: strings are borrowed from the input
+//! (only JSON-escaped strings are copied), unknown fields are skipped without being
+//! materialised, and every field is read as a loosely typed [`Scalar`] so that a
+//! wrong type is reported with the field's name instead of serde's column number.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+use crate::calendar::{parse_rfc3339, Day};
+use crate::category::Category;
+
+/// An account SID (`AC` + 32 lowercase hex digits) held as its 128-bit value, so the
+/// hot path keys counters without allocating.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AccountSid(pub u128);
+
+impl AccountSid {
+    /// Parses `AC` + 32 lowercase hex digits.
+    pub fn parse(s: &str) -> Option<AccountSid> {
+        let b = s.as_bytes();
+        if b.len() != 34 || &b[..2] != b"AC" {
+            return None;
+        }
+        let mut v: u128 = 0;
+        for &c in &b[2..] {
+            let nibble = match c {
+                b'0'..=b'9' => c - b'0',
+                b'a'..=b'f' => c - b'a' + 10,
+                _ => return None,
+            };
+            v = (v << 4) | nibble as u128;
+        }
+        Some(AccountSid(v))
+    }
+}
+
+impl fmt::Display for AccountSid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AC{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for AccountSid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CallNumberType {
+    Local,
+    Mobile,
+    Tollfree,
+    Sip,
+    Client,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MessageNumberType {
+    Longcode,
+    Shortcode,
+    Tollfree,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CallStatus {
+    Completed,
+    NoAnswer,
+    Busy,
+    Failed,
+    Canceled,
+}
+
+/// AgentPhone's two voice modes, priced differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    Webhook,
+    Hosted,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 2] = [Mode::Webhook, Mode::Hosted];
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Webhook => "webhook",
+            Mode::Hosted => "hosted",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Mode> {
+        Mode::ALL.into_iter().find(|m| m.name() == s)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    Sms,
+    Mms,
+}
+
+/// What kind of usage a CDR records, with the fields that only that kind has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Usage {
+    Call {
+        number_type: CallNumberType,
+        status: CallStatus,
+        /// Setup to hang-up, ringing included.
+        duration: u32,
+        /// Connected (answered) seconds: what is billed.
+        billsec: u32,
+        mode: Option<Mode>,
+    },
+    Message {
+        kind: MessageKind,
+        number_type: MessageNumberType,
+        segments: u32,
+    },
+}
+
+/// A validated CDR, borrowing its strings from the message bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cdr<'a> {
+    pub id: Cow<'a, str>,
+    pub account: AccountSid,
+    /// Event time, Unix seconds.
+    pub timestamp: i64,
+    pub direction: Direction,
+    pub phone_number: Option<Cow<'a, str>>,
+    pub agent_id: Option<Cow<'a, str>>,
+    pub usage: Usage,
+}
+
+impl Cdr<'_> {
+    /// The UTC day the usage is bucketed in (event time, however late it arrives).
+    pub fn day(&self) -> Day {
+        Day::from_unix(self.timestamp)
+    }
+
+    /// The leaf category this CDR lands in (CONTRACT §2).
+    pub fn leaf(&self) -> Category {
+        use Category::*;
+        match (&self.usage, self.direction) {
+            (Usage::Call { number_type, .. }, dir) => match (number_type, dir) {
+                (CallNumberType::Sip, Direction::Inbound) => CallsSipInbound,
+                (CallNumberType::Sip, Direction::Outbound) => CallsSipOutbound,
+                (CallNumberType::Client, _) => CallsClient,
+                (_, Direction::Outbound) => CallsOutbound,
+                (CallNumberType::Local, Direction::Inbound) => CallsInboundLocal,
+                (CallNumberType::Mobile, Direction::Inbound) => CallsInboundMobile,
+                (CallNumberType::Tollfree, Direction::Inbound) => CallsInboundTollfree,
+            },
+            (
+                Usage::Message {
+                    kind, number_type, ..
+                },
+                dir,
+            ) => {
+                // Toll-free messages count as longcode (CONTRACT §2).
+                let short = *number_type == MessageNumberType::Shortcode;
+                match (kind, dir, short) {
+                    (MessageKind::Sms, Direction::Inbound, false) => SmsInboundLongcode,
+                    (MessageKind::Sms, Direction::Inbound, true) => SmsInboundShortcode,
+                    (MessageKind::Sms, Direction::Outbound, false) => SmsOutboundLongcode,
+                    (MessageKind::Sms, Direction::Outbound, true) => SmsOutboundShortcode,
+                    (MessageKind::Mms, Direction::Inbound, false) => MmsInboundLongcode,
+                    (MessageKind::Mms, Direction::Inbound, true) => MmsInboundShortcode,
+                    (MessageKind::Mms, Direction::Outbound, false) => MmsOutboundLongcode,
+                    (MessageKind::Mms, Direction::Outbound, true) => MmsOutboundShortcode,
+                }
+            }
+        }
+    }
+}
+
+/// Why a message was not counted; the `as_str` form is the dead-letter header value
+/// and the metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    InvalidJson,
+    NotAnObject,
+    DuplicateField,
+    MissingField,
+    WrongType,
+    BadId,
+    BadAccountSid,
+    UnsupportedKind,
+    BadTimestamp,
+    BadDirection,
+    BadNumberType,
+    BadStatus,
+    BadMode,
+    NegativeValue,
+    ValueTooLarge,
+    BillsecExceedsDuration,
+    BadSegments,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 17] = [
+        RejectReason::InvalidJson,
+        RejectReason::NotAnObject,
+        RejectReason::DuplicateField,
+        RejectReason::MissingField,
+        RejectReason::WrongType,
+        RejectReason::BadId,
+        RejectReason::BadAccountSid,
+        RejectReason::UnsupportedKind,
+        RejectReason::BadTimestamp,
+        RejectReason::BadDirection,
+        RejectReason::BadNumberType,
+        RejectReason::BadStatus,
+        RejectReason::BadMode,
+        RejectReason::NegativeValue,
+        RejectReason::ValueTooLarge,
+        RejectReason::BillsecExceedsDuration,
+        RejectReason::BadSegments,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        use RejectReason::*;
+        match self {
+            InvalidJson => "invalid_json",
+            NotAnObject => "not_an_object",
+            DuplicateField => "duplicate_field",
+            MissingField => "missing_field",
+            WrongType => "wrong_type",
+            BadId => "bad_id",
+            BadAccountSid => "bad_account_sid",
+            UnsupportedKind => "unsupported_kind",
+            BadTimestamp => "bad_timestamp",
+            BadDirection => "bad_direction",
+            BadNumberType => "bad_number_type",
+            BadStatus => "bad_status",
+            BadMode => "bad_mode",
+            NegativeValue => "negative_value",
+            ValueTooLarge => "value_too_large",
+            BillsecExceedsDuration => "billsec_exceeds_duration",
+            BadSegments => "bad_segments",
+        }
+    }
+}
+
+/// A rejected message: machine-readable reason, the field at fault and a message
+/// naming the field and the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {message}", reason = .reason.as_str())]
+pub struct Rejection {
+    pub reason: RejectReason,
+    pub field: Option<&'static str>,
+    pub message: String,
+}
+
+impl Rejection {
+    fn new(reason: RejectReason, field: &'static str, message: String) -> Rejection {
+        Rejection {
+            reason,
+            field: Some(field),
+            message,
+        }
+    }
+}
+
+/// A JSON value as the decoder sees it: just enough to check types and name them.
+#[derive(Debug, Clone, PartialEq)]
+enum Scalar<'a> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+    Str(Cow<'a, str>),
+    /// An object or array where a scalar was expected.
+    Nested,
+}
+
+impl Scalar<'_> {
+    fn type_name(&self) -> &'static str {
+        match self {
+            Scalar::Null => "null",
+            Scalar::Bool(_) => "boolean",
+            Scalar::Int(_) | Scalar::UInt(_) => "integer",
+            Scalar::Float(_) => "number",
+            Scalar::Str(_) => "string",
+            Scalar::Nested => "object or array",
+        }
+    }
+    fn shown(&self) -> String {
+        match self {
+            Scalar::Str(s) => format!("{:?}", truncate(s)),
+            Scalar::Int(i) => i.to_string(),
+            Scalar::UInt(u) => u.to_string(),
+            Scalar::Float(f) => f.to_string(),
+            Scalar::Bool(b) => b.to_string(),
+            Scalar::Null => "null".into(),
+            Scalar::Nested => "an object or array".into(),
+        }
+    }
+}
+
+fn truncate(s: &str) -> &str {
+    match s.char_indices().nth(80) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+impl<'de> de::Deserialize<'de> for Scalar<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Scalar<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Scalar::Null)
+            }
+            fn visit_none<E>(self) -> Result<Self::Value, E> {
+                Ok(Scalar::Null)
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(Scalar::Bool(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(Scalar::Int(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Scalar::UInt(v))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(Scalar::Float(v))
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Scalar::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Scalar::Str(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Scalar::Str(Cow::Owned(v)))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+                while a.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Nested)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Nested)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The fields tallyd reads, in one fixed slot each.
+#[derive(Default)]
+struct RawFields<'a> {
+    slots: [Option<Scalar<'a>>; FIELDS.len()],
+    duplicate: Option<&'static str>,
+}
+
+const FIELDS: [&str; 13] = [
+    "id",
+    "account_sid",
+    "kind",
+    "timestamp",
+    "direction",
+    "phone_number",
+    "agent_id",
+    "number_type",
+    "status",
+    "duration",
+    "billsec",
+    "mode",
+    "segments",
+];
+
+/// A field key, borrowed when the input allows.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> de::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+struct TopLevel<'a>(Option<RawFields<'a>>);
+
+impl<'de> de::Deserialize<'de> for TopLevel<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TopLevel<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a CDR object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+                let mut raw = RawFields::default();
+                while let Some(Key(k)) = a.next_key::<Key>()? {
+                    match FIELDS.iter().position(|f| *f == k) {
+                        Some(i) => {
+                            let v = a.next_value::<Scalar>()?;
+                            if raw.slots[i].replace(v).is_some() && raw.duplicate.is_none() {
+                                raw.duplicate = Some(FIELDS[i]);
+                            }
+                        }
+                        None => {
+                            a.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(TopLevel(Some(raw)))
+            }
+            // Any non-object top level is valid JSON but not a CDR.
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+                while a.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(TopLevel(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(TopLevel(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(TopLevel(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(TopLevel(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(TopLevel(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(TopLevel(None))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(TopLevel(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'a> RawFields<'a> {
+    fn take(&mut self, name: &'static str) -> Option<Scalar<'a>> {
+        let i = FIELDS.iter().position(|f| *f == name).expect("known field");
+        // An explicit JSON null is treated as absent.
+        self.slots[i].take().filter(|v| *v != Scalar::Null)
+    }
+
+    fn required_str(&mut self, name: &'static str) -> Result<Cow<'a, str>, Rejection> {
+        match self.take(name) {
+            None => Err(Rejection::new(
+                RejectReason::MissingField,
+                name,
+                format!("required field `{name}` is missing"),
+            )),
+            Some(v) => as_str(name, v),
+        }
+    }
+
+    fn optional_str(&mut self, name: &'static str) -> Result<Option<Cow<'a, str>>, Rejection> {
+        self.take(name).map(|v| as_str(name, v)).transpose()
+    }
+
+    fn required_uint(&mut self, name: &'static str) -> Result<u32, Rejection> {
+        match self.take(name) {
+            None => Err(Rejection::new(
+                RejectReason::MissingField,
+                name,
+                format!("required field `{name}` is missing"),
+            )),
+            Some(v) => as_uint(name, v),
+        }
+    }
+
+    fn optional_uint(&mut self, name: &'static str) -> Result<Option<u32>, Rejection> {
+        self.take(name).map(|v| as_uint(name, v)).transpose()
+    }
+}
+
+fn as_str<'a>(name: &'static str, v: Scalar<'a>) -> Result<Cow<'a, str>, Rejection> {
+    match v {
+        Scalar::Str(s) => Ok(s),
+        other => Err(Rejection::new(
+            RejectReason::WrongType,
+            name,
+            format!(
+                "field `{name}` must be a string, got {} {}",
+                other.type_name(),
+                other.shown()
+            ),
+        )),
+    }
+}
+
+fn as_uint(name: &'static str, v: Scalar<'_>) -> Result<u32, Rejection> {
+    let n: i128 = match v {
+        Scalar::Int(i) => i as i128,
+        Scalar::UInt(u) => u as i128,
+        // 30.0 is still a whole number of seconds; 30.5 is not.
+        Scalar::Float(f) if f.fract() == 0.0 && f.abs() < 1e18 => f as i128,
+        other => {
+            return Err(Rejection::new(
+                RejectReason::WrongType,
+                name,
+                format!(
+                    "field `{name}` must be a whole number, got {} {}",
+                    other.type_name(),
+                    other.shown()
+                ),
+            ))
+        }
+    };
+    if n < 0 {
+        return Err(Rejection::new(
+            RejectReason::NegativeValue,
+            name,
+            format!("field `{name}` must be ≥ 0, got {n}"),
+        ));
+    }
+    u32::try_from(n).map_err(|_| {
+        Rejection::new(
+            RejectReason::ValueTooLarge,
+            name,
+            format!("field `{name}` = {n} is larger than {}", u32::MAX),
+        )
+    })
+}
+
+fn bad_value(reason: RejectReason, name: &'static str, value: &str, allowed: &str) -> Rejection {
+    Rejection::new(
+        reason,
+        name,
+        format!(
+            "field `{name}` = {:?} is not one of {allowed}",
+            truncate(value)
+        ),
+    )
+}
+
+/// Decodes and validates one message. Never panics on any input.
+pub fn decode(bytes: &[u8]) -> Result<Cdr<'_>, Rejection> {
+    let TopLevel(raw) = serde_json::from_slice::<TopLevel>(bytes).map_err(|e| Rejection {
+        reason: RejectReason::InvalidJson,
+        field: None,
+        message: format!("message is not valid JSON: {e}"),
+    })?;
+    let Some(mut raw) = raw else {
+        return Err(Rejection {
+            reason: RejectReason::NotAnObject,
+            field: None,
+            message: "message is JSON but not an object".into(),
+        });
+    };
+    if let Some(field) = raw.duplicate {
+        return Err(Rejection::new(
+            RejectReason::DuplicateField,
+            field,
+            format!("field `{field}` appears more than once"),
+        ));
+    }
+
+    let id = raw.required_str("id")?;
+    if id.is_empty() || id.chars().count() > 64 {
+        return Err(Rejection::new(
+            RejectReason::BadId,
+            "id",
+            format!(
+                "field `id` must be 1–64 characters, got {} characters",
+                id.chars().count()
+            ),
+        ));
+    }
+    let sid = raw.required_str("account_sid")?;
+    let account = AccountSid::parse(&sid).ok_or_else(|| {
+        Rejection::new(
+            RejectReason::BadAccountSid,
+            "account_sid",
+            format!(
+                "field `account_sid` = {:?} is not AC followed by 32 lowercase hex digits",
+                truncate(&sid)
+            ),
+        )
+    })?;
+    let kind = raw.required_str("kind")?;
+    let ts = raw.required_str("timestamp")?;
+    let timestamp = parse_rfc3339(&ts).ok_or_else(|| {
+        Rejection::new(
+            RejectReason::BadTimestamp,
+            "timestamp",
+            format!(
+                "field `timestamp` = {:?} is not an RFC 3339 time",
+                truncate(&ts)
+            ),
+        )
+    })?;
+    let dir = raw.required_str("direction")?;
+    let direction = match &*dir {
+        "inbound" => Direction::Inbound,
+        "outbound" => Direction::Outbound,
+        other => {
+            return Err(bad_value(
+                RejectReason::BadDirection,
+                "direction",
+                other,
+                "inbound, outbound",
+            ))
+        }
+    };
+    let phone_number = raw.optional_str("phone_number")?;
+    let agent_id = raw.optional_str("agent_id")?;
+
+    let usage = match &*kind {
+        "call" => decode_call(&mut raw)?,
+        "sms" => decode_message(&mut raw, MessageKind::Sms)?,
+        "mms" => decode_message(&mut raw, MessageKind::Mms)?,
+        other => {
+            return Err(Rejection::new(
+                RejectReason::UnsupportedKind,
+                "kind",
+                format!(
+                    "field `kind` = {:?} is not one this version rates (call, sms, mms)",
+                    truncate(other)
+                ),
+            ))
+        }
+    };
+    Ok(Cdr {
+        id,
+        account,
+        timestamp,
+        direction,
+        phone_number,
+        agent_id,
+        usage,
+    })
+}
+
+fn decode_call(raw: &mut RawFields<'_>) -> Result<Usage, Rejection> {
+    let number_type = match raw.optional_str("number_type")?.as_deref() {
+        None | Some("local") => CallNumberType::Local,
+        Some("mobile") => CallNumberType::Mobile,
+        Some("tollfree") => CallNumberType::Tollfree,
+        Some("sip") => CallNumberType::Sip,
+        Some("client") => CallNumberType::Client,
+        Some(other) => {
+            return Err(bad_value(
+                RejectReason::BadNumberType,
+                "number_type",
+                other,
+                "local, mobile, tollfree, sip, client",
+            ))
+        }
+    };
+    let status = match &*raw.required_str("status")? {
+        "completed" => CallStatus::Completed,
+        "no-answer" => CallStatus::NoAnswer,
+        "busy" => CallStatus::Busy,
+        "failed" => CallStatus::Failed,
+        "canceled" => CallStatus::Canceled,
+        other => {
+            return Err(bad_value(
+                RejectReason::BadStatus,
+                "status",
+                other,
+                "completed, no-answer, busy, failed, canceled",
+            ))
+        }
+    };
+    let duration = raw.required_uint("duration")?;
+    let billsec = raw.required_uint("billsec")?;
+    if billsec > duration {
+        return Err(Rejection::new(
+            RejectReason::BillsecExceedsDuration,
+            "billsec",
+            format!("field `billsec` = {billsec} exceeds `duration` = {duration}"),
+        ));
+    }
+    let mode = match raw.optional_str("mode")? {
+        None => None,
+        Some(m) => Some(
+            Mode::parse(&m)
+                .ok_or_else(|| bad_value(RejectReason::BadMode, "mode", &m, "webhook, hosted"))?,
+        ),
+    };
+    Ok(Usage::Call {
+        number_type,
+        status,
+        duration,
+        billsec,
+        mode,
+    })
+}
+
+fn decode_message(raw: &mut RawFields<'_>, kind: MessageKind) -> Result<Usage, Rejection> {
+    let number_type = match raw.optional_str("number_type")?.as_deref() {
+        None | Some("longcode") => MessageNumberType::Longcode,
+        Some("shortcode") => MessageNumberType::Shortcode,
+        Some("tollfree") => MessageNumberType::Tollfree,
+        Some(other) => {
+            return Err(bad_value(
+                RejectReason::BadNumberType,
+                "number_type",
+                other,
+                "longcode, shortcode, tollfree",
+            ))
+        }
+    };
+    let segments = raw.optional_uint("segments")?.unwrap_or(1);
+    if segments == 0 {
+        return Err(Rejection::new(
+            RejectReason::BadSegments,
+            "segments",
+            "field `segments` must be ≥ 1, got 0".into(),
+        ));
+    }
+    // `status` is optional for messages and not used for rating; only its type is checked.
+    raw.optional_str("status")?;
+    Ok(Usage::Message {
+        kind,
+        number_type,
+        segments,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SID: &str = "AC0123456789abcdef0123456789abcdef";
+
+    fn call(extra: &str) -> String {
+        format!(
+            r#"{{"id":"CA1","account_sid":"{SID}","kind":"call","timestamp":"2025-01-09T13:45:00Z","direction":"inbound","status":"completed","duration":70,"billsec":61{extra}}}"#
+        )
+    }
+
+    #[test]
+    fn decodes_a_call_borrowing_strings() {
+        let s = call(r#","phone_number":"+14155550100","agent_id":"agt_1","unknown":{"x":[1,2]}"#);
+        let cdr = decode(s.as_bytes()).unwrap();
+        assert!(matches!(cdr.id, Cow::Borrowed("CA1")));
+        assert_eq!(cdr.account.to_string(), SID);
+        assert_eq!(cdr.leaf(), Category::CallsInboundLocal);
+        assert_eq!(cdr.day().to_string(), "2025-01-09");
+        assert_eq!(cdr.phone_number.as_deref(), Some("+14155550100"));
+        assert_eq!(
+            cdr.usage,
+            Usage::Call {
+                number_type: CallNumberType::Local,
+                status: CallStatus::Completed,
+                duration: 70,
+                billsec: 61,
+                mode: None
+            }
+        );
+    }
+
+    #[test]
+    fn decodes_messages_with_defaults() {
+        let s = format!(
+            r#"{{"id":"SM1","account_sid":"{SID}","kind":"mms","timestamp":"2025-01-09T13:45:00Z","direction":"outbound","number_type":"tollfree"}}"#
+        );
+        let cdr = decode(s.as_bytes()).unwrap();
+        assert_eq!(cdr.leaf(), Category::MmsOutboundLongcode);
+        assert!(matches!(cdr.usage, Usage::Message { segments: 1, .. }));
+    }
+
+    fn reason(s: &str) -> (RejectReason, Option<&'static str>, String) {
+        let r = decode(s.as_bytes()).unwrap_err();
+        (r.reason, r.field, r.message)
+    }
+
+    #[test]
+    fn rejections_name_field_and_value() {
+        use RejectReason::*;
+        let (r, f, m) = reason(&call("").replace("\"billsec\":61", "\"billsec\":71"));
+        assert_eq!((r, f), (BillsecExceedsDuration, Some("billsec")));
+        assert!(m.contains("71") && m.contains("70"), "{m}");
+
+        let (r, f, m) = reason(&call("").replace(SID, "AC0123"));
+        assert_eq!((r, f), (BadAccountSid, Some("account_sid")));
+        assert!(m.contains("AC0123"));
+
+        let (r, _, _) = reason(&call("").replace(SID, &SID.to_uppercase()));
+        assert_eq!(r, BadAccountSid, "uppercase hex is not a valid sid");
+
+        let (r, f, m) = reason(&call("").replace("\"duration\":70", "\"duration\":\"70\""));
+        assert_eq!((r, f), (WrongType, Some("duration")));
+        assert!(m.contains("string"), "{m}");
+
+        let (r, f, _) = reason(&call("").replace("\"duration\":70", "\"duration\":-5"));
+        assert_eq!((r, f), (NegativeValue, Some("duration")));
+
+        let (r, f, _) = reason(&call("").replace(",\"status\":\"completed\"", ""));
+        assert_eq!((r, f), (MissingField, Some("status")));
+
+        let (r, f, _) = reason(&call("").replace("2025-01-09T13:45:00Z", "2025-02-30T13:45:00Z"));
+        assert_eq!((r, f), (BadTimestamp, Some("timestamp")));
+
+        let (r, f, _) = reason(&call(r#","mode":"psychic""#));
+        assert_eq!((r, f), (BadMode, Some("mode")));
+
+        let (r, f, _) = reason(&call("").replace("\"call\"", "\"recording\""));
+        assert_eq!((r, f), (UnsupportedKind, Some("kind")));
+
+        let (r, f, _) = reason(&call(r#","id":"again""#));
+        assert_eq!((r, f), (DuplicateField, Some("id")));
+
+        let (r, f, _) = reason(&call("").replace("\"CA1\"", &format!("\"{}\"", "x".repeat(65))));
+        assert_eq!((r, f), (BadId, Some("id")));
+
+        assert_eq!(reason("{not json").0, InvalidJson);
+        assert_eq!(reason("[1,2]").0, NotAnObject);
+        assert_eq!(reason("").0, InvalidJson);
+    }
+}

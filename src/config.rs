@@ -1,0 +1,292 @@
+//! The daemon's configuration: one TOML file (`config/tallyd.toml`), every key
+//! documented there, `TALLYD_SECTION__KEY` environment overrides, unknown keys
+//! rejected by name.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::rating::{RatingConfig, Tariff, TariffError};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub flush: FlushConfig,
+    #[serde(default)]
+    pub dedup: DedupConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    pub rating: RatingConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Comma-separated bootstrap servers.
+    #[serde(default = "default_brokers")]
+    pub brokers: String,
+    /// Topic the switch writes CDRs to.
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// Consumer group; instances in one group share the partitions.
+    #[serde(default = "default_group")]
+    pub group_id: String,
+    /// Topic rejected messages are produced to, unchanged, with reason headers.
+    #[serde(default = "default_dead_letter_topic")]
+    pub dead_letter_topic: String,
+    /// Extra librdkafka properties (security.protocol, sasl.*, ssl.*, …), passed through.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+fn default_brokers() -> String {
+    "127.0.0.1:9092".into()
+}
+fn default_topic() -> String {
+    "cdrs".into()
+}
+fn default_group() -> String {
+    "tallyd".into()
+}
+fn default_dead_letter_topic() -> String {
+    "cdrs-dead-letter".into()
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: default_brokers(),
+            topic: default_topic(),
+            group_id: default_group(),
+            dead_letter_topic: default_dead_letter_topic(),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://PATH` or `postgres://…`.
+    #[serde(default = "default_store_url")]
+    pub url: String,
+}
+
+fn default_store_url() -> String {
+    "sqlite://data/tallyd.db".into()
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: default_store_url(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlushConfig {
+    /// Milliseconds between flushes of counter deltas + offsets to the store.
+    #[serde(default = "default_flush_interval")]
+    pub interval_ms: u64,
+    /// Unflushed counter cells above which consumption pauses until a flush lands.
+    #[serde(default = "default_max_pending")]
+    pub max_pending_cells: usize,
+}
+
+fn default_flush_interval() -> u64 {
+    2000
+}
+fn default_max_pending() -> usize {
+    2_000_000
+}
+
+impl Default for FlushConfig {
+    fn default() -> Self {
+        FlushConfig {
+            interval_ms: default_flush_interval(),
+            max_pending_cells: default_max_pending(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupConfig {
+    /// Days a CDR id is remembered after it is first seen.
+    #[serde(default = "default_window_days")]
+    pub window_days: u32,
+}
+
+fn default_window_days() -> u32 {
+    7
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        DedupConfig {
+            window_days: default_window_days(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address the HTTP API, /metrics and /healthz listen on.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: default_listen(),
+        }
+    }
+}
+
+/// A config that cannot be used: the file, and what is wrong with which key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("config file {path}: {source}")]
+    Tariff { path: PathBuf, source: TariffError },
+}
+
+impl Config {
+    /// Reads the file, applies `TALLYD_SECTION__KEY` overrides from the process
+    /// environment, and checks the tariff.
+    pub fn load(path: &Path) -> Result<(Config, Tariff), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::from_toml(&text, path, std::env::vars())
+    }
+
+    pub fn from_toml(
+        text: &str,
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Config, Tariff), ConfigError> {
+        let parse_err = |message: String| ConfigError::Parse {
+            path: path.into(),
+            message,
+        };
+        let mut doc: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+        for (var, value) in env {
+            let Some(rest) = var.strip_prefix("TALLYD_") else {
+                continue;
+            };
+            let keys: Vec<String> = rest.split("__").map(|k| k.to_ascii_lowercase()).collect();
+            if keys.len() < 2 || keys.iter().any(|k| k.is_empty()) {
+                return Err(ConfigError::Env {
+                    var,
+                    message: "expected TALLYD_SECTION__KEY".into(),
+                });
+            }
+            set_path(&mut doc, &keys, parse_env_value(&value))
+                .map_err(|message| ConfigError::Env { var, message })?;
+        }
+        let cfg: Config = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+        let tariff = Tariff::compile(&cfg.rating).map_err(|source| ConfigError::Tariff {
+            path: path.into(),
+            source,
+        })?;
+        Ok((cfg, tariff))
+    }
+}
+
+/// An environment value is read as a TOML value when it parses as one (numbers,
+/// booleans), otherwise as a plain string.
+fn parse_env_value(s: &str) -> toml::Value {
+    match format!("v = {s}").parse::<toml::Table>() {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(s.into())),
+        Err(_) => toml::Value::String(s.into()),
+    }
+}
+
+fn set_path(doc: &mut toml::Table, keys: &[String], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = keys.split_last().expect("at least two keys");
+    let mut table = doc;
+    for k in parents {
+        let entry = table
+            .entry(k.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{k}` is not a section"))?;
+    }
+    table.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "[rating]\ndefault_plan = \"p\"\n[rating.plans.p]\ncurrency = \"usd\"\n[rating.plans.p.rates.calls]\nper_minute = \"0.05\"\n";
+
+    #[test]
+    fn shipped_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tallyd.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let (cfg, tariff) = Config::from_toml(&text, &path, []).unwrap();
+        assert_eq!(cfg.kafka.topic, "cdrs");
+        assert!(tariff.plans().len() >= 2);
+    }
+
+    #[test]
+    fn env_overrides_and_unknown_keys() {
+        let env = [
+            ("TALLYD_KAFKA__TOPIC".to_string(), "other".to_string()),
+            ("TALLYD_FLUSH__INTERVAL_MS".to_string(), "250".to_string()),
+        ];
+        let (cfg, _) = Config::from_toml(MIN, Path::new("x.toml"), env).unwrap();
+        assert_eq!(cfg.kafka.topic, "other");
+        assert_eq!(cfg.flush.interval_ms, 250);
+
+        let bad = format!("{MIN}[flush]\nintervall_ms = 3\n");
+        let e = Config::from_toml(&bad, Path::new("x.toml"), [])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("intervall_ms") && e.contains("x.toml"), "{e}");
+
+        let bad = MIN.replace("0.05", "-0.05");
+        let e = Config::from_toml(&bad, Path::new("t.toml"), [])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t.toml")
+                && e.contains("rating.plans.p.rates.calls.per_minute")
+                && e.contains("negative"),
+            "{e}"
+        );
+    }
+}
