@@ -1,0 +1,59 @@
+//! The store's tables, the same in SQLite and PostgreSQL (types are chosen so one
+//! text works in both).
+//!
+//! - `usage_records`: one row per account × category × period. `period` is `day`,
+//!   `month`, `year` or `all`; `start_date` is the period's first day as
+//!   `YYYY-MM-DD` (`1970-01-01` for `all`). `usage` is billed seconds for call
+//!   categories and segments for message categories (0 for `totalprice`, whose usage
+//!   is its price); `price` is in 10⁻⁵ of `price_unit` (a milli-cent for USD).
+//! - `usage_breakdowns`: per-day usage by the account's phone number or by agent.
+//! - `consumer_offsets`: next offset to read per topic partition, written in the
+//!   same transaction as the deltas the consumed messages produced.
+//! - `dedup_ids`: 128-bit hashes of CDR ids seen per partition, with the day first
+//!   seen, pruned after the dedup window.
+//! - `tallyd_meta`: key/value; `last_flush` is the RFC 3339 time of the last flush
+//!   (the records' `as_of`).
+
+/// Statements run in order at start; each is idempotent.
+pub const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS usage_records (
+        account_sid TEXT NOT NULL,
+        period TEXT NOT NULL,
+        category TEXT NOT NULL,
+        start_date TEXT NOT NULL,
+        count BIGINT NOT NULL,
+        usage BIGINT NOT NULL,
+        price BIGINT NOT NULL,
+        price_unit TEXT NOT NULL,
+        PRIMARY KEY (account_sid, period, start_date, category)
+    )",
+    "CREATE TABLE IF NOT EXISTS usage_breakdowns (
+        account_sid TEXT NOT NULL,
+        dimension TEXT NOT NULL,
+        value TEXT NOT NULL,
+        class TEXT NOT NULL,
+        day TEXT NOT NULL,
+        count BIGINT NOT NULL,
+        usage BIGINT NOT NULL,
+        price BIGINT NOT NULL,
+        PRIMARY KEY (account_sid, dimension, value, class, day)
+    )",
+    "CREATE TABLE IF NOT EXISTS consumer_offsets (
+        topic TEXT NOT NULL,
+        partition INTEGER NOT NULL,
+        next_offset BIGINT NOT NULL,
+        PRIMARY KEY (topic, partition)
+    )",
+    "CREATE TABLE IF NOT EXISTS dedup_ids (
+        topic TEXT NOT NULL,
+        partition INTEGER NOT NULL,
+        id_hash TEXT NOT NULL,
+        first_seen_day INTEGER NOT NULL,
+        PRIMARY KEY (topic, partition, id_hash)
+    )",
+    "CREATE INDEX IF NOT EXISTS dedup_ids_by_day ON dedup_ids (first_seen_day)",
+    "CREATE TABLE IF NOT EXISTS tallyd_meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    )",
+];
