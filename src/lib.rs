@@ -17,5 +17,7 @@ pub mod category;
 pub mod cdr;
 pub mod config;
 pub mod counters;
+pub mod dedup;
 pub mod pipeline;
 pub mod rating;
+pub mod store;
