@@ -12,12 +12,20 @@
 //! - [`pipeline`] is the hot path that strings the above together for one message.
 //! - [`config`] loads `config/tallyd.toml`.
 
+pub mod api_mount;
 pub mod calendar;
 pub mod category;
 pub mod cdr;
 pub mod config;
 pub mod counters;
+pub mod daemon;
+pub mod dead_letter;
 pub mod dedup;
+pub mod demo;
+pub mod flush;
+pub mod generate;
+pub mod http;
+pub mod ingest;
 pub mod pipeline;
 pub mod rating;
 pub mod store;

@@ -26,6 +26,8 @@ pub enum Error {
     Sqlite(#[from] rusqlite::Error),
     #[error("PostgreSQL: {0}")]
     Postgres(#[from] postgres::Error),
+    #[error("gave up: {0}")]
+    Cancelled(String),
     #[error(
         "partition {topic}/{partition} was advanced by someone else (expected offset {expected:?}, found {found:?}); \
          this instance no longer owns it"
