@@ -84,6 +84,8 @@ struct State {
 
 pub struct IngestContext {
     settings: IngestSettings,
+    /// Set at shutdown; also cancels a store load that is being retried.
+    shutdown: Arc<AtomicBool>,
     state: Mutex<State>,
     jobs: SyncSender<Job>,
     health: Arc<IngestHealth>,
@@ -125,7 +127,7 @@ impl IngestContext {
             topic: self.settings.topic.clone(),
             partitions: partitions.clone(),
             since,
-            cancel: Arc::new(AtomicBool::new(false)),
+            cancel: self.shutdown.clone(),
             reply: reply_tx,
         };
         let loaded: Option<Loaded> = self
@@ -301,6 +303,7 @@ impl Ingest {
         let topic = settings.topic.clone();
         let ctx = IngestContext {
             settings,
+            shutdown: shutdown.clone(),
             state: Mutex::new(State {
                 partitions: HashMap::new(),
                 counters: UsageCounters::new(1),
@@ -444,7 +447,7 @@ impl Ingest {
                 st.partitions.clear();
                 drop(st.counters.take());
                 // Re-subscribing triggers a rebalance, which reloads from the store.
-                let _ = self.consumer.unsubscribe();
+                self.consumer.unsubscribe();
                 let _ = self.consumer.subscribe(&[&ctx.settings.topic]);
             }
         }

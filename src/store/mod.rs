@@ -24,7 +24,7 @@ pub enum Error {
     },
     #[error("SQLite: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("PostgreSQL: {0}")]
+    #[error("PostgreSQL: {}", pg_detail(.0))]
     Postgres(#[from] postgres::Error),
     #[error("gave up: {0}")]
     Cancelled(String),
@@ -44,6 +44,14 @@ impl Error {
     /// Whether retrying the same batch can never succeed.
     pub fn is_fenced(&self) -> bool {
         matches!(self, Error::Fenced { .. })
+    }
+}
+
+/// The server's message when there is one ("db error" alone says nothing).
+fn pg_detail(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
     }
 }
 
@@ -161,7 +169,7 @@ impl Store {
             Store::Postgres(c) => {
                 // Serialise concurrent starts of several instances.
                 let mut tx = c.transaction()?;
-                tx.execute("SELECT pg_advisory_xact_lock(7461726c79)", &[])?;
+                tx.execute("SELECT pg_advisory_xact_lock(7461726)", &[])?;
                 for m in schema::MIGRATIONS {
                     tx.batch_execute(m)?;
                 }
