@@ -294,6 +294,9 @@ fn parent(cat: &str) -> Option<&'static str> {
     })
 }
 
+/// (account, period, start date, category)
+type RecordId = (String, String, String, String);
+
 /// Ground truth from the generated payloads: the records every valid, first-seen
 /// CDR implies, computed with the shipped tariff's `Decimal` reference formula.
 pub fn ground_truth(lines: &[String]) -> (Vec<StoredRecord>, usize) {
@@ -306,7 +309,7 @@ pub fn ground_truth(lines: &[String]) -> (Vec<StoredRecord>, usize) {
     .unwrap();
     let mut seen = HashSet::new();
     let mut rejected = 0;
-    let mut acc: BTreeMap<(String, String, String, String), (i64, i64, Decimal)> = BTreeMap::new();
+    let mut acc: BTreeMap<RecordId, (i64, i64, Decimal)> = BTreeMap::new();
     for line in lines {
         if tallyd::cdr::decode(line.as_bytes()).is_err() {
             rejected += 1;
