@@ -237,7 +237,7 @@ pub fn produce(
     let mut cfg = client.clone();
     cfg.set("linger.ms", "10")
         .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "1000000")
+        .set("queue.buffering.max.messages", "200000")
         .set("message.timeout.ms", "0");
     let producer: BaseProducer = cfg.create()?;
     let started = Instant::now();
@@ -274,7 +274,12 @@ pub fn produce(
             }
         }
     }
-    producer.flush(Duration::from_secs(120))?;
+    // Wait for every delivery; a slow broker only makes this take longer.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while producer.in_flight_count() > 0 {
+        anyhow::ensure!(Instant::now() < deadline, "{} messages still undelivered after 10 minutes", producer.in_flight_count());
+        producer.poll(Duration::from_millis(100));
+    }
     Ok(sent)
 }
 
