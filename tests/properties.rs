@@ -18,7 +18,9 @@ use serde_json::{json, Map, Value};
 
 use tallyd::calendar::{Day, Period};
 use tallyd::category::Category;
-use tallyd::cdr::{decode, AccountSid, CallStatus, MessageKind, Mode, RejectReason, Usage};
+use tallyd::cdr::{
+    decode, decode_with_serde_json, AccountSid, CallStatus, MessageKind, Mode, RejectReason, Usage,
+};
 use tallyd::config::Config;
 use tallyd::counters::{Deltas, RecordKey, Tally, UsageCounters};
 use tallyd::pipeline::{ingest, NoDedup, Outcome};
@@ -518,6 +520,8 @@ proptest! {
 // ---- decoder: every byte string gets a CDR or a reason ----
 
 fn check_answer(bytes: &[u8]) -> Result<(), TestCaseError> {
+    // The fast path and serde_json must agree on every input.
+    prop_assert_eq!(decode(bytes), decode_with_serde_json(bytes));
     match decode(bytes) {
         Ok(cdr) => {
             prop_assert!(!cdr.id.is_empty());
