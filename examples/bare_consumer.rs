@@ -26,7 +26,8 @@ fn main() {
         .expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).expect("tpl");
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("tpl");
     }
     c.assign(&tpl).expect("assign");
     let mut n = 0u64;
@@ -41,5 +42,8 @@ fn main() {
         }
     }
     let secs = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
-    println!("bare: {n} msgs ({bytes} bytes) in {secs:.3} s = {:.0} msgs/s", n as f64 / secs);
+    println!(
+        "bare: {n} msgs ({bytes} bytes) in {secs:.3} s = {:.0} msgs/s",
+        n as f64 / secs
+    );
 }

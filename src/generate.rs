@@ -277,7 +277,11 @@ pub fn produce(
     // Wait for every delivery; a slow broker only makes this take longer.
     let deadline = Instant::now() + Duration::from_secs(600);
     while producer.in_flight_count() > 0 {
-        anyhow::ensure!(Instant::now() < deadline, "{} messages still undelivered after 10 minutes", producer.in_flight_count());
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} messages still undelivered after 10 minutes",
+            producer.in_flight_count()
+        );
         producer.poll(Duration::from_millis(100));
     }
     Ok(sent)

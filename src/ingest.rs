@@ -358,6 +358,7 @@ impl Ingest {
             since_check = 0;
             self.collect_flush(ctx, &mut st);
             let pending = st.counters.live_cells();
+            metrics::gauge!("tallyd_pending_cells").set(pending as f64);
             let over = pending >= settings.max_pending_cells;
             if st.in_flight.is_none() && (tick_due || over) {
                 last_tick = Instant::now();
@@ -369,7 +370,7 @@ impl Ingest {
                 if let Some(s) = take_snapshot(&mut st, &settings) {
                     ctx.submit(&mut st, s);
                 }
-                publish(&mut st.tallies, pending);
+                publish(&mut st.tallies);
             }
             // Backpressure: stop fetching while over the bound and a flush is still out.
             let should_pause = over && st.in_flight.is_some();
@@ -385,7 +386,7 @@ impl Ingest {
         tracing::info!("shutting down: final flush");
         ctx.on_revoke();
         let mut st = ctx.state.lock();
-        publish(&mut st.tallies, 0);
+        publish(&mut st.tallies);
     }
 
     fn set_paused(&self, pause: bool) {
@@ -489,7 +490,7 @@ impl Ingest {
     }
 }
 
-fn publish(t: &mut Tallies, pending: usize) {
+fn publish(t: &mut Tallies) {
     metrics::counter!("tallyd_cdrs_total", "outcome" => "counted")
         .increment(std::mem::take(&mut t.counted));
     metrics::counter!("tallyd_cdrs_total", "outcome" => "duplicate")
@@ -501,5 +502,4 @@ fn publish(t: &mut Tallies, pending: usize) {
             metrics::counter!("tallyd_cdrs_rejected_total", "reason" => r.as_str()).increment(n);
         }
     }
-    metrics::gauge!("tallyd_pending_cells").set(pending as f64);
 }

@@ -157,3 +157,65 @@ fn two_instances_share_partitions_and_take_over() {
     b.stop();
     assert_exact(&pg.url, &truth);
 }
+
+#[test]
+fn store_stall_pauses_consumption_then_catches_up_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PgSchema::new("stall");
+    // Stall the store: hold the row every flush updates last, so flushes block.
+    tallyd::store::Store::open(&pg.url).unwrap();
+    let mut blocker = postgres::Client::connect(&pg.url, postgres::NoTls).unwrap();
+    blocker
+        .batch_execute("INSERT INTO tallyd_meta (key, value) VALUES ('last_flush', '')")
+        .unwrap();
+    let mut stall = blocker.transaction().unwrap();
+    stall
+        .batch_execute("SELECT * FROM tallyd_meta WHERE key = 'last_flush' FOR UPDATE")
+        .unwrap();
+
+    let t = broker();
+    let port = free_port();
+    let log = dir.path().join("tallyd.log");
+    let listen = format!("127.0.0.1:{port}");
+    let mut d = Daemon::spawn_with(
+        &t.brokers(),
+        &pg.url,
+        "g-stall",
+        &log,
+        &[
+            ("TALLYD_FLUSH__MAX_PENDING_CELLS", "300"),
+            ("TALLYD_HTTP__LISTEN", &listen),
+        ],
+    );
+    const N: u64 = 20_000;
+    let lines = generate(&t.brokers(), TOPIC, N, 16, &dir.path().join("cdrs.jsonl"));
+    let (truth, _) = ground_truth(&lines);
+    // Over the bound with a flush stuck, the consumer must pause, not grow.
+    let started = std::time::Instant::now();
+    while metric(port, "tallyd_consumer_paused") != Some(1.0) {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "consumer never paused while the store stalled"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Paused means no growth: unflushed state stays where it was.
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = metric(port, "tallyd_pending_cells");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        metric(port, "tallyd_pending_cells"),
+        before,
+        "unflushed state grew while paused"
+    );
+    assert_eq!(metric(port, "tallyd_consumer_paused"), Some(1.0));
+    stall.rollback().unwrap();
+    wait_flushed(&pg.url, TOPIC, N, Duration::from_secs(180), &log);
+    assert_eq!(
+        metric(port, "tallyd_consumer_paused"),
+        Some(0.0),
+        "consumption resumes by itself"
+    );
+    d.stop();
+    assert_exact(&pg.url, &truth);
+}

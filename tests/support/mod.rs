@@ -185,6 +185,17 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(brokers: &str, store_url: &str, group: &str, log: &Path) -> Daemon {
+        Self::spawn_with(brokers, store_url, group, log, &[])
+    }
+
+    /// Like `spawn`, with extra `TALLYD_…` overrides.
+    pub fn spawn_with(
+        brokers: &str,
+        store_url: &str,
+        group: &str,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tallyd.toml");
         let logf = std::fs::OpenOptions::new()
             .create(true)
@@ -199,6 +210,7 @@ impl Daemon {
             .env("TALLYD_FLUSH__INTERVAL_MS", "300")
             .env("TALLYD_HTTP__LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", "info,librdkafka=warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
@@ -476,4 +488,14 @@ pub fn dead_letters(brokers: &str, topic: &str, expect: usize) -> Vec<(String, S
         }
     }
     out
+}
+
+/// The value of an unlabelled metric from the daemon's `/metrics`.
+pub fn metric(port: u16, name: &str) -> Option<f64> {
+    let body = reqwest::blocking::get(format!("http://127.0.0.1:{port}/metrics"))
+        .ok()?
+        .text()
+        .ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
