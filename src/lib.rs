@@ -10,6 +10,9 @@
 //! - [`counters`] holds the sharded per-account, per-day, per-leaf deltas since the
 //!   last flush and expands them into every rollup and period at flush time.
 //! - [`pipeline`] is the hot path that strings the above together for one message.
+//! - [`store`] holds the tables UsageRecords are flushed into.
+//! - [`api`] serves them over HTTP: Twilio Usage Records, AgentPhone `/v1/usage`,
+//!   and the accounts that may read them.
 //! - [`config`] loads `config/tallyd.toml`.
 
 pub mod calendar;
@@ -19,3 +22,10 @@ pub mod config;
 pub mod counters;
 pub mod pipeline;
 pub mod rating;
+
+pub mod api;
+
+/// The store's schema (the flush writer lands beside it).
+pub mod store {
+    pub mod schema;
+}
