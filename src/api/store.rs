@@ -213,6 +213,17 @@ struct Inner {
     permits: Semaphore,
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Dropping a sync postgres client runs a small runtime of its own, which
+        // panics on a tokio worker; the last state may well be dropped on one.
+        let conns = std::mem::take(self.idle.get_mut());
+        if !conns.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
+            let _ = std::thread::spawn(move || drop(conns)).join();
+        }
+    }
+}
+
 impl ApiStore {
     /// Parses `sqlite://PATH` or `postgres://…` (also `postgresql://…`); connects
     /// lazily.

@@ -368,15 +368,11 @@ pub fn list_records(c: &mut Conn, req: RecordsRequest) -> Result<RecordsPage, Tw
         Buckets::Intervals(vec![iv])
     } else {
         let end = q.end.unwrap_or(req.today);
+        // An EndDate before the account existed lists that one day.
         let start = match q.start {
             Some(s) => s,
-            None => first_day(c, &accounts, end)?,
+            None => first_day(c, &accounts, end)?.min(end),
         };
-        if start > end {
-            return Err(TwilioError::invalid_parameter(format!(
-                "EndDate {end} is before the account's first usage or creation date {start}; give a StartDate"
-            )));
-        }
         if q.start.is_none()
             && q.end.is_none()
             && matches!(req.sub, Subresource::Root | Subresource::AllTime)
