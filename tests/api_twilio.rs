@@ -135,29 +135,8 @@ fn expectations() -> Value {
     ])
 }
 
-fn ensure_twilio_library() {
-    let has = |py: &str| {
-        Command::new(py)
-            .args(["-c", "import twilio"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if has("python3") {
-        return;
-    }
-    let req = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/requirements.txt");
-    let ok = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "-r", req])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok && has("python3"),
-        "the Twilio helper library is needed: python3 -m pip install -r {req}"
-    );
-}
-
 fn run_twilio_client(store: TestStore) {
-    ensure_twilio_library();
+    ensure_python_requirements("twilio");
     let (server, _state) = scenario(&store, NOW);
     let dir = tempfile::tempdir().unwrap();
     let exp = dir.path().join("expectations.json");

@@ -422,3 +422,27 @@ pub fn scenario(store: &TestStore, now: i64) -> (Server, ApiState) {
 
 /// 2025-02-02T15:00:00Z: "today" in the scenario.
 pub const NOW: i64 = 1_738_508_400;
+
+/// Makes sure `python3` can import `module`, installing
+/// `tests/python/requirements.txt` with pip if it cannot.
+pub fn ensure_python_requirements(module: &str) {
+    use std::process::Command;
+    let has = || {
+        Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if has() {
+        return;
+    }
+    let req = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/requirements.txt");
+    let ok = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "-r", req])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok && has(),
+        "python3 needs {module}: python3 -m pip install -r {req}"
+    );
+}
