@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, Criterion};
 use rand::{Rng, SeedableRng};
-use tallyd::api::{router, ApiState};
+use tallyd::api::records::Subresource;
+use tallyd::api::{accounts, router, twilio, ApiState};
 use tallyd::calendar::Day;
 use tallyd::config::Config;
 
@@ -133,12 +134,47 @@ fn fill(client: &mut postgres::Client, n: u64) {
 
 struct Bench {
     base: String,
+    state: ApiState,
     http: reqwest::blocking::Client,
     n: u64,
     _rt: tokio::runtime::Runtime,
 }
 
 impl Bench {
+    /// The same listing without HTTP: account lookup, store reads, page building
+    /// and JSON, on one pooled connection.
+    fn direct(&self, i: u64, query: &str) -> usize {
+        let s = sid(i);
+        let today = self.state.today();
+        let q = twilio::parse_query(Some(query), today).unwrap();
+        let now = self.state.now();
+        self.state
+            .store()
+            .with_conn(|c| {
+                let (account, has_subaccounts, last_flush) =
+                    accounts::get_for_listing(c, &s)?.unwrap();
+                let page = twilio::list_records(
+                    c,
+                    twilio::RecordsRequest {
+                        target: twilio::Target {
+                            account,
+                            has_subaccounts,
+                            last_flush,
+                        },
+                        sub: Subresource::Daily,
+                        base_path: String::new(),
+                        query: q,
+                        today,
+                        now,
+                        currency: "usd".into(),
+                    },
+                )
+                .unwrap();
+                Ok(serde_json::to_vec(&page).unwrap().len())
+            })
+            .unwrap()
+    }
+
     fn get(&self, i: u64, query: &str) {
         let s = sid(i);
         let r = self
@@ -186,9 +222,11 @@ fn setup() -> Bench {
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
     let addr = listener.local_addr().unwrap();
-    rt.spawn(async move { axum::serve(listener, router(state)).await });
+    let served = state.clone();
+    rt.spawn(async move { axum::serve(listener, router(served)).await });
     Bench {
         base: format!("http://{addr}"),
+        state,
         http: reqwest::blocking::Client::new(),
         n,
         _rt: rt,
@@ -233,11 +271,21 @@ fn percentiles(b: &Bench) {
 
 fn bench_queries(c: &mut Criterion) {
     let b = setup();
-    percentiles(&b);
+    // `TALLYD_BENCH_PERCENTILES=0` leaves only the criterion runs (for profiling).
+    if std::env::var("TALLYD_BENCH_PERCENTILES").as_deref() != Ok("0") {
+        percentiles(&b);
+    }
     let mut rng = rand::rngs::SmallRng::seed_from_u64(2);
     let mut g = c.benchmark_group("usage_records_http");
     for (name, q) in QUERIES {
         g.bench_function(name, |bench| bench.iter(|| b.get(rng.gen_range(0..b.n), q)));
+    }
+    g.finish();
+    let mut g = c.benchmark_group("usage_records_direct");
+    for (name, q) in QUERIES {
+        g.bench_function(name, |bench| {
+            bench.iter(|| b.direct(rng.gen_range(0..b.n), q))
+        });
     }
     g.finish();
 }

@@ -114,6 +114,25 @@ pub fn get(c: &mut Conn, sid: &str) -> Result<Option<Account>> {
         .map(|r| from_row(r)))
 }
 
+/// An account, whether it has subaccounts, and the store's `last_flush`: what a
+/// usage listing needs before it reads records, in one round trip.
+pub fn get_for_listing(c: &mut Conn, sid: &str) -> Result<Option<(Account, bool, Option<String>)>> {
+    let sql = format!(
+        "SELECT {COLUMNS}, \
+         CASE WHEN EXISTS (SELECT 1 FROM api_accounts s WHERE s.parent_sid = api_accounts.account_sid) \
+         THEN 1 ELSE 0 END, \
+         (SELECT value FROM tallyd_meta WHERE key = 'last_flush') \
+         FROM api_accounts WHERE account_sid = $1"
+    );
+    Ok(c.query(&sql, &[Param::Text(sid)])?.first().map(|r| {
+        (
+            from_row(r),
+            r[12].int() != 0,
+            r[13].opt_text().map(str::to_owned),
+        )
+    }))
+}
+
 pub fn list(c: &mut Conn) -> Result<Vec<Account>> {
     let sql = format!("SELECT {COLUMNS} FROM api_accounts ORDER BY account_sid");
     Ok(c.query(&sql, &[])?.iter().map(|r| from_row(r)).collect())

@@ -77,7 +77,32 @@ impl Value {
 /// One open connection.
 pub enum Conn {
     Sqlite(rusqlite::Connection),
-    Postgres(Box<postgres::Client>),
+    Postgres(Box<PgConn>),
+}
+
+/// A PostgreSQL client and the statements it has prepared, so a repeated query
+/// costs one round trip and no planning of its text.
+pub struct PgConn {
+    client: postgres::Client,
+    statements: std::collections::HashMap<String, postgres::Statement>,
+}
+
+/// Distinct statements kept per connection (IN lists of different lengths are
+/// different statements); the cache is emptied when it is full.
+const STATEMENT_CACHE: usize = 256;
+
+impl PgConn {
+    fn statement(&mut self, sql: &str) -> Result<postgres::Statement> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql)?;
+        if self.statements.len() >= STATEMENT_CACHE {
+            self.statements.clear();
+        }
+        self.statements.insert(sql.to_owned(), s.clone());
+        Ok(s)
+    }
 }
 
 impl Conn {
@@ -111,7 +136,8 @@ impl Conn {
                     params.iter().map(pg).collect();
                 let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
                     owned.iter().map(|b| b.as_ref()).collect();
-                let rows = c.query(sql, &refs)?;
+                let stmt = c.statement(sql)?;
+                let rows = c.client.query(&stmt, &refs)?;
                 let mut out = Vec::with_capacity(rows.len());
                 for row in rows {
                     let mut vals = Vec::with_capacity(row.len());
@@ -147,7 +173,8 @@ impl Conn {
                     params.iter().map(pg).collect();
                 let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
                     owned.iter().map(|b| b.as_ref()).collect();
-                Ok(c.execute(sql, &refs)?)
+                let stmt = c.statement(sql)?;
+                Ok(c.client.execute(&stmt, &refs)?)
             }
         }
     }
@@ -170,7 +197,7 @@ impl Conn {
     fn batch(&mut self, sql: &str) -> Result<()> {
         match self {
             Conn::Sqlite(c) => c.execute_batch(sql)?,
-            Conn::Postgres(c) => c.batch_execute(sql)?,
+            Conn::Postgres(c) => c.client.batch_execute(sql)?,
         }
         Ok(())
     }
@@ -178,7 +205,7 @@ impl Conn {
     fn is_broken(&self) -> bool {
         match self {
             Conn::Sqlite(_) => false,
-            Conn::Postgres(c) => c.is_closed(),
+            Conn::Postgres(c) => c.client.is_closed(),
         }
     }
 }
@@ -262,7 +289,10 @@ impl ApiStore {
                 c.pragma_update(None, "journal_mode", "WAL")?;
                 Ok(Conn::Sqlite(c))
             }
-            Backend::Postgres(cfg) => Ok(Conn::Postgres(Box::new(cfg.connect(postgres::NoTls)?))),
+            Backend::Postgres(cfg) => Ok(Conn::Postgres(Box::new(PgConn {
+                client: cfg.connect(postgres::NoTls)?,
+                statements: Default::default(),
+            }))),
         }
     }
 

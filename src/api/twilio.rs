@@ -4,7 +4,9 @@
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use std::sync::Arc;
+
+use axum::http::header;
 use base64::Engine;
 use serde::Serialize;
 
@@ -160,36 +162,51 @@ pub fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     Some((user.to_owned(), pass.to_owned()))
 }
 
-/// Checks `AccountSid:AuthToken` and that it may read `target`.
+/// The account a listing is for, as [`authorize`] found it.
+pub struct Target {
+    pub account: accounts::Account,
+    pub has_subaccounts: bool,
+    /// `tallyd_meta.last_flush`: the records' `as_of`.
+    pub last_flush: Option<String>,
+}
+
+/// Checks `AccountSid:AuthToken` and that it may read `target`; one store
+/// round trip when an account reads itself.
 pub fn authorize(
     c: &mut Conn,
     creds: Option<(String, String)>,
     target: &str,
     path: &str,
-) -> Result<accounts::Account, TwilioError> {
+) -> Result<Target, TwilioError> {
     let Some((user, token)) = creds else {
         return Err(TwilioError::authenticate(
             "Authenticate: send HTTP Basic auth with AccountSid:AuthToken",
         ));
     };
-    let caller = accounts::get(c, &user)?
-        .filter(|a| constant_time_eq(&a.auth_token, &token))
+    let found = |(account, has_subaccounts, last_flush)| Target {
+        account,
+        has_subaccounts,
+        last_flush,
+    };
+    let caller = accounts::get_for_listing(c, &user)?
+        .filter(|(a, _, _)| constant_time_eq(&a.auth_token, &token))
         .ok_or_else(|| {
             TwilioError::authenticate(format!(
                 "Authenticate: the AccountSid {user:?} and AuthToken given do not match an account"
             ))
         })?;
-    if caller.sid == target {
-        return Ok(caller);
+    if caller.0.sid == target {
+        return Ok(found(caller));
     }
-    let account = accounts::get(c, target)?.ok_or_else(|| TwilioError::not_found(path))?;
-    if !accounts::is_self_or_ancestor(c, &caller.sid, target)? {
+    let account =
+        accounts::get_for_listing(c, target)?.ok_or_else(|| TwilioError::not_found(path))?;
+    if !accounts::is_self_or_ancestor(c, &caller.0.sid, target)? {
         return Err(TwilioError::forbidden(format!(
             "Account {} may read only itself and its subaccounts, not {target}",
-            caller.sid
+            caller.0.sid
         )));
     }
-    Ok(account)
+    Ok(found(account))
 }
 
 #[derive(Serialize)]
@@ -204,24 +221,26 @@ struct SubresourceUris {
     yesterday: String,
 }
 
-/// One UsageRecord, field for field as Twilio sends it.
+/// One UsageRecord, field for field as Twilio sends it. What is the same for
+/// many records of a page is shared (`Arc`), so a 1000-record page allocates
+/// little beyond its own numbers.
 #[derive(Serialize)]
 pub struct UsageRecord {
-    account_sid: String,
+    account_sid: Arc<str>,
     api_version: &'static str,
-    as_of: String,
+    as_of: Arc<str>,
     category: &'static str,
     count: serde_json::Value,
     count_unit: &'static str,
     description: &'static str,
-    end_date: String,
+    end_date: Arc<str>,
     price: String,
-    price_unit: String,
-    start_date: String,
-    subresource_uris: SubresourceUris,
+    price_unit: Arc<str>,
+    start_date: Arc<str>,
+    subresource_uris: Arc<SubresourceUris>,
     uri: String,
     usage: String,
-    usage_unit: String,
+    usage_unit: Arc<str>,
 }
 
 /// A page of UsageRecords with Twilio's paging fields.
@@ -335,7 +354,7 @@ fn read_rows(
 
 /// Everything a list request needs besides the store.
 pub struct RecordsRequest {
-    pub account: accounts::Account,
+    pub target: Target,
     pub sub: Subresource,
     /// The path as requested, without `.json` (Twilio's paging links omit it).
     pub base_path: String,
@@ -349,20 +368,13 @@ pub struct RecordsRequest {
 /// Builds one page of records.
 pub fn list_records(c: &mut Conn, req: RecordsRequest) -> Result<RecordsPage, TwilioError> {
     let q = &req.query;
-    let sid = &req.account.sid;
-    let accounts = if q.include_subaccounts {
+    let sid = &req.target.account.sid;
+    let accounts = if q.include_subaccounts && req.target.has_subaccounts {
         accounts::with_descendants(c, sid)?
     } else {
         vec![sid.clone()]
     };
-    let last_flush = c
-        .query(
-            "SELECT value FROM tallyd_meta WHERE key = $1",
-            &[Param::Text("last_flush")],
-        )?
-        .first()
-        .map(|r| r[0].text().to_owned());
-    let as_of = as_of(last_flush.as_deref(), req.now);
+    let as_of = as_of(req.target.last_flush.as_deref(), req.now);
 
     let buckets = if let Some(iv) = fixed_interval(req.sub, req.today) {
         Buckets::Intervals(vec![iv])
@@ -420,48 +432,59 @@ pub fn list_records(c: &mut Conn, req: RecordsRequest) -> Result<RecordsPage, Tw
                 &mut price_unit,
             )?;
         }
-        let price_unit = price_unit.unwrap_or_else(|| req.currency.clone());
+        let price_unit: Arc<str> = price_unit.unwrap_or_else(|| req.currency.clone()).into();
         let account_base = format!("/{API_VERSION}/Accounts/{sid}/Usage/Records");
+        let list_base = format!("{account_base}{}", req.sub.path_suffix());
+        let account_sid: Arc<str> = sid.as_str().into();
+        let as_of: Arc<str> = as_of.into();
+        let per_category: Vec<(Arc<SubresourceUris>, Arc<str>)> = categories
+            .iter()
+            .map(|category| {
+                // Category names need no URL encoding.
+                let u = |name: &str| format!("{account_base}/{name}.json?Category={category}");
+                let uris = SubresourceUris {
+                    all_time: u(SUBRESOURCE_URIS[0].1),
+                    daily: u(SUBRESOURCE_URIS[1].1),
+                    last_month: u(SUBRESOURCE_URIS[2].1),
+                    monthly: u(SUBRESOURCE_URIS[3].1),
+                    this_month: u(SUBRESOURCE_URIS[4].1),
+                    today: u(SUBRESOURCE_URIS[5].1),
+                    yearly: u(SUBRESOURCE_URIS[6].1),
+                    yesterday: u(SUBRESOURCE_URIS[7].1),
+                };
+                (Arc::new(uris), category.usage_unit(&price_unit).into())
+            })
+            .collect();
+        let dates: Vec<(Arc<str>, Arc<str>)> = page_buckets
+            .iter()
+            .map(|iv| (iv.start.to_string().into(), iv.end.to_string().into()))
+            .collect();
+        records.reserve((end_excl - start) as usize);
         for i in start..end_excl {
             let local_bucket = (i / per_bucket - b0) as usize;
-            let category = categories[(i % per_bucket) as usize];
-            let iv = page_buckets[local_bucket];
-            let totals = cells[local_bucket * categories.len() + (i % per_bucket) as usize];
+            let ci = (i % per_bucket) as usize;
+            let category = categories[ci];
+            let (start_date, end_date) = &dates[local_bucket];
+            let totals = cells[local_bucket * categories.len() + ci];
             let (count, usage) = count_and_usage(category, totals);
-            let cat_q = query_string(&[("Category", category.name().to_owned())]);
-            let sub_uri = |name: &str| format!("{account_base}/{name}.json?{cat_q}");
             records.push(UsageRecord {
-                account_sid: sid.clone(),
+                account_sid: account_sid.clone(),
                 api_version: API_VERSION,
                 as_of: as_of.clone(),
                 category: category.name(),
                 count,
                 count_unit: category.count_unit(),
                 description: category.description(),
-                end_date: iv.end.to_string(),
+                end_date: end_date.clone(),
                 price: super::records::price_string(totals.price),
                 price_unit: price_unit.clone(),
-                start_date: iv.start.to_string(),
-                subresource_uris: SubresourceUris {
-                    all_time: sub_uri(SUBRESOURCE_URIS[0].1),
-                    daily: sub_uri(SUBRESOURCE_URIS[1].1),
-                    last_month: sub_uri(SUBRESOURCE_URIS[2].1),
-                    monthly: sub_uri(SUBRESOURCE_URIS[3].1),
-                    this_month: sub_uri(SUBRESOURCE_URIS[4].1),
-                    today: sub_uri(SUBRESOURCE_URIS[5].1),
-                    yearly: sub_uri(SUBRESOURCE_URIS[6].1),
-                    yesterday: sub_uri(SUBRESOURCE_URIS[7].1),
-                },
-                uri: with_query(
-                    &format!("{account_base}{}", req.sub.path_suffix()),
-                    &query_string(&[
-                        ("Category", category.name().to_owned()),
-                        ("StartDate", iv.start.to_string()),
-                        ("EndDate", iv.end.to_string()),
-                    ]),
+                start_date: start_date.clone(),
+                subresource_uris: per_category[ci].0.clone(),
+                uri: format!(
+                    "{list_base}?Category={category}&StartDate={start_date}&EndDate={end_date}"
                 ),
                 usage,
-                usage_unit: category.usage_unit(&price_unit),
+                usage_unit: per_category[ci].1.clone(),
             });
         }
     }
@@ -580,7 +603,7 @@ async fn serve(
     uri: Uri,
     raw: Option<String>,
     headers: HeaderMap,
-) -> Result<Json<RecordsPage>, TwilioError> {
+) -> Result<Response, TwilioError> {
     let now = state.now();
     let today = Day::from_unix(now);
     let path = uri.path().to_owned();
@@ -588,14 +611,16 @@ async fn serve(
     let creds = basic_credentials(&headers);
     let base_path = path.strip_suffix(".json").unwrap_or(&path).to_owned();
     let currency = state.currency_of(&sid);
-    let page = state
+    // The page is serialized on the blocking pool too: a 1000-record page is
+    // about a megabyte of JSON.
+    let body = state
         .store()
         .run(move |c| {
-            Ok(authorize(c, creds, &sid, &path).and_then(|account| {
-                list_records(
+            Ok(authorize(c, creds, &sid, &path).and_then(|target| {
+                let page = list_records(
                     c,
                     RecordsRequest {
-                        account,
+                        target,
                         sub,
                         base_path,
                         query,
@@ -603,11 +628,12 @@ async fn serve(
                         now,
                         currency,
                     },
-                )
+                )?;
+                serde_json::to_vec(&page).map_err(TwilioError::internal)
             }))
         })
         .await??;
-    Ok(Json(page))
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 /// Any other path under `/2010-04-01`: a Twilio 20404.
