@@ -22,6 +22,8 @@ pub struct Config {
     pub dedup: DedupConfig,
     #[serde(default)]
     pub http: HttpConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
     pub rating: RatingConfig,
 }
 
@@ -153,6 +155,113 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: default_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Bearer token for `/admin/…`; the admin API is disabled while it is unset.
+    #[serde(default)]
+    pub admin_token: Option<String>,
+    /// Store connections the API keeps for reads (and the most it uses at once).
+    #[serde(default = "default_api_pool_size")]
+    pub pool_size: usize,
+    /// Limits given to accounts that do not set their own.
+    #[serde(default)]
+    pub default_limits: PlanLimits,
+    /// Accounts written to the store at start (config wins over the admin API for
+    /// the fields it sets).
+    #[serde(default)]
+    pub accounts: Vec<AccountConfig>,
+}
+
+fn default_api_pool_size() -> usize {
+    8
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            admin_token: None,
+            pool_size: default_api_pool_size(),
+            default_limits: PlanLimits::default(),
+            accounts: Vec::new(),
+        }
+    }
+}
+
+/// An account (or subaccount) declared in config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountConfig {
+    /// `AC` + 32 lowercase hex digits.
+    pub sid: String,
+    /// Password of HTTP Basic auth on the Twilio paths.
+    pub auth_token: String,
+    /// The parent account's SID, for a subaccount.
+    #[serde(default)]
+    pub parent_sid: Option<String>,
+    /// Human-readable name.
+    #[serde(default)]
+    pub friendly_name: Option<String>,
+    /// Plan name shown by `/v1/usage`; defaults to the account's rating plan.
+    #[serde(default)]
+    pub plan: Option<String>,
+    /// Plan limits shown by `/v1/usage`; defaults to `api.default_limits`.
+    #[serde(default)]
+    pub limits: Option<PlanLimits>,
+    /// AgentPhone API keys (Bearer tokens) of this account.
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+}
+
+/// AgentPhone plan limits (`plan.limits` of `GET /v1/usage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanLimits {
+    /// Phone numbers the account may hold.
+    #[serde(default = "default_numbers_limit")]
+    pub numbers: i64,
+    /// Messages per calendar month.
+    #[serde(default = "default_messages_per_month")]
+    pub messages_per_month: i64,
+    /// Voice minutes per calendar month.
+    #[serde(default = "default_voice_minutes_per_month")]
+    pub voice_minutes_per_month: i64,
+    /// Longest call, in minutes.
+    #[serde(default = "default_max_call_duration_minutes")]
+    pub max_call_duration_minutes: i64,
+    /// Calls at the same time.
+    #[serde(default = "default_concurrent_calls")]
+    pub concurrent_calls: i64,
+}
+
+fn default_numbers_limit() -> i64 {
+    10
+}
+fn default_messages_per_month() -> i64 {
+    10_000
+}
+fn default_voice_minutes_per_month() -> i64 {
+    10_000
+}
+fn default_max_call_duration_minutes() -> i64 {
+    60
+}
+fn default_concurrent_calls() -> i64 {
+    5
+}
+
+impl Default for PlanLimits {
+    fn default() -> Self {
+        PlanLimits {
+            numbers: default_numbers_limit(),
+            messages_per_month: default_messages_per_month(),
+            voice_minutes_per_month: default_voice_minutes_per_month(),
+            max_call_duration_minutes: default_max_call_duration_minutes(),
+            concurrent_calls: default_concurrent_calls(),
         }
     }
 }

@@ -47,6 +47,7 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
         }
         tracing::warn!(error = %e, url = %cfg.store.url, "store not reachable at start; will keep retrying");
     }
+    let api = crate::api::ApiState::new(&cfg, &tariff).context("starting the usage API")?;
     let tariff = Arc::new(tariff);
     let client = kafka_client(&cfg);
     let dead_letters = Arc::new(
@@ -96,7 +97,7 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
         ingest: ingest_health,
         flush: flush_health,
     });
-    let app = crate::api_mount::mount(app, &cfg, &rt)?;
+    let app = app.merge(crate::api::router(api));
     let stop = shutdown.clone();
     let server = rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&listen)

@@ -10,9 +10,18 @@
 //! - [`counters`] holds the sharded per-account, per-day, per-leaf deltas since the
 //!   last flush and expands them into every rollup and period at flush time.
 //! - [`pipeline`] is the hot path that strings the above together for one message.
-//! - [`config`] loads `config/tallyd.toml`.
+//! - [`dedup`] remembers CDR ids per partition for the dedup window.
+//! - [`ingest`] is the Kafka consumer thread running the hot path; rejected
+//!   messages go to [`dead_letter`].
+//! - [`flush`] writes consistent snapshots (deltas + offsets + dedup ids) to the
+//!   [`store`] (SQLite or PostgreSQL) in one transaction each.
+//! - [`api`] serves the stored records over HTTP: Twilio Usage Records, AgentPhone
+//!   `/v1/usage`, and the accounts that may read them; [`http`] adds `/metrics`,
+//!   `/healthz`, `/readyz`.
+//! - [`daemon`] wires it all into `tallyd run`; [`demo`] runs everything in one
+//!   process; [`generate`] makes synthetic CDR traffic; [`config`] loads
+//!   `config/tallyd.toml`.
 
-pub mod api_mount;
 pub mod calendar;
 pub mod category;
 pub mod cdr;
@@ -29,3 +38,5 @@ pub mod ingest;
 pub mod pipeline;
 pub mod rating;
 pub mod store;
+
+pub mod api;

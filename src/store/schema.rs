@@ -15,6 +15,10 @@
 //!   once older than the dedup window.
 //! - `tallyd_meta`: key/value; `last_flush` is the RFC 3339 time of the last flush
 //!   (the records' `as_of`).
+//! - `api_accounts`: accounts of the HTTP API (auth token, parent, plan and limits),
+//!   from config and the admin API.
+//! - `api_keys`: AgentPhone Bearer keys, stored as SHA-256 hex only; `key_id` is the
+//!   public handle used to list and revoke a key.
 
 /// Statements run in order at start; each is idempotent.
 pub const MIGRATIONS: &[&str] = &[
@@ -59,4 +63,26 @@ pub const MIGRATIONS: &[&str] = &[
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL
     )",
+    "CREATE TABLE IF NOT EXISTS api_accounts (
+        account_sid TEXT PRIMARY KEY,
+        auth_token TEXT NOT NULL,
+        parent_sid TEXT,
+        friendly_name TEXT NOT NULL,
+        plan_name TEXT,
+        numbers_limit BIGINT NOT NULL,
+        messages_per_month BIGINT NOT NULL,
+        voice_minutes_per_month BIGINT NOT NULL,
+        max_call_duration_minutes BIGINT NOT NULL,
+        concurrent_calls BIGINT NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS api_accounts_by_parent ON api_accounts (parent_sid)",
+    "CREATE TABLE IF NOT EXISTS api_keys (
+        key_hash TEXT PRIMARY KEY,
+        key_id TEXT NOT NULL UNIQUE,
+        account_sid TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS api_keys_by_account ON api_keys (account_sid)",
 ];

@@ -1,0 +1,453 @@
+//! AgentPhone-compatible usage endpoints (seeds `000_…`, `001_…`), Bearer API key:
+//! `GET /v1/usage`, `/v1/usage/daily`, `/v1/usage/monthly`, `/v1/usage/by-number`,
+//! `/v1/usage/by-agent`.
+//!
+//! Usage is stored per UTC day, so "last 24h" is the current UTC day, "last 7d"
+//! the current day and the six before it, and so on. Messages count message CDRs
+//! (SMS and MMS), calls count every call CDR (`calls`, `calls-sip`,
+//! `calls-client`). tallyd does not deliver webhooks yet: webhook counts are 0.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use serde_json::{json, Value as Json_};
+
+use super::accounts::{self, Account};
+use super::error::ApiError;
+use super::store::{Conn, Param};
+use super::ApiState;
+use crate::calendar::{Day, Month};
+use crate::category::Category;
+
+const MESSAGE_CATEGORIES: [Category; 2] = [Category::Sms, Category::Mms];
+const CALL_CATEGORIES: [Category; 3] = [Category::Calls, Category::CallsSip, Category::CallsClient];
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    let v = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_owned())
+        .filter(|t| !t.is_empty())
+}
+
+fn authenticate(c: &mut Conn, key: Option<String>) -> Result<Account, ApiError> {
+    let key = key.ok_or_else(|| {
+        ApiError::unauthorized("send your API key as Authorization: Bearer <key>")
+    })?;
+    accounts::by_api_key(c, &key)?
+        .ok_or_else(|| ApiError::unauthorized("the API key is not valid (unknown or revoked)"))
+}
+
+/// Reads an optional integer query parameter in `[min, max]`.
+pub fn int_param(
+    raw: Option<&str>,
+    name: &str,
+    default: i64,
+    min: i64,
+    max: i64,
+) -> Result<i64, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or(""))
+        .map_err(|e| ApiError::invalid_parameter(name, format!("malformed query string: {e}")))?;
+    match pairs.iter().find(|(k, _)| k == name) {
+        None => Ok(default),
+        Some((_, v)) => v
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (min..=max).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid_parameter(
+                    name,
+                    format!("{name} must be an integer from {min} to {max}; got {v:?}"),
+                )
+            }),
+    }
+}
+
+fn str_param(raw: Option<&str>, name: &str) -> Option<String> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or("")).ok()?;
+    pairs.into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
+}
+
+fn names(cats: &[Category]) -> Vec<&'static str> {
+    cats.iter().map(|c| c.name()).collect()
+}
+
+/// Messages and calls per `start_date` of the account's `period` rows in
+/// `[from, to]`.
+fn counts_by_start(
+    c: &mut Conn,
+    sid: &str,
+    period: &str,
+    from: Day,
+    to: Day,
+) -> Result<BTreeMap<String, (i64, i64)>, ApiError> {
+    let (f, t) = (from.to_string(), to.to_string());
+    let rows = c.query(
+        "SELECT category, start_date, count FROM usage_records WHERE account_sid = $1 \
+         AND period = $2 AND start_date >= $3 AND start_date <= $4 \
+         AND category IN ('sms', 'mms', 'calls', 'calls-sip', 'calls-client')",
+        &[
+            Param::Text(sid),
+            Param::Text(period),
+            Param::Text(&f),
+            Param::Text(&t),
+        ],
+    )?;
+    let mut out: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    for r in rows {
+        let e = out.entry(r[1].text().to_owned()).or_default();
+        if names(&MESSAGE_CATEGORIES).contains(&r[0].text()) {
+            e.0 += r[2].int();
+        } else {
+            e.1 += r[2].int();
+        }
+    }
+    Ok(out)
+}
+
+fn rfc3339_day(d: Day) -> String {
+    format!("{d}T00:00:00Z")
+}
+
+/// `GET /v1/usage`.
+pub async fn usage(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+) -> Result<Json<Json_>, ApiError> {
+    let key = bearer(&headers);
+    let today = state.today();
+    let st = state.clone();
+    state
+        .store()
+        .run(move |c| {
+            Ok((|| {
+                let a = authenticate(c, key)?;
+                let used = c
+                    .query(
+                        "SELECT COUNT(DISTINCT value) FROM usage_breakdowns \
+                         WHERE account_sid = $1 AND dimension = 'number'",
+                        &[Param::Text(&a.sid)],
+                    )?
+                    .first()
+                    .map_or(0, |r| r[0].int());
+                let all = counts_by_start(c, &a.sid, "all", Day(0), Day(0))?;
+                let (total_messages, total_calls) =
+                    all.values().copied().next().unwrap_or_default();
+                let days = counts_by_start(c, &a.sid, "day", Day(today.0 - 29), today)?;
+                let window = |n: i32| {
+                    let from = Day(today.0 - (n - 1)).to_string();
+                    days.range(from..)
+                        .fold((0, 0), |acc, (_, v)| (acc.0 + v.0, acc.1 + v.1))
+                };
+                let (m1, c1) = window(1);
+                let (m7, c7) = window(7);
+                let (m30, c30) = window(30);
+                let month = today.month();
+                let limit = a.limits.numbers;
+                Ok(Json(json!({
+                    "plan": {
+                        "name": a.plan.clone().unwrap_or_else(|| st.rating_plan_name(&a.sid)),
+                        "limits": {
+                            "numbers": a.limits.numbers,
+                            "messagesPerMonth": a.limits.messages_per_month,
+                            "voiceMinutesPerMonth": a.limits.voice_minutes_per_month,
+                            "maxCallDurationMinutes": a.limits.max_call_duration_minutes,
+                            "concurrentCalls": a.limits.concurrent_calls,
+                        }
+                    },
+                    "numbers": {
+                        "used": used,
+                        "limit": limit,
+                        "remaining": (limit - used).max(0),
+                    },
+                    "stats": {
+                        "totalMessages": total_messages,
+                        "messagesLast24h": m1,
+                        "messagesLast7d": m7,
+                        "messagesLast30d": m30,
+                        "totalCalls": total_calls,
+                        "callsLast24h": c1,
+                        "callsLast7d": c7,
+                        "callsLast30d": c30,
+                        "totalWebhookDeliveries": 0,
+                        "successfulWebhookDeliveries": 0,
+                        "failedWebhookDeliveries": 0,
+                    },
+                    "periodStart": rfc3339_day(month.first_day()),
+                    "periodEnd": rfc3339_day(Month(month.0 + 1).first_day()),
+                })))
+            })())
+        })
+        .await?
+}
+
+/// `GET /v1/usage/daily?days=N` (1–365, default 30): oldest day first, ending today.
+pub async fn daily(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Json_>, ApiError> {
+    let days = int_param(raw.as_deref(), "days", 30, 1, 365)? as i32;
+    let key = bearer(&headers);
+    let today = state.today();
+    state
+        .store()
+        .run(move |c| {
+            Ok((|| {
+                let a = authenticate(c, key)?;
+                let from = Day(today.0 - (days - 1));
+                let counts = counts_by_start(c, &a.sid, "day", from, today)?;
+                let data: Vec<Json_> = (from.0..=today.0)
+                    .map(|d| {
+                        let date = Day(d).to_string();
+                        let (m, calls) = counts.get(&date).copied().unwrap_or_default();
+                        json!({"date": date, "messages": m, "calls": calls, "webhooks": 0})
+                    })
+                    .collect();
+                Ok(Json(json!({"data": data, "days": days})))
+            })())
+        })
+        .await?
+}
+
+/// `GET /v1/usage/monthly?months=N` (1–24, default 6): oldest month first, ending
+/// with the current month.
+pub async fn monthly(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Json_>, ApiError> {
+    let months = int_param(raw.as_deref(), "months", 6, 1, 24)? as i32;
+    let key = bearer(&headers);
+    let this = state.today().month();
+    state
+        .store()
+        .run(move |c| {
+            Ok((|| {
+                let a = authenticate(c, key)?;
+                let first = Month(this.0 - (months - 1));
+                let counts =
+                    counts_by_start(c, &a.sid, "month", first.first_day(), this.first_day())?;
+                let data: Vec<Json_> = (first.0..=this.0)
+                    .map(|m| {
+                        let month = Month(m);
+                        let (msgs, calls) = counts
+                            .get(&month.first_day().to_string())
+                            .copied()
+                            .unwrap_or_default();
+                        json!({"month": month.to_string(), "messages": msgs, "calls": calls, "webhooks": 0})
+                    })
+                    .collect();
+                Ok(Json(json!({"data": data, "months": months})))
+            })())
+        })
+        .await?
+}
+
+/// Per value of a breakdown dimension: (messages, calls, call seconds).
+fn breakdown(
+    c: &mut Conn,
+    sid: &str,
+    dimension: &str,
+    from: Option<(Day, Day)>,
+) -> Result<BTreeMap<String, (i64, i64, i64)>, ApiError> {
+    let (f, t) = from
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .unwrap_or_else(|| ("0000-00-00".into(), "9999-99-99".into()));
+    let rows = c.query(
+        "SELECT value, class, CAST(SUM(count) AS BIGINT), CAST(SUM(usage) AS BIGINT) \
+         FROM usage_breakdowns WHERE account_sid = $1 AND dimension = $2 \
+         AND day >= $3 AND day <= $4 GROUP BY value, class ORDER BY value",
+        &[
+            Param::Text(sid),
+            Param::Text(dimension),
+            Param::Text(&f),
+            Param::Text(&t),
+        ],
+    )?;
+    let mut out: BTreeMap<String, (i64, i64, i64)> = BTreeMap::new();
+    for r in rows {
+        let e = out.entry(r[0].text().to_owned()).or_default();
+        if r[1].text() == "calls" {
+            e.1 += r[2].int();
+            e.2 += r[3].int();
+        } else {
+            e.0 += r[2].int();
+        }
+    }
+    Ok(out)
+}
+
+/// `GET /v1/usage/by-number`: all-time usage per phone number of the account.
+pub async fn by_number(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+) -> Result<Json<Json_>, ApiError> {
+    let key = bearer(&headers);
+    state
+        .store()
+        .run(move |c| {
+            Ok((|| {
+                let a = authenticate(c, key)?;
+                let data: Vec<Json_> = breakdown(c, &a.sid, "number", None)?
+                    .into_iter()
+                    .map(|(number, (messages, calls, _))| {
+                        json!({
+                            "numberId": number,
+                            "phoneNumber": number,
+                            "country": null,
+                            "status": "active",
+                            "messages": messages,
+                            "calls": calls,
+                            "agentId": null,
+                            "agentName": null,
+                        })
+                    })
+                    .collect();
+                Ok(Json(json!({ "data": data })))
+            })())
+        })
+        .await?
+}
+
+/// The current UTC week (from Monday), month or year containing `today`, as
+/// `[first, last]` days.
+pub fn calendar_period(period: &str, today: Day) -> Option<(Day, Day)> {
+    Some(match period {
+        "week" => {
+            // 1970-01-01 was a Thursday: weekday index with Monday = 0.
+            let monday = Day(today.0 - (today.0 + 3).rem_euclid(7));
+            (monday, Day(monday.0 + 6))
+        }
+        "month" => (today.month().first_day(), today.month().last_day()),
+        "year" => (
+            Day::from_ymd(today.year(), 1, 1),
+            Day::from_ymd(today.year(), 12, 31),
+        ),
+        _ => return None,
+    })
+}
+
+/// `GET /v1/usage/by-agent?period=week|month|year`: usage per agent in the current
+/// UTC calendar period; usage with no agent is reported as "Unassigned".
+pub async fn by_agent(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Json_>, ApiError> {
+    let today = state.today();
+    let period = str_param(raw.as_deref(), "period").ok_or_else(|| {
+        ApiError::invalid_parameter("period", "period is required: one of week, month, year")
+    })?;
+    let (first, last) = calendar_period(&period, today).ok_or_else(|| {
+        ApiError::invalid_parameter(
+            "period",
+            format!("period must be one of week, month, year; got {period:?}"),
+        )
+    })?;
+    if let Some(tz) = str_param(raw.as_deref(), "tz").filter(|t| !t.is_empty()) {
+        if !matches!(tz.as_str(), "UTC" | "Etc/UTC" | "GMT") {
+            return Err(ApiError::invalid_parameter(
+                "tz",
+                format!("tz {tz:?} is not supported: usage is kept per UTC day, so only UTC is accepted"),
+            ));
+        }
+    }
+    let key = bearer(&headers);
+    state
+        .store()
+        .run(move |c| {
+            Ok((|| {
+                let a = authenticate(c, key)?;
+                let agents = breakdown(c, &a.sid, "agent", Some((first, last)))?;
+                // Everything in the period, to find what no agent handled.
+                let (f, t) = (first.to_string(), last.to_string());
+                let rows = c.query(
+                    "SELECT category, CAST(SUM(count) AS BIGINT), CAST(SUM(usage) AS BIGINT) \
+                     FROM usage_records WHERE account_sid = $1 AND period = 'day' \
+                     AND start_date >= $2 AND start_date <= $3 \
+                     AND category IN ('sms', 'mms', 'calls', 'calls-sip', 'calls-client') \
+                     GROUP BY category",
+                    &[Param::Text(&a.sid), Param::Text(&f), Param::Text(&t)],
+                )?;
+                let (mut msgs, mut calls, mut secs) = (0, 0, 0);
+                for r in rows {
+                    if names(&MESSAGE_CATEGORIES).contains(&r[0].text()) {
+                        msgs += r[1].int();
+                    } else if names(&CALL_CATEGORIES).contains(&r[0].text()) {
+                        calls += r[1].int();
+                        secs += r[2].int();
+                    }
+                }
+                let mut data: Vec<Json_> = Vec::new();
+                for (agent, (m, cl, s)) in &agents {
+                    msgs -= m;
+                    calls -= cl;
+                    secs -= s;
+                    data.push(json!({
+                        "agentId": agent,
+                        "agentName": agent,
+                        "messages": m,
+                        "calls": cl,
+                        "totalSeconds": s,
+                        "isOrphan": false,
+                    }));
+                }
+                if msgs > 0 || calls > 0 {
+                    data.push(json!({
+                        "agentId": null,
+                        "agentName": "Unassigned",
+                        "messages": msgs.max(0),
+                        "calls": calls.max(0),
+                        "totalSeconds": secs.max(0),
+                        "isOrphan": true,
+                    }));
+                }
+                Ok(Json(json!({
+                    "data": data,
+                    "period": period,
+                    "periodStart": rfc3339_day(first),
+                    "periodEnd": rfc3339_day(Day(last.0 + 1)),
+                })))
+            })())
+        })
+        .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn int_params_are_checked() {
+        assert_eq!(int_param(None, "days", 30, 1, 365).unwrap(), 30);
+        assert_eq!(int_param(Some("days=7"), "days", 30, 1, 365).unwrap(), 7);
+        for bad in ["days=0", "days=366", "days=abc", "days=1.5", "days="] {
+            let e = int_param(Some(bad), "days", 30, 1, 365).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("days"));
+            assert!(e.message.contains("from 1 to 365"), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn weeks_start_on_monday() {
+        let wed = Day::parse("2025-01-08").unwrap();
+        let (a, b) = calendar_period("week", wed).unwrap();
+        assert_eq!(
+            (a.to_string(), b.to_string()),
+            ("2025-01-06".into(), "2025-01-12".into())
+        );
+        let mon = Day::parse("2025-01-06").unwrap();
+        assert_eq!(calendar_period("week", mon).unwrap().0, mon);
+        let sun = Day::parse("2025-01-12").unwrap();
+        assert_eq!(calendar_period("week", sun).unwrap().0, mon);
+        assert!(calendar_period("fortnight", wed).is_none());
+    }
+}

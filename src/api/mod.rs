@@ -1,0 +1,184 @@
+//! The HTTP usage APIs, served from the store:
+//!
+//! - [`twilio`]: Twilio Usage Records (`/2010-04-01/Accounts/{Sid}/Usage/Records…`),
+//!   HTTP Basic `AccountSid:AuthToken`, computed by [`records`].
+//! - [`agentphone`]: AgentPhone `/v1/usage…`, Bearer API key.
+//! - [`admin`]: accounts, subaccounts and API keys, Bearer admin token.
+//! - [`accounts`]: the account model and its tables; [`store`]: the pooled
+//!   SQLite/PostgreSQL connections the handlers read through.
+//! - `GET /openapi.yaml`: the OpenAPI 3 document of all of the above.
+//!
+//! The daemon mounts [`router`] next to `/metrics`, `/healthz` and `/readyz`.
+
+pub mod accounts;
+pub mod admin;
+pub mod agentphone;
+pub mod error;
+pub mod records;
+pub mod store;
+pub mod twilio;
+
+use std::sync::Arc;
+
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+
+use crate::calendar::Day;
+use crate::cdr::AccountSid;
+use crate::config::{Config, PlanLimits};
+use crate::rating::Tariff;
+use store::{ApiStore, StoreError};
+
+/// The OpenAPI 3 document, kept in the repository as `openapi.yaml`.
+pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
+
+/// Why the API could not start: which config key or store problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiInitError {
+    #[error(transparent)]
+    Account(#[from] accounts::AccountConfigError),
+    #[error("store.url: {0}")]
+    Store(#[from] StoreError),
+    #[error("api.accounts[{index}].parent_sid: {parent} is neither in [[api.accounts]] nor in the store")]
+    UnknownParent { index: usize, parent: String },
+}
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    store: ApiStore,
+    tariff: Tariff,
+    admin_token: Option<String>,
+    default_limits: PlanLimits,
+    /// A fixed clock (Unix seconds) for tests; `None` reads the system clock.
+    now: Option<i64>,
+}
+
+impl ApiState {
+    /// Opens the store named by `store.url`, creates missing tables, and writes the
+    /// accounts of `[[api.accounts]]`. Blocking: call it before serving.
+    pub fn new(cfg: &Config, tariff: &Tariff) -> Result<ApiState, ApiInitError> {
+        accounts::validate_config(&cfg.api.accounts)?;
+        let store = ApiStore::new(&cfg.store.url, cfg.api.pool_size)?;
+        store.migrate()?;
+        store.with_conn(|c| {
+            accounts::seed_from_config(c, &cfg.api.accounts, cfg.api.default_limits)
+        })?;
+        for (index, a) in cfg.api.accounts.iter().enumerate() {
+            if let Some(parent) = &a.parent_sid {
+                if store.with_conn(|c| accounts::get(c, parent))?.is_none() {
+                    return Err(ApiInitError::UnknownParent {
+                        index,
+                        parent: parent.clone(),
+                    });
+                }
+            }
+        }
+        Ok(ApiState {
+            inner: Arc::new(Shared {
+                store,
+                tariff: tariff.clone(),
+                admin_token: cfg.api.admin_token.clone().filter(|t| !t.is_empty()),
+                default_limits: cfg.api.default_limits,
+                now: None,
+            }),
+        })
+    }
+
+    /// The same state with the clock fixed at `unix_seconds` (for tests).
+    pub fn with_fixed_clock(self, unix_seconds: i64) -> ApiState {
+        let s = &self.inner;
+        ApiState {
+            inner: Arc::new(Shared {
+                store: s.store.clone(),
+                tariff: s.tariff.clone(),
+                admin_token: s.admin_token.clone(),
+                default_limits: s.default_limits,
+                now: Some(unix_seconds),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &ApiStore {
+        &self.inner.store
+    }
+
+    pub fn now(&self) -> i64 {
+        self.inner
+            .now
+            .unwrap_or_else(|| chrono::Utc::now().timestamp())
+    }
+
+    pub fn today(&self) -> Day {
+        Day::from_unix(self.now())
+    }
+
+    fn admin_token(&self) -> Option<&str> {
+        self.inner.admin_token.as_deref()
+    }
+
+    fn default_limits(&self) -> PlanLimits {
+        self.inner.default_limits
+    }
+
+    /// The account's currency under its rating plan (for records with no rows).
+    pub fn currency_of(&self, sid: &str) -> String {
+        match AccountSid::parse(sid) {
+            Some(a) => self.inner.tariff.plan_for(a).currency.clone(),
+            None => "usd".into(),
+        }
+    }
+
+    /// The name of the account's rating plan (the default AgentPhone plan name).
+    pub fn rating_plan_name(&self, sid: &str) -> String {
+        match AccountSid::parse(sid) {
+            Some(a) => self.inner.tariff.plan_for(a).name.clone(),
+            None => String::new(),
+        }
+    }
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI_YAML)
+}
+
+/// All API routes. Mount it in the daemon's HTTP server.
+pub fn router(state: ApiState) -> Router {
+    let twilio_records = "/2010-04-01/Accounts/:sid/Usage/Records";
+    Router::new()
+        .route(twilio_records, get(twilio::records_root))
+        .route(&format!("{twilio_records}.json"), get(twilio::records_root))
+        .route(&format!("{twilio_records}/:sub"), get(twilio::records_sub))
+        .route("/2010-04-01/*rest", get(twilio::not_found))
+        .route("/v1/usage", get(agentphone::usage))
+        .route("/v1/usage/daily", get(agentphone::daily))
+        .route("/v1/usage/monthly", get(agentphone::monthly))
+        .route("/v1/usage/by-number", get(agentphone::by_number))
+        .route("/v1/usage/by-agent", get(agentphone::by_agent))
+        .route(
+            "/admin/accounts",
+            get(admin::list_accounts).post(admin::create_account),
+        )
+        .route(
+            "/admin/accounts/:sid",
+            get(admin::get_account)
+                .patch(admin::update_account)
+                .delete(admin::delete_account),
+        )
+        .route(
+            "/admin/accounts/:sid/api-keys",
+            get(admin::list_api_keys).post(admin::create_api_key),
+        )
+        .route(
+            "/admin/accounts/:sid/api-keys/:key_id",
+            axum::routing::delete(admin::delete_api_key),
+        )
+        .route("/openapi.yaml", get(openapi))
+        .with_state(state)
+}
