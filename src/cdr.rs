@@ -2,8 +2,9 @@
 //!
 //! One JSON object per Kafka message. A byte scanner reads the common shape (no
 //! escapes, integers in the fields tallyd reads) in one pass, borrowing strings from
-//! the input; it is about 5× faster than serde_json on a 300-byte CDR (see
-//! `benches/pipeline.rs`). Anything it is not sure of goes to serde_json with a
+//! the input; on a 339-byte CDR it runs about 40% fewer instructions than the
+//! serde_json path (callgrind: 6.4k vs 10.7k per CDR, validation included).
+//! Anything it is not sure of goes to serde_json with a
 //! hand-written map visitor (only JSON-escaped strings are copied, unknown fields
 //! are skipped without being materialised). Both paths fill the same slots, read
 //! as loosely typed [`Scalar`]s so that a wrong type is reported with the field's
