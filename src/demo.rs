@@ -15,6 +15,10 @@ use crate::generate::{produce, Generator, GeneratorSettings};
 use crate::rating::{price_to_decimal, Tariff};
 use crate::store::Store;
 
+const DEMO_SID: &str = "AC00000000000000000000000000000c11";
+const DEMO_TOKEN: &str = "demo-auth-token";
+const DEMO_API_KEY: &str = "demo-api-key";
+
 pub struct DemoOptions {
     /// CDRs per second produced into the mock broker.
     pub rate: u64,
@@ -36,6 +40,16 @@ pub fn run(mut cfg: Config, tariff: Tariff, opts: DemoOptions) -> anyhow::Result
             let _ = std::fs::remove_file(format!("{path}{suffix}"));
         }
     }
+    // A readable demo account: the generator's first account (on the CallingBox plan).
+    cfg.api.accounts.push(crate::config::AccountConfig {
+        sid: DEMO_SID.into(),
+        auth_token: DEMO_TOKEN.into(),
+        parent_sid: None,
+        friendly_name: Some("demo".into()),
+        plan: None,
+        limits: None,
+        api_keys: vec![DEMO_API_KEY.into()],
+    });
     let shutdown = Arc::new(AtomicBool::new(false));
     crate::daemon::stop_on_signals(shutdown.clone());
 
@@ -59,7 +73,9 @@ pub fn run(mut cfg: Config, tariff: Tariff, opts: DemoOptions) -> anyhow::Result
     );
     println!("  metrics:  http://{http}/metrics");
     println!("  health:   http://{http}/healthz   http://{http}/readyz");
-    println!("  usage:    curl -u AC00000000000000000000000000000c11:<token> http://{http}/2010-04-01/Accounts/AC00000000000000000000000000000c11/Usage/Records/Today.json");
+    println!("  Twilio:   curl -u {DEMO_SID}:{DEMO_TOKEN} 'http://{http}/2010-04-01/Accounts/{DEMO_SID}/Usage/Records/Daily.json?Category=calls'");
+    println!("  AgentPhone: curl -H 'Authorization: Bearer {DEMO_API_KEY}' http://{http}/v1/usage/daily?days=7");
+    println!("  OpenAPI:  http://{http}/openapi.yaml");
     println!("  Ctrl-C stops it (final flush, then exit).");
 
     let report_stop = shutdown.clone();
