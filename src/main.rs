@@ -90,8 +90,9 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,librdkafka=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                "info,librdkafka=warn,postgres=warn,tokio_postgres=warn".into()
+            }),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -130,11 +130,11 @@ pub struct PgSchema {
 
 impl PgSchema {
     pub fn new(tag: &str) -> PgSchema {
-        let base = std::env::var("TALLYD_TEST_PG")
+        let base = std::env::var("TALLYD_TEST_POSTGRES_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
         let schema = format!("t_{tag}_{}", std::process::id());
         let mut c = postgres::Client::connect(&base, postgres::NoTls)
-            .expect("PostgreSQL at TALLYD_TEST_PG");
+            .expect("PostgreSQL at TALLYD_TEST_POSTGRES_URL");
         c.batch_execute(&format!(
             "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
         ))
@@ -269,8 +269,11 @@ pub fn wait_flushed(store_url: &str, topic: &str, total: u64, timeout: Duration,
         }
         if Instant::now() > deadline {
             let tail = std::fs::read_to_string(log).unwrap_or_default();
-            let tail: Vec<&str> = tail.lines().rev().take(30).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            // The first lines say why a daemon failed; the last say where it is.
+            let lines: Vec<&str> = tail.lines().filter(|l| !l.starts_with("  ")).collect();
+            let mut tail: Vec<&str> = lines.iter().take(10).copied().collect();
+            tail.push("…");
+            tail.extend(lines.iter().rev().take(20).rev());
             panic!("only {consumed} of {total} messages flushed within {timeout:?}; daemon log tail:\n{}", tail.join("\n"));
         }
         std::thread::sleep(Duration::from_millis(250));
