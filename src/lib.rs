@@ -10,22 +10,33 @@
 //! - [`counters`] holds the sharded per-account, per-day, per-leaf deltas since the
 //!   last flush and expands them into every rollup and period at flush time.
 //! - [`pipeline`] is the hot path that strings the above together for one message.
-//! - [`store`] holds the tables UsageRecords are flushed into.
-//! - [`api`] serves them over HTTP: Twilio Usage Records, AgentPhone `/v1/usage`,
-//!   and the accounts that may read them.
-//! - [`config`] loads `config/tallyd.toml`.
+//! - [`dedup`] remembers CDR ids per partition for the dedup window.
+//! - [`ingest`] is the Kafka consumer thread running the hot path; rejected
+//!   messages go to [`dead_letter`].
+//! - [`flush`] writes consistent snapshots (deltas + offsets + dedup ids) to the
+//!   [`store`] (SQLite or PostgreSQL) in one transaction each.
+//! - [`api`] serves the stored records over HTTP: Twilio Usage Records, AgentPhone
+//!   `/v1/usage`, and the accounts that may read them; [`http`] adds `/metrics`,
+//!   `/healthz`, `/readyz`.
+//! - [`daemon`] wires it all into `tallyd run`; [`demo`] runs everything in one
+//!   process; [`generate`] makes synthetic CDR traffic; [`config`] loads
+//!   `config/tallyd.toml`.
 
 pub mod calendar;
 pub mod category;
 pub mod cdr;
 pub mod config;
 pub mod counters;
+pub mod daemon;
+pub mod dead_letter;
+pub mod dedup;
+pub mod demo;
+pub mod flush;
+pub mod generate;
+pub mod http;
+pub mod ingest;
 pub mod pipeline;
 pub mod rating;
+pub mod store;
 
 pub mod api;
-
-/// The store's schema (the flush writer lands beside it).
-pub mod store {
-    pub mod schema;
-}

@@ -1,1 +1,196 @@
-fn main() {}
+//! The `tallyd` binary: `run` (the daemon), `demo` (everything in one process),
+//! `generate` (synthetic CDR traffic).
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use rdkafka::config::ClientConfig;
+
+use tallyd::calendar::Day;
+use tallyd::config::Config;
+use tallyd::generate::{produce, Generator, GeneratorSettings};
+
+#[derive(Parser)]
+#[command(
+    name = "tallyd",
+    version,
+    about = "Real-time telephony usage rating: Kafka CDRs in, exact UsageRecords out"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: consume CDRs, rate, flush UsageRecords, serve HTTP.
+    Run {
+        /// Config file.
+        #[arg(long, default_value = "config/tallyd.toml")]
+        config: PathBuf,
+    },
+    /// Run the whole main job in one process: in-process Kafka, generated traffic,
+    /// SQLite under ./data, HTTP metrics and APIs.
+    Demo {
+        #[arg(long, default_value = "config/tallyd.toml")]
+        config: PathBuf,
+        /// CDRs per second to generate.
+        #[arg(long, default_value_t = 5000)]
+        rate: u64,
+        /// Stop after this many seconds (0 = run until Ctrl-C).
+        #[arg(long, default_value_t = 0)]
+        duration: u64,
+        /// Number of distinct accounts in the generated traffic.
+        #[arg(long, default_value_t = 200)]
+        accounts: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Produce deterministic synthetic CDRs to a topic and/or a JSON-lines file.
+    Generate {
+        /// Bootstrap servers (omit with --no-kafka).
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        brokers: String,
+        #[arg(long, default_value = "cdrs")]
+        topic: String,
+        /// Number of messages.
+        #[arg(long, default_value_t = 100_000)]
+        count: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 1000)]
+        accounts: usize,
+        /// Share of messages that re-send an earlier CDR (0–1).
+        #[arg(long, default_value_t = 0.01)]
+        duplicate_rate: f64,
+        /// Share of malformed messages (0–1).
+        #[arg(long, default_value_t = 0.001)]
+        malformed_rate: f64,
+        /// Event days spread over this many days ending at --last-day.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+        /// Last event day, YYYY-MM-DD (default today, UTC).
+        #[arg(long)]
+        last_day: Option<String>,
+        /// Messages per second (0 = as fast as possible).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Also write every payload as one line of this file.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Only write the file; produce nothing.
+        #[arg(long)]
+        no_kafka: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,librdkafka=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Run { config } => {
+            let (cfg, tariff) = Config::load(&config)?;
+            let shutdown = Arc::new(AtomicBool::new(false));
+            tallyd::daemon::stop_on_signals(shutdown.clone());
+            tallyd::daemon::run(cfg, tariff, shutdown)
+        }
+        Command::Demo {
+            config,
+            rate,
+            duration,
+            accounts,
+            seed,
+        } => {
+            let (cfg, tariff) = Config::load(&config)?;
+            tallyd::demo::run(
+                cfg,
+                tariff,
+                tallyd::demo::DemoOptions {
+                    rate,
+                    duration,
+                    accounts,
+                    seed,
+                },
+            )
+        }
+        Command::Generate {
+            brokers,
+            topic,
+            count,
+            seed,
+            accounts,
+            duplicate_rate,
+            malformed_rate,
+            days,
+            last_day,
+            rate,
+            file,
+            no_kafka,
+        } => {
+            let last_day = match last_day {
+                Some(d) => {
+                    Day::parse(&d).with_context(|| format!("--last-day {d:?} is not YYYY-MM-DD"))?
+                }
+                None => Day::today(),
+            };
+            for (name, v) in [
+                ("--duplicate-rate", duplicate_rate),
+                ("--malformed-rate", malformed_rate),
+            ] {
+                anyhow::ensure!(
+                    (0.0..=1.0).contains(&v),
+                    "{name} {v} is not between 0 and 1"
+                );
+            }
+            let gen = Generator::new(GeneratorSettings {
+                seed,
+                accounts,
+                duplicate_rate,
+                malformed_rate,
+                days,
+                last_day,
+            });
+            let mut out = match &file {
+                Some(p) => Some(std::io::BufWriter::new(
+                    std::fs::File::create(p)
+                        .with_context(|| format!("creating {}", p.display()))?,
+                )),
+                None => None,
+            };
+            if no_kafka {
+                let out = out.as_mut().context("--no-kafka needs --file")?;
+                for g in gen.take(count as usize) {
+                    std::io::Write::write_all(out, &g.payload)?;
+                    std::io::Write::write_all(out, b"\n")?;
+                }
+                std::io::Write::flush(out)?;
+                return Ok(());
+            }
+            let mut client = ClientConfig::new();
+            client.set("bootstrap.servers", &brokers);
+            let stop = AtomicBool::new(false);
+            let sent = produce(
+                &client,
+                &topic,
+                gen,
+                count,
+                rate,
+                out.as_mut().map(|w| w as &mut dyn std::io::Write),
+                &stop,
+            )?;
+            if let Some(mut w) = out {
+                std::io::Write::flush(&mut w)?;
+            }
+            eprintln!("produced {sent} messages to {topic}");
+            Ok(())
+        }
+    }
+}

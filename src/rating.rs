@@ -152,7 +152,13 @@ impl CompiledRate {
 #[inline]
 fn round_half_up(n: i128, d: i128) -> i64 {
     debug_assert!(n >= 0 && d > 0);
-    ((n + d / 2) / d) as i64
+    let n = n + d / 2;
+    // Real prices fit 64 bits, where division is one instruction instead of a
+    // call to the 128-bit routine (a third of the rating time).
+    match (u64::try_from(n), u64::try_from(d)) {
+        (Ok(n), Ok(d)) => (n / d) as i64,
+        _ => (n / d) as i64,
+    }
 }
 
 /// Number of mode slots: no mode, then one per [`Mode`].

@@ -9,8 +9,10 @@
 //! - `usage_breakdowns`: per-day usage by the account's phone number or by agent.
 //! - `consumer_offsets`: next offset to read per topic partition, written in the
 //!   same transaction as the deltas the consumed messages produced.
-//! - `dedup_ids`: 128-bit hashes of CDR ids seen per partition, with the day first
-//!   seen, pruned after the dedup window.
+//! - `dedup_batches`: the 128-bit hashes of the CDR ids first seen in one flush, per
+//!   partition, packed 16 bytes each into one blob (one row per flush and partition
+//!   instead of one per CDR), with the day they were seen; whole rows are pruned
+//!   once older than the dedup window.
 //! - `tallyd_meta`: key/value; `last_flush` is the RFC 3339 time of the last flush
 //!   (the records' `as_of`).
 //! - `api_accounts`: accounts of the HTTP API (auth token, parent, plan and limits),
@@ -48,14 +50,15 @@ pub const MIGRATIONS: &[&str] = &[
         next_offset BIGINT NOT NULL,
         PRIMARY KEY (topic, partition)
     )",
-    "CREATE TABLE IF NOT EXISTS dedup_ids (
+    "CREATE TABLE IF NOT EXISTS dedup_batches (
         topic TEXT NOT NULL,
         partition INTEGER NOT NULL,
-        id_hash TEXT NOT NULL,
-        first_seen_day INTEGER NOT NULL,
-        PRIMARY KEY (topic, partition, id_hash)
+        seen_day INTEGER NOT NULL,
+        first_offset BIGINT NOT NULL,
+        ids BYTEA NOT NULL,
+        PRIMARY KEY (topic, partition, first_offset)
     )",
-    "CREATE INDEX IF NOT EXISTS dedup_ids_by_day ON dedup_ids (first_seen_day)",
+    "CREATE INDEX IF NOT EXISTS dedup_batches_by_day ON dedup_batches (seen_day)",
     "CREATE TABLE IF NOT EXISTS tallyd_meta (
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL

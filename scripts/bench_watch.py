@@ -1,0 +1,59 @@
+"""Watches a running tallyd for scripts/bench-e2e.sh: from its first consumed
+message until the store's offsets cover all N messages; prints CDRs/s, the ratio
+to the bare consumer, CPU seconds and peak RSS of the process."""
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+
+label, url, n, pid, bare_rate = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+tick = os.sysconf("SC_CLK_TCK")
+
+
+def consumed():
+    try:
+        if url.startswith("sqlite://"):
+            con = sqlite3.connect(url[len("sqlite://"):], timeout=1)
+            row = con.execute("SELECT COALESCE(SUM(next_offset), 0) FROM consumer_offsets").fetchone()
+            con.close()
+            return int(row[0])
+        out = subprocess.run(["psql", url.replace("?options=-csearch_path%3D", "?options=-csearch_path="), "-tAc",
+                              "SELECT COALESCE(SUM(next_offset), 0) FROM consumer_offsets"],
+                             capture_output=True, text=True)
+        return int(out.stdout.strip() or 0)
+    except Exception:
+        return 0
+
+
+def cpu_seconds():
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / tick
+
+
+def peak_rss_mib():
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+# The first flush lands within one flush interval of the first message; use the
+# CPU clock to find when consumption really started (the group join is idle).
+start_cpu = cpu_seconds()
+deadline = time.time() + 900
+start = None
+while time.time() < deadline:
+    if start is None and cpu_seconds() - start_cpu > 0.05:
+        start = time.time()
+    if consumed() >= n:
+        break
+    time.sleep(0.05)
+else:
+    sys.exit(f"{label}: timed out")
+secs = time.time() - start
+rate = n / secs
+print(f"tallyd[{label}]: {n} CDRs consumed, rated and flushed in {secs:.2f} s = {rate:.0f} CDRs/s; "
+      f"ratio to bare consumer {rate / bare_rate:.2f}; CPU {cpu_seconds():.1f} s; peak RSS {peak_rss_mib():.0f} MiB")

@@ -1,0 +1,155 @@
+//! `tallyd run`: wires ingest, flusher, dead letters and the HTTP server together,
+//! and shuts down gracefully (stop consuming, final flush, exit 0).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::config::ClientConfig;
+
+use crate::config::Config;
+use crate::dead_letter::DeadLetters;
+use crate::flush::{FlushHealth, Flusher};
+use crate::http::{self, Probes};
+use crate::ingest::{Ingest, IngestHealth, IngestSettings};
+use crate::rating::Tariff;
+use crate::store::Store;
+
+/// The librdkafka client settings shared by the consumer and producers.
+pub fn kafka_client(cfg: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("group.id", &cfg.kafka.group_id)
+        .set("client.id", "tallyd");
+    for (k, v) in &cfg.kafka.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Runs the daemon until `shutdown` is set, then drains and returns.
+pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let metrics = http::install_metrics();
+    for plan in tariff.plans() {
+        if !plan.unpriced.is_empty() {
+            let names: Vec<&str> = plan.unpriced.iter().map(|c| c.name()).collect();
+            tracing::warn!(plan = %plan.name, categories = ?names, "categories without a rate are priced at zero");
+        }
+    }
+    // Fail fast on a store URL that can never work; a store that is merely down is retried.
+    if let Err(e) = Store::open(&cfg.store.url) {
+        if matches!(
+            e,
+            crate::store::Error::BadUrl(_) | crate::store::Error::Dir { .. }
+        ) {
+            return Err(e).context("store.url");
+        }
+        tracing::warn!(error = %e, url = %cfg.store.url, "store not reachable at start; will keep retrying");
+    }
+    let api = crate::api::ApiState::new(&cfg, &tariff).context("starting the usage API")?;
+    let tariff = Arc::new(tariff);
+    let client = kafka_client(&cfg);
+    let dead_letters = Arc::new(
+        DeadLetters::new(&client, &cfg.kafka.dead_letter_topic)
+            .context("creating the dead-letter producer")?,
+    );
+    let flush_health = Arc::new(FlushHealth::default());
+    let ingest_health = Arc::new(IngestHealth::default());
+    let (jobs_tx, jobs_rx) = mpsc::sync_channel(1);
+    let flusher = Flusher {
+        url: cfg.store.url.clone(),
+        tariff: tariff.clone(),
+        dead_letters: Some(dead_letters.clone()),
+        health: flush_health.clone(),
+    };
+    let flush_thread = std::thread::Builder::new()
+        .name("tallyd-flush".into())
+        .spawn(move || flusher.run(jobs_rx))?;
+    let settings = IngestSettings {
+        topic: cfg.kafka.topic.clone(),
+        flush_interval: Duration::from_millis(cfg.flush.interval_ms.max(10)),
+        max_pending_cells: cfg.flush.max_pending_cells,
+        dedup_window_days: cfg.dedup.window_days,
+        revoke_timeout: Duration::from_secs(30),
+    };
+    let ingest = Ingest::new(
+        &client,
+        settings,
+        tariff.clone(),
+        dead_letters,
+        jobs_tx,
+        ingest_health.clone(),
+        shutdown.clone(),
+    )
+    .context("creating the Kafka consumer")?;
+    let ingest_thread = std::thread::Builder::new()
+        .name("tallyd-ingest".into())
+        .spawn(move || ingest.run())?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let listen = cfg.http.listen.clone();
+    let app = http::router(Probes {
+        metrics,
+        ingest: ingest_health,
+        flush: flush_health,
+    });
+    let app = app.merge(crate::api::router(api));
+    let stop = shutdown.clone();
+    let server = rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .with_context(|| format!("binding http.listen {listen}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "HTTP listening");
+        let handle = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                })
+                .await
+        });
+        anyhow::Ok(handle)
+    });
+    let server = match server {
+        Ok(s) => s,
+        Err(e) => {
+            shutdown.store(true, Ordering::Relaxed);
+            let _ = ingest_thread.join();
+            let _ = flush_thread.join();
+            return Err(e);
+        }
+    };
+    let ingest_result = ingest_thread.join();
+    shutdown.store(true, Ordering::Relaxed);
+    let _ = flush_thread.join();
+    let _ = rt.block_on(server);
+    ingest_result.map_err(|_| anyhow::anyhow!("ingest thread panicked"))?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Sets `flag` on SIGINT or SIGTERM.
+pub fn stop_on_signals(flag: Arc<AtomicBool>) {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("signal runtime");
+        rt.block_on(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        });
+        tracing::info!("signal received; stopping");
+        flag.store(true, Ordering::Relaxed);
+    });
+}

@@ -1,0 +1,505 @@
+//! Kafka ingestion: the consumer thread that runs the hot path.
+//!
+//! One thread polls an rdkafka `BaseConsumer` and runs every message through
+//! [`pipeline::ingest`] inline (decode → dedup → rate → counters); rejected
+//! messages go to the dead-letter producer. Because this thread is the only writer,
+//! it takes the flush snapshot itself — counter deltas, the offsets they came from
+//! and the newly seen dedup ids — which makes the cut consistent without a lock on
+//! the hot path. The flusher writes it in one transaction while consumption goes on.
+//!
+//! Offsets are never taken from Kafka: on assignment the consumer loads the stored
+//! offsets and dedup windows and assigns at exactly those positions; on revocation
+//! it flushes what it has and drops all local state (DESIGN invariant 1). Offsets are
+//! also committed to Kafka after each flush, but only so that lag tools work.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::ClientContext;
+
+use crate::calendar::Day;
+use crate::cdr::RejectReason;
+use crate::counters::UsageCounters;
+use crate::dead_letter::{DeadLetters, Source};
+use crate::dedup::{pack, unpack, DedupWindow};
+use crate::flush::{FlushResult, Job, Loaded, Snapshot};
+use crate::pipeline::{ingest, Outcome};
+use crate::rating::Tariff;
+use crate::store::{DedupRows, FlushOutcome, OffsetAdvance};
+
+/// Settings of the consumer loop.
+#[derive(Debug, Clone)]
+pub struct IngestSettings {
+    pub topic: String,
+    pub flush_interval: Duration,
+    pub max_pending_cells: usize,
+    pub dedup_window_days: u32,
+    /// How long a revocation waits for the last flush before dropping local state.
+    pub revoke_timeout: Duration,
+}
+
+/// Live state shared with `/readyz` and the metrics.
+#[derive(Default)]
+pub struct IngestHealth {
+    pub assigned_partitions: AtomicUsize,
+    pub paused: AtomicBool,
+}
+
+struct PartitionState {
+    /// Offset the store holds for this partition (the next batch's `from`).
+    stored: Option<i64>,
+    /// Next offset to read: one past the last message processed.
+    next: i64,
+    window: DedupWindow,
+}
+
+/// Per-message tallies, published to `metrics` at every tick (not per message).
+#[derive(Default)]
+struct Tallies {
+    counted: u64,
+    duplicates: u64,
+    rejected: [u64; RejectReason::ALL.len()],
+}
+
+/// State owned by the consumer thread; in a mutex only because the rebalance
+/// callback (run by rdkafka inside `poll`, on this same thread) needs it too.
+struct State {
+    partitions: HashMap<i32, PartitionState>,
+    counters: UsageCounters,
+    in_flight: Option<Receiver<FlushResult>>,
+    in_flight_cancel: Arc<AtomicBool>,
+    tallies: Tallies,
+    today: Day,
+}
+
+pub struct IngestContext {
+    settings: IngestSettings,
+    /// Set at shutdown; also cancels a store load that is being retried.
+    shutdown: Arc<AtomicBool>,
+    state: Mutex<State>,
+    jobs: SyncSender<Job>,
+    health: Arc<IngestHealth>,
+}
+
+impl ClientContext for IngestContext {}
+
+impl ConsumerContext for IngestContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self.on_assign(consumer, tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.on_revoke();
+                if let Err(e) = consumer.unassign() {
+                    tracing::error!(error = %e, "unassign failed");
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error; dropping assignment");
+                self.on_revoke();
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+impl IngestContext {
+    fn on_assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        let today = Day::today();
+        let since = Day(today.0 - self.settings.dedup_window_days as i32);
+        let (reply_tx, reply_rx) = mpsc::sync_channel(1);
+        let job = Job::Load {
+            topic: self.settings.topic.clone(),
+            partitions: partitions.clone(),
+            since,
+            cancel: self.shutdown.clone(),
+            reply: reply_tx,
+        };
+        let loaded: Option<Loaded> = self
+            .jobs
+            .send(job)
+            .ok()
+            .and_then(|_| reply_rx.recv().ok().flatten());
+        let Some(loaded) = loaded else {
+            tracing::error!("cannot load stored offsets; not taking the assignment");
+            return;
+        };
+        let mut st = self.state.lock();
+        st.today = today;
+        for p in &partitions {
+            let stored = loaded.offsets.get(p).copied();
+            let mut window = DedupWindow::new(today);
+            let mut ids = 0;
+            for (day, blob) in loaded
+                .dedup
+                .get(p)
+                .map(|v| v.as_slice())
+                .unwrap_or_default()
+            {
+                window.load(*day, unpack(blob));
+                ids += blob.len() / 16;
+            }
+            let offset = match stored {
+                Some(o) => Offset::Offset(o),
+                None => Offset::Beginning,
+            };
+            if let Err(e) = tpl.set_partition_offset(&self.settings.topic, *p, offset) {
+                tracing::error!(error = %e, partition = p, "cannot set start offset");
+            }
+            tracing::info!(partition = p, offset = ?stored, dedup_ids = ids, "partition assigned");
+            st.partitions.insert(
+                *p,
+                PartitionState {
+                    stored,
+                    next: stored.unwrap_or(-1),
+                    window,
+                },
+            );
+        }
+        drop(st);
+        if let Err(e) = consumer.assign(tpl) {
+            tracing::error!(error = %e, "assign failed");
+        }
+        self.health
+            .assigned_partitions
+            .store(partitions.len(), Ordering::Relaxed);
+        metrics::gauge!("tallyd_partitions_assigned").set(partitions.len() as f64);
+    }
+
+    /// Flushes what was consumed (best effort, bounded in time), then drops every
+    /// bit of local state: the next owner — maybe this instance again — starts from
+    /// what the store holds, so whatever the flush's fate, nothing counts twice.
+    fn on_revoke(&self) {
+        let deadline = Instant::now() + self.settings.revoke_timeout;
+        let mut st = self.state.lock();
+        let landed = self.wait_in_flight(&mut st, deadline) && {
+            let snapshot = take_snapshot(&mut st, &self.settings);
+            match snapshot {
+                None => true,
+                Some(s) => {
+                    self.submit(&mut st, s);
+                    self.wait_in_flight(&mut st, deadline)
+                }
+            }
+        };
+        if !landed {
+            tracing::warn!("partitions revoked before the last flush landed; their unflushed work will be re-read by the next owner");
+        }
+        st.partitions.clear();
+        drop(st.counters.take());
+        self.health.assigned_partitions.store(0, Ordering::Relaxed);
+        metrics::gauge!("tallyd_partitions_assigned").set(0.0);
+    }
+
+    /// Waits for the in-flight flush until `deadline`; cancels it after that.
+    /// Returns whether everything handed over has landed.
+    fn wait_in_flight(&self, st: &mut State, deadline: Instant) -> bool {
+        let Some(rx) = st.in_flight.take() else {
+            return true;
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let res = rx.recv_timeout(left).or_else(|_| {
+            st.in_flight_cancel.store(true, Ordering::Relaxed);
+            rx.recv()
+        });
+        matches!(res, Ok(Ok(_)))
+    }
+
+    fn submit(&self, st: &mut State, snapshot: Snapshot) {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let job = Job::Flush {
+            snapshot: Box::new(snapshot),
+            cancel: cancel.clone(),
+            reply: tx,
+        };
+        match self.jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(job)) => {
+                // The flusher is busy loading; this is rare and short.
+                if self.jobs.send(job).is_err() {
+                    return;
+                }
+            }
+            Err(TrySendError::Disconnected(_)) => return,
+        }
+        st.in_flight = Some(rx);
+        st.in_flight_cancel = cancel;
+    }
+}
+
+/// Takes a consistent cut of the consumer state. `None` if nothing was consumed.
+fn take_snapshot(st: &mut State, settings: &IngestSettings) -> Option<Snapshot> {
+    let mut offsets = Vec::new();
+    let mut dedup = Vec::new();
+    for (p, ps) in st.partitions.iter_mut() {
+        if ps.next < 0 || Some(ps.next) == ps.stored {
+            continue;
+        }
+        let fresh = ps.window.take_fresh();
+        if !fresh.is_empty() {
+            dedup.push(DedupRows {
+                topic: settings.topic.clone(),
+                partition: *p,
+                seen_day: st.today,
+                first_offset: ps.stored.unwrap_or(-1),
+                ids: pack(&fresh),
+            });
+        }
+        offsets.push(OffsetAdvance {
+            topic: settings.topic.clone(),
+            partition: *p,
+            from: ps.stored,
+            to: ps.next,
+        });
+        ps.stored = Some(ps.next);
+    }
+    if offsets.is_empty() {
+        return None;
+    }
+    offsets.sort_by_key(|o| o.partition);
+    let oldest_kept = Day(st.today.0 - settings.dedup_window_days as i32);
+    Some(Snapshot {
+        deltas: st.counters.take(),
+        offsets,
+        dedup,
+        prune_dedup_before: Some(oldest_kept),
+    })
+}
+
+/// The consumer thread.
+pub struct Ingest {
+    consumer: BaseConsumer<IngestContext>,
+    tariff: Arc<Tariff>,
+    dead_letters: Arc<DeadLetters>,
+    shutdown: Arc<AtomicBool>,
+}
+
+impl Ingest {
+    pub fn new(
+        client: &ClientConfig,
+        settings: IngestSettings,
+        tariff: Arc<Tariff>,
+        dead_letters: Arc<DeadLetters>,
+        jobs: SyncSender<Job>,
+        health: Arc<IngestHealth>,
+        shutdown: Arc<AtomicBool>,
+    ) -> KafkaResult<Ingest> {
+        let topic = settings.topic.clone();
+        let ctx = IngestContext {
+            settings,
+            shutdown: shutdown.clone(),
+            state: Mutex::new(State {
+                partitions: HashMap::new(),
+                counters: UsageCounters::new(1),
+                in_flight: None,
+                in_flight_cancel: Arc::new(AtomicBool::new(false)),
+                tallies: Tallies::default(),
+                today: Day::today(),
+            }),
+            jobs,
+            health,
+        };
+        let mut cfg = client.clone();
+        cfg.set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "range,roundrobin");
+        let consumer: BaseConsumer<IngestContext> = cfg.create_with_context(ctx)?;
+        consumer.subscribe(&[&topic])?;
+        Ok(Ingest {
+            consumer,
+            tariff,
+            dead_letters,
+            shutdown,
+        })
+    }
+
+    /// Consumes until shutdown is requested, then flushes and returns.
+    pub fn run(self) {
+        let ctx = self.consumer.context();
+        let settings = ctx.settings.clone();
+        let mut last_tick = Instant::now();
+        let mut paused = false;
+        let mut since_check = 0usize;
+        while !self.shutdown.load(Ordering::Relaxed) {
+            let polled = self.consumer.poll(Duration::from_millis(50));
+            let mut st = ctx.state.lock();
+            match polled {
+                None => {}
+                Some(Ok(msg)) => self.handle(&mut st, &msg, &settings.topic),
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
+                Some(Err(e)) => {
+                    metrics::counter!("tallyd_kafka_errors_total").increment(1);
+                    tracing::warn!(error = %e, "kafka consumer error");
+                }
+            }
+            since_check += 1;
+            let tick_due = last_tick.elapsed() >= settings.flush_interval;
+            let check_due = since_check >= 4096 || tick_due || paused;
+            if !check_due {
+                continue;
+            }
+            since_check = 0;
+            self.collect_flush(ctx, &mut st);
+            let pending = st.counters.live_cells();
+            metrics::gauge!("tallyd_pending_cells").set(pending as f64);
+            let over = pending >= settings.max_pending_cells;
+            if st.in_flight.is_none() && (tick_due || over) {
+                last_tick = Instant::now();
+                let today = Day::today();
+                st.today = today;
+                for ps in st.partitions.values_mut() {
+                    ps.window.set_today(today);
+                }
+                if let Some(s) = take_snapshot(&mut st, &settings) {
+                    ctx.submit(&mut st, s);
+                }
+                publish(&mut st.tallies);
+            }
+            // Backpressure: stop fetching while over the bound and a flush is still out.
+            let should_pause = over && st.in_flight.is_some();
+            drop(st);
+            if should_pause != paused {
+                self.set_paused(should_pause);
+                paused = should_pause;
+            }
+        }
+        if paused {
+            self.set_paused(false);
+        }
+        tracing::info!("shutting down: final flush");
+        ctx.on_revoke();
+        let mut st = ctx.state.lock();
+        publish(&mut st.tallies);
+    }
+
+    fn set_paused(&self, pause: bool) {
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let r = if pause {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, pause, "cannot change consumption state");
+        }
+        if pause {
+            tracing::warn!("unflushed usage is over flush.max_pending_cells; consumption paused until the store catches up");
+        } else {
+            tracing::info!("consumption resumed");
+        }
+        self.consumer
+            .context()
+            .health
+            .paused
+            .store(pause, Ordering::Relaxed);
+        metrics::gauge!("tallyd_consumer_paused").set(if pause { 1.0 } else { 0.0 });
+    }
+
+    /// Picks up a finished flush: on success commits offsets to Kafka (for lag
+    /// tools only); if fenced, drops local state and rejoins.
+    fn collect_flush(&self, ctx: &IngestContext, st: &mut State) {
+        let Some(rx) = &st.in_flight else { return };
+        let res = match rx.try_recv() {
+            Ok(r) => r,
+            Err(mpsc::TryRecvError::Empty) => return,
+            Err(mpsc::TryRecvError::Disconnected) => {
+                Err(crate::store::Error::Cancelled("flusher stopped".into()))
+            }
+        };
+        st.in_flight = None;
+        match res {
+            Ok(outcome) => {
+                if outcome == FlushOutcome::AlreadyApplied {
+                    tracing::info!("flush had already landed on an earlier attempt");
+                }
+                let mut tpl = TopicPartitionList::new();
+                for (p, ps) in &st.partitions {
+                    if let Some(o) = ps.stored {
+                        let _ =
+                            tpl.add_partition_offset(&ctx.settings.topic, *p, Offset::Offset(o));
+                    }
+                }
+                if tpl.count() > 0 {
+                    let _ = self.consumer.commit(&tpl, CommitMode::Async);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "flush failed for good; dropping local state and rejoining the group");
+                metrics::counter!("tallyd_flush_fenced_total").increment(1);
+                st.partitions.clear();
+                drop(st.counters.take());
+                // Re-subscribing triggers a rebalance, which reloads from the store.
+                self.consumer.unsubscribe();
+                let _ = self.consumer.subscribe(&[&ctx.settings.topic]);
+            }
+        }
+    }
+
+    #[inline]
+    fn handle(&self, st: &mut State, msg: &BorrowedMessage<'_>, topic: &str) {
+        let partition = msg.partition();
+        let offset = msg.offset();
+        let State {
+            partitions,
+            counters,
+            tallies,
+            ..
+        } = st;
+        let Some(ps) = partitions.get_mut(&partition) else {
+            // A message of a partition revoked while it was in flight.
+            return;
+        };
+        let payload = msg.payload().unwrap_or_default();
+        match ingest(payload, &self.tariff, counters, &mut ps.window) {
+            Ok(Outcome::Counted(_)) => tallies.counted += 1,
+            Ok(Outcome::Duplicate) => tallies.duplicates += 1,
+            Err(rejection) => {
+                tallies.rejected[rejection.reason as usize] += 1;
+                self.dead_letters.send(
+                    msg.key(),
+                    msg.payload(),
+                    &rejection,
+                    &Source {
+                        topic,
+                        partition,
+                        offset,
+                    },
+                );
+            }
+        }
+        ps.next = offset + 1;
+    }
+}
+
+fn publish(t: &mut Tallies) {
+    metrics::counter!("tallyd_cdrs_total", "outcome" => "counted")
+        .increment(std::mem::take(&mut t.counted));
+    metrics::counter!("tallyd_cdrs_total", "outcome" => "duplicate")
+        .increment(std::mem::take(&mut t.duplicates));
+    for r in RejectReason::ALL {
+        let n = std::mem::take(&mut t.rejected[r as usize]);
+        if n > 0 {
+            metrics::counter!("tallyd_cdrs_total", "outcome" => "rejected").increment(n);
+            metrics::counter!("tallyd_cdrs_rejected_total", "reason" => r.as_str()).increment(n);
+        }
+    }
+}

