@@ -8,12 +8,12 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use serde_json::json;
-use tallyd::api::store::{ApiStore, Conn, Param};
 use tallyd::api::{router, ApiState};
 use tallyd::config::Config;
 use tallyd::counters::UsageCounters;
 use tallyd::pipeline::{ingest, Outcome, SeenIds};
 use tallyd::rating::Tariff;
+use tallyd::store::{FlushBatch, FlushOutcome, RecordDelta, Store};
 
 pub const PARENT: &str = "AC0000000000000000000000000000a001";
 pub const PARENT_TOKEN: &str = "parent-token-0123456789abcdef";
@@ -190,11 +190,11 @@ impl SeenIds for SeenSet {
     }
 }
 
-/// Runs CDRs through the rating pipeline and writes what a flush would write:
-/// every record (each ancestor category × day, month, year, all-time), the
-/// by-number / by-agent breakdowns, and `last_flush`. Returns how many CDRs
-/// were counted (duplicates are not).
-pub fn flush_cdrs(store: &ApiStore, tariff: &Tariff, cdrs: &[String], as_of: &str) -> usize {
+/// Runs CDRs through the rating pipeline and writes them with the daemon's flush
+/// writer ([`Store::write_flush`]): every record (each ancestor category × day,
+/// month, year, all-time), the by-number / by-agent breakdowns, and `last_flush`
+/// = `as_of`. Returns how many CDRs were counted (duplicates are not).
+pub fn flush_cdrs(url: &str, tariff: &Tariff, cdrs: &[String], as_of: &str) -> usize {
     let counters = UsageCounters::new(4);
     let mut seen = SeenSet(HashSet::new());
     let mut counted = 0;
@@ -206,58 +206,22 @@ pub fn flush_cdrs(store: &ApiStore, tariff: &Tariff, cdrs: &[String], as_of: &st
         }
     }
     let deltas = counters.take();
-    store
-        .with_conn(|c: &mut Conn| {
-            c.transaction(|c| {
-                for (k, t) in deltas.expand() {
-                    let sid = k.account.to_string();
-                    let currency = tariff.plan_for(k.account).currency.clone();
-                    c.execute(
-                        "INSERT INTO usage_records (account_sid, period, category, start_date, count, usage, price, price_unit) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                         ON CONFLICT (account_sid, period, start_date, category) DO UPDATE SET \
-                         count = usage_records.count + excluded.count, usage = usage_records.usage + excluded.usage, \
-                         price = usage_records.price + excluded.price",
-                        &[
-                            Param::Text(&sid),
-                            Param::Text(k.period.kind()),
-                            Param::Text(k.category.name()),
-                            Param::Text(&k.period.start().to_string()),
-                            Param::Int(t.count as i64),
-                            Param::Int(t.usage as i64),
-                            Param::Int(t.price),
-                            Param::Text(&currency),
-                        ],
-                    )?;
-                }
-                for (k, t) in &deltas.breakdowns {
-                    c.execute(
-                        "INSERT INTO usage_breakdowns (account_sid, dimension, value, class, day, count, usage, price) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                         ON CONFLICT (account_sid, dimension, value, class, day) DO UPDATE SET \
-                         count = usage_breakdowns.count + excluded.count, usage = usage_breakdowns.usage + excluded.usage, \
-                         price = usage_breakdowns.price + excluded.price",
-                        &[
-                            Param::Text(&k.account.to_string()),
-                            Param::Text(k.dimension.as_str()),
-                            Param::Text(&k.value),
-                            Param::Text(k.class.as_str()),
-                            Param::Text(&k.day.to_string()),
-                            Param::Int(t.count as i64),
-                            Param::Int(t.usage as i64),
-                            Param::Int(t.price),
-                        ],
-                    )?;
-                }
-                c.execute(
-                    "INSERT INTO tallyd_meta (key, value) VALUES ('last_flush', $1) \
-                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    &[Param::Text(as_of)],
-                )?;
-                Ok(())
+    let batch = FlushBatch {
+        as_of: as_of.to_owned(),
+        records: deltas
+            .expand()
+            .into_iter()
+            .map(|(key, tally)| RecordDelta {
+                key,
+                tally,
+                price_unit: tariff.plan_for(key.account).currency.clone(),
             })
-        })
-        .unwrap();
+            .collect(),
+        breakdowns: deltas.breakdowns.into_iter().collect(),
+        ..FlushBatch::default()
+    };
+    let mut store = Store::open(url).unwrap();
+    assert_eq!(store.write_flush(&batch).unwrap(), FlushOutcome::Applied);
     counted
 }
 
@@ -415,7 +379,7 @@ pub const AS_OF: &str = "2025-02-03T04:05:06Z";
 pub fn scenario(store: &TestStore, now: i64) -> (Server, ApiState) {
     let (cfg, tariff) = config(&store.url());
     let state = ApiState::new(&cfg, &tariff).unwrap().with_fixed_clock(now);
-    let counted = flush_cdrs(state.store(), &tariff, &scenario_cdrs(), AS_OF);
+    let counted = flush_cdrs(&store.url(), &tariff, &scenario_cdrs(), AS_OF);
     assert_eq!(counted, 8, "the duplicate p1 is counted once");
     (serve(state.clone()), state)
 }
