@@ -73,17 +73,7 @@ fn exact_across_sigkill_restarts() {
         let mut d = Daemon::spawn(&t.brokers(), &url, "g-kill", &log);
         // Kill once consumption is under way: after the first offsets land, then at
         // a random moment.
-        let started = std::time::Instant::now();
-        while std::time::Instant::now() - started < Duration::from_secs(90) {
-            let consumed: i64 = tallyd::store::Store::open(&url)
-                .and_then(|mut s| s.load_offsets(TOPIC))
-                .map(|o| o.values().sum())
-                .unwrap_or(0);
-            if consumed > 0 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_consuming(&url, TOPIC, Duration::from_secs(90));
         std::thread::sleep(Duration::from_millis(rng.gen_range(0..800)));
         d.kill9();
         kills += 1;
@@ -106,18 +96,7 @@ fn exact_when_broker_freezes_mid_run() {
     let log = dir.path().join("tallyd.log");
     let mut d = Daemon::spawn(&t.brokers(), &pg.url, "g-freeze", &log);
     // Wait for consumption to start, then stop the broker for a while.
-    let started = std::time::Instant::now();
-    while tallyd::store::Store::open(&pg.url)
-        .and_then(|mut s| s.load_offsets(TOPIC))
-        .map(|o| o.is_empty())
-        .unwrap_or(true)
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(90),
-            "consumption never started"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_consuming(&pg.url, TOPIC, Duration::from_secs(90));
     t.freeze();
     std::thread::sleep(Duration::from_secs(8));
     t.thaw();
@@ -138,18 +117,7 @@ fn two_instances_share_partitions_and_take_over() {
     let log_b = dir.path().join("b.log");
     let mut a = Daemon::spawn(&t.brokers(), &pg.url, "g-two", &log_a);
     let mut b = Daemon::spawn(&t.brokers(), &pg.url, "g-two", &log_b);
-    let started = std::time::Instant::now();
-    while tallyd::store::Store::open(&pg.url)
-        .and_then(|mut s| s.load_offsets(TOPIC))
-        .map(|o| o.is_empty())
-        .unwrap_or(true)
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "consumption never started"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_consuming(&pg.url, TOPIC, Duration::from_secs(120));
     std::thread::sleep(Duration::from_millis(300));
     // One instance dies without a goodbye; the other must take its partitions over.
     a.kill9();

@@ -280,6 +280,22 @@ pub fn wait_flushed(store_url: &str, topic: &str, total: u64, timeout: Duration,
     }
 }
 
+/// Waits until the first offsets of `topic` land in the store: consumption started.
+pub fn wait_consuming(store_url: &str, topic: &str, timeout: Duration) {
+    let started = Instant::now();
+    loop {
+        let stored = Store::open(store_url).and_then(|mut s| s.load_offsets(topic));
+        if stored.is_ok_and(|o| !o.is_empty()) {
+            return;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "consumption never started within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Stored records of every period, sorted.
 pub fn stored(store_url: &str) -> Vec<StoredRecord> {
     let mut s = Store::open(store_url).unwrap();
