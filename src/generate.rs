@@ -24,7 +24,11 @@ pub struct GeneratorSettings {
     pub duplicate_rate: f64,
     /// Share of messages that are malformed (0.0–1.0).
     pub malformed_rate: f64,
-    /// Event times fall on the `days` days ending with `last_day`.
+    /// Share of CDRs that arrive late: their event time falls on one of the `days`
+    /// days ending with `last_day`. The others happen on `last_day` itself, as a
+    /// switch's near-real-time stream does.
+    pub late_rate: f64,
+    /// How many days back late CDRs reach.
     pub days: u32,
     pub last_day: Day,
 }
@@ -36,6 +40,7 @@ impl Default for GeneratorSettings {
             accounts: 1000,
             duplicate_rate: 0.01,
             malformed_rate: 0.001,
+            late_rate: 0.02,
             days: 30,
             last_day: Day::today(),
         }
@@ -103,7 +108,12 @@ impl Generator {
             .choose(&mut self.rng)
             .expect("at least one number")
             .clone();
-        let day = Day(self.s.last_day.0 - self.rng.gen_range(0..self.s.days.max(1)) as i32);
+        let back = if self.rng.gen_bool(self.s.late_rate.clamp(0.0, 1.0)) {
+            self.rng.gen_range(0..self.s.days.max(1)) as i32
+        } else {
+            0
+        };
+        let day = Day(self.s.last_day.0 - back);
         let secs = self.rng.gen_range(0..86_400);
         let (y, m, d) = day.ymd();
         let ts = format!(
@@ -299,6 +309,7 @@ mod tests {
             accounts: 50,
             duplicate_rate: 0.05,
             malformed_rate: 0.05,
+            late_rate: 0.5,
             days: 10,
             last_day: Day::from_ymd(2025, 1, 31),
         };

@@ -69,7 +69,11 @@ enum Command {
         /// Share of malformed messages (0–1).
         #[arg(long, default_value_t = 0.001)]
         malformed_rate: f64,
-        /// Event days spread over this many days ending at --last-day.
+        /// Share of late CDRs (0–1): their event day is one of the --days days
+        /// ending at --last-day; the others happen on --last-day.
+        #[arg(long, default_value_t = 0.02)]
+        late_rate: f64,
+        /// How many days back late CDRs reach.
         #[arg(long, default_value_t = 30)]
         days: u32,
         /// Last event day, YYYY-MM-DD (default today, UTC).
@@ -130,6 +134,7 @@ fn main() -> anyhow::Result<()> {
             accounts,
             duplicate_rate,
             malformed_rate,
+            late_rate,
             days,
             last_day,
             rate,
@@ -145,6 +150,7 @@ fn main() -> anyhow::Result<()> {
             for (name, v) in [
                 ("--duplicate-rate", duplicate_rate),
                 ("--malformed-rate", malformed_rate),
+                ("--late-rate", late_rate),
             ] {
                 anyhow::ensure!(
                     (0.0..=1.0).contains(&v),
@@ -156,6 +162,7 @@ fn main() -> anyhow::Result<()> {
                 accounts,
                 duplicate_rate,
                 malformed_rate,
+                late_rate,
                 days,
                 last_day,
             });

@@ -160,6 +160,8 @@ pub fn generate(brokers: &str, topic: &str, count: u64, seed: u64, file: &Path) 
         accounts: 40,
         duplicate_rate: 0.03,
         malformed_rate: 0.01,
+        // Half the traffic is late, spread over 40 days: month and year boundaries.
+        late_rate: 0.5,
         days: 40,
         last_day: Day::today(),
     });
