@@ -138,7 +138,7 @@ impl Flusher {
     /// Expands a snapshot into the rows of one store transaction (off the hot path).
     fn batch(&self, snap: Snapshot) -> FlushBatch {
         let expanded = snap.deltas.expand();
-        let records = expanded
+        let mut records: Vec<RecordDelta> = expanded
             .into_iter()
             .map(|(key, tally)| RecordDelta {
                 key,
@@ -146,6 +146,8 @@ impl Flusher {
                 price_unit: self.tariff.plan_for(key.account).currency.clone(),
             })
             .collect();
+        // In key order the store's B-tree is written page by page, not at random.
+        records.sort_unstable_by_key(|r| r.key);
         FlushBatch {
             as_of: chrono::Utc::now()
                 .format("%Y-%m-%dT%H:%M:%S+00:00")
