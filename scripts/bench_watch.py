@@ -18,7 +18,7 @@ def consumed():
             row = con.execute("SELECT COALESCE(SUM(next_offset), 0) FROM consumer_offsets").fetchone()
             con.close()
             return int(row[0])
-        out = subprocess.run(["psql", url.replace("?options=-csearch_path%3D", "?options=-csearch_path="), "-tAc",
+        out = subprocess.run(["psql", url, "-tAc",
                               "SELECT COALESCE(SUM(next_offset), 0) FROM consumer_offsets"],
                              capture_output=True, text=True)
         return int(out.stdout.strip() or 0)
