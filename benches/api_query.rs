@@ -4,7 +4,7 @@
 //!
 //! Needs PostgreSQL: `TALLYD_BENCH_POSTGRES_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/test`). The data goes to the schema
-//! `tallyd_bench` and is kept between runs (filled once, ~10M rows); drop the
+//! `tallyd_bench` and is kept between runs (filled once, ~3.3M rows); drop the
 //! schema to refill. `TALLYD_BENCH_ACCOUNTS` changes the number of accounts.
 //!
 //! Prints p50/p99/max over a few thousand requests for random accounts (the
@@ -37,8 +37,6 @@ use tallyd::config::Config;
 
 const SCHEMA: &str = "tallyd_bench";
 const DAYS: i32 = 30;
-/// Leaf, rollup and total rows per account per day: an outbound-calls account.
-const CATEGORIES: [&str; 3] = ["calls-outbound", "calls", "totalprice"];
 const TOKEN: &str = "bench-token-0123456789abcdef";
 
 fn base_url() -> String {
@@ -66,7 +64,7 @@ fn last_day() -> Day {
 }
 
 fn fill(client: &mut postgres::Client, n: u64) {
-    let marker = format!("{n} accounts x {DAYS} days");
+    let marker = format!("{n} accounts x {DAYS} days in usage_rows");
     let done: Option<String> = client
         .query_opt(
             "SELECT value FROM tallyd_meta WHERE key = 'bench_fill'",
@@ -81,7 +79,7 @@ fn fill(client: &mut postgres::Client, n: u64) {
     eprintln!("filling {SCHEMA} with {marker} ...");
     let t = Instant::now();
     client
-        .batch_execute("TRUNCATE usage_records, api_accounts, tallyd_meta")
+        .batch_execute("TRUNCATE usage_rows, api_accounts, tallyd_meta")
         .unwrap();
     let mut w = client
         .copy_in(
@@ -99,9 +97,11 @@ fn fill(client: &mut postgres::Client, n: u64) {
         .unwrap();
     }
     w.finish().unwrap();
+    // An outbound-calls account: only the calls-outbound leaf columns are used.
     let mut w = client
         .copy_in(
-            "COPY usage_records (account_sid, period, category, start_date, count, usage, price, price_unit) FROM STDIN",
+            "COPY usage_rows (account_sid, period, start_date, price_unit, \
+             calls_outbound_count, calls_outbound_usage, calls_outbound_price) FROM STDIN",
         )
         .unwrap();
     let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
@@ -115,24 +115,14 @@ fn fill(client: &mut postgres::Client, n: u64) {
             let price = usage * 13_000 / 60;
             (mc, mu, mp) = (mc + count, mu + usage, mp + price);
             let day = Day(d).to_string();
-            for c in CATEGORIES {
-                let (cnt, u) = if c == "totalprice" {
-                    (count, 0)
-                } else {
-                    (count, usage)
-                };
-                writeln!(w, "{s}\tday\t{c}\t{day}\t{cnt}\t{u}\t{price}\tusd").unwrap();
-            }
+            writeln!(w, "{s}\tday\t{day}\tusd\t{count}\t{usage}\t{price}").unwrap();
         }
-        for c in CATEGORIES {
-            let u = if c == "totalprice" { 0 } else { mu };
-            for (period, start) in [
-                ("month", "2025-06-01"),
-                ("year", "2025-01-01"),
-                ("all", "1970-01-01"),
-            ] {
-                writeln!(w, "{s}\t{period}\t{c}\t{start}\t{mc}\t{u}\t{mp}\tusd").unwrap();
-            }
+        for (period, start) in [
+            ("month", "2025-06-01"),
+            ("year", "2025-01-01"),
+            ("all", "1970-01-01"),
+        ] {
+            writeln!(w, "{s}\t{period}\t{start}\tusd\t{mc}\t{mu}\t{mp}").unwrap();
         }
     }
     w.finish().unwrap();

@@ -7,8 +7,8 @@
 //! prints CDR/s next to the time per CDR.
 //!
 //! The `design` groups justify the counters' shape (see `src/counters.rs`):
-//! leaf×day on the hot path + expand at flush vs every ancestor × 4 periods on the
-//! hot path, and mutex shards vs `dashmap`.
+//! account×day cells of leaf tallies on the hot path + expand to rows at flush vs
+//! every ancestor × 4 periods on the hot path, and mutex shards vs `dashmap`.
 //!
 //! `cargo bench --bench pipeline` runs it all; add a filter (`-- ingest`) for one group.
 
@@ -28,7 +28,7 @@ use rustc_hash::FxBuildHasher;
 use tallyd::calendar::Period;
 use tallyd::cdr::{decode, Cdr};
 use tallyd::config::Config;
-use tallyd::counters::{LeafDay, RecordKey, Tally, UsageCounters};
+use tallyd::counters::{AccountDay, LeafDay, Leaves, RecordKey, Tally, UsageCounters};
 use tallyd::pipeline::{ingest, NoDedup};
 use tallyd::rating::Tariff;
 
@@ -220,14 +220,20 @@ impl EagerCounters {
     }
 }
 
-/// Leaf×day cells in a `DashMap` instead of mutex-guarded hashbrown shards.
+/// Account×day cells in a `DashMap` instead of mutex-guarded hashbrown shards.
 struct DashCounters {
-    map: DashMap<LeafDay, Tally, FxBuildHasher>,
+    map: DashMap<AccountDay, Leaves, FxBuildHasher>,
 }
 
 impl DashCounters {
     fn record(&self, key: LeafDay, t: Tally) {
-        self.map.entry(key).or_default().add(t);
+        self.map
+            .entry(AccountDay {
+                account: key.account,
+                day: key.day,
+            })
+            .or_default()
+            .add_leaf(key.leaf, t);
     }
 }
 
@@ -258,14 +264,14 @@ fn bench_design(c: &mut Criterion) {
         let mut g = c.benchmark_group(format!("design-rollups/{pool}"));
         g.throughput(Throughput::Elements(batch.len() as u64));
         g.sample_size(10);
-        g.bench_function("leaf-day+expand-at-flush", |b| {
+        g.bench_function("account-day+rows-at-flush", |b| {
             b.iter_batched(
                 || UsageCounters::new(SHARDS),
                 |counters| {
                     for (k, t) in batch {
                         counters.record(*k, *t, None, None);
                     }
-                    black_box(counters.take().expand().len())
+                    black_box(counters.take().rows().len())
                 },
                 BatchSize::LargeInput,
             )

@@ -186,6 +186,21 @@ impl Category {
         })
     }
 
+    /// The leaves that roll up into this category, as a bit set over leaf indexes
+    /// (a leaf's own set is just itself). A rollup's count, usage and price are the
+    /// sums over these leaves.
+    #[inline]
+    pub fn leaf_set(self) -> u16 {
+        static SETS: std::sync::LazyLock<[u16; Category::COUNT]> = std::sync::LazyLock::new(|| {
+            Category::ALL.map(|cat| {
+                (0..Category::LEAVES)
+                    .filter(|&i| Category::ALL[i].with_ancestors().any(|c| c == cat))
+                    .fold(0, |set, i| set | 1 << i)
+            })
+        });
+        SETS[self.index()]
+    }
+
     /// The category itself followed by every ancestor up to `totalprice`.
     pub fn with_ancestors(self) -> Ancestors {
         Ancestors { next: Some(self) }
@@ -284,6 +299,19 @@ mod tests {
             assert_eq!(c.with_ancestors().last(), Some(Category::TotalPrice));
             assert!(c.with_ancestors().count() <= 4);
         }
+    }
+
+    #[test]
+    fn leaf_sets_follow_the_tree() {
+        use Category::*;
+        assert_eq!(CallsOutbound.leaf_set(), 1 << CallsOutbound.index());
+        assert_eq!(TotalPrice.leaf_set(), (1 << Category::LEAVES) - 1);
+        assert_eq!(Calls.leaf_set().count_ones(), 4);
+        assert_eq!(
+            Sms.leaf_set(),
+            SmsInbound.leaf_set() | SmsOutbound.leaf_set()
+        );
+        assert_eq!(CallsSip.leaf_set() & Calls.leaf_set(), 0);
     }
 
     #[test]

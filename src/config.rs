@@ -98,6 +98,10 @@ pub struct FlushConfig {
     /// Milliseconds between flushes of counter deltas + offsets to the store.
     #[serde(default = "default_flush_interval")]
     pub interval_ms: u64,
+    /// Longest share of time the flusher spends writing; a flush that took D is
+    /// followed by the next no sooner than D / share after it started.
+    #[serde(default = "default_busy_share")]
+    pub max_busy_share: f64,
     /// Unflushed counter cells above which consumption pauses until a flush lands.
     #[serde(default = "default_max_pending")]
     pub max_pending_cells: usize,
@@ -106,14 +110,18 @@ pub struct FlushConfig {
 fn default_flush_interval() -> u64 {
     2000
 }
+fn default_busy_share() -> f64 {
+    0.25
+}
 fn default_max_pending() -> usize {
-    2_000_000
+    1_000_000
 }
 
 impl Default for FlushConfig {
     fn default() -> Self {
         FlushConfig {
             interval_ms: default_flush_interval(),
+            max_busy_share: default_busy_share(),
             max_pending_cells: default_max_pending(),
         }
     }

@@ -1,35 +1,30 @@
 //! Sharded in-memory usage counters: the deltas since the last flush.
 //!
-//! The hot path adds one [`Tally`] per CDR to its (account, UTC day, leaf category)
-//! cell — one hash-map update under an uncontended shard lock. Rollups and coarser
-//! periods are *not* maintained on the hot path: a CDR would touch up to
-//! 4 categories × 4 periods = 16 cells, while a flush expands each leaf-day delta
-//! (which aggregates many CDRs) once. `benches/pipeline.rs` measures both choices.
+//! The hot path adds one CDR to its (account, UTC day) [`DayCell`]: one hash-map
+//! lookup, then an add into the cell's inline array of the 15 leaf categories
+//! ([`Leaves`]) and into the cell's short list of by-number and by-agent
+//! [`Breakdown`]s. Nothing else is touched per CDR:
 //!
-//! What the benches say (2-core VM, load average ≈ 6 from parallel builds, so
-//! absolute times are inflated; compare within a group):
+//! - Coarser periods are expanded at flush: each day cell is added into the rows
+//!   of its day, month, year and all time ([`Deltas::rows`]).
+//! - Rollups (`calls`, `sms-inbound`, `totalprice`, …) are never stored: a stored
+//!   row holds the 15 leaf tallies and a rollup is the sum over its leaf set
+//!   ([`Category::leaf_set`]), computed when the row is read. A rollup therefore
+//!   equals the sum of its leaves by construction.
 //!
-//! - `design-rollups`, 100k CDRs recorded then taken and expanded: leaf×day +
-//!   expand 342 ms (10k accounts) / 543 ms (1M); every ancestor × 4 periods on the
-//!   hot path 291 ms / 412 ms. At that batch size a leaf-day cell holds only 1–10
-//!   CDRs, so expanding at flush does about the hot-path work again, plus `take`
-//!   re-merging the shards. Leaf×day pays off when many CDRs share a cell between
-//!   flushes (2 s at 2M CDR/s is 4M CDRs; over 10k accounts ≈ 25 per cell) and it
-//!   keeps 16× fewer live cells for backpressure. It stays, but the numbers above
-//!   do not settle it for flushes that see mostly distinct cells; re-measure with
-//!   a production-sized batch before changing it.
-//! - `design-shards`, one update: mutex shards 180 ns vs `dashmap` 189 ns (10k
-//!   accounts), 357 vs 305 ns (1M); two writers: 406 vs 317 ns per CDR (10k),
-//!   369 vs 432 ns (1M). Within noise of each other; mutex shards are kept because
-//!   `take` swaps a whole shard in one lock, which `dashmap` cannot do.
+//! Why this shape (measured in `benches/pipeline.rs`, see the README's numbers):
+//! a CDR costs one lookup in a map of live account-days instead of one per leaf
+//! and breakdown, and a flush writes one row per account × period instead of one
+//! per account × category × period (about 20× fewer rows), which is what bounds
+//! end-to-end throughput.
 //!
 //! [`UsageCounters::take`] swaps each shard's map for an empty one, so writers are
 //! held only for a pointer swap per shard.
 
-use std::hash::Hash;
+use std::hash::BuildHasher;
 
 use crossbeam_utils::CachePadded;
-use hashbrown::{Equivalent, HashMap};
+use hashbrown::{HashMap, HashTable};
 use parking_lot::Mutex;
 use rustc_hash::FxBuildHasher;
 
@@ -43,7 +38,7 @@ use crate::rating::Charge;
 pub struct Tally {
     /// Usage events (calls, messages).
     pub count: u64,
-    /// Billed seconds (calls) or segments (messages); for `totalprice`, unused.
+    /// Billed seconds (calls) or segments (messages).
     pub usage: u64,
     /// Price in 10⁻⁵ of the currency unit.
     pub price: i64,
@@ -66,7 +61,52 @@ impl Tally {
     }
 }
 
-/// The hot-path cell key: account, event day, leaf category.
+/// The tallies of the 15 leaf categories, indexed by [`Category::index`]: one
+/// account-day cell on the hot path, and one stored row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leaves(pub [Tally; Category::LEAVES]);
+
+impl Default for Leaves {
+    fn default() -> Leaves {
+        Leaves([Tally::default(); Category::LEAVES])
+    }
+}
+
+impl Leaves {
+    #[inline]
+    pub fn add_leaf(&mut self, leaf: Category, t: Tally) {
+        self.0[leaf.index()].add(t);
+    }
+
+    pub fn add(&mut self, o: &Leaves) {
+        for (a, b) in self.0.iter_mut().zip(&o.0) {
+            a.add(*b);
+        }
+    }
+
+    /// A leaf's own tally, or a rollup's: the sum over its leaves.
+    pub fn get(&self, c: Category) -> Tally {
+        let set = c.leaf_set();
+        let mut t = Tally::default();
+        for (i, leaf) in self.0.iter().enumerate() {
+            if set & (1 << i) != 0 {
+                t.add(*leaf);
+            }
+        }
+        t
+    }
+
+    /// Every category with usage in this row (any leaf under it counted an event),
+    /// with its tally.
+    pub fn categories(&self) -> impl Iterator<Item = (Category, Tally)> + '_ {
+        Category::ALL
+            .into_iter()
+            .map(|c| (c, self.get(c)))
+            .filter(|(_, t)| t.count > 0)
+    }
+}
+
+/// Where one rated CDR lands: account, event day, leaf category.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LeafDay {
     pub account: AccountSid,
@@ -74,7 +114,21 @@ pub struct LeafDay {
     pub leaf: Category,
 }
 
-/// A stored-record key: account, category (any level), period.
+/// The hot-path cell key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AccountDay {
+    pub account: AccountSid,
+    pub day: Day,
+}
+
+/// A stored row's key: account and period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RowKey {
+    pub account: AccountSid,
+    pub period: Period,
+}
+
+/// A UsageRecord's key: account, category (any level), period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RecordKey {
     pub account: AccountSid,
@@ -121,128 +175,246 @@ impl UsageClass {
 }
 
 /// Usage by phone number or agent, per day (AgentPhone's by-number/by-agent views).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BreakdownKey {
     pub account: AccountSid,
     pub day: Day,
     pub dimension: Dimension,
     pub value: Box<str>,
-    pub class: UsageClass,
+}
+
+/// One number's or agent's calls and messages inside a [`DayCell`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Breakdown {
+    pub dimension: Dimension,
+    pub value: Box<str>,
+    pub calls: Tally,
+    pub messages: Tally,
+}
+
+impl Breakdown {
+    #[inline]
+    fn is(&self, dimension: Dimension, value: &str) -> bool {
+        self.dimension == dimension && *self.value == *value
+    }
+
+    #[inline]
+    pub fn tally_mut(&mut self, class: UsageClass) -> &mut Tally {
+        match class {
+            UsageClass::Calls => &mut self.calls,
+            UsageClass::Messages => &mut self.messages,
+        }
+    }
+}
+
+/// Breakdowns are found by a linear scan up to this many per cell (an account-day
+/// usually has a handful of numbers and agents), through a hash index beyond.
+const SCAN_LIMIT: usize = 8;
+
+fn breakdown_hash(dimension: Dimension, value: &str) -> u64 {
+    FxBuildHasher.hash_one((dimension, value))
+}
+
+/// One account's usage on one UTC day since the last flush.
+#[derive(Debug, Clone, Default)]
+pub struct DayCell {
+    pub leaves: Leaves,
+    breakdowns: Vec<Breakdown>,
+    /// Positions in `breakdowns`, once it outgrows a linear scan.
+    index: Option<Box<HashTable<u32>>>,
+}
+
+/// Equal when the tallies are, whatever order the breakdowns were first seen in.
+impl PartialEq for DayCell {
+    fn eq(&self, o: &DayCell) -> bool {
+        self.leaves == o.leaves
+            && self.breakdowns.len() == o.breakdowns.len()
+            && self.breakdowns.iter().all(|b| o.breakdowns.contains(b))
+    }
+}
+
+impl DayCell {
+    pub fn breakdowns(&self) -> &[Breakdown] {
+        &self.breakdowns
+    }
+
+    /// The breakdown of `value`, added empty if new; and whether it was new.
+    #[inline]
+    fn breakdown(&mut self, dimension: Dimension, value: &str) -> (&mut Breakdown, bool) {
+        let found = match &self.index {
+            None => self.breakdowns.iter().position(|b| b.is(dimension, value)),
+            Some(index) => {
+                let bs = &self.breakdowns;
+                index
+                    .find(breakdown_hash(dimension, value), |&i| {
+                        bs[i as usize].is(dimension, value)
+                    })
+                    .map(|&i| i as usize)
+            }
+        };
+        if let Some(i) = found {
+            return (&mut self.breakdowns[i], false);
+        }
+        self.breakdowns.push(Breakdown {
+            dimension,
+            value: value.into(),
+            calls: Tally::default(),
+            messages: Tally::default(),
+        });
+        let n = self.breakdowns.len();
+        let bs = &self.breakdowns;
+        let rehash = |&i: &u32| {
+            let b = &bs[i as usize];
+            breakdown_hash(b.dimension, &b.value)
+        };
+        match &mut self.index {
+            Some(index) => {
+                index.insert_unique(breakdown_hash(dimension, value), n as u32 - 1, rehash);
+            }
+            None if n > SCAN_LIMIT => {
+                let mut index = HashTable::with_capacity(n * 2);
+                for i in 0..n as u32 {
+                    index.insert_unique(rehash(&i), i, rehash);
+                }
+                self.index = Some(Box::new(index));
+            }
+            None => {}
+        }
+        (&mut self.breakdowns[n - 1], true)
+    }
+}
+
+/// One stored breakdown row's delta: a number's or agent's calls and messages on
+/// one day.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BreakdownDelta {
+    pub key: BreakdownKey,
+    pub calls: Tally,
+    pub messages: Tally,
 }
 
 /// Everything taken from the counters at one flush.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Deltas {
-    pub leaf_days: HashMap<LeafDay, Tally, FxBuildHasher>,
-    pub breakdowns: HashMap<BreakdownKey, Tally, FxBuildHasher>,
+    pub days: HashMap<AccountDay, DayCell, FxBuildHasher>,
+    /// Breakdown entries over all cells.
+    breakdown_count: usize,
 }
 
 impl Deltas {
     pub fn is_empty(&self) -> bool {
-        self.leaf_days.is_empty() && self.breakdowns.is_empty()
+        self.days.is_empty()
+    }
+
+    /// Account-day cells plus breakdown entries held (for backpressure).
+    pub fn live_cells(&self) -> usize {
+        self.days.len() + self.breakdown_count
     }
 
     /// Adds a single CDR's charge; used by a shard and by single-threaded callers.
     #[inline]
-    pub fn record(&mut self, key: LeafDay, t: Tally) {
-        self.leaf_days.entry(key).or_default().add(t);
-    }
-
-    pub fn record_breakdown(
+    pub fn record(
         &mut self,
-        account: AccountSid,
-        day: Day,
-        dim: Dimension,
-        value: &str,
-        class: UsageClass,
+        key: LeafDay,
         t: Tally,
+        phone_number: Option<&str>,
+        agent_id: Option<&str>,
     ) {
-        // Look up by borrowed key first so repeat numbers/agents do not allocate.
-        let probe = BreakdownProbe {
-            account,
-            day,
-            dimension: dim,
-            value,
-            class,
-        };
-        match self.breakdowns.get_mut(&probe) {
-            Some(tally) => tally.add(t),
-            None => {
-                let key = BreakdownKey {
-                    account,
-                    day,
-                    dimension: dim,
-                    value: value.into(),
-                    class,
-                };
-                self.breakdowns.insert(key, t);
+        let cell = self
+            .days
+            .entry(AccountDay {
+                account: key.account,
+                day: key.day,
+            })
+            .or_default();
+        cell.leaves.add_leaf(key.leaf, t);
+        let class = UsageClass::of(key.leaf);
+        for (dimension, value) in [
+            (Dimension::Number, phone_number),
+            (Dimension::Agent, agent_id),
+        ] {
+            if let Some(v) = value {
+                let (b, new) = cell.breakdown(dimension, v);
+                b.tally_mut(class).add(t);
+                self.breakdown_count += new as usize;
             }
         }
     }
 
     /// Merges another set of deltas into this one.
     pub fn merge(&mut self, other: Deltas) {
-        for (k, t) in other.leaf_days {
-            self.record(k, t);
-        }
-        for (k, t) in other.breakdowns {
-            self.breakdowns.entry(k).or_default().add(t);
+        for (k, cell) in other.days {
+            match self.days.entry(k) {
+                hashbrown::hash_map::Entry::Vacant(v) => {
+                    self.breakdown_count += cell.breakdowns.len();
+                    v.insert(cell);
+                }
+                hashbrown::hash_map::Entry::Occupied(mut o) => {
+                    let mine = o.get_mut();
+                    mine.leaves.add(&cell.leaves);
+                    for b in &cell.breakdowns {
+                        let (m, new) = mine.breakdown(b.dimension, &b.value);
+                        m.calls.add(b.calls);
+                        m.messages.add(b.messages);
+                        self.breakdown_count += new as usize;
+                    }
+                }
+            }
         }
     }
 
-    /// Expands leaf-day deltas into every record they count in: each ancestor
-    /// category × (day, month, year, all-time).
-    pub fn expand(&self) -> HashMap<RecordKey, Tally, FxBuildHasher> {
-        let mut out: HashMap<RecordKey, Tally, FxBuildHasher> = HashMap::default();
-        for (k, t) in &self.leaf_days {
-            let periods = Period::containing(k.day);
-            for category in k.leaf.with_ancestors() {
-                for period in periods {
-                    out.entry(RecordKey {
-                        account: k.account,
-                        category,
-                        period,
-                    })
-                    .or_default()
-                    .add(*t);
-                }
+    /// The stored rows these deltas add to: each account-day cell counted in its
+    /// day, month, year and all-time rows.
+    pub fn rows(&self) -> HashMap<RowKey, Leaves, FxBuildHasher> {
+        let mut out: HashMap<RowKey, Leaves, FxBuildHasher> = HashMap::default();
+        out.reserve(self.days.len() * 2);
+        for (k, cell) in &self.days {
+            for period in Period::containing(k.day) {
+                out.entry(RowKey {
+                    account: k.account,
+                    period,
+                })
+                .or_default()
+                .add(&cell.leaves);
             }
         }
         out
     }
-}
 
-/// Borrowed twin of [`BreakdownKey`], hashed identically.
-#[derive(Hash)]
-struct BreakdownProbe<'a> {
-    account: AccountSid,
-    day: Day,
-    dimension: Dimension,
-    value: &'a str,
-    class: UsageClass,
-}
-
-impl Equivalent<BreakdownKey> for BreakdownProbe<'_> {
-    fn equivalent(&self, k: &BreakdownKey) -> bool {
-        k.account == self.account
-            && k.day == self.day
-            && k.dimension == self.dimension
-            && k.class == self.class
-            && *k.value == *self.value
+    /// Every by-number and by-agent tally, keyed for the store.
+    pub fn breakdowns(&self) -> impl Iterator<Item = BreakdownDelta> + '_ {
+        self.days.iter().flat_map(|(k, cell)| {
+            cell.breakdowns.iter().map(move |b| BreakdownDelta {
+                key: BreakdownKey {
+                    account: k.account,
+                    day: k.day,
+                    dimension: b.dimension,
+                    value: b.value.clone(),
+                },
+                calls: b.calls,
+                messages: b.messages,
+            })
+        })
     }
-}
 
-// `Box<str>` and `&str` hash the same, so the probe and the key agree field by field.
-impl Hash for BreakdownKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        BreakdownProbe {
-            account: self.account,
-            day: self.day,
-            dimension: self.dimension,
-            value: &self.value,
-            class: self.class,
+    /// The UsageRecords these deltas add to: every category with usage (leaf or
+    /// rollup) × day, month, year and all time. The store keeps rows, not
+    /// records; this is the same expansion the read side does, for tests and tools.
+    pub fn expand(&self) -> HashMap<RecordKey, Tally, FxBuildHasher> {
+        let mut out: HashMap<RecordKey, Tally, FxBuildHasher> = HashMap::default();
+        for (k, leaves) in self.rows() {
+            for (category, t) in leaves.categories() {
+                out.insert(
+                    RecordKey {
+                        account: k.account,
+                        category,
+                        period: k.period,
+                    },
+                    t,
+                );
+            }
         }
-        .hash(state)
+        out
     }
 }
 
@@ -279,15 +451,9 @@ impl UsageCounters {
         phone_number: Option<&str>,
         agent_id: Option<&str>,
     ) {
-        let mut shard = self.shard(key.account).lock();
-        shard.record(key, t);
-        let class = UsageClass::of(key.leaf);
-        if let Some(n) = phone_number {
-            shard.record_breakdown(key.account, key.day, Dimension::Number, n, class, t);
-        }
-        if let Some(a) = agent_id {
-            shard.record_breakdown(key.account, key.day, Dimension::Agent, a, class, t);
-        }
+        self.shard(key.account)
+            .lock()
+            .record(key, t, phone_number, agent_id);
     }
 
     /// Takes every delta recorded since the last take, leaving the counters empty.
@@ -304,15 +470,10 @@ impl UsageCounters {
         all
     }
 
-    /// Number of live leaf-day cells (for the memory gauge and backpressure).
+    /// Live account-day cells plus breakdown entries (for the gauge and
+    /// backpressure).
     pub fn live_cells(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| {
-                let s = s.lock();
-                s.leaf_days.len() + s.breakdowns.len()
-            })
-            .sum()
+        self.shards.iter().map(|s| s.lock().live_cells()).sum()
     }
 }
 
@@ -338,6 +499,8 @@ mod tests {
                 usage: 60,
                 price: 13_000,
             },
+            None,
+            None,
         );
         d.record(
             key(1, 20_001, Category::CallsOutbound),
@@ -346,6 +509,8 @@ mod tests {
                 usage: 30,
                 price: 6_500,
             },
+            None,
+            None,
         );
         let e = d.expand();
         let get = |c, p| {
@@ -366,50 +531,163 @@ mod tests {
         }));
     }
 
+    /// The calls + messages of one breakdown row.
+    fn breakdown(d: &Deltas, a: u128, day: i32, dim: Dimension, v: &str) -> Option<Tally> {
+        d.breakdowns()
+            .find(|b| {
+                let k = &b.key;
+                k.account == AccountSid(a)
+                    && k.day == Day(day)
+                    && k.dimension == dim
+                    && &*k.value == v
+            })
+            .map(|b| {
+                let mut t = b.calls;
+                t.add(b.messages);
+                t
+            })
+    }
+
     #[test]
     fn take_empties_and_keeps_breakdowns() {
         let c = UsageCounters::new(4);
+        let sms = |n| Tally {
+            count: 1,
+            usage: n,
+            price: 2000 * n as i64,
+        };
         for a in 0..10u128 {
             c.record(
                 key(a, 1, Category::SmsInboundLongcode),
-                Tally {
-                    count: 1,
-                    usage: 2,
-                    price: 4000,
-                },
+                sms(2),
                 Some("+1555"),
                 None,
             );
         }
         c.record(
             key(3, 1, Category::SmsInboundLongcode),
-            Tally {
-                count: 1,
-                usage: 1,
-                price: 2000,
-            },
+            sms(1),
             Some("+1555"),
             Some("ag"),
         );
+        assert_eq!(c.live_cells(), 10 + 11);
         let d = c.take();
-        assert_eq!(d.leaf_days.len(), 10);
-        assert_eq!(d.breakdowns.len(), 11);
-        let k = BreakdownKey {
-            account: AccountSid(3),
-            day: Day(1),
-            dimension: Dimension::Number,
-            value: "+1555".into(),
-            class: UsageClass::Messages,
-        };
+        assert_eq!(d.days.len(), 10);
+        assert_eq!(d.breakdowns().count(), 11);
         assert_eq!(
-            d.breakdowns[&k],
-            Tally {
+            breakdown(&d, 3, 1, Dimension::Number, "+1555"),
+            Some(Tally {
                 count: 2,
                 usage: 3,
                 price: 6000
-            }
+            })
         );
+        assert_eq!(breakdown(&d, 3, 1, Dimension::Agent, "ag"), Some(sms(1)));
         assert_eq!(c.live_cells(), 0);
         assert!(c.take().is_empty());
+    }
+
+    #[test]
+    fn many_breakdown_values_in_one_cell_stay_distinct() {
+        // Past the linear-scan limit the cell switches to a hash index; every value
+        // must still land in its own entry, before and after the switch and a merge.
+        let mut d = Deltas::default();
+        let t = Tally {
+            count: 1,
+            usage: 60,
+            price: 5,
+        };
+        for round in 0..3 {
+            for n in 0..40 {
+                let num = format!("+1555{n:04}");
+                d.record(
+                    key(9, 2, Category::CallsOutbound),
+                    t,
+                    Some(&num),
+                    (round == 0).then_some("a"),
+                );
+            }
+        }
+        let mut other = Deltas::default();
+        other.record(
+            key(9, 2, Category::CallsOutbound),
+            t,
+            Some("+15550007"),
+            Some("b"),
+        );
+        d.merge(other);
+        assert_eq!(d.live_cells(), 1 + 40 + 2);
+        assert_eq!(
+            breakdown(&d, 9, 2, Dimension::Number, "+15550007")
+                .unwrap()
+                .count,
+            4
+        );
+        assert_eq!(
+            breakdown(&d, 9, 2, Dimension::Number, "+15550039")
+                .unwrap()
+                .count,
+            3
+        );
+        assert_eq!(
+            breakdown(&d, 9, 2, Dimension::Agent, "a").unwrap().count,
+            40
+        );
+        assert_eq!(
+            d.days
+                .values()
+                .next()
+                .unwrap()
+                .leaves
+                .get(Category::Calls)
+                .count,
+            121
+        );
+    }
+
+    #[test]
+    fn rows_hold_leaves_and_rollups_are_sums() {
+        let mut d = Deltas::default();
+        let t = |p| Tally {
+            count: 1,
+            usage: 1,
+            price: p,
+        };
+        d.record(
+            key(1, 20_000, Category::SmsInboundLongcode),
+            t(2000),
+            None,
+            None,
+        );
+        d.record(
+            key(1, 20_001, Category::MmsOutboundShortcode),
+            t(3000),
+            None,
+            None,
+        );
+        let rows = d.rows();
+        // Two day rows, one month, one year, one all-time.
+        assert_eq!(rows.len(), 5);
+        let all = rows[&RowKey {
+            account: AccountSid(1),
+            period: Period::AllTime,
+        }];
+        assert_eq!(all.get(Category::TotalPrice).price, 5000);
+        assert_eq!(all.get(Category::Sms).count, 1);
+        assert_eq!(all.get(Category::Calls), Tally::default());
+        let listed: Vec<Category> = all.categories().map(|(c, _)| c).collect();
+        use Category::*;
+        assert_eq!(
+            listed,
+            [
+                SmsInboundLongcode,
+                MmsOutboundShortcode,
+                SmsInbound,
+                Sms,
+                MmsOutbound,
+                Mms,
+                TotalPrice
+            ]
+        );
     }
 }

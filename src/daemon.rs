@@ -69,6 +69,7 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
     let settings = IngestSettings {
         topic: cfg.kafka.topic.clone(),
         flush_interval: Duration::from_millis(cfg.flush.interval_ms.max(10)),
+        max_busy_share: cfg.flush.max_busy_share,
         max_pending_cells: cfg.flush.max_pending_cells,
         dedup_window_days: cfg.dedup.window_days,
         revoke_timeout: Duration::from_secs(30),

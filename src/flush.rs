@@ -17,7 +17,7 @@ use crate::calendar::Day;
 use crate::counters::Deltas;
 use crate::dead_letter::DeadLetters;
 use crate::rating::Tariff;
-use crate::store::{self, DedupRows, FlushBatch, FlushOutcome, OffsetAdvance, RecordDelta, Store};
+use crate::store::{self, DedupRows, FlushBatch, FlushOutcome, OffsetAdvance, RowDelta, Store};
 
 /// What the consumer hands over at a flush: a consistent cut.
 pub struct Snapshot {
@@ -25,6 +25,22 @@ pub struct Snapshot {
     pub offsets: Vec<OffsetAdvance>,
     pub dedup: Vec<DedupRows>,
     pub prune_dedup_before: Option<Day>,
+}
+
+/// The stored rows `deltas` add to, each with its account's currency, in key
+/// order (so the store's B-tree is written page by page, not at random).
+pub fn rows_of(deltas: &Deltas, tariff: &Tariff) -> Vec<RowDelta> {
+    let mut rows: Vec<RowDelta> = deltas
+        .rows()
+        .into_iter()
+        .map(|(key, leaves)| RowDelta {
+            key,
+            leaves,
+            price_unit: tariff.plan_for(key.account).currency.clone(),
+        })
+        .collect();
+    rows.sort_unstable_by_key(|r| r.key);
+    rows
 }
 
 /// What the consumer loads on partition assignment.
@@ -121,7 +137,7 @@ impl Flusher {
             }
         }
         let batch = self.batch(snap);
-        let rows = batch.records.len() + batch.breakdowns.len();
+        let rows = batch.rows.len() + batch.breakdowns.len();
         let result = self.retry(store, cancel, "flush", |s| s.write_flush(&batch));
         if result.is_ok() {
             self.health
@@ -137,23 +153,13 @@ impl Flusher {
 
     /// Expands a snapshot into the rows of one store transaction (off the hot path).
     fn batch(&self, snap: Snapshot) -> FlushBatch {
-        let expanded = snap.deltas.expand();
-        let mut records: Vec<RecordDelta> = expanded
-            .into_iter()
-            .map(|(key, tally)| RecordDelta {
-                key,
-                tally,
-                price_unit: self.tariff.plan_for(key.account).currency.clone(),
-            })
-            .collect();
-        // In key order the store's B-tree is written page by page, not at random.
-        records.sort_unstable_by_key(|r| r.key);
+        let rows = rows_of(&snap.deltas, &self.tariff);
         FlushBatch {
             as_of: chrono::Utc::now()
                 .format("%Y-%m-%dT%H:%M:%S+00:00")
                 .to_string(),
-            records,
-            breakdowns: snap.deltas.breakdowns.into_iter().collect(),
+            rows,
+            breakdowns: snap.deltas.breakdowns().collect(),
             offsets: snap.offsets,
             dedup: snap.dedup,
             prune_dedup_before: snap.prune_dedup_before,

@@ -42,6 +42,9 @@ use crate::store::{DedupRows, FlushOutcome, OffsetAdvance};
 pub struct IngestSettings {
     pub topic: String,
     pub flush_interval: Duration,
+    /// The longest share of time the flusher may spend writing: after a flush
+    /// that took D, the next one waits at least D / share (see [`FlushPacer`]).
+    pub max_busy_share: f64,
     pub max_pending_cells: usize,
     pub dedup_window_days: u32,
     /// How long a revocation waits for the last flush before dropping local state.
@@ -243,6 +246,62 @@ impl IngestContext {
     }
 }
 
+/// Messages between looks at the clock, the flusher and the pending bound.
+const CHECK_EVERY: usize = 256;
+
+/// The least time between two flushes when the consumer has caught up.
+const IDLE_FLUSH_GAP: Duration = Duration::from_millis(200);
+
+/// When the next flush is due.
+///
+/// - Every `flush.interval_ms` under load, but never sooner than the last flush's
+///   duration divided by `flush.max_busy_share` after it started: when the store
+///   is slow (many live accounts per flush), flushes get rarer instead of taking
+///   the CPU the consumer needs. Each flush writes one row per live account and
+///   period whatever the CDR rate, so rarer flushes are what keeps the writes per
+///   CDR small.
+/// - As soon as the consumer is idle (caught up with the topic), at most every
+///   [`IDLE_FLUSH_GAP`], so a quiet or drained topic is stored at once rather than
+///   an interval later.
+#[derive(Debug)]
+pub struct FlushPacer {
+    interval: Duration,
+    busy_share: f64,
+    last_start: Instant,
+    last_duration: Duration,
+}
+
+impl FlushPacer {
+    pub fn new(settings: &IngestSettings, now: Instant) -> FlushPacer {
+        FlushPacer {
+            interval: settings.flush_interval,
+            busy_share: settings.max_busy_share.clamp(0.01, 1.0),
+            last_start: now,
+            last_duration: Duration::ZERO,
+        }
+    }
+
+    /// The least time between the starts of two flushes under load.
+    pub fn gap(&self) -> Duration {
+        self.interval
+            .max(self.last_duration.div_f64(self.busy_share))
+    }
+
+    pub fn due(&self, now: Instant, idle: bool) -> bool {
+        let since = now.saturating_duration_since(self.last_start);
+        since >= self.gap() || (idle && since >= IDLE_FLUSH_GAP.min(self.interval))
+    }
+
+    pub fn started(&mut self, now: Instant) {
+        self.last_start = now;
+    }
+
+    pub fn finished(&mut self, now: Instant) {
+        self.last_duration = now.saturating_duration_since(self.last_start);
+        metrics::gauge!("tallyd_flush_gap_seconds").set(self.gap().as_secs_f64());
+    }
+}
+
 /// Takes a consistent cut of the consumer state. `None` if nothing was consumed.
 fn take_snapshot(st: &mut State, settings: &IngestSettings) -> Option<Snapshot> {
     let mut offsets = Vec::new();
@@ -334,11 +393,12 @@ impl Ingest {
     pub fn run(self) {
         let ctx = self.consumer.context();
         let settings = ctx.settings.clone();
-        let mut last_tick = Instant::now();
+        let mut pacer = FlushPacer::new(&settings, Instant::now());
         let mut paused = false;
         let mut since_check = 0usize;
         while !self.shutdown.load(Ordering::Relaxed) {
             let polled = self.consumer.poll(Duration::from_millis(50));
+            let idle = polled.is_none();
             let mut st = ctx.state.lock();
             match polled {
                 None => {}
@@ -349,19 +409,23 @@ impl Ingest {
                     tracing::warn!(error = %e, "kafka consumer error");
                 }
             }
+            // Clocks, flush results and the pending bound are looked at every few
+            // hundred messages, and whenever the consumer is idle or paused.
             since_check += 1;
-            let tick_due = last_tick.elapsed() >= settings.flush_interval;
-            let check_due = since_check >= 4096 || tick_due || paused;
-            if !check_due {
+            if since_check < CHECK_EVERY && !idle && !paused {
                 continue;
             }
             since_check = 0;
+            let was_in_flight = st.in_flight.is_some();
             self.collect_flush(ctx, &mut st);
+            let now = Instant::now();
+            if was_in_flight && st.in_flight.is_none() {
+                pacer.finished(now);
+            }
             let pending = st.counters.live_cells();
             metrics::gauge!("tallyd_pending_cells").set(pending as f64);
             let over = pending >= settings.max_pending_cells;
-            if st.in_flight.is_none() && (tick_due || over) {
-                last_tick = Instant::now();
+            if st.in_flight.is_none() && (over || pacer.due(now, idle)) {
                 let today = Day::today();
                 st.today = today;
                 for ps in st.partitions.values_mut() {
@@ -369,6 +433,7 @@ impl Ingest {
                 }
                 if let Some(s) = take_snapshot(&mut st, &settings) {
                     ctx.submit(&mut st, s);
+                    pacer.started(now);
                 }
                 publish(&mut st.tallies);
             }
@@ -501,5 +566,51 @@ fn publish(t: &mut Tallies) {
             metrics::counter!("tallyd_cdrs_total", "outcome" => "rejected").increment(n);
             metrics::counter!("tallyd_cdrs_rejected_total", "reason" => r.as_str()).increment(n);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pacer(interval_ms: u64, share: f64, t0: Instant) -> FlushPacer {
+        FlushPacer::new(
+            &IngestSettings {
+                topic: "cdrs".into(),
+                flush_interval: Duration::from_millis(interval_ms),
+                max_busy_share: share,
+                max_pending_cells: 1,
+                dedup_window_days: 7,
+                revoke_timeout: Duration::from_secs(1),
+            },
+            t0,
+        )
+    }
+
+    #[test]
+    fn slow_flushes_stretch_the_gap_and_idle_flushes_come_early() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut p = pacer(1000, 0.25, t0);
+        assert!(!p.due(ms(999), false));
+        assert!(p.due(ms(1000), false));
+        // Caught up: flush after 200 ms, not a whole interval.
+        assert!(!p.due(ms(150), true));
+        assert!(p.due(ms(200), true));
+
+        // A flush that took 800 ms at 25 % busy share: the next waits 3.2 s.
+        p.started(ms(1000));
+        p.finished(ms(1800));
+        assert_eq!(p.gap(), Duration::from_millis(3200));
+        assert!(!p.due(ms(4100), false));
+        assert!(p.due(ms(4200), false));
+        // A fast flush brings the interval back.
+        p.started(ms(4200));
+        p.finished(ms(4210));
+        assert_eq!(p.gap(), Duration::from_millis(1000));
+        // An idle consumer still flushes early whatever the gap.
+        p.started(ms(5000));
+        p.finished(ms(7000));
+        assert!(p.due(ms(5200), true));
     }
 }

@@ -16,10 +16,12 @@ use serde_json::{json, Value as Json_};
 
 use super::accounts::{self, Account};
 use super::error::ApiError;
+use super::records::{read_rows, RowKind};
 use super::store::{Conn, Param};
 use super::ApiState;
 use crate::calendar::{Day, Month};
 use crate::category::Category;
+use crate::counters::{Leaves, Tally};
 
 const MESSAGE_CATEGORIES: [Category; 2] = [Category::Sms, Category::Mms];
 const CALL_CATEGORIES: [Category; 3] = [Category::Calls, Category::CallsSip, Category::CallsClient];
@@ -75,8 +77,16 @@ fn str_param(raw: Option<&str>, name: &str) -> Option<String> {
     pairs.into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
 }
 
-fn names(cats: &[Category]) -> Vec<&'static str> {
-    cats.iter().map(|c| c.name()).collect()
+/// Messages and calls (event counts) and call seconds in one stored row.
+fn messages_calls_seconds(leaves: &Leaves) -> (i64, i64, i64) {
+    let sum = |cats: &[Category], f: fn(Tally) -> u64| {
+        cats.iter().map(|c| f(leaves.get(*c)) as i64).sum::<i64>()
+    };
+    (
+        sum(&MESSAGE_CATEGORIES, |t| t.count),
+        sum(&CALL_CATEGORIES, |t| t.count),
+        sum(&CALL_CATEGORIES, |t| t.usage),
+    )
 }
 
 /// Messages and calls per `start_date` of the account's `period` rows in
@@ -84,30 +94,16 @@ fn names(cats: &[Category]) -> Vec<&'static str> {
 fn counts_by_start(
     c: &mut Conn,
     sid: &str,
-    period: &str,
+    period: RowKind,
     from: Day,
     to: Day,
 ) -> Result<BTreeMap<String, (i64, i64)>, ApiError> {
-    let (f, t) = (from.to_string(), to.to_string());
-    let rows = c.query(
-        "SELECT category, start_date, count FROM usage_records WHERE account_sid = $1 \
-         AND period = $2 AND start_date >= $3 AND start_date <= $4 \
-         AND category IN ('sms', 'mms', 'calls', 'calls-sip', 'calls-client')",
-        &[
-            Param::Text(sid),
-            Param::Text(period),
-            Param::Text(&f),
-            Param::Text(&t),
-        ],
-    )?;
     let mut out: BTreeMap<String, (i64, i64)> = BTreeMap::new();
-    for r in rows {
-        let e = out.entry(r[1].text().to_owned()).or_default();
-        if names(&MESSAGE_CATEGORIES).contains(&r[0].text()) {
-            e.0 += r[2].int();
-        } else {
-            e.1 += r[2].int();
-        }
+    for r in read_rows(c, &[sid.to_owned()], period, from, to)? {
+        let (m, calls, _) = messages_calls_seconds(&r.leaves);
+        let e = out.entry(r.start.to_string()).or_default();
+        e.0 += m;
+        e.1 += calls;
     }
     Ok(out)
 }
@@ -137,10 +133,10 @@ pub async fn usage(
                     )?
                     .first()
                     .map_or(0, |r| r[0].int());
-                let all = counts_by_start(c, &a.sid, "all", Day(0), Day(0))?;
+                let all = counts_by_start(c, &a.sid, RowKind::All, Day(0), Day(0))?;
                 let (total_messages, total_calls) =
                     all.values().copied().next().unwrap_or_default();
-                let days = counts_by_start(c, &a.sid, "day", Day(today.0 - 29), today)?;
+                let days = counts_by_start(c, &a.sid, RowKind::Day, Day(today.0 - 29), today)?;
                 let window = |n: i32| {
                     let from = Day(today.0 - (n - 1)).to_string();
                     days.range(from..)
@@ -203,7 +199,7 @@ pub async fn daily(
             Ok((|| {
                 let a = authenticate(c, key)?;
                 let from = Day(today.0 - (days - 1));
-                let counts = counts_by_start(c, &a.sid, "day", from, today)?;
+                let counts = counts_by_start(c, &a.sid, RowKind::Day, from, today)?;
                 let data: Vec<Json_> = (from.0..=today.0)
                     .map(|d| {
                         let date = Day(d).to_string();
@@ -234,7 +230,7 @@ pub async fn monthly(
                 let a = authenticate(c, key)?;
                 let first = Month(this.0 - (months - 1));
                 let counts =
-                    counts_by_start(c, &a.sid, "month", first.first_day(), this.first_day())?;
+                    counts_by_start(c, &a.sid, RowKind::Month, first.first_day(), this.first_day())?;
                 let data: Vec<Json_> = (first.0..=this.0)
                     .map(|m| {
                         let month = Month(m);
@@ -262,9 +258,10 @@ fn breakdown(
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .unwrap_or_else(|| ("0000-00-00".into(), "9999-99-99".into()));
     let rows = c.query(
-        "SELECT value, class, CAST(SUM(count) AS BIGINT), CAST(SUM(usage) AS BIGINT) \
+        "SELECT value, CAST(SUM(messages_count) AS BIGINT), CAST(SUM(calls_count) AS BIGINT), \
+         CAST(SUM(calls_usage) AS BIGINT) \
          FROM usage_breakdowns WHERE account_sid = $1 AND dimension = $2 \
-         AND day >= $3 AND day <= $4 GROUP BY value, class ORDER BY value",
+         AND day >= $3 AND day <= $4 GROUP BY value ORDER BY value",
         &[
             Param::Text(sid),
             Param::Text(dimension),
@@ -272,17 +269,10 @@ fn breakdown(
             Param::Text(&t),
         ],
     )?;
-    let mut out: BTreeMap<String, (i64, i64, i64)> = BTreeMap::new();
-    for r in rows {
-        let e = out.entry(r[0].text().to_owned()).or_default();
-        if r[1].text() == "calls" {
-            e.1 += r[2].int();
-            e.2 += r[3].int();
-        } else {
-            e.0 += r[2].int();
-        }
-    }
-    Ok(out)
+    Ok(rows
+        .into_iter()
+        .map(|r| (r[0].text().to_owned(), (r[1].int(), r[2].int(), r[3].int())))
+        .collect())
 }
 
 /// `GET /v1/usage/by-number`: all-time usage per phone number of the account.
@@ -368,23 +358,12 @@ pub async fn by_agent(
                 let a = authenticate(c, key)?;
                 let agents = breakdown(c, &a.sid, "agent", Some((first, last)))?;
                 // Everything in the period, to find what no agent handled.
-                let (f, t) = (first.to_string(), last.to_string());
-                let rows = c.query(
-                    "SELECT category, CAST(SUM(count) AS BIGINT), CAST(SUM(usage) AS BIGINT) \
-                     FROM usage_records WHERE account_sid = $1 AND period = 'day' \
-                     AND start_date >= $2 AND start_date <= $3 \
-                     AND category IN ('sms', 'mms', 'calls', 'calls-sip', 'calls-client') \
-                     GROUP BY category",
-                    &[Param::Text(&a.sid), Param::Text(&f), Param::Text(&t)],
-                )?;
                 let (mut msgs, mut calls, mut secs) = (0, 0, 0);
-                for r in rows {
-                    if names(&MESSAGE_CATEGORIES).contains(&r[0].text()) {
-                        msgs += r[1].int();
-                    } else if names(&CALL_CATEGORIES).contains(&r[0].text()) {
-                        calls += r[1].int();
-                        secs += r[2].int();
-                    }
+                for r in read_rows(c, std::slice::from_ref(&a.sid), RowKind::Day, first, last)? {
+                    let (m, cl, s) = messages_calls_seconds(&r.leaves);
+                    msgs += m;
+                    calls += cl;
+                    secs += s;
                 }
                 let mut data: Vec<Json_> = Vec::new();
                 for (agent, (m, cl, s)) in &agents {

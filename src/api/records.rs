@@ -13,9 +13,65 @@
 
 use rust_decimal::prelude::*;
 
+use super::store::{self, Conn, Param};
 use crate::calendar::{Day, Month};
 use crate::category::{Category, Unit};
+use crate::counters::Leaves;
 use crate::rating::price_to_decimal;
+use crate::store::schema::{leaves_from, LEAF_COLUMN_LIST};
+
+/// `$first, …, $(first + n - 1)`: placeholders for an `IN (…)` list.
+pub fn in_list(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One stored `usage_rows` row: every leaf category of one account × period.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// The period's first day.
+    pub start: Day,
+    pub price_unit: String,
+    pub leaves: Leaves,
+}
+
+/// The `kind` rows of `accounts` starting in `[from, to]`. A rollup category's
+/// values are the sums over its leaves ([`Leaves::get`]).
+pub fn read_rows(
+    c: &mut Conn,
+    accounts: &[String],
+    kind: RowKind,
+    from: Day,
+    to: Day,
+) -> store::Result<Vec<Row>> {
+    let n = accounts.len();
+    let sql = format!(
+        "SELECT start_date, price_unit, {} FROM usage_rows \
+         WHERE account_sid IN ({}) AND period = ${} AND start_date >= ${} AND start_date <= ${}",
+        *LEAF_COLUMN_LIST,
+        in_list(1, n),
+        n + 1,
+        n + 2,
+        n + 3
+    );
+    let (from_s, to_s) = (from.to_string(), to.to_string());
+    let mut params: Vec<Param<'_>> = accounts.iter().map(|a| Param::Text(a)).collect();
+    params.push(Param::Text(kind.as_str()));
+    params.push(Param::Text(&from_s));
+    params.push(Param::Text(&to_s));
+    Ok(c.query(&sql, &params)?
+        .into_iter()
+        .filter_map(|r| {
+            Some(Row {
+                start: Day::parse(r[0].text())?,
+                price_unit: r[1].text().to_owned(),
+                leaves: leaves_from(r[2..].iter().map(|v| v.int())),
+            })
+        })
+        .collect())
+}
 
 /// The list endpoints: `Records` and its subresources.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,7 +243,7 @@ pub fn fixed_interval(sub: Subresource, today: Day) -> Option<Interval> {
     })
 }
 
-/// A stored period kind (`usage_records.period`).
+/// A stored period kind (`usage_rows.period`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RowKind {
     Day,

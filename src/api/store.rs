@@ -13,7 +13,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 
-use crate::store::schema::MIGRATIONS;
+use crate::store::schema;
 
 /// What went wrong talking to the store.
 #[derive(Debug, thiserror::Error)]
@@ -330,7 +330,7 @@ impl ApiStore {
     /// Creates the tables if they do not exist (every migration is idempotent).
     pub fn migrate(&self) -> Result<()> {
         self.with_conn(|c| {
-            for m in MIGRATIONS {
+            for m in schema::migrations() {
                 c.execute(m, &[])?;
             }
             Ok(())

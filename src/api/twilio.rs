@@ -13,8 +13,8 @@ use serde::Serialize;
 use super::accounts::{self, constant_time_eq};
 use super::error::TwilioError;
 use super::records::{
-    count_and_usage, fixed_interval, intervals, listed_categories, parse_date, tile, Buckets,
-    Interval, RowKind, Subresource, Totals, SUBRESOURCE_URIS,
+    count_and_usage, fixed_interval, in_list, intervals, listed_categories, parse_date, tile,
+    Buckets, Interval, RowKind, Subresource, Totals, SUBRESOURCE_URIS,
 };
 use super::store::{Conn, Param};
 use super::ApiState;
@@ -282,13 +282,6 @@ fn as_of(last_flush: Option<&str>, now: i64) -> String {
         .to_string()
 }
 
-fn in_list(first: usize, n: usize) -> String {
-    (first..first + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// Sums stored rows of `kind` with `start_date` in `[from, to]` into the bucket
 /// each row's start falls in.
 #[allow(clippy::too_many_arguments)]
@@ -298,56 +291,29 @@ fn read_rows(
     kind: RowKind,
     from: Day,
     to: Day,
-    category: Option<Category>,
     starts: &[Day],
     cells: &mut [Totals],
     categories: &[Category],
     price_unit: &mut Option<String>,
 ) -> Result<(), TwilioError> {
-    let n = accounts.len();
-    let mut sql = format!(
-        "SELECT category, start_date, count, usage, price, price_unit FROM usage_records \
-         WHERE account_sid IN ({}) AND period = ${} AND start_date >= ${} AND start_date <= ${}",
-        in_list(1, n),
-        n + 1,
-        n + 2,
-        n + 3
-    );
-    let (from_s, to_s) = (from.to_string(), to.to_string());
-    let mut params: Vec<Param<'_>> = accounts.iter().map(|a| Param::Text(a)).collect();
-    params.push(Param::Text(kind.as_str()));
-    params.push(Param::Text(&from_s));
-    params.push(Param::Text(&to_s));
-    if let Some(cat) = category {
-        sql.push_str(&format!(" AND category = ${}", n + 4));
-        params.push(Param::Text(cat.name()));
-    }
-    for row in c.query(&sql, &params)? {
-        let Ok(cat) = row[0].text().parse::<Category>() else {
-            continue;
-        };
-        let Some(ci) = categories.iter().position(|c| *c == cat) else {
-            continue;
-        };
+    for row in super::records::read_rows(c, accounts, kind, from, to)? {
         let bucket = match kind {
             RowKind::All => 0,
-            _ => {
-                let Some(day) = Day::parse(row[1].text()) else {
-                    continue;
-                };
-                match starts.partition_point(|s| *s <= day) {
-                    0 => continue,
-                    i => i - 1,
-                }
-            }
+            _ => match starts.partition_point(|s| *s <= row.start) {
+                0 => continue,
+                i => i - 1,
+            },
         };
-        cells[bucket * categories.len() + ci].add(Totals {
-            count: row[2].int(),
-            usage: row[3].int(),
-            price: row[4].int(),
-        });
+        for (ci, cat) in categories.iter().enumerate() {
+            let t = row.leaves.get(*cat);
+            cells[bucket * categories.len() + ci].add(Totals {
+                count: t.count as i64,
+                usage: t.usage as i64,
+                price: t.price,
+            });
+        }
         if price_unit.is_none() {
-            *price_unit = Some(row[5].text().to_owned());
+            *price_unit = Some(row.price_unit);
         }
     }
     Ok(())
@@ -426,7 +392,6 @@ pub fn list_records(c: &mut Conn, req: RecordsRequest) -> Result<RecordsPage, Tw
                 r.kind,
                 r.from,
                 r.to,
-                q.category,
                 &starts,
                 &mut cells,
                 &categories,
@@ -546,7 +511,7 @@ fn first_day(c: &mut Conn, accounts: &[String], fallback: Day) -> Result<Day, Tw
     let n = accounts.len();
     let usage = c.query(
         &format!(
-            "SELECT MIN(start_date) FROM usage_records WHERE account_sid IN ({}) AND period = 'day'",
+            "SELECT MIN(start_date) FROM usage_rows WHERE account_sid IN ({}) AND period = 'day'",
             in_list(1, n)
         ),
         &params,

@@ -11,7 +11,8 @@ pub mod schema;
 use std::collections::HashMap;
 
 use crate::calendar::{Day, Period};
-use crate::counters::{BreakdownKey, RecordKey, Tally};
+use crate::counters::{BreakdownDelta, Leaves, RowKey};
+use schema::{leaf_values, leaves_from, LEAF_COLUMNS, LEAF_COLUMN_COUNT, LEAF_COLUMN_LIST};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -57,11 +58,12 @@ fn pg_detail(e: &postgres::Error) -> String {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// One expanded UsageRecord delta with the currency of its account's plan.
+/// The delta of one stored row (account × period, all leaf categories) with the
+/// currency of its account's plan.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RecordDelta {
-    pub key: RecordKey,
-    pub tally: Tally,
+pub struct RowDelta {
+    pub key: RowKey,
+    pub leaves: Leaves,
     pub price_unit: String,
 }
 
@@ -92,8 +94,8 @@ pub struct DedupRows {
 pub struct FlushBatch {
     /// RFC 3339 flush time, the records' `as_of`.
     pub as_of: String,
-    pub records: Vec<RecordDelta>,
-    pub breakdowns: Vec<(BreakdownKey, Tally)>,
+    pub rows: Vec<RowDelta>,
+    pub breakdowns: Vec<BreakdownDelta>,
     pub offsets: Vec<OffsetAdvance>,
     pub dedup: Vec<DedupRows>,
     /// Dedup rows seen before this day are deleted.
@@ -107,7 +109,7 @@ pub enum FlushOutcome {
     AlreadyApplied,
 }
 
-/// A stored UsageRecord row.
+/// A stored UsageRecord: one category of one row.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct StoredRecord {
     pub account_sid: String,
@@ -162,7 +164,7 @@ impl Store {
     fn migrate(&mut self) -> Result<()> {
         match self {
             Store::Sqlite(c) => {
-                for m in schema::MIGRATIONS {
+                for m in schema::migrations() {
                     c.execute_batch(m)?;
                 }
             }
@@ -170,7 +172,7 @@ impl Store {
                 // Serialise concurrent starts of several instances.
                 let mut tx = c.transaction()?;
                 tx.execute("SELECT pg_advisory_xact_lock(7461726)", &[])?;
-                for m in schema::MIGRATIONS {
+                for m in schema::migrations() {
                     tx.batch_execute(m)?;
                 }
                 tx.commit()?;
@@ -229,43 +231,58 @@ impl Store {
         })
     }
 
-    /// All stored records of one period kind (`day`, `month`, `year`, `all`), sorted.
+    /// All stored UsageRecords of one period kind (`day`, `month`, `year`, `all`):
+    /// every category with usage in each row, rollups summed from their leaves;
+    /// sorted.
     pub fn read_records(&mut self, period: &str) -> Result<Vec<StoredRecord>> {
-        let sql =
-            "SELECT account_sid, period, start_date, category, count, usage, price, price_unit \
-                   FROM usage_records WHERE period = $1 ORDER BY account_sid, start_date, category";
-        let mut out: Vec<StoredRecord> = match self {
+        let sql = format!(
+            "SELECT account_sid, start_date, price_unit, {} FROM usage_rows WHERE period = $1",
+            *LEAF_COLUMN_LIST
+        );
+        let rows: Vec<(String, String, String, Leaves)> = match self {
             Store::Sqlite(c) => {
-                let mut st = c.prepare(sql)?;
+                let mut st = c.prepare(&sql)?;
                 let rows = st.query_map([period], |r| {
-                    Ok(StoredRecord {
-                        account_sid: r.get(0)?,
-                        period: r.get(1)?,
-                        start_date: r.get(2)?,
-                        category: r.get(3)?,
-                        count: r.get(4)?,
-                        usage: r.get(5)?,
-                        price: r.get(6)?,
-                        price_unit: r.get(7)?,
-                    })
+                    let mut vals = Vec::with_capacity(LEAF_COLUMN_COUNT);
+                    for i in 0..LEAF_COLUMN_COUNT {
+                        vals.push(r.get::<_, i64>(3 + i)?);
+                    }
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        leaves_from(vals.into_iter()),
+                    ))
                 })?;
                 rows.collect::<Result<_, _>>()?
             }
             Store::Postgres(c) => c
-                .query(sql, &[&period])?
+                .query(&sql, &[&period])?
                 .iter()
-                .map(|r| StoredRecord {
-                    account_sid: r.get(0),
-                    period: r.get(1),
-                    start_date: r.get(2),
-                    category: r.get(3),
-                    count: r.get(4),
-                    usage: r.get(5),
-                    price: r.get(6),
-                    price_unit: r.get(7),
+                .map(|r| {
+                    let vals = (0..LEAF_COLUMN_COUNT).map(|i| r.get::<_, i64>(3 + i));
+                    (r.get(0), r.get(1), r.get(2), leaves_from(vals))
                 })
                 .collect(),
         };
+        let mut out: Vec<StoredRecord> = rows
+            .into_iter()
+            .flat_map(|(account_sid, start_date, price_unit, leaves)| {
+                leaves
+                    .categories()
+                    .map(|(c, t)| StoredRecord {
+                        account_sid: account_sid.clone(),
+                        period: period.to_owned(),
+                        start_date: start_date.clone(),
+                        category: c.name().to_owned(),
+                        count: t.count as i64,
+                        usage: t.usage as i64,
+                        price: t.price,
+                        price_unit: price_unit.clone(),
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         out.sort();
         Ok(out)
     }
@@ -283,17 +300,32 @@ impl Store {
     }
 }
 
-const UPSERT_RECORD_TAIL: &str =
-    "ON CONFLICT (account_sid, period, start_date, category) DO UPDATE SET \
-     count = usage_records.count + excluded.count, \
-     usage = usage_records.usage + excluded.usage, \
-     price = usage_records.price + excluded.price";
+/// `INSERT INTO usage_rows (…) {values} ON CONFLICT … DO UPDATE` adding every
+/// leaf column; `values` supplies the key, `price_unit` and the leaf columns.
+fn upsert_rows(values: &str) -> String {
+    let adds: Vec<String> = LEAF_COLUMNS
+        .iter()
+        .map(|c| format!("{c} = usage_rows.{c} + excluded.{c}"))
+        .collect();
+    format!(
+        "INSERT INTO usage_rows (account_sid, period, start_date, price_unit, {}) {values} \
+         ON CONFLICT (account_sid, period, start_date) DO UPDATE SET {}",
+        *LEAF_COLUMN_LIST,
+        adds.join(", ")
+    )
+}
+
+const BREAKDOWN_COLUMNS: &str = "account_sid, dimension, value, day, \
+     calls_count, calls_usage, calls_price, messages_count, messages_usage, messages_price";
 
 const UPSERT_BREAKDOWN_TAIL: &str =
-    "ON CONFLICT (account_sid, dimension, value, class, day) DO UPDATE SET \
-     count = usage_breakdowns.count + excluded.count, \
-     usage = usage_breakdowns.usage + excluded.usage, \
-     price = usage_breakdowns.price + excluded.price";
+    "ON CONFLICT (account_sid, dimension, value, day) DO UPDATE SET \
+     calls_count = usage_breakdowns.calls_count + excluded.calls_count, \
+     calls_usage = usage_breakdowns.calls_usage + excluded.calls_usage, \
+     calls_price = usage_breakdowns.calls_price + excluded.calls_price, \
+     messages_count = usage_breakdowns.messages_count + excluded.messages_count, \
+     messages_usage = usage_breakdowns.messages_usage + excluded.messages_usage, \
+     messages_price = usage_breakdowns.messages_price + excluded.messages_price";
 
 const SET_LAST_FLUSH: &str =
     "INSERT INTO tallyd_meta (key, value) VALUES ('last_flush', $1) ON CONFLICT (key) DO UPDATE SET value = excluded.value";
@@ -340,36 +372,45 @@ fn sqlite_flush(c: &mut rusqlite::Connection, b: &FlushBatch) -> Result<FlushOut
         }
     }
     {
-        let mut st = tx.prepare_cached(&format!(
-            "INSERT INTO usage_records (account_sid, period, category, start_date, count, usage, price, price_unit) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) {UPSERT_RECORD_TAIL}"
-        ))?;
-        for r in &b.records {
-            st.execute(rusqlite::params![
+        let placeholders: Vec<String> = (1..=4 + LEAF_COLUMN_COUNT)
+            .map(|i| format!("?{i}"))
+            .collect();
+        let mut st = tx.prepare_cached(&upsert_rows(&format!(
+            "VALUES ({})",
+            placeholders.join(", ")
+        )))?;
+        for r in &b.rows {
+            let key = [
                 r.key.account.to_string(),
-                r.key.period.kind(),
-                r.key.category.name(),
+                r.key.period.kind().to_owned(),
                 period_start(r.key.period),
-                r.tally.count as i64,
-                r.tally.usage as i64,
-                r.tally.price,
-                r.price_unit,
-            ])?;
+                r.price_unit.clone(),
+            ];
+            for (i, k) in key.iter().enumerate() {
+                st.raw_bind_parameter(i + 1, k)?;
+            }
+            for (i, v) in leaf_values(&r.leaves).enumerate() {
+                st.raw_bind_parameter(i + 5, v)?;
+            }
+            st.raw_execute()?;
         }
         let mut st = tx.prepare_cached(&format!(
-            "INSERT INTO usage_breakdowns (account_sid, dimension, value, class, day, count, usage, price) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) {UPSERT_BREAKDOWN_TAIL}"
+            "INSERT INTO usage_breakdowns ({BREAKDOWN_COLUMNS}) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) {UPSERT_BREAKDOWN_TAIL}"
         ))?;
-        for (k, t) in &b.breakdowns {
+        for d in &b.breakdowns {
+            let k = &d.key;
             st.execute(rusqlite::params![
                 k.account.to_string(),
                 k.dimension.as_str(),
                 &*k.value,
-                k.class.as_str(),
                 k.day.to_string(),
-                t.count as i64,
-                t.usage as i64,
-                t.price,
+                d.calls.count as i64,
+                d.calls.usage as i64,
+                d.calls.price,
+                d.messages.count as i64,
+                d.messages.usage as i64,
+                d.messages.price,
             ])?;
         }
         let mut st = tx.prepare_cached(
@@ -419,39 +460,60 @@ fn postgres_flush(c: &mut postgres::Client, b: &FlushBatch) -> Result<FlushOutco
             return stale_advance(o, found, i == 0);
         }
     }
-    let sql = format!(
-        "INSERT INTO usage_records (account_sid, period, category, start_date, count, usage, price, price_unit) \
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[], $8::text[]) \
-         {UPSERT_RECORD_TAIL}"
-    );
-    let st = tx.prepare(&sql)?;
-    for chunk in b.records.chunks(PG_CHUNK) {
+    let mut select =
+        String::from("SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]");
+    for i in 0..LEAF_COLUMN_COUNT {
+        select.push_str(&format!(", ${}::bigint[]", i + 5));
+    }
+    select.push(')');
+    let st = tx.prepare(&upsert_rows(&select))?;
+    for chunk in b.rows.chunks(PG_CHUNK) {
         let a: Vec<String> = chunk.iter().map(|r| r.key.account.to_string()).collect();
         let p: Vec<&str> = chunk.iter().map(|r| r.key.period.kind()).collect();
-        let cat: Vec<&str> = chunk.iter().map(|r| r.key.category.name()).collect();
         let s: Vec<String> = chunk.iter().map(|r| period_start(r.key.period)).collect();
-        let n: Vec<i64> = chunk.iter().map(|r| r.tally.count as i64).collect();
-        let u: Vec<i64> = chunk.iter().map(|r| r.tally.usage as i64).collect();
-        let pr: Vec<i64> = chunk.iter().map(|r| r.tally.price).collect();
         let cur: Vec<&str> = chunk.iter().map(|r| r.price_unit.as_str()).collect();
-        tx.execute(&st, &[&a, &p, &cat, &s, &n, &u, &pr, &cur])?;
+        let mut cols: Vec<Vec<i64>> = (0..LEAF_COLUMN_COUNT)
+            .map(|_| Vec::with_capacity(chunk.len()))
+            .collect();
+        for r in chunk {
+            for (col, v) in cols.iter_mut().zip(leaf_values(&r.leaves)) {
+                col.push(v);
+            }
+        }
+        let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = vec![&a, &p, &s, &cur];
+        params.extend(
+            cols.iter()
+                .map(|c| c as &(dyn postgres::types::ToSql + Sync)),
+        );
+        tx.execute(&st, &params)?;
     }
     let sql = format!(
-        "INSERT INTO usage_breakdowns (account_sid, dimension, value, class, day, count, usage, price) \
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::bigint[]) \
+        "INSERT INTO usage_breakdowns ({BREAKDOWN_COLUMNS}) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], \
+         $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[]) \
          {UPSERT_BREAKDOWN_TAIL}"
     );
     let st = tx.prepare(&sql)?;
     for chunk in b.breakdowns.chunks(PG_CHUNK) {
-        let a: Vec<String> = chunk.iter().map(|(k, _)| k.account.to_string()).collect();
-        let dim: Vec<&str> = chunk.iter().map(|(k, _)| k.dimension.as_str()).collect();
-        let v: Vec<&str> = chunk.iter().map(|(k, _)| &*k.value).collect();
-        let cl: Vec<&str> = chunk.iter().map(|(k, _)| k.class.as_str()).collect();
-        let d: Vec<String> = chunk.iter().map(|(k, _)| k.day.to_string()).collect();
-        let n: Vec<i64> = chunk.iter().map(|(_, t)| t.count as i64).collect();
-        let u: Vec<i64> = chunk.iter().map(|(_, t)| t.usage as i64).collect();
-        let pr: Vec<i64> = chunk.iter().map(|(_, t)| t.price).collect();
-        tx.execute(&st, &[&a, &dim, &v, &cl, &d, &n, &u, &pr])?;
+        let a: Vec<String> = chunk.iter().map(|d| d.key.account.to_string()).collect();
+        let dim: Vec<&str> = chunk.iter().map(|d| d.key.dimension.as_str()).collect();
+        let v: Vec<&str> = chunk.iter().map(|d| &*d.key.value).collect();
+        let day: Vec<String> = chunk.iter().map(|d| d.key.day.to_string()).collect();
+        let col = |f: fn(&BreakdownDelta) -> i64| chunk.iter().map(f).collect::<Vec<i64>>();
+        let cols = [
+            col(|d| d.calls.count as i64),
+            col(|d| d.calls.usage as i64),
+            col(|d| d.calls.price),
+            col(|d| d.messages.count as i64),
+            col(|d| d.messages.usage as i64),
+            col(|d| d.messages.price),
+        ];
+        let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = vec![&a, &dim, &v, &day];
+        params.extend(
+            cols.iter()
+                .map(|c| c as &(dyn postgres::types::ToSql + Sync)),
+        );
+        tx.execute(&st, &params)?;
     }
     for d in &b.dedup {
         tx.execute(
@@ -475,20 +537,27 @@ mod tests {
     use super::*;
     use crate::category::Category;
     use crate::cdr::AccountSid;
+    use crate::counters::Tally;
 
     fn batch(from: Option<i64>, to: i64) -> FlushBatch {
         FlushBatch {
             as_of: "2025-01-10T00:00:00+00:00".into(),
-            records: vec![RecordDelta {
-                key: RecordKey {
+            rows: vec![RowDelta {
+                key: RowKey {
                     account: AccountSid(7),
-                    category: Category::Calls,
                     period: Period::Day(Day(20_000)),
                 },
-                tally: Tally {
-                    count: 2,
-                    usage: 90,
-                    price: 19_500,
+                leaves: {
+                    let mut l = Leaves::default();
+                    l.add_leaf(
+                        Category::CallsOutbound,
+                        Tally {
+                            count: 2,
+                            usage: 90,
+                            price: 19_500,
+                        },
+                    );
+                    l
                 },
                 price_unit: "usd".into(),
             }],
@@ -528,11 +597,15 @@ mod tests {
             s.write_flush(&batch(Some(10), 15)).unwrap(),
             FlushOutcome::Applied
         );
+        // calls-outbound, its rollup calls and totalprice.
         let recs = s.read_records("day").unwrap();
-        assert_eq!(recs.len(), 1);
+        assert_eq!(recs.len(), 3);
+        for r in &recs {
+            assert_eq!((r.count, r.usage, r.price), (4, 180, 39_000), "{r:?}");
+        }
         assert_eq!(
-            (recs[0].count, recs[0].usage, recs[0].price),
-            (4, 180, 39_000)
+            recs.iter().map(|r| r.category.as_str()).collect::<Vec<_>>(),
+            ["calls", "calls-outbound", "totalprice"]
         );
         // A batch that starts from a stale offset belongs to a zombie.
         assert!(s.write_flush(&batch(Some(10), 12)).unwrap_err().is_fenced());

@@ -1,12 +1,17 @@
 //! The store's tables, the same in SQLite and PostgreSQL (types are chosen so one
 //! text works in both).
 //!
-//! - `usage_records`: one row per account × category × period. `period` is `day`,
-//!   `month`, `year` or `all`; `start_date` is the period's first day as
-//!   `YYYY-MM-DD` (`1970-01-01` for `all`). `usage` is billed seconds for call
-//!   categories and segments for message categories (0 for `totalprice`, whose usage
-//!   is its price); `price` is in 10⁻⁵ of `price_unit` (a milli-cent for USD).
-//! - `usage_breakdowns`: per-day usage by the account's phone number or by agent.
+//! - `usage_rows`: one row per account × period. `period` is `day`, `month`,
+//!   `year` or `all`; `start_date` is the period's first day as `YYYY-MM-DD`
+//!   (`1970-01-01` for `all`). The row holds the 15 leaf categories, three columns
+//!   each, named after the category (`calls_inbound_local_count`, `…_usage`,
+//!   `…_price`): `count` is events, `usage` billed seconds for calls and segments
+//!   for messages, `price` is in 10⁻⁵ of `price_unit` (a milli-cent for USD).
+//!   A UsageRecord of a rollup category (`calls`, `sms`, `totalprice`, …) is the sum
+//!   of its leaves' columns, computed when it is read ([`crate::counters::Leaves`]);
+//!   one row per period instead of one per category keeps a flush ~20× smaller.
+//! - `usage_breakdowns`: per-day usage by the account's phone number or by agent
+//!   (`dimension` = `number` or `agent`), calls and messages in one row.
 //! - `consumer_offsets`: next offset to read per topic partition, written in the
 //!   same transaction as the deltas the consumed messages produced.
 //! - `dedup_batches`: the 128-bit hashes of the CDR ids first seen in one flush, per
@@ -20,29 +25,85 @@
 //! - `api_keys`: AgentPhone Bearer keys, stored as SHA-256 hex only; `key_id` is the
 //!   public handle used to list and revoke a key.
 
-/// Statements run in order at start; each is idempotent.
-pub const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS usage_records (
+use std::sync::LazyLock;
+
+use crate::category::Category;
+use crate::counters::{Leaves, Tally};
+
+/// The leaf columns of `usage_rows` in leaf-index order, `count`, `usage`, `price`
+/// for each leaf.
+pub static LEAF_COLUMNS: LazyLock<Vec<String>> = LazyLock::new(|| {
+    Category::ALL[..Category::LEAVES]
+        .iter()
+        .flat_map(|c| {
+            let base = c.name().replace('-', "_");
+            ["count", "usage", "price"].map(|f| format!("{base}_{f}"))
+        })
+        .collect()
+});
+
+/// `LEAF_COLUMNS` joined by commas, for a SELECT or INSERT column list.
+pub static LEAF_COLUMN_LIST: LazyLock<String> = LazyLock::new(|| LEAF_COLUMNS.join(", "));
+
+/// Number of leaf columns (3 per leaf).
+pub const LEAF_COLUMN_COUNT: usize = 3 * Category::LEAVES;
+
+/// Reads a row's leaf columns, in `LEAF_COLUMNS` order.
+pub fn leaves_from(mut values: impl Iterator<Item = i64>) -> Leaves {
+    let mut leaves = Leaves::default();
+    for t in leaves.0.iter_mut() {
+        let mut next = || values.next().unwrap_or(0);
+        *t = Tally {
+            count: next() as u64,
+            usage: next() as u64,
+            price: next(),
+        };
+    }
+    leaves
+}
+
+/// A row's leaf columns, in `LEAF_COLUMNS` order.
+pub fn leaf_values(leaves: &Leaves) -> impl Iterator<Item = i64> + '_ {
+    leaves
+        .0
+        .iter()
+        .flat_map(|t| [t.count as i64, t.usage as i64, t.price])
+}
+
+static USAGE_ROWS: LazyLock<String> = LazyLock::new(|| {
+    let cols: String = LEAF_COLUMNS
+        .iter()
+        .map(|c| format!("        {c} BIGINT NOT NULL DEFAULT 0,\n"))
+        .collect();
+    format!(
+        "CREATE TABLE IF NOT EXISTS usage_rows (
         account_sid TEXT NOT NULL,
         period TEXT NOT NULL,
-        category TEXT NOT NULL,
         start_date TEXT NOT NULL,
-        count BIGINT NOT NULL,
-        usage BIGINT NOT NULL,
-        price BIGINT NOT NULL,
         price_unit TEXT NOT NULL,
-        PRIMARY KEY (account_sid, period, start_date, category)
-    )",
+{cols}        PRIMARY KEY (account_sid, period, start_date)
+    )"
+    )
+});
+
+/// Statements run in order at start; each is idempotent.
+pub fn migrations() -> impl Iterator<Item = &'static str> {
+    std::iter::once(USAGE_ROWS.as_str()).chain(MIGRATIONS.iter().copied())
+}
+
+const MIGRATIONS: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS usage_breakdowns (
         account_sid TEXT NOT NULL,
         dimension TEXT NOT NULL,
         value TEXT NOT NULL,
-        class TEXT NOT NULL,
         day TEXT NOT NULL,
-        count BIGINT NOT NULL,
-        usage BIGINT NOT NULL,
-        price BIGINT NOT NULL,
-        PRIMARY KEY (account_sid, dimension, value, class, day)
+        calls_count BIGINT NOT NULL,
+        calls_usage BIGINT NOT NULL,
+        calls_price BIGINT NOT NULL,
+        messages_count BIGINT NOT NULL,
+        messages_usage BIGINT NOT NULL,
+        messages_price BIGINT NOT NULL,
+        PRIMARY KEY (account_sid, dimension, value, day)
     )",
     "CREATE TABLE IF NOT EXISTS consumer_offsets (
         topic TEXT NOT NULL,

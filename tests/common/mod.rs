@@ -11,9 +11,10 @@ use serde_json::json;
 use tallyd::api::{router, ApiState};
 use tallyd::config::Config;
 use tallyd::counters::UsageCounters;
+use tallyd::flush::rows_of;
 use tallyd::pipeline::{ingest, Outcome, SeenIds};
 use tallyd::rating::Tariff;
-use tallyd::store::{FlushBatch, FlushOutcome, RecordDelta, Store};
+use tallyd::store::{FlushBatch, FlushOutcome, Store};
 
 pub const PARENT: &str = "AC0000000000000000000000000000a001";
 pub const PARENT_TOKEN: &str = "parent-token-0123456789abcdef";
@@ -191,8 +192,8 @@ impl SeenIds for SeenSet {
 }
 
 /// Runs CDRs through the rating pipeline and writes them with the daemon's flush
-/// writer ([`Store::write_flush`]): every record (each ancestor category × day,
-/// month, year, all-time), the by-number / by-agent breakdowns, and `last_flush`
+/// writer ([`Store::write_flush`]): every row (day, month, year, all-time), the
+/// by-number / by-agent breakdowns, and `last_flush`
 /// = `as_of`. Returns how many CDRs were counted (duplicates are not).
 pub fn flush_cdrs(url: &str, tariff: &Tariff, cdrs: &[String], as_of: &str) -> usize {
     let counters = UsageCounters::new(4);
@@ -208,16 +209,8 @@ pub fn flush_cdrs(url: &str, tariff: &Tariff, cdrs: &[String], as_of: &str) -> u
     let deltas = counters.take();
     let batch = FlushBatch {
         as_of: as_of.to_owned(),
-        records: deltas
-            .expand()
-            .into_iter()
-            .map(|(key, tally)| RecordDelta {
-                key,
-                tally,
-                price_unit: tariff.plan_for(key.account).currency.clone(),
-            })
-            .collect(),
-        breakdowns: deltas.breakdowns.into_iter().collect(),
+        rows: rows_of(&deltas, tariff),
+        breakdowns: deltas.breakdowns().collect(),
         ..FlushBatch::default()
     };
     let mut store = Store::open(url).unwrap();
