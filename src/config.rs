@@ -111,7 +111,7 @@ fn default_flush_interval() -> u64 {
     2000
 }
 fn default_busy_share() -> f64 {
-    0.25
+    0.1
 }
 fn default_max_pending() -> usize {
     1_000_000

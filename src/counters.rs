@@ -190,12 +190,14 @@ pub struct Breakdown {
     pub value: Box<str>,
     pub calls: Tally,
     pub messages: Tally,
+    /// [`breakdown_hash`] of dimension and value: compared before the string.
+    hash: u64,
 }
 
 impl Breakdown {
     #[inline]
-    fn is(&self, dimension: Dimension, value: &str) -> bool {
-        self.dimension == dimension && *self.value == *value
+    fn is(&self, hash: u64, dimension: Dimension, value: &str) -> bool {
+        self.hash == hash && self.dimension == dimension && *self.value == *value
     }
 
     #[inline]
@@ -241,14 +243,16 @@ impl DayCell {
     /// The breakdown of `value`, added empty if new; and whether it was new.
     #[inline]
     fn breakdown(&mut self, dimension: Dimension, value: &str) -> (&mut Breakdown, bool) {
+        let hash = breakdown_hash(dimension, value);
         let found = match &self.index {
-            None => self.breakdowns.iter().position(|b| b.is(dimension, value)),
+            None => self
+                .breakdowns
+                .iter()
+                .position(|b| b.is(hash, dimension, value)),
             Some(index) => {
                 let bs = &self.breakdowns;
                 index
-                    .find(breakdown_hash(dimension, value), |&i| {
-                        bs[i as usize].is(dimension, value)
-                    })
+                    .find(hash, |&i| bs[i as usize].is(hash, dimension, value))
                     .map(|&i| i as usize)
             }
         };
@@ -260,16 +264,14 @@ impl DayCell {
             value: value.into(),
             calls: Tally::default(),
             messages: Tally::default(),
+            hash,
         });
         let n = self.breakdowns.len();
         let bs = &self.breakdowns;
-        let rehash = |&i: &u32| {
-            let b = &bs[i as usize];
-            breakdown_hash(b.dimension, &b.value)
-        };
+        let rehash = |&i: &u32| bs[i as usize].hash;
         match &mut self.index {
             Some(index) => {
-                index.insert_unique(breakdown_hash(dimension, value), n as u32 - 1, rehash);
+                index.insert_unique(hash, n as u32 - 1, rehash);
             }
             None if n > SCAN_LIMIT => {
                 let mut index = HashTable::with_capacity(n * 2);

@@ -64,6 +64,8 @@ struct PartitionState {
     /// Next offset to read: one past the last message processed.
     next: i64,
     window: DedupWindow,
+    /// Whether the last event of this partition was "end of partition".
+    at_end: bool,
 }
 
 /// Per-message tallies, published to `metrics` at every tick (not per message).
@@ -171,6 +173,7 @@ impl IngestContext {
                     stored,
                     next: stored.unwrap_or(-1),
                     window,
+                    at_end: false,
                 },
             );
         }
@@ -246,6 +249,13 @@ impl IngestContext {
     }
 }
 
+/// Consumer properties tallyd sets unless `[kafka.properties]` does.
+const CONSUMER_DEFAULTS: [(&str, &str); 3] = [
+    ("max.partition.fetch.bytes", "16777216"),
+    ("queued.min.messages", "1000000"),
+    ("queued.max.messages.kbytes", "131072"),
+];
+
 /// Messages between looks at the clock, the flusher and the pending bound.
 const CHECK_EVERY: usize = 256;
 
@@ -260,7 +270,7 @@ const IDLE_FLUSH_GAP: Duration = Duration::from_millis(200);
 ///   the CPU the consumer needs. Each flush writes one row per live account and
 ///   period whatever the CDR rate, so rarer flushes are what keeps the writes per
 ///   CDR small.
-/// - As soon as the consumer is idle (caught up with the topic), at most every
+/// - As soon as the consumer is idle (every assigned partition at its end), at most every
 ///   [`IDLE_FLUSH_GAP`], so a quiet or drained topic is stored at once rather than
 ///   an interval later.
 #[derive(Debug)]
@@ -375,7 +385,19 @@ impl Ingest {
             health,
         };
         let mut cfg = client.clone();
+        // Prefetch deeply: librdkafka's defaults (1 MiB per partition and fetch,
+        // 64 MiB queued) leave the consumer waiting on fetch round trips once it
+        // does real work per message (measured: 15.6 s → 7.8 s draining 2M CDRs
+        // from tansu). Memory stays bounded by the queue size. Settings under
+        // [kafka.properties] win.
+        for (key, value) in CONSUMER_DEFAULTS {
+            if cfg.get(key).is_none() {
+                cfg.set(key, value);
+            }
+        }
         cfg.set("enable.auto.commit", "false")
+            // End-of-partition events tell the loop it has caught up (flush now).
+            .set("enable.partition.eof", "true")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "range,roundrobin");
@@ -397,22 +419,37 @@ impl Ingest {
         let mut paused = false;
         let mut since_check = 0usize;
         while !self.shutdown.load(Ordering::Relaxed) {
-            let polled = self.consumer.poll(Duration::from_millis(50));
-            let idle = polled.is_none();
+            // A zero-timeout poll first: while messages flow it skips librdkafka's
+            // clock read for the deadline; only an empty queue waits.
+            let polled = match self.consumer.poll(Duration::ZERO) {
+                None => self.consumer.poll(Duration::from_millis(50)),
+                some => some,
+            };
+            let got_nothing = polled.is_none();
             let mut st = ctx.state.lock();
+            let mut reached_end = false;
             match polled {
                 None => {}
                 Some(Ok(msg)) => self.handle(&mut st, &msg, &settings.topic),
-                Some(Err(KafkaError::PartitionEOF(_))) => {}
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    if let Some(ps) = st.partitions.get_mut(&p) {
+                        ps.at_end = true;
+                        reached_end = true;
+                    }
+                }
                 Some(Err(e)) => {
                     metrics::counter!("tallyd_kafka_errors_total").increment(1);
                     tracing::warn!(error = %e, "kafka consumer error");
                 }
             }
+            // Caught up: every assigned partition is at its end.
+            let idle = (got_nothing || reached_end)
+                && !st.partitions.is_empty()
+                && st.partitions.values().all(|ps| ps.at_end);
             // Clocks, flush results and the pending bound are looked at every few
             // hundred messages, and whenever the consumer is idle or paused.
             since_check += 1;
-            if since_check < CHECK_EVERY && !idle && !paused {
+            if since_check < CHECK_EVERY && !idle && !paused && !got_nothing {
                 continue;
             }
             since_check = 0;
@@ -533,6 +570,7 @@ impl Ingest {
             // A message of a partition revoked while it was in flight.
             return;
         };
+        ps.at_end = false;
         let payload = msg.payload().unwrap_or_default();
         match ingest(payload, &self.tariff, counters, &mut ps.window) {
             Ok(Outcome::Counted(_)) => tallies.counted += 1,
