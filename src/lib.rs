@@ -7,8 +7,10 @@
 //! - [`calendar`] buckets the event time into its UTC day, month and year.
 //! - [`category`] maps a CDR to its Twilio leaf category and knows the rollup tree.
 //! - [`rating`] compiles the tariff from config and prices a CDR exactly.
-//! - [`counters`] holds the sharded per-account, per-day, per-leaf deltas since the
-//!   last flush and expands them into every rollup and period at flush time.
+//! - [`counters`] holds the deltas since the last flush: one cell of the 15 leaf
+//!   tallies (plus by-number/by-agent breakdowns) per account and UTC day, added
+//!   into day, month, year and all-time rows at flush time. Rollups are sums of
+//!   leaves, computed when read.
 //! - [`pipeline`] is the hot path that strings the above together for one message.
 //! - [`dedup`] remembers CDR ids per partition for the dedup window.
 //! - [`ingest`] is the Kafka consumer thread running the hot path; rejected
