@@ -330,7 +330,7 @@ impl ApiStore {
     /// Creates the tables if they do not exist (every migration is idempotent).
     pub fn migrate(&self) -> Result<()> {
         self.with_conn(|c| {
-            for m in schema::migrations() {
+            for m in schema::migrations(matches!(c, Conn::Postgres(_))) {
                 c.execute(m, &[])?;
             }
             Ok(())

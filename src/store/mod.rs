@@ -164,7 +164,7 @@ impl Store {
     fn migrate(&mut self) -> Result<()> {
         match self {
             Store::Sqlite(c) => {
-                for m in schema::migrations() {
+                for m in schema::migrations(false) {
                     c.execute_batch(m)?;
                 }
             }
@@ -172,7 +172,7 @@ impl Store {
                 // Serialise concurrent starts of several instances.
                 let mut tx = c.transaction()?;
                 tx.execute("SELECT pg_advisory_xact_lock(7461726)", &[])?;
-                for m in schema::migrations() {
+                for m in schema::migrations(true) {
                     tx.batch_execute(m)?;
                 }
                 tx.commit()?;
@@ -467,6 +467,7 @@ fn postgres_flush(c: &mut postgres::Client, b: &FlushBatch) -> Result<FlushOutco
     }
     select.push(')');
     let st = tx.prepare(&upsert_rows(&select))?;
+    let started = std::time::Instant::now();
     for chunk in b.rows.chunks(PG_CHUNK) {
         let a: Vec<String> = chunk.iter().map(|r| r.key.account.to_string()).collect();
         let p: Vec<&str> = chunk.iter().map(|r| r.key.period.kind()).collect();
@@ -494,6 +495,7 @@ fn postgres_flush(c: &mut postgres::Client, b: &FlushBatch) -> Result<FlushOutco
          {UPSERT_BREAKDOWN_TAIL}"
     );
     let st = tx.prepare(&sql)?;
+    let rows_done = started.elapsed();
     for chunk in b.breakdowns.chunks(PG_CHUNK) {
         let a: Vec<String> = chunk.iter().map(|d| d.key.account.to_string()).collect();
         let dim: Vec<&str> = chunk.iter().map(|d| d.key.dimension.as_str()).collect();
@@ -515,6 +517,13 @@ fn postgres_flush(c: &mut postgres::Client, b: &FlushBatch) -> Result<FlushOutco
         );
         tx.execute(&st, &params)?;
     }
+    tracing::debug!(
+        rows = b.rows.len(),
+        rows_ms = rows_done.as_millis() as u64,
+        breakdowns = b.breakdowns.len(),
+        breakdowns_ms = (started.elapsed() - rows_done).as_millis() as u64,
+        "postgres flush written"
+    );
     for d in &b.dedup {
         tx.execute(
             "INSERT INTO dedup_batches (topic, partition, seen_day, first_offset, ids) VALUES ($1, $2, $3, $4, $5)",

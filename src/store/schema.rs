@@ -86,10 +86,23 @@ static USAGE_ROWS: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// Statements run in order at start; each is idempotent.
-pub fn migrations() -> impl Iterator<Item = &'static str> {
-    std::iter::once(USAGE_ROWS.as_str()).chain(MIGRATIONS.iter().copied())
+/// Statements run in order at start; each is idempotent. PostgreSQL also gets
+/// [`POSTGRES_ONLY`].
+pub fn migrations(postgres: bool) -> impl Iterator<Item = &'static str> {
+    let extra: &[&str] = if postgres { POSTGRES_ONLY } else { &[] };
+    std::iter::once(USAGE_ROWS.as_str())
+        .chain(MIGRATIONS.iter().copied())
+        .chain(extra.iter().copied())
 }
+
+/// Every flush updates the same counter rows in place. Leaving half of each page
+/// free lets PostgreSQL make those HOT updates (no new index entry per update):
+/// measured 650 ms instead of 1 s to upsert 82k rows. Applies to pages written
+/// from now on.
+const POSTGRES_ONLY: &[&str] = &[
+    "ALTER TABLE usage_rows SET (fillfactor = 50)",
+    "ALTER TABLE usage_breakdowns SET (fillfactor = 50)",
+];
 
 const MIGRATIONS: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS usage_breakdowns (
