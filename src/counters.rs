@@ -168,12 +168,6 @@ impl UsageClass {
             _ => UsageClass::Messages,
         }
     }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UsageClass::Calls => "calls",
-            UsageClass::Messages => "messages",
-        }
-    }
 }
 
 /// Usage by phone number or agent, per day (AgentPhone's by-number/by-agent views).
@@ -197,11 +191,6 @@ pub struct Breakdown {
 }
 
 impl Breakdown {
-    #[inline]
-    fn is(&self, id: u128) -> bool {
-        self.id == id
-    }
-
     #[inline]
     pub fn tally_mut(&mut self, class: UsageClass) -> &mut Tally {
         match class {
@@ -248,21 +237,17 @@ impl PartialEq for DayCell {
 }
 
 impl DayCell {
-    pub fn breakdowns(&self) -> &[Breakdown] {
-        &self.breakdowns
-    }
-
     /// The breakdown of `value`, added empty if new; and whether it was new.
     #[inline]
     fn breakdown(&mut self, dimension: Dimension, value: &str) -> (&mut Breakdown, bool) {
         let id = breakdown_id(dimension, value);
         let hash = id as u64;
         let found = match &self.index {
-            None => self.breakdowns.iter().position(|b| b.is(id)),
+            None => self.breakdowns.iter().position(|b| b.id == id),
             Some(index) => {
                 let bs = &self.breakdowns;
                 index
-                    .find(hash, |&i| bs[i as usize].is(id))
+                    .find(hash, |&i| bs[i as usize].id == id)
                     .map(|&i| i as usize)
             }
         };

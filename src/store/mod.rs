@@ -494,8 +494,8 @@ fn postgres_flush(c: &mut postgres::Client, b: &FlushBatch) -> Result<FlushOutco
          $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[]) \
          {UPSERT_BREAKDOWN_TAIL}"
     );
-    let st = tx.prepare(&sql)?;
     let rows_done = started.elapsed();
+    let st = tx.prepare(&sql)?;
     for chunk in b.breakdowns.chunks(PG_CHUNK) {
         let a: Vec<String> = chunk.iter().map(|d| d.key.account.to_string()).collect();
         let dim: Vec<&str> = chunk.iter().map(|d| d.key.dimension.as_str()).collect();
