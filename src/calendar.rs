@@ -173,7 +173,11 @@ fn digits(b: &[u8]) -> Option<u32> {
 /// Parses an RFC 3339 timestamp (`2025-01-09T13:45:00Z`, `…+02:00`, fractional
 /// seconds allowed, `t`/space separator allowed) into Unix seconds.
 pub fn parse_rfc3339(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
+    parse_rfc3339_bytes(s.as_bytes())
+}
+
+/// [`parse_rfc3339`] on bytes (the CDR decoder's fast path holds bytes).
+pub fn parse_rfc3339_bytes(b: &[u8]) -> Option<i64> {
     if b.len() < 20 {
         return None;
     }

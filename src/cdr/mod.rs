@@ -1,14 +1,23 @@
 //! CDR decoding and validation (CONTRACT §1).
 //!
-//! One JSON object per Kafka message. A byte scanner reads the common shape (no
-//! escapes, integers in the fields tallyd reads) in one pass, borrowing strings from
-//! the input; on a 339-byte CDR it runs about 40% fewer instructions than the
-//! serde_json path (callgrind: 6.4k vs 10.7k per CDR, validation included).
-//! Anything it is not sure of goes to serde_json with a
-//! hand-written map visitor (only JSON-escaped strings are copied, unknown fields
-//! are skipped without being materialised). Both paths fill the same slots, read
-//! as loosely typed [`Scalar`]s so that a wrong type is reported with the field's
-//! name instead of serde's column number, and one validation runs on them.
+//! One JSON object per Kafka message, decoded in one of two ways:
+//!
+//! - [`fast`]: a byte scanner for the shape switches actually send (ASCII, no
+//!   escapes, integers where tallyd reads numbers). It reads each field it knows
+//!   straight into its typed value — enum, SID, Unix time, `u32` — borrowing
+//!   strings from the input, and answers either a valid [`Cdr`] or "not sure".
+//! - Everything it is not sure of, including every invalid message, goes to
+//!   serde_json with a hand-written map visitor (only JSON-escaped strings are
+//!   copied, unknown fields are skipped without being materialised). It fills
+//!   loosely typed [`Scalar`] slots so that a wrong type is reported with the
+//!   field's name instead of serde's column number, and [`validate`] gives every
+//!   rejection its reason and message.
+//!
+//! The fast path accepts a strict subset of what the second accepts and yields the
+//! same CDR for it; the `decode` fuzz target and the property tests hold the two
+//! equal on any input.
+
+mod fast;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -26,7 +35,12 @@ pub struct AccountSid(pub u128);
 impl AccountSid {
     /// Parses `AC` + 32 lowercase hex digits.
     pub fn parse(s: &str) -> Option<AccountSid> {
-        let b = s.as_bytes();
+        AccountSid::parse_bytes(s.as_bytes())
+    }
+
+    /// [`AccountSid::parse`] on bytes.
+    #[inline]
+    pub fn parse_bytes(b: &[u8]) -> Option<AccountSid> {
         if b.len() != 34 || &b[..2] != b"AC" {
             return None;
         }
@@ -430,235 +444,6 @@ fn field_index(key: &[u8]) -> Option<usize> {
     })
 }
 
-/// Nesting depth of ignored values the fast path skips itself; deeper goes to serde_json.
-const FAST_MAX_DEPTH: u32 = 8;
-
-/// The fast path: a byte scanner for the shape switches actually send — one object,
-/// strings without escapes, non-negative integers in the fields tallyd reads.
-///
-/// It only ever answers "these are the fields" or "not sure" (`None`); anything
-/// unusual — an escape, a float or negative number in a read field, a duplicate,
-/// malformed JSON — goes to serde_json, which then decides, so both paths accept
-/// and reject exactly the same messages with the same reasons. It accepts a
-/// strict subset of what serde_json accepts, and yields the same values for it.
-/// The `decode` fuzz target holds the two paths equal.
-struct Scanner<'a> {
-    /// The message, checked to be UTF-8 once, so that any slice between two ASCII
-    /// quotes is a `&str` without another check.
-    s: &'a str,
-    b: &'a [u8],
-    i: usize,
-}
-
-const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
-const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
-
-/// For 8 bytes read little-endian: a mask whose lowest set bit is the high bit of
-/// the first byte that is `"`, `\\` or a control character (< 0x20), the bytes
-/// that end a plain run inside a JSON string; 0 if there is none. (Bits above the
-/// first hit may be spurious; the lowest one is exact.)
-#[inline]
-fn string_special_mask(w: u64) -> u64 {
-    let zero_in = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
-    let below_0x20 = w.wrapping_sub(ONES * 0x20) & !w & HIGHS;
-    zero_in(w ^ (ONES * b'"' as u64)) | zero_in(w ^ (ONES * b'\\' as u64)) | below_0x20
-}
-
-impl<'a> Scanner<'a> {
-    #[inline]
-    fn ws(&mut self) {
-        while let Some(b' ' | b'\n' | b'\t' | b'\r') = self.b.get(self.i) {
-            self.i += 1;
-        }
-    }
-
-    #[inline]
-    fn peek(&self) -> Option<u8> {
-        self.b.get(self.i).copied()
-    }
-
-    #[inline]
-    fn eat(&mut self, c: u8) -> Option<()> {
-        (self.peek()? == c).then(|| self.i += 1)
-    }
-
-    /// A string without escapes or control characters, as `&str` of the input.
-    #[inline]
-    fn plain_str(&mut self) -> Option<&'a str> {
-        self.eat(b'"')?;
-        let start = self.i;
-        // Eight bytes at a time, jumping straight to the first byte that ends the run.
-        while let Some(chunk) = self.b.get(self.i..self.i + 8) {
-            let m = string_special_mask(u64::from_le_bytes(chunk.try_into().expect("8 bytes")));
-            if m != 0 {
-                self.i += (m.trailing_zeros() / 8) as usize;
-                break;
-            }
-            self.i += 8;
-        }
-        loop {
-            match *self.b.get(self.i)? {
-                b'"' => break,
-                b'\\' | 0..=0x1f => return None,
-                _ => self.i += 1,
-            }
-        }
-        let s = self.s.get(start..self.i)?;
-        self.i += 1;
-        Some(s)
-    }
-
-    #[inline]
-    fn literal(&mut self, word: &[u8]) -> Option<()> {
-        let end = self.i + word.len();
-        (self.b.get(self.i..end)? == word).then(|| self.i = end)
-    }
-
-    /// A field tallyd reads: strings, booleans, null and integers that fit a `u64`.
-    #[inline]
-    fn scalar(&mut self) -> Option<Scalar<'a>> {
-        Some(match self.peek()? {
-            b'"' => Scalar::Str(Cow::Borrowed(self.plain_str()?)),
-            b'0'..=b'9' => {
-                let start = self.i;
-                let mut v: u64 = 0;
-                while let Some(d @ b'0'..=b'9') = self.peek() {
-                    v = v.checked_mul(10)?.checked_add((d - b'0') as u64)?;
-                    self.i += 1;
-                }
-                // A leading zero, a fraction or an exponent: serde_json's call.
-                let leading_zero = self.b[start] == b'0' && self.i - start > 1;
-                if leading_zero || matches!(self.peek(), Some(b'.' | b'e' | b'E')) {
-                    return None;
-                }
-                Scalar::UInt(v)
-            }
-            b't' => self.literal(b"true").map(|_| Scalar::Bool(true))?,
-            b'f' => self.literal(b"false").map(|_| Scalar::Bool(false))?,
-            b'n' => self.literal(b"null").map(|_| Scalar::Null)?,
-            _ => return None,
-        })
-    }
-
-    /// Skips any JSON value tallyd does not read, checking its grammar.
-    fn skip_value(&mut self, depth: u32) -> Option<()> {
-        match self.peek()? {
-            b'"' => self.plain_str().map(|_| ()),
-            b'-' | b'0'..=b'9' => self.skip_number(),
-            b't' => self.literal(b"true"),
-            b'f' => self.literal(b"false"),
-            b'n' => self.literal(b"null"),
-            open @ (b'[' | b'{') => {
-                if depth >= FAST_MAX_DEPTH {
-                    return None;
-                }
-                let close = if open == b'[' { b']' } else { b'}' };
-                self.i += 1;
-                self.ws();
-                if self.eat(close).is_some() {
-                    return Some(());
-                }
-                loop {
-                    if open == b'{' {
-                        self.plain_str()?;
-                        self.ws();
-                        self.eat(b':')?;
-                        self.ws();
-                    }
-                    self.skip_value(depth + 1)?;
-                    self.ws();
-                    match self.peek()? {
-                        b',' => {
-                            self.i += 1;
-                            self.ws();
-                        }
-                        c if c == close => {
-                            self.i += 1;
-                            return Some(());
-                        }
-                        _ => return None,
-                    }
-                }
-            }
-            _ => None,
-        }
-    }
-
-    /// `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`
-    fn skip_number(&mut self) -> Option<()> {
-        let _ = self.eat(b'-');
-        match self.peek()? {
-            b'0' => self.i += 1,
-            b'1'..=b'9' => self.digits(),
-            _ => return None,
-        }
-        if self.eat(b'.').is_some() {
-            self.some_digits()?;
-        }
-        if let Some(b'e' | b'E') = self.peek() {
-            self.i += 1;
-            if let Some(b'+' | b'-') = self.peek() {
-                self.i += 1;
-            }
-            self.some_digits()?;
-        }
-        Some(())
-    }
-
-    #[inline]
-    fn digits(&mut self) {
-        while let Some(b'0'..=b'9') = self.peek() {
-            self.i += 1;
-        }
-    }
-
-    #[inline]
-    fn some_digits(&mut self) -> Option<()> {
-        let start = self.i;
-        self.digits();
-        (self.i > start).then_some(())
-    }
-
-    /// The whole message: one object, then only whitespace. Fills `raw` in place
-    /// (it is a few hundred bytes; moving it per message shows in profiles).
-    fn message(mut self, raw: &mut RawFields<'a>) -> Option<()> {
-        self.ws();
-        self.eat(b'{')?;
-        self.ws();
-        if self.eat(b'}').is_none() {
-            loop {
-                let key = self.plain_str()?;
-                self.ws();
-                self.eat(b':')?;
-                self.ws();
-                match field_index(key.as_bytes()) {
-                    Some(i) => {
-                        let v = self.scalar()?;
-                        if raw.slots[i].replace(v).is_some() {
-                            return None;
-                        }
-                    }
-                    None => self.skip_value(0)?,
-                }
-                self.ws();
-                match self.peek()? {
-                    b',' => {
-                        self.i += 1;
-                        self.ws();
-                    }
-                    b'}' => {
-                        self.i += 1;
-                        break;
-                    }
-                    _ => return None,
-                }
-            }
-        }
-        self.ws();
-        (self.i == self.b.len()).then_some(())
-    }
-}
-
 /// A field key, borrowed when the input allows.
 struct Key<'a>(Cow<'a, str>);
 
@@ -836,14 +621,10 @@ fn bad_value(reason: RejectReason, name: &'static str, value: &str, allowed: &st
 
 /// Decodes and validates one message. Never panics on any input.
 pub fn decode(bytes: &[u8]) -> Result<Cdr<'_>, Rejection> {
-    let mut raw = RawFields::default();
-    let fast = std::str::from_utf8(bytes)
-        .ok()
-        .and_then(|s| Scanner { s, b: bytes, i: 0 }.message(&mut raw));
-    if fast.is_none() {
-        raw = parse_json(bytes)?;
+    match fast::decode(bytes) {
+        Some(cdr) => Ok(cdr),
+        None => validate(&mut parse_json(bytes)?),
     }
-    validate(&mut raw)
 }
 
 /// [`decode`] without the fast path: serde_json for every message. The fuzzer and
@@ -1131,24 +912,6 @@ mod tests {
         assert_eq!(reason("").0, InvalidJson);
     }
 
-    #[test]
-    fn string_special_bytes_are_found_in_any_lane() {
-        for background in [b'a', 0xe9, b' ', 0x7f] {
-            for lane in 0..8 {
-                for b in 0..=255u8 {
-                    let mut w = [background; 8];
-                    w[lane] = b;
-                    let special = b == b'"' || b == b'\\' || b < 0x20;
-                    let m = string_special_mask(u64::from_le_bytes(w));
-                    assert_eq!(m != 0, special, "{w:?}");
-                    if special {
-                        assert_eq!(m.trailing_zeros() / 8, lane as u32, "{w:?}");
-                    }
-                }
-            }
-        }
-    }
-
     /// Inputs on the edge of what the fast path reads itself: both paths must give
     /// the same CDR or the same rejection.
     #[test]
@@ -1186,6 +949,36 @@ mod tests {
             "[]".into(),
             "\u{feff}{}".into(),
         ];
+        // Fields whose validity depends on the kind, read before the kind is known.
+        let sms = base
+            .replace("\"call\"", "\"sms\"")
+            .replace("\"completed\"", "\"delivered\"");
+        for (from, to) in [
+            ("\"delivered\"", "\"completed\""),
+            ("\"delivered\"", "5"),
+            ("\"delivered\"", "null"),
+            ("\"duration\":70", "\"duration\":null"),
+            ("\"duration\":70", "\"duration\":\"x\",\"mode\":\"psychic\""),
+            ("}", ",\"number_type\":\"local\"}"),
+            ("}", ",\"number_type\":\"tollfree\",\"segments\":0}"),
+            ("}", ",\"segments\":null}"),
+        ] {
+            cases.push(sms.replace(from, to));
+        }
+        for (from, to) in [
+            ("\"completed\"", "\"delivered\""),
+            ("\"completed\"", "null"),
+            ("}", ",\"segments\":\"x\"}"),
+            ("}", ",\"number_type\":\"shortcode\"}"),
+            (
+                "}",
+                ",\"number_type\":null,\"mode\":\"hosted\",\"agent_id\":null}",
+            ),
+            ("\"phone_number\"", "\"phone_numbers\""),
+            ("\"phone_number\"", "\"i\""),
+        ] {
+            cases.push(base.replace(from, to));
+        }
         cases.push(String::from_utf8_lossy(b"{\"id\":\"\xff\"}").into_owned());
         for c in &cases {
             assert_eq!(
