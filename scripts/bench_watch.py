@@ -1,6 +1,6 @@
 """Watches a running tallyd for scripts/bench-e2e.sh: from its first consumed
 message until the store's offsets cover all N messages; prints CDRs/s, the ratio
-to the bare consumer, CPU seconds and peak RSS of the process."""
+to the bare consumer, CPU seconds (also per thread) and peak RSS of the process."""
 import os
 import sqlite3
 import subprocess
@@ -30,6 +30,21 @@ def cpu_seconds():
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / tick
+
+
+def thread_cpu():
+    """CPU seconds per thread name, busiest first."""
+    by_name = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                head, rest = f.read().rsplit(")", 1)
+            name = head.split("(", 1)[1]
+            fields = rest.split()
+            by_name[name] = by_name.get(name, 0) + (int(fields[11]) + int(fields[12])) / tick
+        except OSError:
+            pass
+    return sorted(by_name.items(), key=lambda kv: -kv[1])
 
 
 def peak_rss_mib():
@@ -64,3 +79,4 @@ secs = time.time() - start
 rate = n / secs
 print(f"tallyd[{label}]: {n} CDRs consumed, rated and flushed in {secs:.2f} s = {rate:.0f} CDRs/s; "
       f"ratio to bare consumer {rate / bare_rate:.2f}; CPU {cpu_seconds():.1f} s; peak RSS {peak_rss_mib():.0f} MiB")
+print("  CPU by thread: " + ", ".join(f"{name} {secs:.1f} s" for name, secs in thread_cpu()[:6] if secs >= 0.05))

@@ -13,7 +13,7 @@
 //! also committed to Kafka after each flush, but only so that lag tools work.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,12 +24,12 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::types::RDKafkaRespErr;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::ClientContext;
 
 use crate::calendar::Day;
 use crate::cdr::RejectReason;
-use crate::counters::UsageCounters;
+use crate::counters::Deltas;
 use crate::dead_letter::{DeadLetters, Source};
 use crate::dedup::{pack, unpack, DedupWindow};
 use crate::flush::{FlushResult, Job, Loaded, Snapshot};
@@ -80,7 +80,7 @@ struct Tallies {
 /// callback (run by rdkafka inside `poll`, on this same thread) needs it too.
 struct State {
     partitions: HashMap<i32, PartitionState>,
-    counters: UsageCounters,
+    counters: Deltas,
     in_flight: Option<Receiver<FlushResult>>,
     in_flight_cancel: Arc<AtomicBool>,
     tallies: Tallies,
@@ -89,6 +89,9 @@ struct State {
 
 pub struct IngestContext {
     settings: IngestSettings,
+    /// Bumped by every rebalance callback, so the consumer loop can tell that a
+    /// batch it polled straddles one.
+    rebalances: AtomicU64,
     /// Set at shutdown; also cancels a store load that is being retried.
     shutdown: Arc<AtomicBool>,
     state: Mutex<State>,
@@ -96,7 +99,17 @@ pub struct IngestContext {
     health: Arc<IngestHealth>,
 }
 
-impl ClientContext for IngestContext {}
+impl ClientContext for IngestContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        // With `enable.partition.eof` librdkafka also reports every end of
+        // partition here; the consumer loop handles it, and it is no error.
+        if let KafkaError::Global(RDKafkaErrorCode::PartitionEOF) = error {
+            tracing::debug!(reason, "end of partition");
+            return;
+        }
+        tracing::error!(error = %error, reason, "librdkafka error");
+    }
+}
 
 impl ConsumerContext for IngestContext {
     fn rebalance(
@@ -105,6 +118,7 @@ impl ConsumerContext for IngestContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
+        self.rebalances.fetch_add(1, Ordering::AcqRel);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self.on_assign(consumer, tpl),
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -207,7 +221,7 @@ impl IngestContext {
             tracing::warn!("partitions revoked before the last flush landed; their unflushed work will be re-read by the next owner");
         }
         st.partitions.clear();
-        drop(st.counters.take());
+        drop(std::mem::take(&mut st.counters));
         self.health.assigned_partitions.store(0, Ordering::Relaxed);
         metrics::gauge!("tallyd_partitions_assigned").set(0.0);
     }
@@ -249,15 +263,22 @@ impl IngestContext {
     }
 }
 
-/// Consumer properties tallyd sets unless `[kafka.properties]` does.
-const CONSUMER_DEFAULTS: [(&str, &str); 3] = [
+/// Consumer properties tallyd sets unless `[kafka.properties]` does: large
+/// prefetches, and a short pause (librdkafka's default is 1 s) before fetching
+/// again once the prefetch queue was full — the ingest thread empties a full
+/// queue in well under a second, and then sat idle waiting for the next fetch.
+const CONSUMER_DEFAULTS: [(&str, &str); 4] = [
     ("max.partition.fetch.bytes", "16777216"),
     ("queued.min.messages", "1000000"),
     ("queued.max.messages.kbytes", "131072"),
+    ("fetch.queue.backoff.ms", "20"),
 ];
 
 /// Messages between looks at the clock, the flusher and the pending bound.
 const CHECK_EVERY: usize = 256;
+
+/// Most messages polled before they are run through the hot path under one lock.
+const BATCH: usize = 128;
 
 /// The least time between two flushes when the consumer has caught up.
 const IDLE_FLUSH_GAP: Duration = Duration::from_millis(200);
@@ -344,7 +365,7 @@ fn take_snapshot(st: &mut State, settings: &IngestSettings) -> Option<Snapshot> 
     offsets.sort_by_key(|o| o.partition);
     let oldest_kept = Day(st.today.0 - settings.dedup_window_days as i32);
     Some(Snapshot {
-        deltas: st.counters.take(),
+        deltas: std::mem::take(&mut st.counters),
         offsets,
         dedup,
         prune_dedup_before: Some(oldest_kept),
@@ -375,7 +396,7 @@ impl Ingest {
             shutdown: shutdown.clone(),
             state: Mutex::new(State {
                 partitions: HashMap::new(),
-                counters: UsageCounters::new(1),
+                counters: Deltas::default(),
                 in_flight: None,
                 in_flight_cancel: Arc::new(AtomicBool::new(false)),
                 tallies: Tallies::default(),
@@ -383,6 +404,7 @@ impl Ingest {
             }),
             jobs,
             health,
+            rebalances: AtomicU64::new(0),
         };
         let mut cfg = client.clone();
         // Prefetch deeply: librdkafka's defaults (1 MiB per partition and fetch,
@@ -418,19 +440,42 @@ impl Ingest {
         let mut pacer = FlushPacer::new(&settings, Instant::now());
         let mut paused = false;
         let mut since_check = 0usize;
+        let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(BATCH);
         while !self.shutdown.load(Ordering::Relaxed) {
-            // A zero-timeout poll first: while messages flow it skips librdkafka's
-            // clock read for the deadline; only an empty queue waits.
-            let polled = match self.consumer.poll(Duration::ZERO) {
-                None => self.consumer.poll(Duration::from_millis(50)),
-                some => some,
-            };
-            let got_nothing = polled.is_none();
+            // Messages are polled without the state lock (a rebalance callback
+            // inside `poll` takes it) and then run through the hot path under one
+            // lock per batch. A zero-timeout poll first: while messages flow it
+            // skips librdkafka's clock read for the deadline; only an empty queue
+            // waits.
+            let generation = ctx.rebalances.load(Ordering::Acquire);
+            let mut event = None;
+            while batch.len() < BATCH {
+                let polled = match self.consumer.poll(Duration::ZERO) {
+                    None if batch.is_empty() => self.consumer.poll(Duration::from_millis(50)),
+                    other => other,
+                };
+                match polled {
+                    Some(Ok(msg)) => batch.push(msg),
+                    other => {
+                        event = other;
+                        break;
+                    }
+                }
+            }
+            // Messages polled before a rebalance belong to an assignment that is
+            // gone; the new one re-reads them from the stored offsets.
+            if ctx.rebalances.load(Ordering::Acquire) != generation {
+                batch.clear();
+            }
+            let got_nothing = batch.is_empty() && event.is_none();
+            let polled = batch.len();
             let mut st = ctx.state.lock();
+            for msg in batch.drain(..) {
+                self.handle(&mut st, &msg, &settings.topic);
+            }
             let mut reached_end = false;
-            match polled {
-                None => {}
-                Some(Ok(msg)) => self.handle(&mut st, &msg, &settings.topic),
+            match event {
+                None | Some(Ok(_)) => {}
                 Some(Err(KafkaError::PartitionEOF(p))) => {
                     if let Some(ps) = st.partitions.get_mut(&p) {
                         ps.at_end = true;
@@ -448,7 +493,7 @@ impl Ingest {
                 && st.partitions.values().all(|ps| ps.at_end);
             // Clocks, flush results and the pending bound are looked at every few
             // hundred messages, and whenever the consumer is idle or paused.
-            since_check += 1;
+            since_check += polled.max(1);
             if since_check < CHECK_EVERY && !idle && !paused && !got_nothing {
                 continue;
             }
@@ -548,7 +593,7 @@ impl Ingest {
                 tracing::error!(error = %e, "flush failed for good; dropping local state and rejoining the group");
                 metrics::counter!("tallyd_flush_fenced_total").increment(1);
                 st.partitions.clear();
-                drop(st.counters.take());
+                drop(std::mem::take(&mut st.counters));
                 // Re-subscribing triggers a rebalance, which reloads from the store.
                 self.consumer.unsubscribe();
                 let _ = self.consumer.subscribe(&[&ctx.settings.topic]);
@@ -572,7 +617,7 @@ impl Ingest {
         };
         ps.at_end = false;
         let payload = msg.payload().unwrap_or_default();
-        match ingest(payload, &self.tariff, counters, &mut ps.window) {
+        match ingest(payload, &self.tariff, &mut *counters, &mut ps.window) {
             Ok(Outcome::Counted(_)) => tallies.counted += 1,
             Ok(Outcome::Duplicate) => tallies.duplicates += 1,
             Err(rejection) => {

@@ -2,7 +2,7 @@
 //! counters. Pure and synchronous; the Kafka consumer calls it per message.
 
 use crate::cdr::{decode, Cdr, Rejection};
-use crate::counters::{LeafDay, Tally, UsageCounters};
+use crate::counters::{Deltas, LeafDay, Tally, UsageCounters};
 use crate::rating::{Charge, Tariff};
 
 /// What happened to one well-formed CDR.
@@ -30,12 +30,33 @@ impl SeenIds for NoDedup {
     }
 }
 
+/// Where rated CDRs are added: the shared, sharded [`UsageCounters`], or a
+/// [`Deltas`] that its owner already holds exclusively (the daemon's consumer
+/// thread, under its state lock), which then needs no lock of its own.
+pub trait Record {
+    fn record(self, key: LeafDay, t: Tally, phone_number: Option<&str>, agent_id: Option<&str>);
+}
+
+impl Record for &UsageCounters {
+    #[inline]
+    fn record(self, key: LeafDay, t: Tally, phone_number: Option<&str>, agent_id: Option<&str>) {
+        UsageCounters::record(self, key, t, phone_number, agent_id)
+    }
+}
+
+impl Record for &mut Deltas {
+    #[inline]
+    fn record(self, key: LeafDay, t: Tally, phone_number: Option<&str>, agent_id: Option<&str>) {
+        Deltas::record(self, key, t, phone_number, agent_id)
+    }
+}
+
 /// Runs one message through decode → validate → dedup → rate → counters.
 #[inline]
 pub fn ingest(
     bytes: &[u8],
     tariff: &Tariff,
-    counters: &UsageCounters,
+    counters: impl Record,
     seen: &mut impl SeenIds,
 ) -> Result<Outcome, Rejection> {
     let cdr = decode(bytes)?;
