@@ -28,14 +28,16 @@ use rustc_hash::FxBuildHasher;
 use tallyd::calendar::Period;
 use tallyd::cdr::{decode, Cdr};
 use tallyd::config::Config;
-use tallyd::counters::{AccountDay, LeafDay, Leaves, RecordKey, Tally, UsageCounters};
-use tallyd::pipeline::{ingest, NoDedup};
+use tallyd::counters::{AccountDay, Deltas, LeafDay, Leaves, RecordKey, Tally, UsageCounters};
+use tallyd::pipeline::{ingest, ingest_batch, NoDedup};
 use tallyd::rating::Tariff;
 
 /// Distinct messages per account pool; cycled through by the benches.
 const MESSAGES: usize = 200_000;
 /// CDRs per simulated flush in the design benches.
 const FLUSH_BATCH: usize = 100_000;
+/// Messages per batch in `ingest-batch`: what the daemon's consumer polls at most.
+const BATCH: usize = 128;
 /// Shards the daemon would use; a power of two above the core count.
 const SHARDS: usize = 16;
 
@@ -178,6 +180,27 @@ fn bench_stages(c: &mut Criterion) {
             b.iter(|| {
                 i = (i + 1) % msgs.len();
                 black_box(ingest(black_box(&msgs[i]), &tariff, &counters, &mut NoDedup).is_ok())
+            })
+        });
+
+        // The daemon's way: a polled batch at a time, its memory prefetched in waves.
+        g.throughput(Throughput::Elements(BATCH as u64));
+        let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
+        let mut deltas = Deltas::default();
+        let mut i = 0;
+        g.bench_function("ingest-batch", |b| {
+            b.iter(|| {
+                let start = i;
+                i = (i + BATCH) % (refs.len() - BATCH);
+                let mut counted = 0;
+                ingest_batch(
+                    black_box(&refs[start..start + BATCH]),
+                    &tariff,
+                    &mut deltas,
+                    &mut NoDedup,
+                    |_, r| counted += r.is_ok() as usize,
+                );
+                black_box(counted)
             })
         });
         g.finish();

@@ -7,7 +7,7 @@
 use std::fmt;
 
 /// A UTC calendar day, as days since 1970-01-01.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Day(pub i32);
 
 /// A UTC calendar month, as `year * 12 + (month - 1)`.

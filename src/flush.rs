@@ -140,6 +140,12 @@ impl Flusher {
         let rows = batch.rows.len() + batch.breakdowns.len();
         let result = self.retry(store, cancel, "flush", |s| s.write_flush(&batch));
         if result.is_ok() {
+            tracing::debug!(
+                rows = batch.rows.len(),
+                breakdowns = batch.breakdowns.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "flush landed"
+            );
             self.health
                 .last_success
                 .store(chrono::Utc::now().timestamp(), Ordering::Relaxed);

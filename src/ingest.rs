@@ -1,8 +1,8 @@
 //! Kafka ingestion: the consumer thread that runs the hot path.
 //!
-//! One thread polls an rdkafka `BaseConsumer` and runs every message through
-//! [`pipeline::ingest`] inline (decode → dedup → rate → counters); rejected
-//! messages go to the dead-letter producer. Because this thread is the only writer,
+//! One thread polls an rdkafka `BaseConsumer` in batches of up to 128 messages and
+//! runs each batch through [`pipeline::ingest_batch`] inline (decode → dedup → rate
+//! → counters); rejected messages go to the dead-letter producer. Because this thread is the only writer,
 //! it takes the flush snapshot itself — counter deltas, the offsets they came from
 //! and the newly seen dedup ids — which makes the cut consistent without a lock on
 //! the hot path. The flusher writes it in one transaction while consumption goes on.
@@ -33,7 +33,7 @@ use crate::counters::Deltas;
 use crate::dead_letter::{DeadLetters, Source};
 use crate::dedup::{pack, unpack, DedupWindow};
 use crate::flush::{FlushResult, Job, Loaded, Snapshot};
-use crate::pipeline::{ingest, Outcome};
+use crate::pipeline::{ingest_batch, Outcome};
 use crate::rating::Tariff;
 use crate::store::{DedupRows, FlushOutcome, OffsetAdvance};
 
@@ -221,7 +221,7 @@ impl IngestContext {
             tracing::warn!("partitions revoked before the last flush landed; their unflushed work will be re-read by the next owner");
         }
         st.partitions.clear();
-        drop(std::mem::take(&mut st.counters));
+        st.counters = Deltas::default();
         self.health.assigned_partitions.store(0, Ordering::Relaxed);
         metrics::gauge!("tallyd_partitions_assigned").set(0.0);
     }
@@ -365,7 +365,7 @@ fn take_snapshot(st: &mut State, settings: &IngestSettings) -> Option<Snapshot> 
     offsets.sort_by_key(|o| o.partition);
     let oldest_kept = Day(st.today.0 - settings.dedup_window_days as i32);
     Some(Snapshot {
-        deltas: std::mem::take(&mut st.counters),
+        deltas: st.counters.take(),
         offsets,
         dedup,
         prune_dedup_before: Some(oldest_kept),
@@ -470,9 +470,10 @@ impl Ingest {
             let got_nothing = batch.is_empty() && event.is_none();
             let polled = batch.len();
             let mut st = ctx.state.lock();
-            for msg in batch.drain(..) {
-                self.handle(&mut st, &msg, &settings.topic);
+            for run in batch.chunk_by(|a, b| a.partition() == b.partition()) {
+                self.handle_run(&mut st, run, &settings.topic);
             }
+            batch.clear();
             let mut reached_end = false;
             match event {
                 None | Some(Ok(_)) => {}
@@ -593,7 +594,7 @@ impl Ingest {
                 tracing::error!(error = %e, "flush failed for good; dropping local state and rejoining the group");
                 metrics::counter!("tallyd_flush_fenced_total").increment(1);
                 st.partitions.clear();
-                drop(std::mem::take(&mut st.counters));
+                st.counters = Deltas::default();
                 // Re-subscribing triggers a rebalance, which reloads from the store.
                 self.consumer.unsubscribe();
                 let _ = self.consumer.subscribe(&[&ctx.settings.topic]);
@@ -601,10 +602,12 @@ impl Ingest {
         }
     }
 
-    #[inline]
-    fn handle(&self, st: &mut State, msg: &BorrowedMessage<'_>, topic: &str) {
-        let partition = msg.partition();
-        let offset = msg.offset();
+    /// Runs consecutive messages of one partition through the hot path.
+    fn handle_run(&self, st: &mut State, run: &[BorrowedMessage<'_>], topic: &str) {
+        let (Some(first), Some(last)) = (run.first(), run.last()) else {
+            return;
+        };
+        let partition = first.partition();
         let State {
             partitions,
             counters,
@@ -612,29 +615,39 @@ impl Ingest {
             ..
         } = st;
         let Some(ps) = partitions.get_mut(&partition) else {
-            // A message of a partition revoked while it was in flight.
+            // Messages of a partition revoked while they were in flight.
             return;
         };
         ps.at_end = false;
-        let payload = msg.payload().unwrap_or_default();
-        match ingest(payload, &self.tariff, &mut *counters, &mut ps.window) {
-            Ok(Outcome::Counted(_)) => tallies.counted += 1,
-            Ok(Outcome::Duplicate) => tallies.duplicates += 1,
-            Err(rejection) => {
-                tallies.rejected[rejection.reason as usize] += 1;
-                self.dead_letters.send(
-                    msg.key(),
-                    msg.payload(),
-                    &rejection,
-                    &Source {
-                        topic,
-                        partition,
-                        offset,
-                    },
-                );
-            }
-        }
-        ps.next = offset + 1;
+        let payloads: Vec<&[u8]> = run
+            .iter()
+            .map(|m| m.payload().unwrap_or_default())
+            .collect();
+        ingest_batch(
+            &payloads,
+            &self.tariff,
+            counters,
+            &mut ps.window,
+            |i, result| match result {
+                Ok(Outcome::Counted(_)) => tallies.counted += 1,
+                Ok(Outcome::Duplicate) => tallies.duplicates += 1,
+                Err(rejection) => {
+                    tallies.rejected[rejection.reason as usize] += 1;
+                    let msg = &run[i];
+                    self.dead_letters.send(
+                        msg.key(),
+                        msg.payload(),
+                        &rejection,
+                        &Source {
+                            topic,
+                            partition,
+                            offset: msg.offset(),
+                        },
+                    );
+                }
+            },
+        );
+        ps.next = last.offset() + 1;
     }
 }
 

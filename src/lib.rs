@@ -11,7 +11,8 @@
 //!   tallies (plus by-number/by-agent breakdowns) per account and UTC day, added
 //!   into day, month, year and all-time rows at flush time. Rollups are sums of
 //!   leaves, computed when read.
-//! - [`pipeline`] is the hot path that strings the above together for one message.
+//! - [`pipeline`] is the hot path that strings the above together for a batch of
+//!   messages.
 //! - [`dedup`] remembers CDR ids per partition for the dedup window.
 //! - [`ingest`] is the Kafka consumer thread running the hot path; rejected
 //!   messages go to [`dead_letter`].

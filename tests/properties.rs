@@ -23,7 +23,8 @@ use tallyd::cdr::{
 };
 use tallyd::config::Config;
 use tallyd::counters::{Deltas, RecordKey, Tally, UsageCounters};
-use tallyd::pipeline::{ingest, NoDedup, Outcome};
+use tallyd::dedup::DedupWindow;
+use tallyd::pipeline::{ingest, ingest_batch, NoDedup, Outcome};
 use tallyd::rating::{reference_price, PlanConfig, RateConfig, RatingConfig, Tariff, PRICE_SCALE};
 
 /// Accounts the generated CDRs belong to; the last is on the `callingbox` plan in
@@ -397,6 +398,51 @@ proptest! {
             }
         });
         prop_assert_eq!(&serial, &counters.take());
+    }
+
+    /// The daemon's batched path (waves of prefetches, then the updates) counts
+    /// exactly what message-by-message ingestion counts, with the same outcome per
+    /// message, duplicates and malformed messages included, whatever the batch cut.
+    #[test]
+    fn batched_ingest_equals_one_by_one(
+        cdrs in prop::collection::vec(gen_cdr(), 1..120),
+        extras in prop::collection::vec((any::<prop::sample::Index>(), 0..3u8), 0..40),
+        cut in 1usize..50,
+    ) {
+        let tariff = shipped_tariff();
+        let mut msgs: Vec<Vec<u8>> = cdrs.iter().enumerate().map(|(i, c)| c.json(i)).collect();
+        // Re-sent duplicates and broken copies at random places.
+        for (at, what) in extras {
+            let copy = msgs[at.index(msgs.len())].clone();
+            let m = match what {
+                0 => copy,
+                1 => copy[..copy.len() / 2].to_vec(),
+                _ => b"{\"id\":7}".to_vec(),
+            };
+            msgs.insert(at.index(msgs.len() + 1), m);
+        }
+
+        let mut one_window = DedupWindow::new(Day(20_000));
+        let mut one = Deltas::default();
+        let expected: Vec<_> = msgs
+            .iter()
+            .map(|m| ingest(m, &tariff, &mut one, &mut one_window))
+            .collect();
+
+        let mut batch_window = DedupWindow::new(Day(20_000));
+        let mut batched = Deltas::default();
+        let mut got = Vec::new();
+        let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
+        for chunk in refs.chunks(cut) {
+            let base = got.len();
+            ingest_batch(chunk, &tariff, &mut batched, &mut batch_window, |i, r| {
+                assert_eq!(i, got.len() - base);
+                got.push(r);
+            });
+        }
+        prop_assert_eq!(&expected, &got);
+        prop_assert_eq!(&one, &batched);
+        prop_assert_eq!(one_window.take_fresh(), batch_window.take_fresh());
     }
 }
 

@@ -255,7 +255,11 @@ impl<'a> Parser<'a> {
     /// A plain ASCII string as `&str`.
     #[inline]
     fn str(&mut self) -> Option<&'a str> {
-        std::str::from_utf8(self.bytes()?).ok()
+        let b = self.bytes()?;
+        debug_assert!(b.is_ascii());
+        // SAFETY: `bytes` only returns runs it checked byte by byte (or eight at a
+        // time) to be below 0x80, and ASCII is valid UTF-8.
+        Some(unsafe { std::str::from_utf8_unchecked(b) })
     }
 
     /// A non-negative integer that fits a `u32`, written as JSON writes it.

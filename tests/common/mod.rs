@@ -4,15 +4,16 @@
 
 #![allow(dead_code)]
 
-use std::collections::HashSet;
 use std::path::Path;
 
 use serde_json::json;
 use tallyd::api::{router, ApiState};
+use tallyd::calendar::Day;
 use tallyd::config::Config;
 use tallyd::counters::UsageCounters;
+use tallyd::dedup::DedupWindow;
 use tallyd::flush::rows_of;
-use tallyd::pipeline::{ingest, Outcome, SeenIds};
+use tallyd::pipeline::{ingest, Outcome};
 use tallyd::rating::Tariff;
 use tallyd::store::{FlushBatch, FlushOutcome, Store};
 
@@ -183,21 +184,13 @@ pub fn sms(
     v.to_string()
 }
 
-struct SeenSet(HashSet<String>);
-
-impl SeenIds for SeenSet {
-    fn first_sighting(&mut self, cdr: &tallyd::cdr::Cdr<'_>) -> bool {
-        self.0.insert(cdr.id.to_string())
-    }
-}
-
 /// Runs CDRs through the rating pipeline and writes them with the daemon's flush
 /// writer ([`Store::write_flush`]): every row (day, month, year, all-time), the
 /// by-number / by-agent breakdowns, and `last_flush`
 /// = `as_of`. Returns how many CDRs were counted (duplicates are not).
 pub fn flush_cdrs(url: &str, tariff: &Tariff, cdrs: &[String], as_of: &str) -> usize {
     let counters = UsageCounters::new(4);
-    let mut seen = SeenSet(HashSet::new());
+    let mut seen = DedupWindow::new(Day(0));
     let mut counted = 0;
     for c in cdrs {
         match ingest(c.as_bytes(), tariff, &counters, &mut seen) {

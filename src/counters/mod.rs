@@ -1,9 +1,8 @@
-//! Sharded in-memory usage counters: the deltas since the last flush.
+//! In-memory usage counters: the deltas since the last flush.
 //!
-//! The hot path adds one CDR to its (account, UTC day) [`DayCell`]: one hash-map
-//! lookup, then an add into the cell's inline array of the 15 leaf categories
-//! ([`Leaves`]) and into the cell's short list of by-number and by-agent
-//! [`Breakdown`]s. Nothing else is touched per CDR:
+//! The hot path adds one CDR to its (account, UTC day) cell — an inline array of
+//! the 15 leaf categories ([`Leaves`]) — and to the by-number and by-agent
+//! [`Breakdown`]s of that account-day. Nothing else is touched per CDR:
 //!
 //! - Coarser periods are expanded at flush: each day cell is added into the rows
 //!   of its day, month, year and all time ([`Deltas::rows`]).
@@ -13,7 +12,7 @@
 //!   equals the sum of its leaves by construction.
 //!
 //! Why this shape: a CDR costs one lookup in a map of live account-days instead of
-//! one per leaf and breakdown, and a flush writes one row per account × period
+//! one per leaf and period, and a flush writes one row per account × period
 //! instead of one per account × category × period (about 20× fewer rows), which
 //! is what bounded end-to-end throughput. `benches/pipeline.rs`, quiet 2-vCPU VM,
 //! 100k CDRs recorded and turned into flush rows (`design-rollups`): 53 ms for
@@ -22,11 +21,19 @@
 //! against 269 ms: zeroing a fresh cell per CDR costs more there, but flushes
 //! see many CDRs per account-day in practice and the store writes dominate.
 //!
-//! [`UsageCounters::take`] swaps each shard's map for an empty one, so writers are
-//! held only for a pointer swap per shard.
+//! The cells and breakdowns live in [`table::Table`]s, whose lookups can be
+//! prefetched: the daemon runs a polled batch through [`Deltas::place`],
+//! [`Deltas::prefetch`] and [`Deltas::record_at`] in three waves so that the cache
+//! misses of a whole batch overlap ([`crate::pipeline::ingest_batch`]).
+//!
+//! [`UsageCounters`] shards deltas by account behind mutexes for callers with
+//! several writer threads; [`UsageCounters::take`] swaps each shard's tables for
+//! empty ones, so writers are held only for a swap per shard.
+
+pub mod table;
 
 use crossbeam_utils::CachePadded;
-use hashbrown::{HashMap, HashTable};
+use hashbrown::HashMap;
 use parking_lot::Mutex;
 use rustc_hash::FxBuildHasher;
 
@@ -34,6 +41,7 @@ use crate::calendar::{Day, Period};
 use crate::category::Category;
 use crate::cdr::AccountSid;
 use crate::rating::Charge;
+use table::{fold_mul, prefetch, Table, TableKey};
 
 /// Count, usage and price accumulated in one cell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -179,15 +187,69 @@ pub struct BreakdownKey {
     pub value: Box<str>,
 }
 
-/// One number's or agent's calls and messages inside a [`DayCell`].
+/// A breakdown's identity on the hot path: account, day and the 128-bit xxh3 of
+/// dimension and value.
+///
+/// Lookups compare these instead of the strings, which live on the heap and would
+/// cost a cache miss each. Two distinct values of one account-day colliding has
+/// odds of about n²·2⁻¹²⁹ for n values, the same standard as the dedup window's
+/// 128-bit CDR-id hashes ([`crate::dedup`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BreakdownId {
+    account: AccountSid,
+    day: Day,
+    value: u128,
+}
+
+impl BreakdownId {
+    #[inline]
+    fn new(account: AccountSid, day: Day, dimension: Dimension, value: &str) -> BreakdownId {
+        let seed = match dimension {
+            Dimension::Number => 1,
+            Dimension::Agent => 2,
+        };
+        BreakdownId {
+            account,
+            day,
+            value: xxhash_rust::xxh3::xxh3_128_with_seed(value.as_bytes(), seed),
+        }
+    }
+}
+
+impl TableKey for BreakdownId {
+    #[inline]
+    fn hash64(&self) -> u64 {
+        // The value hash is already uniform; fold the account-day in.
+        self.value as u64 ^ AccountDay::hash_parts(self.account, self.day)
+    }
+}
+
+impl TableKey for AccountDay {
+    #[inline]
+    fn hash64(&self) -> u64 {
+        AccountDay::hash_parts(self.account, self.day)
+    }
+}
+
+impl AccountDay {
+    #[inline]
+    fn hash_parts(account: AccountSid, day: Day) -> u64 {
+        let a = account.0;
+        let h = fold_mul(
+            a as u64 ^ 0x243f_6a88_85a3_08d3,
+            (a >> 64) as u64 ^ 0x1319_8a2e_0370_7344,
+        );
+        fold_mul(h ^ day.0 as u32 as u64, 0x9e37_79b9_7f4a_7c15)
+    }
+}
+
+/// One number's or agent's calls and messages on one account-day.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Breakdown {
     pub dimension: Dimension,
     pub value: Box<str>,
     pub calls: Tally,
     pub messages: Tally,
-    /// [`breakdown_id`] of dimension and value: what a lookup compares.
-    id: u128,
 }
 
 impl Breakdown {
@@ -200,90 +262,6 @@ impl Breakdown {
     }
 }
 
-/// Breakdowns are found by a linear scan up to this many per cell (an account-day
-/// usually has a handful of numbers and agents), through a hash index beyond.
-const SCAN_LIMIT: usize = 8;
-
-/// A breakdown's identity within a cell: the 128-bit xxh3 of dimension and value.
-///
-/// Lookups compare these instead of the strings, which live on the heap and cost
-/// a cache miss each on the hot path. Two distinct values of one account-day
-/// colliding has odds of about n²·2⁻¹²⁹ for n values, the same standard as the
-/// dedup window's 128-bit CDR-id hashes ([`crate::dedup`]).
-fn breakdown_id(dimension: Dimension, value: &str) -> u128 {
-    let seed = match dimension {
-        Dimension::Number => 1,
-        Dimension::Agent => 2,
-    };
-    xxhash_rust::xxh3::xxh3_128_with_seed(value.as_bytes(), seed)
-}
-
-/// One account's usage on one UTC day since the last flush.
-#[derive(Debug, Clone, Default)]
-pub struct DayCell {
-    pub leaves: Leaves,
-    /// The first two live inside the cell: an account-day usually has one number
-    /// and one agent, and reaching them then costs no pointer chase (a cache miss
-    /// each on the hot path, 10–25% of the whole in-process path).
-    breakdowns: smallvec::SmallVec<[Breakdown; 2]>,
-    /// Positions in `breakdowns`, once it outgrows a linear scan.
-    index: Option<Box<HashTable<u32>>>,
-}
-
-/// Equal when the tallies are, whatever order the breakdowns were first seen in.
-impl PartialEq for DayCell {
-    fn eq(&self, o: &DayCell) -> bool {
-        self.leaves == o.leaves
-            && self.breakdowns.len() == o.breakdowns.len()
-            && self.breakdowns.iter().all(|b| o.breakdowns.contains(b))
-    }
-}
-
-impl DayCell {
-    /// The breakdown of `value`, added empty if new; and whether it was new.
-    #[inline]
-    fn breakdown(&mut self, dimension: Dimension, value: &str) -> (&mut Breakdown, bool) {
-        let id = breakdown_id(dimension, value);
-        let hash = id as u64;
-        let found = match &self.index {
-            None => self.breakdowns.iter().position(|b| b.id == id),
-            Some(index) => {
-                let bs = &self.breakdowns;
-                index
-                    .find(hash, |&i| bs[i as usize].id == id)
-                    .map(|&i| i as usize)
-            }
-        };
-        if let Some(i) = found {
-            return (&mut self.breakdowns[i], false);
-        }
-        self.breakdowns.push(Breakdown {
-            dimension,
-            value: value.into(),
-            calls: Tally::default(),
-            messages: Tally::default(),
-            id,
-        });
-        let n = self.breakdowns.len();
-        let bs = &self.breakdowns;
-        let rehash = |&i: &u32| bs[i as usize].id as u64;
-        match &mut self.index {
-            Some(index) => {
-                index.insert_unique(hash, n as u32 - 1, rehash);
-            }
-            None if n > SCAN_LIMIT => {
-                let mut index = HashTable::with_capacity(n * 2);
-                for i in 0..n as u32 {
-                    index.insert_unique(rehash(&i), i, rehash);
-                }
-                self.index = Some(Box::new(index));
-            }
-            None => {}
-        }
-        (&mut self.breakdowns[n - 1], true)
-    }
-}
-
 /// One stored breakdown row's delta: a number's or agent's calls and messages on
 /// one day.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -293,25 +271,99 @@ pub struct BreakdownDelta {
     pub messages: Tally,
 }
 
-/// Everything taken from the counters at one flush.
+/// Where one rated CDR will be added, worked out (and its slots prefetched) a
+/// batch ahead of the update: see [`Deltas::place`].
+#[derive(Debug, Clone, Copy)]
+pub struct Placement {
+    cell: u64,
+    number: Option<(BreakdownId, u64)>,
+    agent: Option<(BreakdownId, u64)>,
+}
+
+/// Everything taken from the counters at one flush: per account and UTC day, the
+/// 15 leaf tallies; per account, day and number or agent, a breakdown.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Deltas {
-    pub days: HashMap<AccountDay, DayCell, FxBuildHasher>,
-    /// Breakdown entries over all cells.
-    breakdown_count: usize,
+    cells: Table<AccountDay, Leaves>,
+    breakdowns: Table<BreakdownId, Breakdown>,
 }
 
 impl Deltas {
     pub fn is_empty(&self) -> bool {
-        self.days.is_empty()
+        self.cells.is_empty()
     }
 
     /// Account-day cells plus breakdown entries held (for backpressure).
     pub fn live_cells(&self) -> usize {
-        self.days.len() + self.breakdown_count
+        self.cells.len() + self.breakdowns.len()
     }
 
-    /// Adds a single CDR's charge; used by a shard and by single-threaded callers.
+    /// Account-day cells held.
+    pub fn account_days(&self) -> usize {
+        self.cells.len()
+    }
+
+    /// Takes everything, leaving tables sized for as much again (the next flush
+    /// interval sees about the same live accounts, and then never rehashes).
+    pub fn take(&mut self) -> Deltas {
+        let next = Deltas {
+            cells: Table::with_capacity(self.cells.len()),
+            breakdowns: Table::with_capacity(self.breakdowns.len()),
+        };
+        std::mem::replace(self, next)
+    }
+
+    /// First wave of a batched update: hashes where a CDR lands and starts
+    /// loading the slots it will read.
+    #[inline]
+    pub fn place(
+        &self,
+        key: &LeafDay,
+        phone_number: Option<&str>,
+        agent_id: Option<&str>,
+    ) -> Placement {
+        let cell = AccountDay::hash_parts(key.account, key.day);
+        self.cells.prefetch_slot(cell);
+        let breakdown = |dimension, value: Option<&str>| {
+            value.map(|v| {
+                let id = BreakdownId::new(key.account, key.day, dimension, v);
+                let h = id.hash64();
+                self.breakdowns.prefetch_slot(h);
+                (id, h)
+            })
+        };
+        Placement {
+            cell,
+            number: breakdown(Dimension::Number, phone_number),
+            agent: breakdown(Dimension::Agent, agent_id),
+        }
+    }
+
+    /// Second wave: with the slots in cache, starts loading the entries — the
+    /// cell's key and the leaf's tally, each breakdown's key and tally.
+    #[inline]
+    pub fn prefetch(&self, p: &Placement, leaf: Category) {
+        if let Some((key, leaves)) = self.cells.candidate(p.cell) {
+            prefetch(key);
+            let t = &leaves.0[leaf.index()];
+            prefetch(t);
+            prefetch(
+                (t as *const Tally)
+                    .wrapping_add(1)
+                    .cast::<u8>()
+                    .wrapping_sub(1),
+            );
+        }
+        for (_, h) in [p.number, p.agent].into_iter().flatten() {
+            if let Some(entry) = self.breakdowns.candidate(h) {
+                prefetch(entry);
+                prefetch(&entry.1.calls);
+                prefetch(&entry.1.messages);
+            }
+        }
+    }
+
+    /// Adds a single CDR's charge.
     #[inline]
     pub fn record(
         &mut self,
@@ -320,45 +372,65 @@ impl Deltas {
         phone_number: Option<&str>,
         agent_id: Option<&str>,
     ) {
-        let cell = self
-            .days
-            .entry(AccountDay {
-                account: key.account,
-                day: key.day,
-            })
-            .or_default();
-        cell.leaves.add_leaf(key.leaf, t);
+        let p = self.place(&key, phone_number, agent_id);
+        self.record_at(&p, key, t, phone_number, agent_id);
+    }
+
+    /// Last wave: adds the CDR where [`Deltas::place`] found it lands (the same
+    /// key and strings must be passed again).
+    #[inline]
+    pub fn record_at(
+        &mut self,
+        p: &Placement,
+        key: LeafDay,
+        t: Tally,
+        phone_number: Option<&str>,
+        agent_id: Option<&str>,
+    ) {
+        let cell = AccountDay {
+            account: key.account,
+            day: key.day,
+        };
+        self.cells
+            .get_or_insert_with(cell, p.cell, Leaves::default)
+            .0
+            .add_leaf(key.leaf, t);
         let class = UsageClass::of(key.leaf);
-        for (dimension, value) in [
-            (Dimension::Number, phone_number),
-            (Dimension::Agent, agent_id),
+        for (dimension, value, placed) in [
+            (Dimension::Number, phone_number, p.number),
+            (Dimension::Agent, agent_id, p.agent),
         ] {
-            if let Some(v) = value {
-                let (b, new) = cell.breakdown(dimension, v);
+            if let (Some(v), Some((id, h))) = (value, placed) {
+                let (b, _) = self.breakdowns.get_or_insert_with(id, h, || Breakdown {
+                    dimension,
+                    value: v.into(),
+                    calls: Tally::default(),
+                    messages: Tally::default(),
+                });
                 b.tally_mut(class).add(t);
-                self.breakdown_count += new as usize;
             }
         }
     }
 
     /// Merges another set of deltas into this one.
     pub fn merge(&mut self, other: Deltas) {
-        for (k, cell) in other.days {
-            match self.days.entry(k) {
-                hashbrown::hash_map::Entry::Vacant(v) => {
-                    self.breakdown_count += cell.breakdowns.len();
-                    v.insert(cell);
-                }
-                hashbrown::hash_map::Entry::Occupied(mut o) => {
-                    let mine = o.get_mut();
-                    mine.leaves.add(&cell.leaves);
-                    for b in &cell.breakdowns {
-                        let (m, new) = mine.breakdown(b.dimension, &b.value);
-                        m.calls.add(b.calls);
-                        m.messages.add(b.messages);
-                        self.breakdown_count += new as usize;
-                    }
-                }
+        if self.is_empty() {
+            *self = other;
+            return;
+        }
+        for (k, leaves) in other.cells.into_entries() {
+            self.cells
+                .get_or_insert_with(k, k.hash64(), Leaves::default)
+                .0
+                .add(&leaves);
+        }
+        for (id, b) in other.breakdowns.into_entries() {
+            let (mine, new) = self
+                .breakdowns
+                .get_or_insert_with(id, id.hash64(), || b.clone());
+            if !new {
+                mine.calls.add(b.calls);
+                mine.messages.add(b.messages);
             }
         }
     }
@@ -367,15 +439,15 @@ impl Deltas {
     /// day, month, year and all-time rows.
     pub fn rows(&self) -> HashMap<RowKey, Leaves, FxBuildHasher> {
         let mut out: HashMap<RowKey, Leaves, FxBuildHasher> = HashMap::default();
-        out.reserve(self.days.len() * 2);
-        for (k, cell) in &self.days {
+        out.reserve(self.cells.len() * 2);
+        for (k, leaves) in self.cells.entries() {
             for period in Period::containing(k.day) {
                 out.entry(RowKey {
                     account: k.account,
                     period,
                 })
                 .or_default()
-                .add(&cell.leaves);
+                .add(leaves);
             }
         }
         out
@@ -383,18 +455,19 @@ impl Deltas {
 
     /// Every by-number and by-agent tally, keyed for the store.
     pub fn breakdowns(&self) -> impl Iterator<Item = BreakdownDelta> + '_ {
-        self.days.iter().flat_map(|(k, cell)| {
-            cell.breakdowns.iter().map(move |b| BreakdownDelta {
+        self.breakdowns
+            .entries()
+            .iter()
+            .map(|(id, b)| BreakdownDelta {
                 key: BreakdownKey {
-                    account: k.account,
-                    day: k.day,
+                    account: id.account,
+                    day: id.day,
                     dimension: b.dimension,
                     value: b.value.clone(),
                 },
                 calls: b.calls,
                 messages: b.messages,
             })
-        })
     }
 
     /// The UsageRecords these deltas add to: every category with usage (leaf or
@@ -460,12 +533,8 @@ impl UsageCounters {
     pub fn take(&self) -> Deltas {
         let mut all = Deltas::default();
         for shard in self.shards.iter() {
-            let taken = std::mem::take(&mut *shard.lock());
-            if all.is_empty() {
-                all = taken;
-            } else {
-                all.merge(taken);
-            }
+            let taken = shard.lock().take();
+            all.merge(taken);
         }
         all
     }
@@ -572,7 +641,7 @@ mod tests {
         );
         assert_eq!(c.live_cells(), 10 + 11);
         let d = c.take();
-        assert_eq!(d.days.len(), 10);
+        assert_eq!(d.account_days(), 10);
         assert_eq!(d.breakdowns().count(), 11);
         assert_eq!(
             breakdown(&d, 3, 1, Dimension::Number, "+1555"),
@@ -589,8 +658,8 @@ mod tests {
 
     #[test]
     fn many_breakdown_values_in_one_cell_stay_distinct() {
-        // Past the linear-scan limit the cell switches to a hash index; every value
-        // must still land in its own entry, before and after the switch and a merge.
+        // Every value must land in its own entry, also across table growth and a
+        // merge.
         let mut d = Deltas::default();
         let t = Tally {
             count: 1,
@@ -633,16 +702,11 @@ mod tests {
             breakdown(&d, 9, 2, Dimension::Agent, "a").unwrap().count,
             40
         );
-        assert_eq!(
-            d.days
-                .values()
-                .next()
-                .unwrap()
-                .leaves
-                .get(Category::Calls)
-                .count,
-            121
-        );
+        let all = d.rows()[&RowKey {
+            account: AccountSid(9),
+            period: Period::AllTime,
+        }];
+        assert_eq!(all.get(Category::Calls).count, 121);
     }
 
     #[test]
@@ -694,10 +758,10 @@ mod tests {
     #[test]
     fn live_state_sizes_match_the_docs() {
         // README "Memory" and config flush.max_pending_cells quote these.
-        let cell = std::mem::size_of::<(AccountDay, DayCell)>();
-        let entry = std::mem::size_of::<Breakdown>();
+        let cell = std::mem::size_of::<(AccountDay, Leaves)>();
+        let entry = std::mem::size_of::<(BreakdownId, Breakdown)>();
         eprintln!("account-day cell {cell} B, breakdown entry {entry} B + string");
-        assert!(cell <= 630, "account-day cell is {cell} bytes");
-        assert!(entry <= 100, "breakdown entry is {entry} bytes");
+        assert!(cell <= 400, "account-day cell is {cell} bytes");
+        assert!(entry <= 128, "breakdown entry is {entry} bytes");
     }
 }
