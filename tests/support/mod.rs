@@ -48,33 +48,186 @@ fn tansu_bin() -> String {
     s
 }
 
-/// A tansu broker process with an in-memory engine on a free port.
+/// Waits until something accepts connections on `port`; fails if `child` exits first.
+fn wait_listening(child: &mut Child, port: u16, what: &str, log: Option<&Path>) {
+    let log = log.map_or("not kept".into(), |l| l.display().to_string());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("{what} exited with {st} before listening on {port}; log: {log}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start on {port}; log: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn append(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap()
+}
+
+/// Stdout and stderr of a child appended to `path`, or discarded when `None`.
+fn log_to(path: Option<&Path>) -> (Stdio, Stdio) {
+    match path {
+        None => (Stdio::null(), Stdio::null()),
+        Some(p) => {
+            let f = append(p);
+            (f.try_clone().unwrap().into(), f.into())
+        }
+    }
+}
+
+/// A free port below the kernel's ephemeral range, for a server that goes away
+/// and must come back on the same port: while it is down, no client's outgoing
+/// connection (nor a client connecting to itself) can take the port.
+fn free_stable_port() -> u16 {
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let mut rng = rand::thread_rng();
+    for _ in 0..1000 {
+        let port = rand::Rng::gen_range(&mut rng, 10_000..low);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below {low}")
+}
+
+/// A moto S3 server on a free port, killed on drop.
+pub struct Moto {
+    child: Child,
+    pub port: u16,
+}
+
+impl Moto {
+    pub fn start(log: &Path) -> Moto {
+        let bin = std::env::var("MOTO_SERVER_BIN").unwrap_or_else(|_| "moto_server".into());
+        let port = free_port();
+        let (out, err) = log_to(Some(log));
+        let mut child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("spawn {bin}: {e}: run ./scripts/test.sh (it installs moto[server]) or set MOTO_SERVER_BIN")
+            });
+        wait_listening(&mut child, port, "moto_server", Some(log));
+        Moto { child, port }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn create_bucket(&self, bucket: &str, region: &str) {
+        let body = format!(
+            "<CreateBucketConfiguration xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
+             <LocationConstraint>{region}</LocationConstraint></CreateBucketConfiguration>"
+        );
+        let res = reqwest::blocking::Client::new()
+            .put(format!("{}/{bucket}", self.endpoint()))
+            .body(body)
+            .send()
+            .expect("moto_server answers");
+        assert!(
+            res.status().is_success(),
+            "creating bucket {bucket}: {}",
+            res.status()
+        );
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A tansu broker process on a free port: with an in-memory engine ([`Tansu::start`]),
+/// or storing in S3 on a moto server of its own, so that it can be killed and
+/// restarted without losing a message ([`Tansu::start_persistent`]).
 pub struct Tansu {
     pub child: Child,
     pub port: u16,
+    /// Storage engine settings, passed again on every restart.
+    env: Vec<(&'static str, String)>,
+    log: Option<PathBuf>,
+    /// The storage of a persistent broker; killed after the broker (fields drop
+    /// after `Drop::drop` ran).
+    moto: Option<Moto>,
 }
 
 impl Tansu {
     pub fn start() -> Tansu {
-        let port = free_port();
+        let env = vec![("STORAGE_ENGINE", "memory://tansu/".to_string())];
+        Self::launch(free_port(), env, None, None)
+    }
+
+    /// A broker whose topics and messages live in a bucket of its own moto S3
+    /// server; both log into `dir`.
+    pub fn start_persistent(dir: &Path) -> Tansu {
+        const REGION: &str = "eu-west-2";
+        let moto = Moto::start(&dir.join("moto.log"));
+        moto.create_bucket("tansu", REGION);
+        let env = vec![
+            ("STORAGE_ENGINE", "s3://tansu/".to_string()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_DEFAULT_REGION", REGION.into()),
+            ("AWS_ENDPOINT", moto.endpoint()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+        ];
+        let log = dir.join("tansu.log");
+        Self::launch(free_stable_port(), env, Some(log), Some(moto))
+    }
+
+    fn launch(
+        port: u16,
+        env: Vec<(&'static str, String)>,
+        log: Option<PathBuf>,
+        moto: Option<Moto>,
+    ) -> Tansu {
+        let child = Self::spawn(port, &env, log.as_deref());
+        let mut t = Tansu {
+            child,
+            port,
+            env,
+            log,
+            moto,
+        };
+        t.wait_ready();
+        t
+    }
+
+    fn spawn(port: u16, env: &[(&'static str, String)], log: Option<&Path>) -> Child {
         let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(tansu_bin())
+        let (out, err) = log_to(log);
+        Command::new(tansu_bin())
             .arg("broker")
-            .env("STORAGE_ENGINE", "memory://tansu/")
             .env("LISTENER_URL", &url)
             .env("ADVERTISED_LISTENER_URL", &url)
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
             .spawn()
-            .expect("spawn tansu");
-        let t = Tansu { child, port };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not start on {port}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        t
+            .expect("spawn tansu")
+    }
+
+    fn wait_ready(&mut self) {
+        wait_listening(&mut self.child, self.port, "tansu", self.log.as_deref());
     }
 
     pub fn brokers(&self) -> String {
@@ -105,11 +258,30 @@ impl Tansu {
     pub fn thaw(&self) {
         signal(&self.child, libc::SIGCONT);
     }
+
+    /// Kills the broker (SIGKILL); its storage stays. Only for a persistent broker:
+    /// an in-memory one would come back empty.
+    pub fn stop(&mut self) {
+        assert!(self.moto.is_some(), "stop() needs Tansu::start_persistent");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts a new broker process on the same port and storage (killing the old
+    /// one if it still runs), and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = Self::spawn(self.port, &self.env, self.log.as_deref());
+        self.wait_ready();
+    }
 }
 
 impl Drop for Tansu {
     fn drop(&mut self) {
-        signal(&self.child, libc::SIGCONT);
+        // Not after `stop()`: that pid is reaped and may be someone else's by now.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            signal(&self.child, libc::SIGCONT);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -199,11 +371,7 @@ impl Daemon {
         env: &[(&str, &str)],
     ) -> Daemon {
         let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tallyd.toml");
-        let logf = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
+        let logf = append(log);
         let child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
             .args(["run", "--config", config.to_str().unwrap()])
             .env("TALLYD_KAFKA__BROKERS", brokers)
@@ -475,7 +643,8 @@ pub fn assert_exact(store_url: &str, truth: &[StoredRecord]) {
     }
 }
 
-/// Reads every message of the dead-letter topic: (reason header, payload).
+/// Reads every message of the dead-letter topic: (reason header, payload). Reads
+/// until at least `expect` messages came and then nothing more for a second.
 pub fn dead_letters(brokers: &str, topic: &str, expect: usize) -> Vec<(String, String)> {
     use rdkafka::message::{Headers, Message};
     use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -491,8 +660,17 @@ pub fn dead_letters(brokers: &str, topic: &str, expect: usize) -> Vec<(String, S
     c.assign(&tpl).unwrap();
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while out.len() < expect && Instant::now() < deadline {
-        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+    let mut quiet_since = Instant::now();
+    while Instant::now() < deadline {
+        let polled = c.poll(Duration::from_millis(200));
+        if polled.is_none()
+            && out.len() >= expect
+            && quiet_since.elapsed() >= Duration::from_secs(1)
+        {
+            break;
+        }
+        if let Some(Ok(m)) = polled {
+            quiet_since = Instant::now();
             let reason = m
                 .headers()
                 .and_then(|h| {
