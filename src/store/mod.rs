@@ -434,8 +434,105 @@ fn sqlite_flush(c: &mut rusqlite::Connection, b: &FlushBatch) -> Result<FlushOut
     Ok(FlushOutcome::Applied)
 }
 
-/// Rows per multi-row statement to PostgreSQL.
-const PG_CHUNK: usize = 20_000;
+/// Adds the batch's rows into `usage_rows`: streamed with a binary COPY into a
+/// session-local staging table, then upserted from there in one statement (COPY
+/// is PostgreSQL's cheapest way in; parameters and arrays cost twice as much).
+fn copy_rows(tx: &mut postgres::Transaction<'_>, b: &FlushBatch) -> Result<()> {
+    use postgres::types::Type;
+    if b.rows.is_empty() {
+        return Ok(());
+    }
+    tx.batch_execute(
+        "CREATE TEMP TABLE IF NOT EXISTS usage_rows_in (LIKE usage_rows) ON COMMIT DELETE ROWS",
+    )?;
+    let columns = format!(
+        "account_sid, period, start_date, price_unit, {}",
+        *LEAF_COLUMN_LIST
+    );
+    let types: Vec<Type> = [Type::TEXT; 4]
+        .into_iter()
+        .chain(std::iter::repeat(Type::INT8).take(LEAF_COLUMN_COUNT))
+        .collect();
+    let sink = tx.copy_in(&format!("COPY usage_rows_in ({columns}) FROM STDIN BINARY"))?;
+    let mut w = postgres::binary_copy::BinaryCopyInWriter::new(sink, &types);
+    let mut values: Vec<i64> = Vec::with_capacity(LEAF_COLUMN_COUNT);
+    for r in &b.rows {
+        let account = r.key.account.to_string();
+        let start = period_start(r.key.period);
+        let kind = r.key.period.kind();
+        values.clear();
+        values.extend(leaf_values(&r.leaves));
+        let mut row: Vec<&(dyn postgres::types::ToSql + Sync)> =
+            vec![&account, &kind, &start, &r.price_unit];
+        row.extend(
+            values
+                .iter()
+                .map(|v| v as &(dyn postgres::types::ToSql + Sync)),
+        );
+        w.write(&row)?;
+    }
+    w.finish()?;
+    tx.batch_execute(&upsert_rows(&format!(
+        "SELECT {columns} FROM usage_rows_in"
+    )))?;
+    Ok(())
+}
+
+/// Adds the batch's breakdowns into `usage_breakdowns`, the way [`copy_rows`] does.
+fn copy_breakdowns(tx: &mut postgres::Transaction<'_>, b: &FlushBatch) -> Result<()> {
+    use postgres::types::Type;
+    if b.breakdowns.is_empty() {
+        return Ok(());
+    }
+    tx.batch_execute(
+        "CREATE TEMP TABLE IF NOT EXISTS usage_breakdowns_in (LIKE usage_breakdowns) ON COMMIT DELETE ROWS",
+    )?;
+    let types = [
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::INT8,
+        Type::INT8,
+        Type::INT8,
+        Type::INT8,
+        Type::INT8,
+        Type::INT8,
+    ];
+    let sink = tx.copy_in(&format!(
+        "COPY usage_breakdowns_in ({BREAKDOWN_COLUMNS}) FROM STDIN BINARY"
+    ))?;
+    let mut w = postgres::binary_copy::BinaryCopyInWriter::new(sink, &types);
+    for d in &b.breakdowns {
+        let k = &d.key;
+        let t = [d.calls, d.messages];
+        let [cc, cu, cp, mc, mu, mp] = [
+            t[0].count as i64,
+            t[0].usage as i64,
+            t[0].price,
+            t[1].count as i64,
+            t[1].usage as i64,
+            t[1].price,
+        ];
+        w.write(&[
+            &k.account.to_string(),
+            &k.dimension.as_str(),
+            &&*k.value,
+            &k.day.to_string(),
+            &cc,
+            &cu,
+            &cp,
+            &mc,
+            &mu,
+            &mp,
+        ])?;
+    }
+    w.finish()?;
+    tx.batch_execute(&format!(
+        "INSERT INTO usage_breakdowns ({BREAKDOWN_COLUMNS}) SELECT {BREAKDOWN_COLUMNS} FROM usage_breakdowns_in {UPSERT_BREAKDOWN_TAIL}"
+    ))?;
+    Ok(())
+}
 
 fn postgres_flush(c: &mut postgres::Client, b: &FlushBatch) -> Result<FlushOutcome> {
     let mut tx = c.transaction()?;
@@ -460,63 +557,10 @@ fn postgres_flush(c: &mut postgres::Client, b: &FlushBatch) -> Result<FlushOutco
             return stale_advance(o, found, i == 0);
         }
     }
-    let mut select =
-        String::from("SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]");
-    for i in 0..LEAF_COLUMN_COUNT {
-        select.push_str(&format!(", ${}::bigint[]", i + 5));
-    }
-    select.push(')');
-    let st = tx.prepare(&upsert_rows(&select))?;
     let started = std::time::Instant::now();
-    for chunk in b.rows.chunks(PG_CHUNK) {
-        let a: Vec<String> = chunk.iter().map(|r| r.key.account.to_string()).collect();
-        let p: Vec<&str> = chunk.iter().map(|r| r.key.period.kind()).collect();
-        let s: Vec<String> = chunk.iter().map(|r| period_start(r.key.period)).collect();
-        let cur: Vec<&str> = chunk.iter().map(|r| r.price_unit.as_str()).collect();
-        let mut cols: Vec<Vec<i64>> = (0..LEAF_COLUMN_COUNT)
-            .map(|_| Vec::with_capacity(chunk.len()))
-            .collect();
-        for r in chunk {
-            for (col, v) in cols.iter_mut().zip(leaf_values(&r.leaves)) {
-                col.push(v);
-            }
-        }
-        let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = vec![&a, &p, &s, &cur];
-        params.extend(
-            cols.iter()
-                .map(|c| c as &(dyn postgres::types::ToSql + Sync)),
-        );
-        tx.execute(&st, &params)?;
-    }
-    let sql = format!(
-        "INSERT INTO usage_breakdowns ({BREAKDOWN_COLUMNS}) \
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], \
-         $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[]) \
-         {UPSERT_BREAKDOWN_TAIL}"
-    );
+    copy_rows(&mut tx, b)?;
     let rows_done = started.elapsed();
-    let st = tx.prepare(&sql)?;
-    for chunk in b.breakdowns.chunks(PG_CHUNK) {
-        let a: Vec<String> = chunk.iter().map(|d| d.key.account.to_string()).collect();
-        let dim: Vec<&str> = chunk.iter().map(|d| d.key.dimension.as_str()).collect();
-        let v: Vec<&str> = chunk.iter().map(|d| &*d.key.value).collect();
-        let day: Vec<String> = chunk.iter().map(|d| d.key.day.to_string()).collect();
-        let col = |f: fn(&BreakdownDelta) -> i64| chunk.iter().map(f).collect::<Vec<i64>>();
-        let cols = [
-            col(|d| d.calls.count as i64),
-            col(|d| d.calls.usage as i64),
-            col(|d| d.calls.price),
-            col(|d| d.messages.count as i64),
-            col(|d| d.messages.usage as i64),
-            col(|d| d.messages.price),
-        ];
-        let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = vec![&a, &dim, &v, &day];
-        params.extend(
-            cols.iter()
-                .map(|c| c as &(dyn postgres::types::ToSql + Sync)),
-        );
-        tx.execute(&st, &params)?;
-    }
+    copy_breakdowns(&mut tx, b)?;
     tracing::debug!(
         rows = b.rows.len(),
         rows_ms = rows_done.as_millis() as u64,
