@@ -35,5 +35,6 @@ cargo run --release --quiet -- generate --no-kafka --file "$gen" --count 200 \
   --malformed-rate 0.05 --last-day 2025-01-09 --seed 7
 split -l 1 -d -a 3 "$gen" "$corpus/gen-"
 
-cargo fuzz run decode "$corpus" -- \
+# The instrumented build stays in fuzz/target whatever CARGO_TARGET_DIR says.
+env -u CARGO_TARGET_DIR cargo fuzz run decode "$corpus" -- \
   -dict=fuzz/decode.dict -max_total_time="$secs" -print_final_stats=1 "$@"
