@@ -635,7 +635,14 @@ pub fn decode_with_serde_json(bytes: &[u8]) -> Result<Cdr<'_>, Rejection> {
 }
 
 fn parse_json(bytes: &[u8]) -> Result<RawFields<'_>, Rejection> {
-    let TopLevel(raw) = serde_json::from_slice::<TopLevel>(bytes).map_err(|e| Rejection {
+    // serde_json checks UTF-8 only in the strings it reads, not in those it skips
+    // (unknown fields), so the whole message is checked first.
+    let text = std::str::from_utf8(bytes).map_err(|e| Rejection {
+        reason: RejectReason::InvalidJson,
+        field: None,
+        message: format!("message is not valid UTF-8: {e}"),
+    })?;
+    let TopLevel(raw) = serde_json::from_str::<TopLevel>(text).map_err(|e| Rejection {
         reason: RejectReason::InvalidJson,
         field: None,
         message: format!("message is not valid JSON: {e}"),
@@ -910,6 +917,27 @@ mod tests {
         assert_eq!(reason("{not json").0, InvalidJson);
         assert_eq!(reason("[1,2]").0, NotAnObject);
         assert_eq!(reason("").0, InvalidJson);
+    }
+
+    /// A CDR is UTF-8 (CONTRACT §1) in every byte, also in fields tallyd ignores,
+    /// whose strings serde_json skips without checking (found by the fuzzer).
+    #[test]
+    fn invalid_utf8_is_rejected_even_where_ignored() {
+        let ok = call("");
+        let (head, tail) = ok.as_bytes().split_at(ok.len() - 1);
+        for bad in [&b"\xc3"[..], b"\xff", b"\xed\xa0\x80", b"\xe2\x82\x28"] {
+            for (before, after) in [
+                (&br#","x":""#[..], &br#"""#[..]),
+                (br#",""#, br#"":1"#),
+                (br#","x":{"y":[""#, br#""]}"#),
+            ] {
+                let msg = [head, before, bad, after, tail].concat();
+                let r = decode(&msg).unwrap_err();
+                assert_eq!((r.reason, r.field), (RejectReason::InvalidJson, None));
+                assert!(r.message.contains("UTF-8"), "{}", r.message);
+                assert_eq!(Err(r), decode_with_serde_json(&msg));
+            }
+        }
     }
 
     /// Inputs on the edge of what the fast path reads itself: both paths must give
