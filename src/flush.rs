@@ -50,7 +50,16 @@ pub struct Loaded {
     pub dedup: HashMap<i32, Vec<(Day, Vec<u8>)>>,
 }
 
-pub type FlushResult = Result<FlushOutcome, store::Error>;
+/// A flush that landed: how, and how long the store took to write it (the batch's
+/// expansion and the successful attempt; retries and backoff excluded, so a store
+/// outage does not read as a slow store).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flushed {
+    pub outcome: FlushOutcome,
+    pub took: Duration,
+}
+
+pub type FlushResult = Result<Flushed, store::Error>;
 
 pub enum Job {
     Flush {
@@ -136,9 +145,17 @@ impl Flusher {
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
+        let expanding = Instant::now();
         let batch = self.batch(snap);
+        let expanded = expanding.elapsed();
         let rows = batch.rows.len() + batch.breakdowns.len();
-        let result = self.retry(store, cancel, "flush", |s| s.write_flush(&batch));
+        let mut attempt = Duration::ZERO;
+        let result = self.retry(store, cancel, "flush", |s| {
+            let t = Instant::now();
+            let r = s.write_flush(&batch);
+            attempt = t.elapsed();
+            r
+        });
         if result.is_ok() {
             tracing::debug!(
                 rows = batch.rows.len(),
@@ -154,7 +171,10 @@ impl Flusher {
             metrics::counter!("tallyd_flush_rows_total").increment(rows as u64);
             metrics::counter!("tallyd_flushes_total").increment(1);
         }
-        result
+        result.map(|outcome| Flushed {
+            outcome,
+            took: expanded + attempt,
+        })
     }
 
     /// Expands a snapshot into the rows of one store transaction (off the hot path).

@@ -32,7 +32,7 @@ use crate::cdr::RejectReason;
 use crate::counters::Deltas;
 use crate::dead_letter::{DeadLetters, Source};
 use crate::dedup::{pack, unpack, DedupWindow};
-use crate::flush::{FlushResult, Job, Loaded, Snapshot};
+use crate::flush::{FlushResult, Flushed, Job, Loaded, Snapshot};
 use crate::pipeline::{ingest_batch, Outcome};
 use crate::rating::Tariff;
 use crate::store::{DedupRows, FlushOutcome, OffsetAdvance};
@@ -285,12 +285,15 @@ const IDLE_FLUSH_GAP: Duration = Duration::from_millis(200);
 
 /// When the next flush is due.
 ///
-/// - Every `flush.interval_ms` under load, but never sooner than the last flush's
-///   duration divided by `flush.max_busy_share` after it started: when the store
-///   is slow (many live accounts per flush), flushes get rarer instead of taking
-///   the CPU the consumer needs. Each flush writes one row per live account and
-///   period whatever the CDR rate, so rarer flushes are what keeps the writes per
-///   CDR small.
+/// - Every `flush.interval_ms` under load, but never sooner than the flush's
+///   expected duration divided by `flush.max_busy_share` after the last one
+///   started: when the store is slow (many live accounts per flush), flushes get
+///   rarer instead of taking the CPU the consumer needs. Each flush writes one row
+///   per live account and period whatever the CDR rate, so rarer flushes are what
+///   keeps the writes per CDR small. The expected duration is the pending cells
+///   times what a cell cost in the last flush: a small flush at start-up does not
+///   invite a big one an interval later (draining a backlog, that second flush
+///   took as long as the final one and slowed the drain by half).
 /// - As soon as the consumer is idle (every assigned partition at its end), at most every
 ///   [`IDLE_FLUSH_GAP`], so a quiet or drained topic is stored at once rather than
 ///   an interval later.
@@ -299,7 +302,10 @@ pub struct FlushPacer {
     interval: Duration,
     busy_share: f64,
     last_start: Instant,
-    last_duration: Duration,
+    /// Cells handed to the flush in flight or last landed.
+    last_cells: usize,
+    /// Store time per cell of the last flush that landed.
+    cost_per_cell: Duration,
 }
 
 impl FlushPacer {
@@ -308,28 +314,35 @@ impl FlushPacer {
             interval: settings.flush_interval,
             busy_share: settings.max_busy_share.clamp(0.01, 1.0),
             last_start: now,
-            last_duration: Duration::ZERO,
+            last_cells: 0,
+            cost_per_cell: Duration::ZERO,
         }
     }
 
-    /// The least time between the starts of two flushes under load.
-    pub fn gap(&self) -> Duration {
-        self.interval
-            .max(self.last_duration.div_f64(self.busy_share))
+    /// The least time between the starts of two flushes under load, with
+    /// `pending` cells to write.
+    pub fn gap(&self, pending: usize) -> Duration {
+        let expected = self
+            .cost_per_cell
+            .saturating_mul(pending.min(u32::MAX as usize) as u32);
+        self.interval.max(expected.div_f64(self.busy_share))
     }
 
-    pub fn due(&self, now: Instant, idle: bool) -> bool {
+    pub fn due(&self, now: Instant, idle: bool, pending: usize) -> bool {
         let since = now.saturating_duration_since(self.last_start);
-        since >= self.gap() || (idle && since >= IDLE_FLUSH_GAP.min(self.interval))
+        since >= self.gap(pending) || (idle && since >= IDLE_FLUSH_GAP.min(self.interval))
     }
 
-    pub fn started(&mut self, now: Instant) {
+    /// A flush of `cells` cells was handed over at `now`.
+    pub fn started(&mut self, now: Instant, cells: usize) {
         self.last_start = now;
+        self.last_cells = cells;
     }
 
-    pub fn finished(&mut self, now: Instant) {
-        self.last_duration = now.saturating_duration_since(self.last_start);
-        metrics::gauge!("tallyd_flush_gap_seconds").set(self.gap().as_secs_f64());
+    /// The flush handed over last landed; the store took `took` to write it.
+    pub fn finished(&mut self, took: Duration) {
+        self.cost_per_cell = took / self.last_cells.clamp(1, u32::MAX as usize) as u32;
+        metrics::gauge!("tallyd_flush_gap_seconds").set(self.gap(self.last_cells).as_secs_f64());
     }
 }
 
@@ -499,16 +512,14 @@ impl Ingest {
                 continue;
             }
             since_check = 0;
-            let was_in_flight = st.in_flight.is_some();
-            self.collect_flush(ctx, &mut st);
-            let now = Instant::now();
-            if was_in_flight && st.in_flight.is_none() {
-                pacer.finished(now);
+            if let Some(took) = self.collect_flush(ctx, &mut st) {
+                pacer.finished(took);
             }
+            let now = Instant::now();
             let pending = st.counters.live_cells();
             metrics::gauge!("tallyd_pending_cells").set(pending as f64);
             let over = pending >= settings.max_pending_cells;
-            if st.in_flight.is_none() && (over || pacer.due(now, idle)) {
+            if st.in_flight.is_none() && (over || pacer.due(now, idle, pending)) {
                 let today = Day::today();
                 st.today = today;
                 for ps in st.partitions.values_mut() {
@@ -516,7 +527,7 @@ impl Ingest {
                 }
                 if let Some(s) = take_snapshot(&mut st, &settings) {
                     ctx.submit(&mut st, s);
-                    pacer.started(now);
+                    pacer.started(now, pending);
                 }
                 publish(&mut st.tallies);
             }
@@ -563,19 +574,20 @@ impl Ingest {
     }
 
     /// Picks up a finished flush: on success commits offsets to Kafka (for lag
-    /// tools only); if fenced, drops local state and rejoins.
-    fn collect_flush(&self, ctx: &IngestContext, st: &mut State) {
-        let Some(rx) = &st.in_flight else { return };
+    /// tools only) and returns the store's time for it; if fenced, drops local
+    /// state and rejoins.
+    fn collect_flush(&self, ctx: &IngestContext, st: &mut State) -> Option<Duration> {
+        let rx = st.in_flight.as_ref()?;
         let res = match rx.try_recv() {
             Ok(r) => r,
-            Err(mpsc::TryRecvError::Empty) => return,
+            Err(mpsc::TryRecvError::Empty) => return None,
             Err(mpsc::TryRecvError::Disconnected) => {
                 Err(crate::store::Error::Cancelled("flusher stopped".into()))
             }
         };
         st.in_flight = None;
         match res {
-            Ok(outcome) => {
+            Ok(Flushed { outcome, took }) => {
                 if outcome == FlushOutcome::AlreadyApplied {
                     tracing::info!("flush had already landed on an earlier attempt");
                 }
@@ -589,6 +601,7 @@ impl Ingest {
                 if tpl.count() > 0 {
                     let _ = self.consumer.commit(&tpl, CommitMode::Async);
                 }
+                Some(took)
             }
             Err(e) => {
                 tracing::error!(error = %e, "flush failed for good; dropping local state and rejoining the group");
@@ -598,6 +611,7 @@ impl Ingest {
                 // Re-subscribing triggers a rebalance, which reloads from the store.
                 self.consumer.unsubscribe();
                 let _ = self.consumer.subscribe(&[&ctx.settings.topic]);
+                None
             }
         }
     }
@@ -688,25 +702,29 @@ mod tests {
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
         let mut p = pacer(1000, 0.25, t0);
-        assert!(!p.due(ms(999), false));
-        assert!(p.due(ms(1000), false));
+        assert!(!p.due(ms(999), false, 10));
+        assert!(p.due(ms(1000), false, 10));
         // Caught up: flush after 200 ms, not a whole interval.
-        assert!(!p.due(ms(150), true));
-        assert!(p.due(ms(200), true));
+        assert!(!p.due(ms(150), true, 10));
+        assert!(p.due(ms(200), true, 10));
 
-        // A flush that took 800 ms at 25 % busy share: the next waits 3.2 s.
-        p.started(ms(1000));
-        p.finished(ms(1800));
-        assert_eq!(p.gap(), Duration::from_millis(3200));
-        assert!(!p.due(ms(4100), false));
-        assert!(p.due(ms(4200), false));
+        // 1000 cells took 800 ms at 25 % busy share: with as many pending, the
+        // next waits 3.2 s; with ten times as many, 32 s.
+        p.started(ms(1000), 1000);
+        p.finished(Duration::from_millis(800));
+        assert_eq!(p.gap(1000), Duration::from_millis(3200));
+        assert!(!p.due(ms(4100), false, 1000));
+        assert!(p.due(ms(4200), false, 1000));
+        assert_eq!(p.gap(10_000), Duration::from_millis(32_000));
+        // A small flush needs no more than the interval.
+        assert_eq!(p.gap(100), Duration::from_millis(1000));
         // A fast flush brings the interval back.
-        p.started(ms(4200));
-        p.finished(ms(4210));
-        assert_eq!(p.gap(), Duration::from_millis(1000));
+        p.started(ms(4200), 1000);
+        p.finished(Duration::from_millis(10));
+        assert_eq!(p.gap(1000), Duration::from_millis(1000));
         // An idle consumer still flushes early whatever the gap.
-        p.started(ms(5000));
-        p.finished(ms(7000));
-        assert!(p.due(ms(5200), true));
+        p.started(ms(5000), 1000);
+        p.finished(Duration::from_millis(2000));
+        assert!(p.due(ms(5200), true, 1_000_000));
     }
 }
