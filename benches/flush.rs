@@ -21,7 +21,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tallyd::calendar::Day;
 use tallyd::config::Config;
 use tallyd::counters::Deltas;
-use tallyd::flush::rows_of;
+use tallyd::flush::usage_of;
 use tallyd::generate::{Generator, GeneratorSettings};
 use tallyd::pipeline::{ingest, NoDedup};
 use tallyd::rating::Tariff;
@@ -38,7 +38,8 @@ fn tariff() -> Tariff {
         .1
 }
 
-fn flush_batch(tariff: &Tariff) -> FlushBatch {
+/// The deltas of [`CDRS`] generated CDRs, as the consumer holds them at a flush.
+fn deltas(tariff: &Tariff) -> Deltas {
     let generator = Generator::new(GeneratorSettings {
         seed: 7,
         accounts: ACCOUNTS,
@@ -51,10 +52,15 @@ fn flush_batch(tariff: &Tariff) -> FlushBatch {
     for g in generator.take(CDRS) {
         ingest(&g.payload, tariff, &mut deltas, &mut NoDedup).expect("valid CDR");
     }
+    deltas
+}
+
+fn flush_batch(tariff: &Tariff) -> FlushBatch {
+    let (rows, breakdowns) = usage_of(vec![deltas(tariff)], tariff);
     FlushBatch {
         as_of: "2025-06-30T12:00:00+00:00".into(),
-        rows: rows_of(&deltas, tariff),
-        breakdowns: deltas.breakdowns().collect(),
+        rows,
+        breakdowns,
         offsets: Vec::new(),
         dedup: Vec::new(),
         prune_dedup_before: None,
@@ -101,6 +107,21 @@ fn flush(c: &mut Criterion) {
         batch.rows.len(),
         batch.breakdowns.len()
     );
+    // Turning the deltas into rows, off the hot path but before every write.
+    let d = deltas(&tariff);
+    let mut g = c.benchmark_group("flush");
+    g.sample_size(20).throughput(Throughput::Elements(
+        (batch.rows.len() + batch.breakdowns.len()) as u64,
+    ));
+    g.bench_function("expand", |b| {
+        b.iter_batched(
+            || d.clone(),
+            |d| usage_of(vec![d], &tariff),
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+
     let dir = tempfile::tempdir().expect("tempdir");
     let sqlite = format!("sqlite://{}/flush.db", dir.path().display());
     bench_store(c, "sqlite", &sqlite, &batch);

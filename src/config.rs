@@ -105,6 +105,10 @@ pub struct FlushConfig {
     /// Unflushed counter cells above which consumption pauses until a flush lands.
     #[serde(default = "default_max_pending")]
     pub max_pending_cells: usize,
+    /// PostgreSQL connections a flush is written over in parallel, each a
+    /// transaction holding whole partitions; SQLite always writes with one.
+    #[serde(default = "default_parallel_writers")]
+    pub parallel_writers: usize,
 }
 
 fn default_flush_interval() -> u64 {
@@ -116,6 +120,9 @@ fn default_busy_share() -> f64 {
 fn default_max_pending() -> usize {
     1_000_000
 }
+fn default_parallel_writers() -> usize {
+    2
+}
 
 impl Default for FlushConfig {
     fn default() -> Self {
@@ -123,6 +130,7 @@ impl Default for FlushConfig {
             interval_ms: default_flush_interval(),
             max_busy_share: default_busy_share(),
             max_pending_cells: default_max_pending(),
+            parallel_writers: default_parallel_writers(),
         }
     }
 }
@@ -332,6 +340,12 @@ impl Config {
         let cfg: Config = toml::Value::Table(doc)
             .try_into()
             .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+        if !(1..=64).contains(&cfg.flush.parallel_writers) {
+            return Err(parse_err(format!(
+                "flush.parallel_writers = {}: must be 1 to 64 connections",
+                cfg.flush.parallel_writers
+            )));
+        }
         let tariff = Tariff::compile(&cfg.rating).map_err(|source| ConfigError::Tariff {
             path: path.into(),
             source,
@@ -405,6 +419,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("intervall_ms") && e.contains("x.toml"), "{e}");
+
+        let zero = [(
+            "TALLYD_FLUSH__PARALLEL_WRITERS".to_string(),
+            "0".to_string(),
+        )];
+        let e = Config::from_toml(MIN, Path::new("x.toml"), zero)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("x.toml") && e.contains("flush.parallel_writers = 0"),
+            "{e}"
+        );
 
         let bad = MIN.replace("0.05", "-0.05");
         let e = Config::from_toml(&bad, Path::new("t.toml"), [])

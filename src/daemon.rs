@@ -62,6 +62,7 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
         tariff: tariff.clone(),
         dead_letters: Some(dead_letters.clone()),
         health: flush_health.clone(),
+        writers: cfg.flush.parallel_writers,
     };
     let flush_thread = std::thread::Builder::new()
         .name("tallyd-flush".into())

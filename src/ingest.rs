@@ -32,7 +32,7 @@ use crate::cdr::RejectReason;
 use crate::counters::Deltas;
 use crate::dead_letter::{DeadLetters, Source};
 use crate::dedup::{pack, unpack, DedupWindow};
-use crate::flush::{FlushResult, Flushed, Job, Loaded, Snapshot};
+use crate::flush::{FlushResult, Flushed, Job, Loaded, PartitionCut, Snapshot};
 use crate::pipeline::{ingest_batch, Outcome};
 use crate::rating::Tariff;
 use crate::store::{DedupRows, FlushOutcome, OffsetAdvance};
@@ -64,6 +64,8 @@ struct PartitionState {
     /// Next offset to read: one past the last message processed.
     next: i64,
     window: DedupWindow,
+    /// Usage counted from this partition's messages since the last flush.
+    deltas: Deltas,
     /// Whether the last event of this partition was "end of partition".
     at_end: bool,
 }
@@ -80,7 +82,6 @@ struct Tallies {
 /// callback (run by rdkafka inside `poll`, on this same thread) needs it too.
 struct State {
     partitions: HashMap<i32, PartitionState>,
-    counters: Deltas,
     in_flight: Option<Receiver<FlushResult>>,
     in_flight_cancel: Arc<AtomicBool>,
     tallies: Tallies,
@@ -187,6 +188,7 @@ impl IngestContext {
                     stored,
                     next: stored.unwrap_or(-1),
                     window,
+                    deltas: Deltas::default(),
                     at_end: false,
                 },
             );
@@ -221,7 +223,6 @@ impl IngestContext {
             tracing::warn!("partitions revoked before the last flush landed; their unflushed work will be re-read by the next owner");
         }
         st.partitions.clear();
-        st.counters = Deltas::default();
         self.health.assigned_partitions.store(0, Ordering::Relaxed);
         metrics::gauge!("tallyd_partitions_assigned").set(0.0);
     }
@@ -348,44 +349,42 @@ impl FlushPacer {
 
 /// Takes a consistent cut of the consumer state. `None` if nothing was consumed.
 fn take_snapshot(st: &mut State, settings: &IngestSettings) -> Option<Snapshot> {
-    let mut offsets = Vec::new();
-    let mut dedup = Vec::new();
+    let mut parts = Vec::new();
     for (p, ps) in st.partitions.iter_mut() {
         if ps.next < 0 || Some(ps.next) == ps.stored {
             continue;
         }
         let fresh = ps.window.take_fresh();
-        if !fresh.is_empty() {
-            dedup.push(DedupRows {
-                topic: settings.topic.clone(),
-                partition: *p,
-                seen_day: st.today,
-                first_offset: ps.stored.unwrap_or(-1),
-                ids: pack(&fresh),
-            });
-        }
-        offsets.push(OffsetAdvance {
+        let dedup = (!fresh.is_empty()).then(|| DedupRows {
             topic: settings.topic.clone(),
             partition: *p,
-            from: ps.stored,
-            to: ps.next,
+            seen_day: st.today,
+            first_offset: ps.stored.unwrap_or(-1),
+            ids: pack(&fresh),
+        });
+        parts.push(PartitionCut {
+            deltas: ps.deltas.take(),
+            offset: OffsetAdvance {
+                topic: settings.topic.clone(),
+                partition: *p,
+                from: ps.stored,
+                to: ps.next,
+            },
+            dedup,
         });
         ps.stored = Some(ps.next);
     }
-    if offsets.is_empty() {
+    if parts.is_empty() {
         return None;
     }
-    offsets.sort_by_key(|o| o.partition);
+    parts.sort_by_key(|c| c.offset.partition);
     let oldest_kept = Day(st.today.0 - settings.dedup_window_days as i32);
     Some(Snapshot {
-        deltas: st.counters.take(),
-        offsets,
-        dedup,
+        parts,
         prune_dedup_before: Some(oldest_kept),
     })
 }
 
-/// The consumer thread.
 pub struct Ingest {
     consumer: BaseConsumer<IngestContext>,
     tariff: Arc<Tariff>,
@@ -409,7 +408,6 @@ impl Ingest {
             shutdown: shutdown.clone(),
             state: Mutex::new(State {
                 partitions: HashMap::new(),
-                counters: Deltas::default(),
                 in_flight: None,
                 in_flight_cancel: Arc::new(AtomicBool::new(false)),
                 tallies: Tallies::default(),
@@ -516,7 +514,11 @@ impl Ingest {
                 pacer.finished(took);
             }
             let now = Instant::now();
-            let pending = st.counters.live_cells();
+            let pending: usize = st
+                .partitions
+                .values()
+                .map(|ps| ps.deltas.live_cells())
+                .sum();
             metrics::gauge!("tallyd_pending_cells").set(pending as f64);
             let over = pending >= settings.max_pending_cells;
             if st.in_flight.is_none() && (over || pacer.due(now, idle, pending)) {
@@ -607,7 +609,6 @@ impl Ingest {
                 tracing::error!(error = %e, "flush failed for good; dropping local state and rejoining the group");
                 metrics::counter!("tallyd_flush_fenced_total").increment(1);
                 st.partitions.clear();
-                st.counters = Deltas::default();
                 // Re-subscribing triggers a rebalance, which reloads from the store.
                 self.consumer.unsubscribe();
                 let _ = self.consumer.subscribe(&[&ctx.settings.topic]);
@@ -624,7 +625,6 @@ impl Ingest {
         let partition = first.partition();
         let State {
             partitions,
-            counters,
             tallies,
             ..
         } = st;
@@ -640,7 +640,7 @@ impl Ingest {
         ingest_batch(
             &payloads,
             &self.tariff,
-            counters,
+            &mut ps.deltas,
             &mut ps.window,
             |i, result| match result {
                 Ok(Outcome::Counted(_)) => tallies.counted += 1,

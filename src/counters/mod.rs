@@ -440,9 +440,15 @@ impl Deltas {
     pub fn rows(&self) -> HashMap<RowKey, Leaves, FxBuildHasher> {
         let mut out: HashMap<RowKey, Leaves, FxBuildHasher> = HashMap::default();
         out.reserve(self.cells.len() * 2);
+        self.add_rows_to(&mut out);
+        out
+    }
+
+    /// Adds every account-day cell into its day, month, year and all-time rows.
+    pub fn add_rows_to(&self, rows: &mut HashMap<RowKey, Leaves, FxBuildHasher>) {
         for (k, leaves) in self.cells.entries() {
             for period in Period::containing(k.day) {
-                out.entry(RowKey {
+                rows.entry(RowKey {
                     account: k.account,
                     period,
                 })
@@ -450,20 +456,20 @@ impl Deltas {
                 .add(leaves);
             }
         }
-        out
     }
 
-    /// Every by-number and by-agent tally, keyed for the store.
-    pub fn breakdowns(&self) -> impl Iterator<Item = BreakdownDelta> + '_ {
+    /// Every by-number and by-agent tally, keyed for the store, consuming the
+    /// deltas (the numbers and agent ids move, not copied).
+    pub fn into_breakdowns(self) -> impl Iterator<Item = BreakdownDelta> {
         self.breakdowns
-            .entries()
-            .iter()
+            .into_entries()
+            .into_iter()
             .map(|(id, b)| BreakdownDelta {
                 key: BreakdownKey {
                     account: id.account,
                     day: id.day,
                     dimension: b.dimension,
-                    value: b.value.clone(),
+                    value: b.value,
                 },
                 calls: b.calls,
                 messages: b.messages,
@@ -602,7 +608,8 @@ mod tests {
 
     /// The calls + messages of one breakdown row.
     fn breakdown(d: &Deltas, a: u128, day: i32, dim: Dimension, v: &str) -> Option<Tally> {
-        d.breakdowns()
+        d.clone()
+            .into_breakdowns()
             .find(|b| {
                 let k = &b.key;
                 k.account == AccountSid(a)
@@ -642,7 +649,7 @@ mod tests {
         assert_eq!(c.live_cells(), 10 + 11);
         let d = c.take();
         assert_eq!(d.account_days(), 10);
-        assert_eq!(d.breakdowns().count(), 11);
+        assert_eq!(d.clone().into_breakdowns().count(), 11);
         assert_eq!(
             breakdown(&d, 3, 1, Dimension::Number, "+1555"),
             Some(Tally {

@@ -12,7 +12,7 @@ use tallyd::calendar::Day;
 use tallyd::config::Config;
 use tallyd::counters::UsageCounters;
 use tallyd::dedup::DedupWindow;
-use tallyd::flush::rows_of;
+use tallyd::flush::usage_of;
 use tallyd::pipeline::{ingest, Outcome};
 use tallyd::rating::Tariff;
 use tallyd::store::{FlushBatch, FlushOutcome, Store};
@@ -199,11 +199,11 @@ pub fn flush_cdrs(url: &str, tariff: &Tariff, cdrs: &[String], as_of: &str) -> u
             Err(e) => panic!("test CDR rejected: {e:?}: {c}"),
         }
     }
-    let deltas = counters.take();
+    let (rows, breakdowns) = usage_of(vec![counters.take()], tariff);
     let batch = FlushBatch {
         as_of: as_of.to_owned(),
-        rows: rows_of(&deltas, tariff),
-        breakdowns: deltas.breakdowns().collect(),
+        rows,
+        breakdowns,
         ..FlushBatch::default()
     };
     let mut store = Store::open(url).unwrap();
