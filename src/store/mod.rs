@@ -688,6 +688,69 @@ mod tests {
         }
     }
 
+    /// PostgreSQL's key columns are moved to `COLLATE "C"` once, keeping the rows,
+    /// which later flushes still find and add to. Needs the server the test
+    /// command starts (`TALLYD_TEST_POSTGRES_URL`, default the local one).
+    #[test]
+    fn postgres_key_columns_become_bytewise_keeping_their_rows() {
+        let base = std::env::var("TALLYD_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let schema = format!("tallyd_unit_collate_{}", std::process::id());
+        let mut admin = postgres::Client::connect(&base, postgres::NoTls)
+            .unwrap_or_else(|e| panic!("PostgreSQL at {base}: {e}"));
+        admin
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}; SET search_path = {schema}"
+            ))
+            .unwrap();
+        // The tables as an earlier version made them: default collation.
+        for create in schema::migrations(false).take(2) {
+            admin
+                .batch_execute(&create.replace(" WITHOUT ROWID", ""))
+                .unwrap();
+        }
+        admin
+            .batch_execute(
+                "INSERT INTO usage_rows (account_sid, period, start_date, price_unit, calls_outbound_count)
+                 VALUES ('AC00000000000000000000000000000007', 'day', '2024-10-04', 'usd', 5)",
+            )
+            .unwrap();
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}options=-csearch_path%3D{schema}");
+        for to in [10, 15] {
+            let mut s = Store::open(&url).unwrap();
+            s.write_flush(&batch((to > 10).then_some(10), to)).unwrap();
+        }
+        let collations: Vec<(String, Option<String>)> = admin
+            .query(
+                "SELECT table_name::text || '.' || column_name::text, collation_name::text
+                 FROM information_schema.columns WHERE table_schema = $1
+                 AND table_name IN ('usage_rows', 'usage_breakdowns') AND data_type = 'text'
+                 AND column_name <> 'price_unit' ORDER BY 1",
+                &[&schema],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert_eq!(collations.len(), 7, "{collations:?}");
+        for (column, collation) in &collations {
+            assert_eq!(collation.as_deref(), Some("C"), "{column}");
+        }
+        // The old row plus two flushes of two calls each, in one row.
+        let count: i64 = admin
+            .query_one(
+                "SELECT calls_outbound_count FROM usage_rows WHERE period = 'day'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(count, 5 + 2 + 2);
+        admin
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .unwrap();
+    }
+
     #[test]
     fn sqlite_flush_is_idempotent_and_fences() {
         let dir = tempfile::tempdir().unwrap();

@@ -145,9 +145,35 @@ pub static SQLITE_REBUILD_BREAKDOWNS: LazyLock<String> = LazyLock::new(|| {
 /// free lets PostgreSQL make those HOT updates (no new index entry per update):
 /// measured 650 ms instead of 1 s to upsert 82k rows. Applies to pages written
 /// from now on.
+///
+/// Key columns compare bytewise (`COLLATE "C"`): every flush looks up and inserts
+/// each row's key in the primary-key B-tree, and under the database's default
+/// collation (even `C.UTF-8` before PostgreSQL 17) each comparison went through
+/// the C library's `strcoll`. Keys are ASCII (SIDs, ISO dates, phone numbers),
+/// whose bytewise order is the same. Tables made before get their key columns
+/// converted once.
 const POSTGRES_ONLY: &[&str] = &[
     "ALTER TABLE usage_rows SET (fillfactor = 50)",
     "ALTER TABLE usage_breakdowns SET (fillfactor = 50)",
+    r#"DO $$ BEGIN
+        IF EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_schema = current_schema() AND table_name = 'usage_rows'
+                     AND column_name = 'account_sid' AND collation_name IS DISTINCT FROM 'C') THEN
+            ALTER TABLE usage_rows
+                ALTER COLUMN account_sid TYPE TEXT COLLATE "C",
+                ALTER COLUMN period TYPE TEXT COLLATE "C",
+                ALTER COLUMN start_date TYPE TEXT COLLATE "C";
+        END IF;
+        IF EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_schema = current_schema() AND table_name = 'usage_breakdowns'
+                     AND column_name = 'account_sid' AND collation_name IS DISTINCT FROM 'C') THEN
+            ALTER TABLE usage_breakdowns
+                ALTER COLUMN account_sid TYPE TEXT COLLATE "C",
+                ALTER COLUMN dimension TYPE TEXT COLLATE "C",
+                ALTER COLUMN value TYPE TEXT COLLATE "C",
+                ALTER COLUMN day TYPE TEXT COLLATE "C";
+        END IF;
+    END $$"#,
 ];
 
 const MIGRATIONS: &[&str] = &[
