@@ -55,6 +55,6 @@ run_tallyd() { # $1 = label, $2 = store url, $3 = group
 
 run_tallyd sqlite "sqlite://$WORK/bench.db" bench-sqlite
 SCHEMA=bench_$$
-psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE; CREATE SCHEMA $SCHEMA" >/dev/null
+PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE; CREATE SCHEMA $SCHEMA" >/dev/null
 run_tallyd postgres "$PG?options=-csearch_path%3D$SCHEMA" bench-pg
-psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
+PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
