@@ -575,11 +575,20 @@ fn as_str<'a>(name: &'static str, v: Scalar<'a>) -> Result<Cow<'a, str>, Rejecti
 }
 
 fn as_uint(name: &'static str, v: Scalar<'_>) -> Result<u32, Rejection> {
-    let n: i128 = match v {
-        Scalar::Int(i) => i as i128,
-        Scalar::UInt(u) => u as i128,
-        // 30.0 is still a whole number of seconds; 30.5 is not.
-        Scalar::Float(f) if f.fract() == 0.0 && f.abs() < 1e18 => f as i128,
+    let (n, shown): (i128, String) = match v {
+        Scalar::Int(i) => (i as i128, i.to_string()),
+        Scalar::UInt(u) => (u as i128, u.to_string()),
+        // 30.0 is still a whole number of seconds; 30.5 is not. A huge one (1e300)
+        // is a whole number too, only too large: the cast saturates, and the
+        // message shows the number as written.
+        Scalar::Float(f) if f.fract() == 0.0 => {
+            let shown = if f.abs() < 1e16 {
+                f.to_string()
+            } else {
+                format!("{f:e}")
+            };
+            (f as i128, shown)
+        }
         other => {
             return Err(Rejection::new(
                 RejectReason::WrongType,
@@ -596,14 +605,14 @@ fn as_uint(name: &'static str, v: Scalar<'_>) -> Result<u32, Rejection> {
         return Err(Rejection::new(
             RejectReason::NegativeValue,
             name,
-            format!("field `{name}` must be ≥ 0, got {n}"),
+            format!("field `{name}` must be ≥ 0, got {shown}"),
         ));
     }
     u32::try_from(n).map_err(|_| {
         Rejection::new(
             RejectReason::ValueTooLarge,
             name,
-            format!("field `{name}` = {n} is larger than {}", u32::MAX),
+            format!("field `{name}` = {shown} is larger than {}", u32::MAX),
         )
     })
 }
@@ -895,6 +904,23 @@ mod tests {
 
         let (r, f, _) = reason(&call("").replace("\"duration\":70", "\"duration\":-5"));
         assert_eq!((r, f), (NegativeValue, Some("duration")));
+
+        // Whole numbers written as floats, however large, are too large, not of
+        // the wrong type; a fraction is the wrong type.
+        for (big, shown) in [
+            ("5e9", "= 5000000000 is"),
+            ("1e20", "= 1e20 is"),
+            ("1e300", "= 1e300 is"),
+        ] {
+            let (r, f, m) =
+                reason(&call("").replace("\"duration\":70", &format!("\"duration\":{big}")));
+            assert_eq!((r, f), (ValueTooLarge, Some("duration")), "{big}: {m}");
+            assert!(m.contains(shown) && m.contains("4294967295"), "{m}");
+        }
+        let (r, _, m) = reason(&call("").replace("\"duration\":70", "\"duration\":-1e19"));
+        assert_eq!(r, NegativeValue, "{m}");
+        let (r, _, m) = reason(&call("").replace("\"duration\":70", "\"duration\":70.5"));
+        assert_eq!(r, WrongType, "{m}");
 
         let (r, f, _) = reason(&call("").replace(",\"status\":\"completed\"", ""));
         assert_eq!((r, f), (MissingField, Some("status")));
