@@ -39,12 +39,25 @@ pub struct Snapshot {
 /// 20% less SQLite time for a drain's final flush than in hash order). Deltas of
 /// several partitions are combined without merging their tables; a row or
 /// breakdown that two of them share (an account seen on two partitions) is
-/// summed into one.
-pub fn usage_of(parts: Vec<Deltas>, tariff: &Tariff) -> (Vec<RowDelta>, Vec<BreakdownDelta>) {
+/// summed into one. The two kinds are expanded on two threads: after a backlog
+/// drain the final flush is all that is left to do, and the second core is idle.
+pub fn usage_of(mut parts: Vec<Deltas>, tariff: &Tariff) -> (Vec<RowDelta>, Vec<BreakdownDelta>) {
+    let by_entry: Vec<Deltas> = parts.iter_mut().map(Deltas::split_breakdowns).collect();
+    std::thread::scope(|s| {
+        let breakdowns = s.spawn(|| breakdowns_of(by_entry));
+        let rows = rows_of(&parts, tariff);
+        (
+            rows,
+            breakdowns.join().expect("breakdown expansion panicked"),
+        )
+    })
+}
+
+fn rows_of(parts: &[Deltas], tariff: &Tariff) -> Vec<RowDelta> {
     let mut rows: hashbrown::HashMap<RowKey, Leaves, rustc_hash::FxBuildHasher> =
         hashbrown::HashMap::default();
     rows.reserve(parts.iter().map(|d| d.account_days() * 2).sum());
-    for d in &parts {
+    for d in parts {
         d.add_rows_to(&mut rows);
     }
     let mut rows: Vec<RowDelta> = rows
@@ -56,7 +69,10 @@ pub fn usage_of(parts: Vec<Deltas>, tariff: &Tariff) -> (Vec<RowDelta>, Vec<Brea
         })
         .collect();
     rows.sort_unstable_by_key(|r| r.key);
+    rows
+}
 
+fn breakdowns_of(parts: Vec<Deltas>) -> Vec<BreakdownDelta> {
     let mut breakdowns: Vec<BreakdownDelta> = parts
         .into_iter()
         .flat_map(Deltas::into_breakdowns)
@@ -78,7 +94,7 @@ pub fn usage_of(parts: Vec<Deltas>, tariff: &Tariff) -> (Vec<RowDelta>, Vec<Brea
         }
         same
     });
-    (rows, breakdowns)
+    breakdowns
 }
 
 /// What the consumer loads on partition assignment.

@@ -313,6 +313,15 @@ impl Deltas {
         std::mem::replace(self, next)
     }
 
+    /// Moves the by-number/by-agent entries into a `Deltas` of their own, so a
+    /// flush can expand them on another thread than the account-day cells.
+    pub fn split_breakdowns(&mut self) -> Deltas {
+        Deltas {
+            cells: Table::default(),
+            breakdowns: std::mem::take(&mut self.breakdowns),
+        }
+    }
+
     /// First wave of a batched update: hashes where a CDR lands and starts
     /// loading the slots it will read.
     #[inline]
