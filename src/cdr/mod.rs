@@ -61,6 +61,20 @@ impl AccountSid {
     }
 }
 
+impl AccountSid {
+    /// The SID as text (`AC` + 32 lowercase hex digits), written into `buf`
+    /// without the formatting machinery: a flush writes one per stored row.
+    pub fn write_text<'b>(&self, buf: &'b mut [u8; 34]) -> &'b str {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        buf[..2].copy_from_slice(b"AC");
+        for (i, b) in buf[2..].iter_mut().enumerate() {
+            *b = DIGITS[(self.0 >> (124 - 4 * i) & 0xf) as usize];
+        }
+        // SAFETY: every byte written above is ASCII.
+        unsafe { std::str::from_utf8_unchecked(buf) }
+    }
+}
+
 /// Lowercase hex digit → its value; every other byte → 0xff.
 static HEX_VALUE: [u8; 256] = {
     let mut t = [0xffu8; 256];
@@ -882,6 +896,21 @@ mod tests {
     fn reason(s: &str) -> (RejectReason, Option<&'static str>, String) {
         let r = decode(s.as_bytes()).unwrap_err();
         (r.reason, r.field, r.message)
+    }
+
+    #[test]
+    fn sid_text_matches_display() {
+        for v in [
+            0u128,
+            1,
+            0xabc,
+            u128::MAX,
+            0x0123456789abcdef0123456789abcdef,
+        ] {
+            let sid = AccountSid(v);
+            assert_eq!(sid.write_text(&mut [0; 34]), sid.to_string());
+            assert_eq!(AccountSid::parse(sid.write_text(&mut [0; 34])), Some(sid));
+        }
     }
 
     #[test]
