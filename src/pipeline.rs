@@ -3,6 +3,7 @@
 //! [`ingest_batch`], tests and tools call [`ingest`] per message.
 
 use crate::cdr::{decode, Cdr, Rejection};
+use crate::counters::table::prefetch;
 use crate::counters::{Deltas, LeafDay, Tally, UsageCounters};
 use crate::rating::{Charge, Tariff};
 
@@ -116,10 +117,17 @@ pub fn ingest_batch<'m, S: SeenIds>(
     seen: &mut S,
     mut outcome: impl FnMut(usize, Result<Outcome, Rejection>),
 ) {
-    // Wave 1: decode, hash, prefetch the slots.
+    // Wave 1: decode, hash, prefetch the slots; and the next message's bytes,
+    // which the broker thread wrote on another core.
     let prepared: Vec<Result<Prepared<'m, S::Token>, Rejection>> = msgs
         .iter()
-        .map(|m| {
+        .enumerate()
+        .map(|(i, m)| {
+            if let Some(next) = msgs.get(i + 1) {
+                for line in next.chunks(64) {
+                    prefetch(line.as_ptr());
+                }
+            }
             decode(m).map(|cdr| {
                 let key = leaf_day(&cdr);
                 let placement =
