@@ -87,17 +87,19 @@ static USAGE_ROWS: LazyLock<String> = LazyLock::new(|| {
 });
 
 /// Statements run in order at start; each is idempotent. PostgreSQL also gets
-/// [`POSTGRES_ONLY`].
+/// [`POSTGRES_ONLY`] and [`POSTGRES_BYTEWISE_KEYS`].
 pub fn migrations(postgres: bool) -> impl Iterator<Item = &'static str> {
     let (breakdowns, extra): (&str, &[&str]) = if postgres {
         (&USAGE_BREAKDOWNS.0, POSTGRES_ONLY)
     } else {
         (&USAGE_BREAKDOWNS.1, &[])
     };
+    let bytewise = postgres.then(|| POSTGRES_BYTEWISE_KEYS.as_str());
     [USAGE_ROWS.as_str(), breakdowns]
         .into_iter()
         .chain(MIGRATIONS.iter().copied())
         .chain(extra.iter().copied())
+        .chain(bytewise)
 }
 
 /// `CREATE TABLE {name} (…)` of `usage_breakdowns`.
@@ -145,36 +147,47 @@ pub static SQLITE_REBUILD_BREAKDOWNS: LazyLock<String> = LazyLock::new(|| {
 /// free lets PostgreSQL make those HOT updates (no new index entry per update):
 /// measured 650 ms instead of 1 s to upsert 82k rows. Applies to pages written
 /// from now on.
-///
-/// Key columns compare bytewise (`COLLATE "C"`): every flush looks up and inserts
-/// each row's key in the primary-key B-tree, and under the database's default
-/// collation (even `C.UTF-8` before PostgreSQL 17) each comparison went through
-/// the C library's `strcoll`. Keys are ASCII (SIDs, ISO dates, phone numbers),
-/// whose bytewise order is the same. Tables made before get their key columns
-/// converted once.
 const POSTGRES_ONLY: &[&str] = &[
     "ALTER TABLE usage_rows SET (fillfactor = 50)",
     "ALTER TABLE usage_breakdowns SET (fillfactor = 50)",
-    r#"DO $$ BEGIN
-        IF EXISTS (SELECT 1 FROM information_schema.columns
-                   WHERE table_schema = current_schema() AND table_name = 'usage_rows'
-                     AND column_name = 'account_sid' AND collation_name IS DISTINCT FROM 'C') THEN
-            ALTER TABLE usage_rows
-                ALTER COLUMN account_sid TYPE TEXT COLLATE "C",
-                ALTER COLUMN period TYPE TEXT COLLATE "C",
-                ALTER COLUMN start_date TYPE TEXT COLLATE "C";
-        END IF;
-        IF EXISTS (SELECT 1 FROM information_schema.columns
-                   WHERE table_schema = current_schema() AND table_name = 'usage_breakdowns'
-                     AND column_name = 'account_sid' AND collation_name IS DISTINCT FROM 'C') THEN
-            ALTER TABLE usage_breakdowns
-                ALTER COLUMN account_sid TYPE TEXT COLLATE "C",
-                ALTER COLUMN dimension TYPE TEXT COLLATE "C",
-                ALTER COLUMN value TYPE TEXT COLLATE "C",
-                ALTER COLUMN day TYPE TEXT COLLATE "C";
-        END IF;
-    END $$"#,
 ];
+
+/// The primary-key columns of the counter tables.
+const KEY_COLUMNS: [(&str, &[&str]); 2] = [
+    ("usage_rows", &["account_sid", "period", "start_date"]),
+    (
+        "usage_breakdowns",
+        &["account_sid", "dimension", "value", "day"],
+    ),
+];
+
+/// In PostgreSQL, key columns compare bytewise (`COLLATE "C"`): every flush looks
+/// up and inserts each row's key in the primary-key B-tree, and under the
+/// database's default collation (even `C.UTF-8` before PostgreSQL 17) each
+/// comparison went through the C library's `strcoll`. Keys are ASCII (SIDs, ISO
+/// dates, phone numbers), whose bytewise order is the same. Tables made before
+/// get their key columns converted once; the check makes it a no-op after.
+static POSTGRES_BYTEWISE_KEYS: LazyLock<String> = LazyLock::new(|| {
+    let per_table: String = KEY_COLUMNS
+        .iter()
+        .map(|(table, columns)| {
+            let alters: Vec<String> = columns
+                .iter()
+                .map(|c| format!(r#"ALTER COLUMN {c} TYPE TEXT COLLATE "C""#))
+                .collect();
+            format!(
+                "IF EXISTS (SELECT 1 FROM information_schema.columns \
+                   WHERE table_schema = current_schema() AND table_name = '{table}' \
+                   AND column_name = '{}' AND collation_name IS DISTINCT FROM 'C') THEN \
+                   ALTER TABLE {table} {}; \
+                 END IF; ",
+                columns[0],
+                alters.join(", ")
+            )
+        })
+        .collect();
+    format!("DO $$ BEGIN {per_table}END $$")
+});
 
 const MIGRATIONS: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS consumer_offsets (
