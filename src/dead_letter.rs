@@ -14,11 +14,23 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::ClientContext;
 
 use crate::cdr::Rejection;
+use crate::log_throttle::LogThrottle;
 
-/// Counts deliveries that failed for good (e.g. a message larger than the topic allows).
-pub struct DeadLetterContext;
+/// Counts deliveries that failed for good (e.g. a message larger than the topic
+/// allows), and logs the producer's client errors once a throttle window.
+#[derive(Default)]
+pub struct DeadLetterContext {
+    log_throttle: LogThrottle,
+}
 
-impl ClientContext for DeadLetterContext {}
+impl ClientContext for DeadLetterContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let key = crate::log_throttle::key_of(&error);
+        if let Some(repeats) = self.log_throttle.admit(&key, std::time::Instant::now()) {
+            tracing::error!(error = %error, reason, repeats_not_logged = repeats, "dead-letter producer error");
+        }
+    }
+}
 
 impl ProducerContext for DeadLetterContext {
     type DeliveryOpaque = ();
@@ -50,7 +62,7 @@ impl DeadLetters {
             .set("linger.ms", "20")
             .set("enable.idempotence", "false");
         Ok(DeadLetters {
-            producer: cfg.create_with_context(DeadLetterContext)?,
+            producer: cfg.create_with_context(DeadLetterContext::default())?,
             topic: topic.to_owned(),
         })
     }

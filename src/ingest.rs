@@ -33,6 +33,7 @@ use crate::counters::Deltas;
 use crate::dead_letter::{DeadLetters, Source};
 use crate::dedup::{pack, unpack, DedupWindow};
 use crate::flush::{FlushResult, Flushed, Job, Loaded, PartitionCut, Snapshot};
+use crate::log_throttle::LogThrottle;
 use crate::pipeline::{ingest_batch, Outcome};
 use crate::rating::Tariff;
 use crate::store::{DedupRows, FlushOutcome, OffsetAdvance};
@@ -98,6 +99,7 @@ pub struct IngestContext {
     state: Mutex<State>,
     jobs: SyncSender<Job>,
     health: Arc<IngestHealth>,
+    log_throttle: LogThrottle,
 }
 
 impl ClientContext for IngestContext {
@@ -108,8 +110,20 @@ impl ClientContext for IngestContext {
             tracing::debug!(reason, "end of partition");
             return;
         }
-        tracing::error!(error = %error, reason, "librdkafka error");
+        if let Some(repeats) = self
+            .log_throttle
+            .admit(&throttle_key(&error), Instant::now())
+        {
+            tracing::error!(error = %error, reason, repeats_not_logged = repeats, "librdkafka error");
+        }
     }
+}
+
+/// librdkafka reports one broker outage both to the client ("Global error:
+/// AllBrokersDown") and to the consumer queue ("Message consumption error:
+/// AllBrokersDown"): throttled by the error code, it is logged once a window.
+fn throttle_key(e: &KafkaError) -> String {
+    crate::log_throttle::key_of(e)
 }
 
 impl ConsumerContext for IngestContext {
@@ -416,6 +430,7 @@ impl Ingest {
             jobs,
             health,
             rebalances: AtomicU64::new(0),
+            log_throttle: LogThrottle::default(),
         };
         let mut cfg = client.clone();
         // Prefetch deeply: librdkafka's defaults (1 MiB per partition and fetch,
@@ -496,7 +511,10 @@ impl Ingest {
                 }
                 Some(Err(e)) => {
                     metrics::counter!("tallyd_kafka_errors_total").increment(1);
-                    tracing::warn!(error = %e, "kafka consumer error");
+                    if let Some(repeats) = ctx.log_throttle.admit(&throttle_key(&e), Instant::now())
+                    {
+                        tracing::warn!(error = %e, repeats_not_logged = repeats, "kafka consumer error");
+                    }
                 }
             }
             // Caught up: every assigned partition is at its end.

@@ -15,7 +15,8 @@
 //!   messages.
 //! - [`dedup`] remembers CDR ids per partition for the dedup window.
 //! - [`ingest`] is the Kafka consumer thread running the hot path; rejected
-//!   messages go to [`dead_letter`].
+//!   messages go to [`dead_letter`]. Recurring client errors (a broker that is
+//!   down) are logged once a [`log_throttle`] window.
 //! - [`flush`] writes consistent snapshots (deltas + offsets + dedup ids) to the
 //!   [`store`] (SQLite or PostgreSQL) in one transaction each.
 //! - [`api`] serves the stored records over HTTP: Twilio Usage Records, AgentPhone
@@ -38,6 +39,7 @@ pub mod flush;
 pub mod generate;
 pub mod http;
 pub mod ingest;
+pub mod log_throttle;
 pub mod pipeline;
 pub mod rating;
 pub mod store;

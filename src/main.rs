@@ -95,7 +95,9 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                "info,librdkafka=warn,postgres=warn,tokio_postgres=warn".into()
+                // The rdkafka crate warns of every error event its producer poll
+                // skips; the producer's context logs those errors itself.
+                "info,librdkafka=warn,postgres=warn,tokio_postgres=warn,rdkafka::producer::base_producer=error".into()
             }),
         )
         .with_writer(std::io::stderr)
