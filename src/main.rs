@@ -104,9 +104,9 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Run { config } => {
-            let (cfg, tariff) = Config::load(&config)?;
             let shutdown = Arc::new(AtomicBool::new(false));
             tallyd::daemon::stop_on_signals(shutdown.clone());
+            let (cfg, tariff) = Config::load(&config)?;
             tallyd::daemon::run(cfg, tariff, shutdown)
         }
         Command::Demo {

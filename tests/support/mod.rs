@@ -355,6 +355,8 @@ pub fn generate(brokers: &str, topic: &str, count: u64, seed: u64, file: &Path) 
 pub struct Daemon {
     pub child: Child,
     pub log: PathBuf,
+    /// Length of the (shared, appended) log when this process was started.
+    log_start: u64,
 }
 
 impl Daemon {
@@ -372,6 +374,7 @@ impl Daemon {
     ) -> Daemon {
         let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tallyd.toml");
         let logf = append(log);
+        let log_start = logf.metadata().map_or(0, |m| m.len());
         let child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
             .args(["run", "--config", config.to_str().unwrap()])
             .env("TALLYD_KAFKA__BROKERS", brokers)
@@ -388,6 +391,27 @@ impl Daemon {
         Daemon {
             child,
             log: log.to_path_buf(),
+            log_start,
+        }
+    }
+
+    /// Waits until this process serves HTTP, by which time its signal handlers
+    /// are installed: a test that finds its work already done by an earlier
+    /// process must not SIGTERM this one while it is still starting.
+    fn wait_started(&mut self, deadline: Instant) {
+        loop {
+            let log = std::fs::read(&self.log).unwrap_or_default();
+            let ours =
+                String::from_utf8_lossy(log.get(self.log_start as usize..).unwrap_or_default());
+            if ours.contains("HTTP listening") || self.child.try_wait().unwrap().is_some() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tallyd did not start; log {}",
+                self.log.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -398,8 +422,9 @@ impl Daemon {
 
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) {
-        signal(&self.child, libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(60);
+        self.wait_started(deadline);
+        signal(&self.child, libc::SIGTERM);
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
                 assert!(
