@@ -59,9 +59,7 @@ impl AccountSid {
         let lo = half(&b[18..34])?;
         Some(AccountSid(((hi as u128) << 64) | lo as u128))
     }
-}
 
-impl AccountSid {
     /// The SID as text (`AC` + 32 lowercase hex digits), written into `buf`
     /// without the formatting machinery: a flush writes one per stored row.
     pub fn write_text<'b>(&self, buf: &'b mut [u8; 34]) -> &'b str {
@@ -589,20 +587,13 @@ fn as_str<'a>(name: &'static str, v: Scalar<'a>) -> Result<Cow<'a, str>, Rejecti
 }
 
 fn as_uint(name: &'static str, v: Scalar<'_>) -> Result<u32, Rejection> {
-    let (n, shown): (i128, String) = match v {
-        Scalar::Int(i) => (i as i128, i.to_string()),
-        Scalar::UInt(u) => (u as i128, u.to_string()),
-        // 30.0 is still a whole number of seconds; 30.5 is not. A huge one (1e300)
-        // is a whole number too, only too large: the cast saturates, and the
-        // message shows the number as written.
-        Scalar::Float(f) if f.fract() == 0.0 => {
-            let shown = if f.abs() < 1e16 {
-                f.to_string()
-            } else {
-                format!("{f:e}")
-            };
-            (f as i128, shown)
-        }
+    // 30.0 is still a whole number of seconds; 30.5 is not. A huge one (1e300)
+    // is a whole number too, only too large: the cast saturates, and the message
+    // shows the number as written.
+    let (n, float): (i128, Option<f64>) = match v {
+        Scalar::Int(i) => (i as i128, None),
+        Scalar::UInt(u) => (u as i128, None),
+        Scalar::Float(f) if f.fract() == 0.0 => (f as i128, Some(f)),
         other => {
             return Err(Rejection::new(
                 RejectReason::WrongType,
@@ -615,18 +606,22 @@ fn as_uint(name: &'static str, v: Scalar<'_>) -> Result<u32, Rejection> {
             ))
         }
     };
+    let shown = || match float {
+        Some(f) if f.abs() >= 1e16 => format!("{f:e}"),
+        _ => n.to_string(),
+    };
     if n < 0 {
         return Err(Rejection::new(
             RejectReason::NegativeValue,
             name,
-            format!("field `{name}` must be ≥ 0, got {shown}"),
+            format!("field `{name}` must be ≥ 0, got {}", shown()),
         ));
     }
     u32::try_from(n).map_err(|_| {
         Rejection::new(
             RejectReason::ValueTooLarge,
             name,
-            format!("field `{name}` = {shown} is larger than {}", u32::MAX),
+            format!("field `{name}` = {} is larger than {}", shown(), u32::MAX),
         )
     })
 }
