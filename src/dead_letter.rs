@@ -25,8 +25,7 @@ pub struct DeadLetterContext {
 
 impl ClientContext for DeadLetterContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        let key = crate::log_throttle::key_of(&error);
-        if let Some(repeats) = self.log_throttle.admit(&key, std::time::Instant::now()) {
+        if let Some(repeats) = self.log_throttle.admit_error(&error) {
             tracing::error!(error = %error, reason, repeats_not_logged = repeats, "dead-letter producer error");
         }
     }

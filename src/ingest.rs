@@ -110,20 +110,10 @@ impl ClientContext for IngestContext {
             tracing::debug!(reason, "end of partition");
             return;
         }
-        if let Some(repeats) = self
-            .log_throttle
-            .admit(&throttle_key(&error), Instant::now())
-        {
+        if let Some(repeats) = self.log_throttle.admit_error(&error) {
             tracing::error!(error = %error, reason, repeats_not_logged = repeats, "librdkafka error");
         }
     }
-}
-
-/// librdkafka reports one broker outage both to the client ("Global error:
-/// AllBrokersDown") and to the consumer queue ("Message consumption error:
-/// AllBrokersDown"): throttled by the error code, it is logged once a window.
-fn throttle_key(e: &KafkaError) -> String {
-    crate::log_throttle::key_of(e)
 }
 
 impl ConsumerContext for IngestContext {
@@ -399,6 +389,7 @@ fn take_snapshot(st: &mut State, settings: &IngestSettings) -> Option<Snapshot> 
     })
 }
 
+/// The consumer thread.
 pub struct Ingest {
     consumer: BaseConsumer<IngestContext>,
     tariff: Arc<Tariff>,
@@ -511,8 +502,7 @@ impl Ingest {
                 }
                 Some(Err(e)) => {
                     metrics::counter!("tallyd_kafka_errors_total").increment(1);
-                    if let Some(repeats) = ctx.log_throttle.admit(&throttle_key(&e), Instant::now())
-                    {
+                    if let Some(repeats) = ctx.log_throttle.admit_error(&e) {
                         tracing::warn!(error = %e, repeats_not_logged = repeats, "kafka consumer error");
                     }
                 }

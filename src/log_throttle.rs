@@ -15,7 +15,9 @@ use parking_lot::Mutex;
 pub const WINDOW: Duration = Duration::from_secs(30);
 
 /// What a Kafka error is throttled by: its code, so one condition reported through
-/// two paths (a client error and a consumer-queue error) is one entry.
+/// two paths is one entry (librdkafka reports a broker outage both to the client,
+/// "Global error: AllBrokersDown", and to the consumer queue, "Message
+/// consumption error: AllBrokersDown").
 pub fn key_of(e: &rdkafka::error::KafkaError) -> String {
     match e.rdkafka_error_code() {
         Some(code) => format!("{code:?}"),
@@ -30,6 +32,11 @@ pub struct LogThrottle {
 }
 
 impl LogThrottle {
+    /// [`LogThrottle::admit`] for a Kafka error now, keyed by [`key_of`].
+    pub fn admit_error(&self, e: &rdkafka::error::KafkaError) -> Option<u64> {
+        self.admit(&key_of(e), Instant::now())
+    }
+
     /// Whether this occurrence of `error` should be logged; if so, `Some` of
     /// the repeats that were not, since it last was.
     pub fn admit(&self, error: &str, now: Instant) -> Option<u64> {
