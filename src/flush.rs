@@ -250,35 +250,30 @@ impl Flusher {
         let as_of = chrono::Utc::now()
             .format("%Y-%m-%dT%H:%M:%S+00:00")
             .to_string();
-        let mut shares = spread(snap.parts, stores.len());
-        let written: Vec<Written> = if shares.len() == 1 {
-            let share = shares.pop().unwrap_or_default();
-            vec![self.write_share(
-                &mut stores[0],
-                share,
-                snap.prune_dedup_before,
-                &as_of,
-                cancel,
-            )]
-        } else {
-            std::thread::scope(|scope| {
-                let writers: Vec<_> = shares
-                    .into_iter()
-                    .zip(stores.iter_mut())
-                    .enumerate()
-                    .map(|(i, (share, store))| {
-                        // Old dedup ids are pruned once, by the first share.
-                        let prune = snap.prune_dedup_before.filter(|_| i == 0);
-                        let as_of = &as_of;
-                        scope.spawn(move || self.write_share(store, share, prune, as_of, cancel))
-                    })
-                    .collect();
-                writers
-                    .into_iter()
-                    .map(|w| w.join().expect("flush writer panicked"))
-                    .collect()
-            })
-        };
+        let as_of = &as_of;
+        let written: Vec<Written> = std::thread::scope(|scope| {
+            let mut shares = spread(snap.parts, stores.len())
+                .into_iter()
+                .zip(stores.iter_mut())
+                .enumerate()
+                .map(|(i, (share, store))| {
+                    // Old dedup ids are pruned once, by the first share.
+                    let prune = snap.prune_dedup_before.filter(|_| i == 0);
+                    move || self.write_share(store, share, prune, as_of, cancel)
+                });
+            // The first share on this thread, any others beside it on their own.
+            let first = shares.next();
+            let others: Vec<_> = shares.map(|w| scope.spawn(w)).collect();
+            first
+                .map(|w| w())
+                .into_iter()
+                .chain(
+                    others
+                        .into_iter()
+                        .map(|h| h.join().expect("flush writer panicked")),
+                )
+                .collect()
+        });
         let mut outcome = FlushOutcome::AlreadyApplied;
         let mut took = Duration::ZERO;
         let mut rows = 0;

@@ -394,43 +394,41 @@ fn sqlite_flush(c: &mut rusqlite::Connection, b: &FlushBatch) -> Result<FlushOut
         }
     }
     {
-        const ROW_COLUMNS: usize = 4 + LEAF_COLUMN_COUNT;
-        let upsert_n = |n: usize| upsert_rows(&format!("VALUES {}", placeholders(n, ROW_COLUMNS)));
-        write_chunked(&tx, &b.rows, ROWS_PER_STATEMENT, upsert_n, |st, base, r| {
-            st.raw_bind_parameter(base + 1, r.key.account.write_text(&mut [0; 34]))?;
-            st.raw_bind_parameter(base + 2, r.key.period.kind())?;
-            st.raw_bind_parameter(base + 3, period_start(r.key.period))?;
-            st.raw_bind_parameter(base + 4, &r.price_unit)?;
-            for (i, v) in leaf_values(&r.leaves).enumerate() {
-                st.raw_bind_parameter(base + i + 5, v)?;
-            }
-            Ok(())
-        })?;
-        let upsert_n = |n: usize| {
-            format!(
-                "INSERT INTO usage_breakdowns ({BREAKDOWN_COLUMNS}) VALUES {} {UPSERT_BREAKDOWN_TAIL}",
-                placeholders(n, 10)
-            )
-        };
+        let upsert = |values: &str| upsert_rows(&format!("VALUES {values}"));
         write_chunked(
             &tx,
-            &b.breakdowns,
-            ROWS_PER_STATEMENT,
-            upsert_n,
-            |st, base, d| {
-                let k = &d.key;
-                st.raw_bind_parameter(base + 1, k.account.write_text(&mut [0; 34]))?;
-                st.raw_bind_parameter(base + 2, k.dimension.as_str())?;
-                st.raw_bind_parameter(base + 3, &*k.value)?;
-                st.raw_bind_parameter(base + 4, k.day.to_string())?;
-                st.raw_bind_parameter(base + 5, d.calls.count as i64)?;
-                st.raw_bind_parameter(base + 6, d.calls.usage as i64)?;
-                st.raw_bind_parameter(base + 7, d.calls.price)?;
-                st.raw_bind_parameter(base + 8, d.messages.count as i64)?;
-                st.raw_bind_parameter(base + 9, d.messages.usage as i64)?;
-                st.raw_bind_parameter(base + 10, d.messages.price)
+            &b.rows,
+            4 + LEAF_COLUMN_COUNT,
+            upsert,
+            |st, base, r| {
+                st.raw_bind_parameter(base + 1, r.key.account.write_text(&mut [0; 34]))?;
+                st.raw_bind_parameter(base + 2, r.key.period.kind())?;
+                st.raw_bind_parameter(base + 3, period_start(r.key.period))?;
+                st.raw_bind_parameter(base + 4, &r.price_unit)?;
+                for (i, v) in leaf_values(&r.leaves).enumerate() {
+                    st.raw_bind_parameter(base + i + 5, v)?;
+                }
+                Ok(())
             },
         )?;
+        let upsert = |values: &str| {
+            format!(
+                "INSERT INTO usage_breakdowns ({BREAKDOWN_COLUMNS}) VALUES {values} {UPSERT_BREAKDOWN_TAIL}"
+            )
+        };
+        write_chunked(&tx, &b.breakdowns, 10, upsert, |st, base, d| {
+            let k = &d.key;
+            st.raw_bind_parameter(base + 1, k.account.write_text(&mut [0; 34]))?;
+            st.raw_bind_parameter(base + 2, k.dimension.as_str())?;
+            st.raw_bind_parameter(base + 3, &*k.value)?;
+            st.raw_bind_parameter(base + 4, k.day.to_string())?;
+            st.raw_bind_parameter(base + 5, d.calls.count as i64)?;
+            st.raw_bind_parameter(base + 6, d.calls.usage as i64)?;
+            st.raw_bind_parameter(base + 7, d.calls.price)?;
+            st.raw_bind_parameter(base + 8, d.messages.count as i64)?;
+            st.raw_bind_parameter(base + 9, d.messages.usage as i64)?;
+            st.raw_bind_parameter(base + 10, d.messages.price)
+        })?;
         let mut st = tx.prepare_cached(
             "INSERT INTO dedup_batches (topic, partition, seen_day, first_offset, ids) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
@@ -467,36 +465,37 @@ fn placeholders(n: usize, c: usize) -> String {
         .join(", ")
 }
 
-/// Runs `sql(n)` — an insert of `n` rows — over `items`, `per` rows a statement
-/// and one statement for the rest; `bind(statement, offset, item)` binds an
+/// Inserts `items`, [`ROWS_PER_STATEMENT`] a statement and one statement for
+/// the rest: `sql(values)` is the statement for the `(?1, …), (…)` tuples of
+/// `columns` parameters each, and `bind(statement, offset, item)` binds an
 /// item's columns after `offset` parameters.
 fn write_chunked<T>(
     tx: &rusqlite::Transaction<'_>,
     items: &[T],
-    per: usize,
-    sql: impl Fn(usize) -> String,
+    columns: usize,
+    sql: impl Fn(&str) -> String,
     bind: impl Fn(&mut rusqlite::Statement<'_>, usize, &T) -> rusqlite::Result<()>,
 ) -> Result<()> {
-    let columns = |st: &rusqlite::Statement<'_>, n: usize| st.parameter_count() / n;
-    let mut chunks = items.chunks_exact(per);
-    if items.len() >= per {
-        let mut st = tx.prepare_cached(&sql(per))?;
-        let c = columns(&st, per);
+    let write = |st: &mut rusqlite::Statement<'_>, chunk: &[T]| -> Result<()> {
+        for (r, item) in chunk.iter().enumerate() {
+            bind(st, r * columns, item)?;
+        }
+        st.raw_execute()?;
+        Ok(())
+    };
+    let mut chunks = items.chunks_exact(ROWS_PER_STATEMENT);
+    if items.len() >= ROWS_PER_STATEMENT {
+        let mut st = tx.prepare_cached(&sql(&placeholders(ROWS_PER_STATEMENT, columns)))?;
         for chunk in chunks.by_ref() {
-            for (r, item) in chunk.iter().enumerate() {
-                bind(&mut st, r * c, item)?;
-            }
-            st.raw_execute()?;
+            write(&mut st, chunk)?;
         }
     }
     let rest = chunks.remainder();
     if !rest.is_empty() {
-        let mut st = tx.prepare(&sql(rest.len()))?;
-        let c = columns(&st, rest.len());
-        for (r, item) in rest.iter().enumerate() {
-            bind(&mut st, r * c, item)?;
-        }
-        st.raw_execute()?;
+        write(
+            &mut tx.prepare(&sql(&placeholders(rest.len(), columns)))?,
+            rest,
+        )?;
     }
     Ok(())
 }
