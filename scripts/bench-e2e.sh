@@ -39,7 +39,10 @@ echo "filling topic with $N CDRs over $ACCOUNTS accounts…" >&2
 "$BIN" generate --brokers 127.0.0.1:$PORT --topic cdrs --count "$N" --accounts "$ACCOUNTS" \
   --duplicate-rate 0.01 --malformed-rate 0.001 2>&1 | tail -1 >&2
 
+tansu_cpu() { awk '{print ($14 + $15) / '"$(getconf CLK_TCK)"'}' /proc/$TANSU_PID/stat; }
+BEFORE=$(tansu_cpu)
 "$BARE" 127.0.0.1:$PORT cdrs $PARTITIONS "$N" | tee "$WORK/bare.txt"
+echo "  broker (tansu) CPU meanwhile: $(awk -v a="$BEFORE" -v b="$(tansu_cpu)" 'BEGIN {printf "%.1f", b - a}') s"
 BARE_RATE=$(awk '{print $(NF-1)}' "$WORK/bare.txt")
 
 run_tallyd() { # $1 = label, $2 = store url, $3 = group
@@ -48,7 +51,7 @@ run_tallyd() { # $1 = label, $2 = store url, $3 = group
   TALLYD_HTTP__LISTEN=127.0.0.1:0 TALLYD_FLUSH__INTERVAL_MS=1000 RUST_LOG=warn \
     "$BIN" run --config config/tallyd.toml 2>"$WORK/$label.log" &
   TALLYD_PID=$!
-  python3 scripts/bench_watch.py "$label" "$url" "$N" "$TALLYD_PID" "$BARE_RATE"
+  TANSU_PID=$TANSU_PID python3 scripts/bench_watch.py "$label" "$url" "$N" "$TALLYD_PID" "$BARE_RATE"
   kill -TERM $TALLYD_PID; wait $TALLYD_PID || true
   TALLYD_PID=
 }

@@ -26,8 +26,8 @@ def consumed():
         return 0
 
 
-def cpu_seconds():
-    with open(f"/proc/{pid}/stat") as f:
+def cpu_seconds(of=None):
+    with open(f"/proc/{of or pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / tick
 
@@ -58,6 +58,8 @@ def peak_rss_mib():
 # Consumption starts after the consumer-group join, which is idle but can take
 # 20 s against tansu: the clock starts at the first sampling window in which the
 # process used at least 40% of a core. BENCH_TRACE=1 prints every sample.
+# The broker shares the machine: its CPU over the same window is printed too.
+tansu = int(os.environ.get("TANSU_PID", "0"))
 deadline = time.time() + 900
 start = None
 t0 = last_t = time.time()
@@ -69,6 +71,7 @@ while time.time() < deadline:
         print(f"  {now - t0:6.2f}s cpu {cpu:6.2f} (+{cpu - last_cpu:.2f}) consumed {done}", file=sys.stderr)
     if start is None and cpu - last_cpu >= 0.4 * (now - last_t):
         start = last_t
+        tansu_start = cpu_seconds(tansu) if tansu else 0
     last_cpu, last_t = cpu, now
     if done >= n:
         break
@@ -79,4 +82,6 @@ secs = time.time() - start
 rate = n / secs
 print(f"tallyd[{label}]: {n} CDRs consumed, rated and flushed in {secs:.2f} s = {rate:.0f} CDRs/s; "
       f"ratio to bare consumer {rate / bare_rate:.2f}; CPU {cpu_seconds():.1f} s; peak RSS {peak_rss_mib():.0f} MiB")
+if tansu:
+    print(f"  broker (tansu) CPU meanwhile: {cpu_seconds(tansu) - tansu_start:.1f} s")
 print("  CPU by thread: " + ", ".join(f"{name} {secs:.1f} s" for name, secs in thread_cpu()[:6] if secs >= 0.05))

@@ -11,7 +11,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::ClientContext;
 
 use crate::calendar::Day;
 
@@ -233,8 +235,37 @@ impl Iterator for Generator {
     }
 }
 
+/// Counts messages the broker did not take, and keeps the first reason.
+#[derive(Default)]
+struct Deliveries {
+    failed: std::sync::atomic::AtomicU64,
+    first_error: std::sync::Mutex<Option<String>>,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.first_error
+                .lock()
+                .unwrap()
+                .get_or_insert_with(|| e.to_string());
+        }
+    }
+}
+
 /// Produces `count` generated messages to `topic`, at most `rate` per second
 /// (0 = as fast as possible), optionally writing each payload as a line of `file`.
+///
+/// The producer is idempotent, so the topic holds each generated message exactly
+/// once even when the broker is slow and requests are retried: ground truth
+/// computed from the file then matches the topic offset for offset. Returns an
+/// error if any message was not delivered.
 pub fn produce(
     client: &ClientConfig,
     topic: &str,
@@ -248,8 +279,9 @@ pub fn produce(
     cfg.set("linger.ms", "10")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "200000")
-        .set("message.timeout.ms", "0");
-    let producer: BaseProducer = cfg.create()?;
+        .set("message.timeout.ms", "0")
+        .set("enable.idempotence", "true");
+    let producer: BaseProducer<Deliveries> = cfg.create_with_context(Deliveries::default())?;
     let started = Instant::now();
     let mut sent = 0u64;
     for g in generator.take(count as usize) {
@@ -293,6 +325,17 @@ pub fn produce(
             producer.in_flight_count()
         );
         producer.poll(Duration::from_millis(100));
+    }
+    let failed = producer
+        .context()
+        .failed
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if failed > 0 {
+        let why = producer.context().first_error.lock().unwrap().take();
+        anyhow::bail!(
+            "{failed} of {sent} messages were not delivered to {topic}: {}",
+            why.unwrap_or_default()
+        );
     }
     Ok(sent)
 }

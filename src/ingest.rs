@@ -627,7 +627,7 @@ impl Ingest {
 
     /// Runs consecutive messages of one partition through the hot path.
     fn handle_run(&self, st: &mut State, run: &[BorrowedMessage<'_>], topic: &str) {
-        let (Some(first), Some(last)) = (run.first(), run.last()) else {
+        let Some(first) = run.first() else {
             return;
         };
         let partition = first.partition();
@@ -641,6 +641,10 @@ impl Ingest {
             return;
         };
         ps.at_end = false;
+        let run = continue_from(ps.next, run, partition);
+        let Some(last) = run.last() else {
+            return;
+        };
         let payloads: Vec<&[u8]> = run
             .iter()
             .map(|m| m.payload().unwrap_or_default())
@@ -671,6 +675,44 @@ impl Ingest {
         );
         ps.next = last.offset() + 1;
     }
+}
+
+/// The part of `run` at or after `next`, the partition's next offset to read.
+///
+/// Offsets only move forward: messages before `next` were counted already (they
+/// come back only if librdkafka reset the position, say after an out-of-range
+/// answer) and are dropped here, so `next` — what the flush stores — never goes
+/// back. A gap after `next` is legal in Kafka (compaction, transaction markers)
+/// and is read past, but counted and logged: on a plain CDR topic it means the
+/// broker skipped messages.
+fn continue_from<M: Message>(next: i64, run: &[M], partition: i32) -> &[M] {
+    let (Some(first), Some(last)) = (run.first(), run.last()) else {
+        return run;
+    };
+    if next < 0 || first.offset() == next {
+        return run;
+    }
+    if first.offset() > next {
+        metrics::counter!("tallyd_offset_gaps_total").increment(1);
+        tracing::warn!(
+            partition,
+            expected = next,
+            got = first.offset(),
+            "offset gap: the broker returned messages past the expected offset"
+        );
+        return run;
+    }
+    let skip = run.partition_point(|m| m.offset() < next);
+    metrics::counter!("tallyd_replayed_messages_total").increment(skip as u64);
+    tracing::warn!(
+        partition,
+        expected = next,
+        got = first.offset(),
+        until = last.offset(),
+        skipped = skip,
+        "messages before the partition's position came again; skipped"
+    );
+    &run[skip..]
 }
 
 fn publish(t: &mut Tallies) {
@@ -734,5 +776,39 @@ mod tests {
         p.started(ms(5000), 1000);
         p.finished(Duration::from_millis(2000));
         assert!(p.due(ms(5200), true, 1_000_000));
+    }
+
+    fn messages(offsets: &[i64]) -> Vec<rdkafka::message::OwnedMessage> {
+        offsets
+            .iter()
+            .map(|&o| {
+                rdkafka::message::OwnedMessage::new(
+                    Some(format!("m{o}").into_bytes()),
+                    None,
+                    "cdrs".into(),
+                    rdkafka::Timestamp::NotAvailable,
+                    3,
+                    o,
+                    None,
+                )
+            })
+            .collect()
+    }
+
+    fn offsets(run: &[rdkafka::message::OwnedMessage]) -> Vec<i64> {
+        run.iter().map(|m| m.offset()).collect()
+    }
+
+    #[test]
+    fn positions_only_move_forward() {
+        let run = messages(&[10, 11, 12, 13]);
+        // In order, or the first read of a partition: everything.
+        assert_eq!(offsets(continue_from(10, &run, 3)), [10, 11, 12, 13]);
+        assert_eq!(offsets(continue_from(-1, &run, 3)), [10, 11, 12, 13]);
+        // Replayed after a position reset: what came before `next` is dropped.
+        assert_eq!(offsets(continue_from(12, &run, 3)), [12, 13]);
+        assert!(continue_from(14, &run, 3).is_empty());
+        // A gap is read past.
+        assert_eq!(offsets(continue_from(7, &run, 3)), [10, 11, 12, 13]);
     }
 }

@@ -24,7 +24,7 @@ fn broker() -> Tansu {
 
 #[test]
 fn sqlite_exact_with_duplicates_and_dead_letters() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let t = broker();
     const N: u64 = 20_000;
     let lines = generate(&t.brokers(), TOPIC, N, 11, &dir.path().join("cdrs.jsonl"));
@@ -36,6 +36,7 @@ fn sqlite_exact_with_duplicates_and_dead_letters() {
     wait_flushed(&url, TOPIC, N, Duration::from_secs(120), &log);
     d.stop();
     assert_exact(&url, &truth);
+    assert_offsets(&url, TOPIC, N);
     // Every rejected message is in the dead-letter topic, unchanged, with its reason.
     let dl = dead_letters(&t.brokers(), DLQ, rejected);
     assert_eq!(dl.len(), rejected);
@@ -46,7 +47,7 @@ fn sqlite_exact_with_duplicates_and_dead_letters() {
 
 #[test]
 fn postgres_exact_with_duplicates() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let pg = PgSchema::new("exact");
     let t = broker();
     const N: u64 = 20_000;
@@ -57,11 +58,12 @@ fn postgres_exact_with_duplicates() {
     wait_flushed(&pg.url, TOPIC, N, Duration::from_secs(120), &log);
     d.stop();
     assert_exact(&pg.url, &truth);
+    assert_offsets(&pg.url, TOPIC, N);
 }
 
 #[test]
 fn exact_across_sigkill_restarts() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let t = broker();
     const N: u64 = 60_000;
     let lines = generate(&t.brokers(), TOPIC, N, 13, &dir.path().join("cdrs.jsonl"));
@@ -84,11 +86,12 @@ fn exact_across_sigkill_restarts() {
     wait_flushed(&url, TOPIC, N, Duration::from_secs(180), &log);
     d.stop();
     assert_exact(&url, &truth);
+    assert_offsets(&url, TOPIC, N);
 }
 
 #[test]
 fn exact_when_broker_freezes_mid_run() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let pg = PgSchema::new("freeze");
     let t = broker();
     const N: u64 = 40_000;
@@ -104,11 +107,12 @@ fn exact_when_broker_freezes_mid_run() {
     wait_flushed(&pg.url, TOPIC, N, Duration::from_secs(240), &log);
     d.stop();
     assert_exact(&pg.url, &truth);
+    assert_offsets(&pg.url, TOPIC, N);
 }
 
 #[test]
 fn exact_when_broker_stops_and_restarts_mid_run() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let pg = PgSchema::new("restart");
     // Topics and messages live in S3 (a moto server of the broker's own), so a
     // killed broker comes back with everything it had acknowledged.
@@ -138,6 +142,7 @@ fn exact_when_broker_stops_and_restarts_mid_run() {
     wait_flushed(&pg.url, TOPIC, N, Duration::from_secs(240), &log);
     d.stop();
     assert_exact(&pg.url, &truth);
+    assert_offsets(&pg.url, TOPIC, N);
     // Dead letters queued while the broker was down were delivered after all (a
     // retried one may be there twice: at least once is the promise).
     let dl = dead_letters(&t.brokers(), DLQ, rejected);
@@ -156,7 +161,7 @@ fn exact_when_broker_stops_and_restarts_mid_run() {
 
 #[test]
 fn two_instances_share_partitions_and_take_over() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let pg = PgSchema::new("group");
     let t = broker();
     const N: u64 = 60_000;
@@ -173,11 +178,12 @@ fn two_instances_share_partitions_and_take_over() {
     wait_flushed(&pg.url, TOPIC, N, Duration::from_secs(240), &log_b);
     b.stop();
     assert_exact(&pg.url, &truth);
+    assert_offsets(&pg.url, TOPIC, N);
 }
 
 #[test]
 fn store_stall_pauses_consumption_then_catches_up_exactly() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let pg = PgSchema::new("stall");
     // Stall the store: hold the row every flush updates last, so flushes block.
     tallyd::store::Store::open(&pg.url).unwrap();
@@ -235,4 +241,5 @@ fn store_stall_pauses_consumption_then_catches_up_exactly() {
     );
     d.stop();
     assert_exact(&pg.url, &truth);
+    assert_offsets(&pg.url, TOPIC, N);
 }

@@ -293,7 +293,36 @@ pub fn signal(child: &Child, sig: i32) {
     }
 }
 
-/// A PostgreSQL schema of its own for one test, dropped at the end.
+/// A test's working directory (generated CDRs, daemon logs, SQLite store):
+/// deleted when the test passes, kept — and its path printed — when it fails, so
+/// a failure can be looked into after the run.
+pub struct TestDir(Option<tempfile::TempDir>);
+
+pub fn test_dir() -> TestDir {
+    TestDir(Some(tempfile::tempdir().unwrap()))
+}
+
+impl TestDir {
+    pub fn path(&self) -> &Path {
+        self.0.as_ref().unwrap().path()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(dir) = self.0.take() {
+                eprintln!(
+                    "test failed: its files are kept in {}",
+                    dir.keep().display()
+                );
+            }
+        }
+    }
+}
+
+/// A PostgreSQL schema of its own for one test, dropped at the end (kept when the
+/// test fails).
 pub struct PgSchema {
     pub url: String,
     base: String,
@@ -319,6 +348,10 @@ impl PgSchema {
 
 impl Drop for PgSchema {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test failed: PostgreSQL schema {} is kept", self.schema);
+            return;
+        }
         if let Ok(mut c) = postgres::Client::connect(&self.base, postgres::NoTls) {
             let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema));
         }
@@ -473,6 +506,18 @@ pub fn wait_flushed(store_url: &str, topic: &str, total: u64, timeout: Duration,
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// Checks that the stored offsets add up to exactly `total`: the topic held each
+/// generated message once (the generator's producer is idempotent) and the daemon
+/// stored no position past what it read.
+pub fn assert_offsets(store_url: &str, topic: &str, total: u64) {
+    let offsets = Store::open(store_url).unwrap().load_offsets(topic).unwrap();
+    let consumed: i64 = offsets.values().sum();
+    assert_eq!(
+        consumed as u64, total,
+        "stored offsets {offsets:?} add up to {consumed} for {total} generated messages"
+    );
 }
 
 /// Waits until the first offsets of `topic` land in the store: consumption started.
