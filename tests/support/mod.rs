@@ -376,12 +376,67 @@ pub fn generate(brokers: &str, topic: &str, count: u64, seed: u64, file: &Path) 
     let stop = AtomicBool::new(false);
     let sent = produce(&client, topic, gen, count, 0, Some(&mut f), &stop).unwrap();
     assert_eq!(sent, count);
+    // The tests wait for the stored offsets to add up to `count`: that means
+    // "everything read" only if the topic holds each message exactly once.
+    assert_eq!(
+        messages_in(brokers, topic),
+        count,
+        "the topic must hold each generated message once"
+    );
     drop(f);
     std::fs::read_to_string(file)
         .unwrap()
         .lines()
         .map(String::from)
         .collect()
+}
+
+/// Reads `topic` from the beginning and counts its messages (tansu's reported
+/// high watermarks lag behind what it holds, so they are not asked).
+pub fn messages_in(brokers: &str, topic: &str) -> u64 {
+    use rdkafka::error::KafkaError;
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "message-counter")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .unwrap();
+    let meta = c
+        .fetch_metadata(Some(topic), Duration::from_secs(30))
+        .unwrap();
+    let partitions: Vec<i32> = meta.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut n = 0;
+    let mut at_end = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut quiet_since = Instant::now();
+    // Until every partition reported its end and then nothing came for a second.
+    while at_end.len() < partitions.len() || quiet_since.elapsed() < Duration::from_secs(1) {
+        assert!(Instant::now() < deadline, "cannot read {topic} to its end");
+        match c.poll(Duration::from_millis(100)) {
+            Some(Ok(_)) => {
+                n += 1;
+                quiet_since = Instant::now();
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    n
 }
 
 /// A tallyd daemon process.
