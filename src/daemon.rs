@@ -14,6 +14,7 @@ use crate::flush::{FlushHealth, Flusher};
 use crate::http::{self, Probes};
 use crate::ingest::{Ingest, IngestHealth, IngestSettings};
 use crate::rating::Tariff;
+use crate::store::checkpoint::Checkpointer;
 use crate::store::Store;
 
 /// The librdkafka client settings shared by the consumer and producers.
@@ -63,6 +64,11 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
         dead_letters: Some(dead_letters.clone()),
         health: flush_health.clone(),
         writers: cfg.flush.parallel_writers,
+        checkpointer: if cfg.store.url.starts_with("sqlite:") {
+            Some(Checkpointer::start(&cfg.store.url)?)
+        } else {
+            None
+        },
     };
     let flush_thread = std::thread::Builder::new()
         .name("tallyd-flush".into())

@@ -17,6 +17,7 @@ use crate::calendar::Day;
 use crate::counters::{BreakdownDelta, Deltas, Leaves, RowKey};
 use crate::dead_letter::DeadLetters;
 use crate::rating::Tariff;
+use crate::store::checkpoint::Checkpointer;
 use crate::store::{self, DedupRows, FlushBatch, FlushOutcome, OffsetAdvance, RowDelta, Store};
 
 /// One partition's share of a flush: the usage counted from its messages, the
@@ -147,6 +148,9 @@ pub struct Flusher {
     /// PostgreSQL connections a flush is written over in parallel
     /// (`flush.parallel_writers`); SQLite has one writer.
     pub writers: usize,
+    /// For a SQLite store: the thread that checkpoints its WAL, so that the
+    /// flusher's commits need not.
+    pub checkpointer: Option<Checkpointer>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -199,6 +203,9 @@ impl Flusher {
                     reply,
                 } => {
                     let result = self.flush(&mut stores, *snapshot, &cancel);
+                    if let (Ok(_), Some(c)) = (&result, &self.checkpointer) {
+                        c.request();
+                    }
                     let _ = reply.send(result);
                 }
                 Job::Load {
@@ -375,6 +382,9 @@ impl Flusher {
             let attempt = match store {
                 Some(s) => op(s),
                 None => Store::open(&self.url).and_then(|mut s| {
+                    if self.checkpointer.is_some() {
+                        s.defer_checkpoints()?;
+                    }
                     let r = op(&mut s);
                     *store = Some(s);
                     r

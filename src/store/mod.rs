@@ -6,6 +6,7 @@
 //! a flush idempotent (a batch retried after an unknown commit outcome is detected
 //! as already applied) and fences a zombie instance whose partitions were taken over.
 
+pub mod checkpoint;
 pub mod schema;
 
 use std::collections::HashMap;
@@ -159,7 +160,11 @@ impl Store {
             conn.busy_timeout(std::time::Duration::from_secs(10))?;
             Store::Sqlite(conn)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Store::Postgres(postgres::Client::connect(url, postgres::NoTls)?)
+            let mut c = postgres::Client::connect(url, postgres::NoTls)?;
+            // Server NOTICEs ("relation … already exists, skipping" for the
+            // flush's temp tables) would be logged at INFO twice per flush.
+            c.batch_execute("SET client_min_messages = warning")?;
+            Store::Postgres(c)
         } else {
             return Err(Error::BadUrl(url.into()));
         };
@@ -171,6 +176,25 @@ impl Store {
         match self {
             Store::Sqlite(c) => migrate_sqlite(c)?,
             Store::Postgres(c) => migrate_postgres(c)?,
+        }
+        Ok(())
+    }
+
+    /// Leaves copying a SQLite store's WAL into its file to
+    /// [`checkpoint::Checkpointer`] instead of this connection's commits. (No-op
+    /// for PostgreSQL.)
+    pub fn defer_checkpoints(&mut self) -> Result<()> {
+        if let Store::Sqlite(c) = self {
+            c.pragma_update(None, "wal_autocheckpoint", 0)?;
+        }
+        Ok(())
+    }
+
+    /// Copies what is committed in a SQLite store's WAL into its file, without
+    /// waiting for readers or the writer. (No-op for PostgreSQL.)
+    pub fn checkpoint(&mut self) -> Result<()> {
+        if let Store::Sqlite(c) = self {
+            c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
         }
         Ok(())
     }
@@ -393,6 +417,8 @@ fn sqlite_flush(c: &mut rusqlite::Connection, b: &FlushBatch) -> Result<FlushOut
             return stale_advance(o, found, i == 0);
         }
     }
+    let started = std::time::Instant::now();
+    let (rows_done, breakdowns_done);
     {
         let upsert = |values: &str| upsert_rows(&format!("VALUES {values}"));
         write_chunked(
@@ -411,6 +437,7 @@ fn sqlite_flush(c: &mut rusqlite::Connection, b: &FlushBatch) -> Result<FlushOut
                 Ok(())
             },
         )?;
+        rows_done = started.elapsed();
         let upsert = |values: &str| {
             format!(
                 "INSERT INTO usage_breakdowns ({BREAKDOWN_COLUMNS}) VALUES {values} {UPSERT_BREAKDOWN_TAIL}"
@@ -429,6 +456,7 @@ fn sqlite_flush(c: &mut rusqlite::Connection, b: &FlushBatch) -> Result<FlushOut
             st.raw_bind_parameter(base + 9, d.messages.usage as i64)?;
             st.raw_bind_parameter(base + 10, d.messages.price)
         })?;
+        breakdowns_done = started.elapsed();
         let mut st = tx.prepare_cached(
             "INSERT INTO dedup_batches (topic, partition, seen_day, first_offset, ids) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
@@ -446,7 +474,17 @@ fn sqlite_flush(c: &mut rusqlite::Connection, b: &FlushBatch) -> Result<FlushOut
         tx.execute("DELETE FROM dedup_batches WHERE seen_day < ?1", [before.0])?;
     }
     tx.execute(SET_LAST_FLUSH, [&b.as_of])?;
+    let before_commit = started.elapsed();
     tx.commit()?;
+    tracing::debug!(
+        rows = b.rows.len(),
+        rows_ms = rows_done.as_millis() as u64,
+        breakdowns = b.breakdowns.len(),
+        breakdowns_ms = (breakdowns_done - rows_done).as_millis() as u64,
+        dedup_ms = (before_commit - breakdowns_done).as_millis() as u64,
+        commit_ms = (started.elapsed() - before_commit).as_millis() as u64,
+        "sqlite flush written"
+    );
     Ok(FlushOutcome::Applied)
 }
 
@@ -885,6 +923,29 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!((page, journal.as_str()), (32768, "wal"));
+    }
+
+    #[test]
+    fn sqlite_flushes_leave_the_wal_to_the_checkpointer() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/t.db", dir.path().display());
+        let size = |name: &str| std::fs::metadata(dir.path().join(name)).map_or(0, |m| m.len());
+        let mut s = Store::open(&url).unwrap();
+        s.defer_checkpoints().unwrap();
+        // A flush past SQLite's auto-checkpoint threshold (1000 pages = 32 MiB).
+        let mut b = batch(None, 10);
+        b.dedup[0].ids = vec![7; 40 << 20];
+        s.write_flush(&b).unwrap();
+        assert!(size("t.db") < 1 << 20, "the commit checkpointed");
+        assert!(size("t.db-wal") > 40 << 20);
+        let c = checkpoint::Checkpointer::start(&url).unwrap();
+        c.request();
+        drop(c);
+        assert!(
+            size("t.db") > 40 << 20,
+            "the checkpointer copied the WAL into the database file"
+        );
+        assert_eq!(s.load_offsets("cdrs").unwrap()[&0], 10);
     }
 
     #[test]
