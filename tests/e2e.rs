@@ -214,14 +214,13 @@ fn store_stall_pauses_consumption_then_catches_up_exactly() {
     let lines = generate(&t.brokers(), TOPIC, N, 16, &dir.path().join("cdrs.jsonl"));
     let (truth, _) = ground_truth(&lines);
     // Over the bound with a flush stuck, the consumer must pause, not grow.
-    let started = std::time::Instant::now();
-    while metric(port, "tallyd_consumer_paused") != Some(1.0) {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "consumer never paused while the store stalled"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_metric(
+        port,
+        "tallyd_consumer_paused",
+        1.0,
+        Duration::from_secs(120),
+        "consumer never paused while the store stalled",
+    );
     // Paused means no growth: unflushed state stays where it was.
     std::thread::sleep(Duration::from_millis(1500));
     let before = metric(port, "tallyd_pending_cells");
@@ -236,14 +235,13 @@ fn store_stall_pauses_consumption_then_catches_up_exactly() {
     wait_flushed(&pg.url, TOPIC, N, Duration::from_secs(180), &log);
     // The consumer sees that the last flush landed a poll after the store has
     // it, and resumes then.
-    let landed = std::time::Instant::now();
-    while metric(port, "tallyd_consumer_paused") != Some(0.0) {
-        assert!(
-            landed.elapsed() < Duration::from_secs(10),
-            "consumption did not resume by itself"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_metric(
+        port,
+        "tallyd_consumer_paused",
+        0.0,
+        Duration::from_secs(10),
+        "consumption did not resume by itself",
+    );
     d.stop();
     assert_exact(&pg.url, &truth);
     assert_offsets(&pg.url, TOPIC, N);

@@ -815,6 +815,19 @@ pub fn dead_letters(brokers: &str, topic: &str, expect: usize) -> Vec<(String, S
 }
 
 /// The value of an unlabelled metric from the daemon's `/metrics`.
+/// Waits until the daemon's metric `name` reads `value`; fails with `why` after `timeout`.
+pub fn wait_metric(port: u16, name: &str, value: f64, timeout: Duration, why: &str) {
+    let started = Instant::now();
+    while metric(port, name) != Some(value) {
+        assert!(
+            started.elapsed() < timeout,
+            "{why} ({name} is {:?})",
+            metric(port, name)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn metric(port: u16, name: &str) -> Option<f64> {
     let body = reqwest::blocking::get(format!("http://127.0.0.1:{port}/metrics"))
         .ok()?
