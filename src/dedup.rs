@@ -11,6 +11,8 @@
 //! than that is counted again. Memory is 16 bytes per slot with 5/16 to 5/8 of the
 //! slots in use: 26–51 bytes per id in the window.
 
+use std::borrow::Cow;
+
 use crate::calendar::Day;
 use crate::cdr::Cdr;
 use crate::counters::table::prefetch;
@@ -171,13 +173,16 @@ impl SeenIds for DedupWindow {
     }
 }
 
-/// Packs id hashes into the blob stored in `dedup_batches.ids`.
-pub fn pack(ids: &[u128]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(ids.len() * 16);
-    for h in ids {
-        out.extend_from_slice(&h.to_le_bytes());
+/// The blob stored in `dedup_batches.ids`: the id hashes' 16-byte little-endian
+/// forms back to back. On a little-endian machine that is the ids' own memory, so
+/// a flush writes millions of ids without copying them (the consumer thread used
+/// to pack them at every flush: 160 MB after a 10M-CDR backlog).
+pub fn blob(ids: &[u128]) -> Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        Cow::Borrowed(bytemuck::cast_slice(ids))
+    } else {
+        Cow::Owned(ids.iter().flat_map(|h| h.to_le_bytes()).collect())
     }
-    out
 }
 
 /// Unpacks a `dedup_batches.ids` blob; a trailing partial entry is ignored.
@@ -226,12 +231,16 @@ mod tests {
     }
 
     #[test]
-    fn pack_round_trips() {
-        let ids = [id_hash("a"), id_hash("b"), u128::MAX, 0];
-        assert_eq!(unpack(&pack(&ids)).collect::<Vec<_>>(), ids);
+    fn blob_round_trips() {
+        let ids = [id_hash("a"), id_hash("b"), u128::MAX, 0, 2];
+        let b = blob(&ids);
+        assert_eq!(b.len(), 80);
+        // Little-endian whatever the machine: 2 is a 2 byte then fifteen zeros.
+        assert_eq!(b[64..], [&[2][..], &[0; 15]].concat());
+        assert_eq!(unpack(&b).collect::<Vec<_>>(), ids);
         let mut w = DedupWindow::new(Day(5));
-        w.load(Day(3), unpack(&pack(&ids)));
+        w.load(Day(3), unpack(&b));
         assert!(!w.first_sighting_of(id_hash("b")));
-        assert_eq!(w.len(), 4);
+        assert_eq!(w.len(), 5);
     }
 }

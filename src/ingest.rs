@@ -31,7 +31,7 @@ use crate::calendar::Day;
 use crate::cdr::RejectReason;
 use crate::counters::Deltas;
 use crate::dead_letter::{DeadLetters, Source};
-use crate::dedup::{pack, unpack, DedupWindow};
+use crate::dedup::{unpack, DedupWindow};
 use crate::flush::{FlushResult, Flushed, Job, Loaded, PartitionCut, Snapshot};
 use crate::log_throttle::LogThrottle;
 use crate::pipeline::{ingest_batch, Outcome};
@@ -369,7 +369,7 @@ fn take_snapshot(st: &mut State, settings: &IngestSettings) -> Option<Snapshot> 
             partition: *p,
             seen_day: st.today,
             first_offset: ps.stored.unwrap_or(-1),
-            ids: pack(&fresh),
+            ids: fresh,
         });
         parts.push(PartitionCut {
             deltas: ps.deltas.take(),

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 
 use crate::calendar::{Day, Period};
 use crate::counters::{BreakdownDelta, Leaves, RowKey};
+use crate::dedup::blob;
 use schema::{leaf_values, leaves_from, LEAF_COLUMNS, LEAF_COLUMN_COUNT, LEAF_COLUMN_LIST};
 
 #[derive(Debug, thiserror::Error)]
@@ -86,8 +87,8 @@ pub struct DedupRows {
     pub seen_day: Day,
     /// The batch's first offset: the row's key.
     pub first_offset: i64,
-    /// Packed 16-byte id hashes ([`crate::dedup::pack`]).
-    pub ids: Vec<u8>,
+    /// The id hashes, stored as one blob ([`crate::dedup::blob`]).
+    pub ids: Vec<u128>,
 }
 
 /// Everything one flush writes, in one transaction.
@@ -466,7 +467,7 @@ fn sqlite_flush(c: &mut rusqlite::Connection, b: &FlushBatch) -> Result<FlushOut
                 d.partition,
                 d.seen_day.0,
                 d.first_offset,
-                d.ids
+                blob(&d.ids)
             ])?;
         }
     }
@@ -676,7 +677,13 @@ fn postgres_flush(c: &mut postgres::Client, b: &FlushBatch) -> Result<FlushOutco
     for d in &b.dedup {
         tx.execute(
             "INSERT INTO dedup_batches (topic, partition, seen_day, first_offset, ids) VALUES ($1, $2, $3, $4, $5)",
-            &[&d.topic, &d.partition, &d.seen_day.0, &d.first_offset, &d.ids],
+            &[
+                &d.topic,
+                &d.partition,
+                &d.seen_day.0,
+                &d.first_offset,
+                &&*blob(&d.ids),
+            ],
         )?;
     }
     if let Some(before) = b.prune_dedup_before {
@@ -731,7 +738,7 @@ mod tests {
                 partition: 0,
                 seen_day: Day(20_000),
                 first_offset: from.unwrap_or(0),
-                ids: vec![1; 16],
+                ids: vec![u128::from_le_bytes([1; 16])],
             }],
             prune_dedup_before: None,
         }
@@ -934,7 +941,7 @@ mod tests {
         s.defer_checkpoints().unwrap();
         // A flush past SQLite's auto-checkpoint threshold (1000 pages = 32 MiB).
         let mut b = batch(None, 10);
-        b.dedup[0].ids = vec![7; 40 << 20];
+        b.dedup[0].ids = vec![7; (40 << 20) / 16];
         s.write_flush(&b).unwrap();
         assert!(size("t.db") < 1 << 20, "the commit checkpointed");
         assert!(size("t.db-wal") > 40 << 20);
