@@ -13,16 +13,15 @@
 //! also committed to Kafka after each flush, but only so that lag tools work.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::ClientContext;
@@ -32,6 +31,7 @@ use crate::cdr::RejectReason;
 use crate::counters::Deltas;
 use crate::dead_letter::{DeadLetters, Source};
 use crate::dedup::{unpack, DedupWindow};
+use crate::fetch_queue::{FetchQueue, Fetched, Record};
 use crate::flush::{FlushResult, Flushed, Job, Loaded, PartitionCut, Snapshot};
 use crate::log_throttle::LogThrottle;
 use crate::pipeline::{ingest_batch, Outcome};
@@ -91,9 +91,9 @@ struct State {
 
 pub struct IngestContext {
     settings: IngestSettings,
-    /// Bumped by every rebalance callback, so the consumer loop can tell that a
-    /// batch it polled straddles one.
-    rebalances: AtomicU64,
+    /// Where assigned partitions' messages are routed (set once the consumer
+    /// exists; see [`crate::fetch_queue`]).
+    fetch_queue: OnceLock<Arc<FetchQueue>>,
     /// Set at shutdown; also cancels a store load that is being retried.
     shutdown: Arc<AtomicBool>,
     state: Mutex<State>,
@@ -123,7 +123,6 @@ impl ConsumerContext for IngestContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
-        self.rebalances.fetch_add(1, Ordering::AcqRel);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self.on_assign(consumer, tpl),
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -198,6 +197,9 @@ impl IngestContext {
             );
         }
         drop(st);
+        if let Some(q) = self.fetch_queue.get() {
+            q.route(&partitions);
+        }
         if let Err(e) = consumer.assign(tpl) {
             tracing::error!(error = %e, "assign failed");
         }
@@ -397,6 +399,7 @@ fn take_snapshot(st: &mut State, settings: &IngestSettings) -> Option<Snapshot> 
 /// The consumer thread.
 pub struct Ingest {
     consumer: BaseConsumer<IngestContext>,
+    fetch_queue: Arc<FetchQueue>,
     tariff: Arc<Tariff>,
     dead_letters: Arc<DeadLetters>,
     shutdown: Arc<AtomicBool>,
@@ -425,7 +428,7 @@ impl Ingest {
             }),
             jobs,
             health,
-            rebalances: AtomicU64::new(0),
+            fetch_queue: OnceLock::new(),
             log_throttle: LogThrottle::default(),
         };
         let mut cfg = client.clone();
@@ -446,9 +449,12 @@ impl Ingest {
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "range,roundrobin");
         let consumer: BaseConsumer<IngestContext> = cfg.create_with_context(ctx)?;
+        let fetch_queue = Arc::new(FetchQueue::new(&consumer, &topic));
+        let _ = consumer.context().fetch_queue.set(fetch_queue.clone());
         consumer.subscribe(&[&topic])?;
         Ok(Ingest {
             consumer,
+            fetch_queue,
             tariff,
             dead_letters,
             shutdown,
@@ -462,56 +468,52 @@ impl Ingest {
         let mut pacer = FlushPacer::new(&settings, Instant::now());
         let mut paused = false;
         let mut since_check = 0usize;
-        let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(BATCH);
+        let mut batch: Vec<Fetched> = Vec::with_capacity(BATCH);
+        let mut got_nothing = false;
         while !self.shutdown.load(Ordering::Relaxed) {
-            // Messages are polled without the state lock (a rebalance callback
-            // inside `poll` takes it) and then run through the hot path under one
-            // lock per batch. A zero-timeout poll first: while messages flow it
-            // skips librdkafka's clock read for the deadline; only an empty queue
-            // waits.
-            let generation = ctx.rebalances.load(Ordering::Acquire);
-            let mut event = None;
-            while batch.len() < BATCH {
-                let polled = match self.consumer.poll(Duration::ZERO) {
-                    None if batch.is_empty() => self.consumer.poll(Duration::from_millis(50)),
-                    other => other,
-                };
-                match polled {
-                    Some(Ok(msg)) => batch.push(msg),
-                    other => {
-                        event = other;
-                        break;
-                    }
-                }
-            }
-            // Messages polled before a rebalance belong to an assignment that is
-            // gone; the new one re-reads them from the stored offsets.
-            if ctx.rebalances.load(Ordering::Acquire) != generation {
-                batch.clear();
-            }
-            let got_nothing = batch.is_empty() && event.is_none();
+            // Events first (a rebalance callback runs inside this poll, so never
+            // in the middle of a batch), then a batch of messages from the
+            // assigned partitions; only when the last turn found nothing does
+            // the batch wait for messages.
+            let event = self.consumer.poll(Duration::ZERO);
+            let wait = if got_nothing && event.is_none() {
+                Duration::from_millis(50)
+            } else {
+                Duration::ZERO
+            };
+            self.fetch_queue.consume(wait, &mut batch);
+            got_nothing = batch.is_empty() && event.is_none();
             let polled = batch.len();
             let mut st = ctx.state.lock();
-            for run in batch.chunk_by(|a, b| a.partition() == b.partition()) {
-                self.handle_run(&mut st, run, &settings.topic);
-            }
-            batch.clear();
             let mut reached_end = false;
             match event {
-                None | Some(Ok(_)) => {}
-                Some(Err(KafkaError::PartitionEOF(p))) => {
-                    if let Some(ps) = st.partitions.get_mut(&p) {
-                        ps.at_end = true;
-                        reached_end = true;
-                    }
+                None => {}
+                // A partition whose messages were not routed to the fetch queue
+                // (not expected): counted all the same.
+                Some(Ok(msg)) => {
+                    self.handle_run(&mut st, std::slice::from_ref(&msg), &settings.topic)
                 }
-                Some(Err(e)) => {
-                    metrics::counter!("tallyd_kafka_errors_total").increment(1);
-                    if let Some(repeats) = ctx.log_throttle.admit_error(&e) {
-                        tracing::warn!(error = %e, repeats_not_logged = repeats, "kafka consumer error");
+                Some(Err(e)) => reached_end |= self.on_error(ctx, &mut st, e),
+            }
+            for run in batch.chunk_by(|a, b| {
+                a.partition() == b.partition() && a.error().is_none() && b.error().is_none()
+            }) {
+                match run[0].error() {
+                    None => self.handle_run(&mut st, run, &settings.topic),
+                    Some(RDKafkaErrorCode::PartitionEOF) => {
+                        reached_end |= self.on_error(
+                            ctx,
+                            &mut st,
+                            KafkaError::PartitionEOF(run[0].partition()),
+                        )
+                    }
+                    Some(code) => {
+                        reached_end |=
+                            self.on_error(ctx, &mut st, KafkaError::MessageConsumption(code))
                     }
                 }
             }
+            batch.clear();
             // Caught up: every assigned partition is at its end.
             let idle = (got_nothing || reached_end)
                 && !st.partitions.is_empty()
@@ -630,8 +632,25 @@ impl Ingest {
         }
     }
 
+    /// A Kafka event other than a message: the end of a partition (returns
+    /// whether it is one of ours) or an error, counted and logged.
+    fn on_error(&self, ctx: &IngestContext, st: &mut State, e: KafkaError) -> bool {
+        if let KafkaError::PartitionEOF(p) = e {
+            let Some(ps) = st.partitions.get_mut(&p) else {
+                return false;
+            };
+            ps.at_end = true;
+            return true;
+        }
+        metrics::counter!("tallyd_kafka_errors_total").increment(1);
+        if let Some(repeats) = ctx.log_throttle.admit_error(&e) {
+            tracing::warn!(error = %e, repeats_not_logged = repeats, "kafka consumer error");
+        }
+        false
+    }
+
     /// Runs consecutive messages of one partition through the hot path.
-    fn handle_run(&self, st: &mut State, run: &[BorrowedMessage<'_>], topic: &str) {
+    fn handle_run<R: Record>(&self, st: &mut State, run: &[R], topic: &str) {
         let Some(first) = run.first() else {
             return;
         };
@@ -690,7 +709,7 @@ impl Ingest {
 /// back. A gap after `next` is legal in Kafka (compaction, transaction markers)
 /// and is read past, but counted and logged: on a plain CDR topic it means the
 /// broker skipped messages.
-fn continue_from<M: Message>(next: i64, run: &[M], partition: i32) -> &[M] {
+fn continue_from<M: Record>(next: i64, run: &[M], partition: i32) -> &[M] {
     let (Some(first), Some(last)) = (run.first(), run.last()) else {
         return run;
     };
@@ -718,6 +737,14 @@ fn continue_from<M: Message>(next: i64, run: &[M], partition: i32) -> &[M] {
         "messages before the partition's position came again; skipped"
     );
     &run[skip..]
+}
+
+impl Drop for Ingest {
+    /// The fetch queue goes before the consumer: librdkafka's shutdown would
+    /// wait for it forever.
+    fn drop(&mut self) {
+        self.fetch_queue.close();
+    }
 }
 
 fn publish(t: &mut Tallies) {
@@ -801,7 +828,7 @@ mod tests {
     }
 
     fn offsets(run: &[rdkafka::message::OwnedMessage]) -> Vec<i64> {
-        run.iter().map(|m| m.offset()).collect()
+        run.iter().map(rdkafka::Message::offset).collect()
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub mod daemon;
 pub mod dead_letter;
 pub mod dedup;
 pub mod demo;
+pub mod fetch_queue;
 pub mod flush;
 pub mod generate;
 pub mod http;
