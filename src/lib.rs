@@ -14,9 +14,10 @@
 //! - [`pipeline`] is the hot path that strings the above together for a batch of
 //!   messages.
 //! - [`dedup`] remembers CDR ids per partition for the dedup window.
-//! - [`ingest`] is the Kafka consumer thread running the hot path; rejected
-//!   messages go to [`dead_letter`]. Recurring client errors (a broker that is
-//!   down) are logged once a [`log_throttle`] window.
+//! - [`ingest`] is the Kafka consumer thread running the hot path, taking
+//!   messages in batches from a [`fetch_queue`]; rejected messages go to
+//!   [`dead_letter`]. Recurring client errors (a broker that is down) are logged
+//!   once a [`log_throttle`] window.
 //! - [`flush`] writes consistent snapshots (deltas + offsets + dedup ids) to the
 //!   [`store`] (SQLite or PostgreSQL) in one transaction each.
 //! - [`api`] serves the stored records over HTTP: Twilio Usage Records, AgentPhone
