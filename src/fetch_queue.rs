@@ -15,8 +15,8 @@
 //! partition was re-assigned are discarded by librdkafka's version barriers.
 //!
 //! The queue holds a reference into the client: [`FetchQueue::close`] must run
-//! before the consumer is dropped (`Ingest::run` does), or librdkafka's shutdown
-//! waits for it forever.
+//! before the consumer is dropped (`Ingest`'s `Drop` does), or librdkafka's
+//! shutdown waits for it forever.
 
 use std::ffi::CString;
 use std::ptr::NonNull;
@@ -90,11 +90,11 @@ impl FetchQueue {
     }
 
     /// Takes up to `out`'s spare capacity of messages and partition events,
-    /// waiting at most `timeout` for the first. Returns how many came.
-    pub fn consume(&self, timeout: Duration, out: &mut Vec<Fetched>) -> usize {
+    /// waiting at most `timeout` for the first.
+    pub fn consume(&self, timeout: Duration, out: &mut Vec<Fetched>) {
         let queue = *self.queue.lock();
         if queue.is_null() {
-            return 0;
+            return;
         }
         let room = out.capacity() - out.len();
         let mut raw: [*mut rd::rd_kafka_message_t; 256] = [std::ptr::null_mut(); 256];
@@ -116,11 +116,10 @@ impl FetchQueue {
                 .filter_map(|&m| NonNull::new(m))
                 .map(Fetched),
         );
-        got
     }
 
-    /// Forwards the routed partitions back to the consumer queue and destroys
-    /// this one. Idempotent.
+    /// Stops forwarding the routed partitions (what they fetch from now on
+    /// stays in their own queues) and destroys this one. Idempotent.
     pub fn close(&self) {
         let mut queue = self.queue.lock();
         if queue.is_null() {

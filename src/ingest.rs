@@ -93,7 +93,7 @@ pub struct IngestContext {
     settings: IngestSettings,
     /// Where assigned partitions' messages are routed (set once the consumer
     /// exists; see [`crate::fetch_queue`]).
-    fetch_queue: OnceLock<Arc<FetchQueue>>,
+    fetch_queue: OnceLock<FetchQueue>,
     /// Set at shutdown; also cancels a store load that is being retried.
     shutdown: Arc<AtomicBool>,
     state: Mutex<State>,
@@ -399,7 +399,6 @@ fn take_snapshot(st: &mut State, settings: &IngestSettings) -> Option<Snapshot> 
 /// The consumer thread.
 pub struct Ingest {
     consumer: BaseConsumer<IngestContext>,
-    fetch_queue: Arc<FetchQueue>,
     tariff: Arc<Tariff>,
     dead_letters: Arc<DeadLetters>,
     shutdown: Arc<AtomicBool>,
@@ -449,12 +448,13 @@ impl Ingest {
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "range,roundrobin");
         let consumer: BaseConsumer<IngestContext> = cfg.create_with_context(ctx)?;
-        let fetch_queue = Arc::new(FetchQueue::new(&consumer, &topic));
-        let _ = consumer.context().fetch_queue.set(fetch_queue.clone());
         consumer.subscribe(&[&topic])?;
+        // After the last step that can fail: the queue must be closed before the
+        // consumer is dropped, which `Ingest`'s `Drop` does.
+        let fetch_queue = FetchQueue::new(&consumer, &topic);
+        let _ = consumer.context().fetch_queue.set(fetch_queue);
         Ok(Ingest {
             consumer,
-            fetch_queue,
             tariff,
             dead_letters,
             shutdown,
@@ -465,6 +465,7 @@ impl Ingest {
     pub fn run(self) {
         let ctx = self.consumer.context();
         let settings = ctx.settings.clone();
+        let fetch_queue = ctx.fetch_queue.get().expect("set in Ingest::new");
         let mut pacer = FlushPacer::new(&settings, Instant::now());
         let mut paused = false;
         let mut since_check = 0usize;
@@ -481,7 +482,7 @@ impl Ingest {
             } else {
                 Duration::ZERO
             };
-            self.fetch_queue.consume(wait, &mut batch);
+            fetch_queue.consume(wait, &mut batch);
             got_nothing = batch.is_empty() && event.is_none();
             let polled = batch.len();
             let mut st = ctx.state.lock();
@@ -493,7 +494,8 @@ impl Ingest {
                 Some(Ok(msg)) => {
                     self.handle_run(&mut st, std::slice::from_ref(&msg), &settings.topic)
                 }
-                Some(Err(e)) => reached_end |= self.on_error(ctx, &mut st, e),
+                Some(Err(KafkaError::PartitionEOF(p))) => reached_end |= at_end(&mut st, p),
+                Some(Err(e)) => on_error(ctx, e),
             }
             for run in batch.chunk_by(|a, b| {
                 a.partition() == b.partition() && a.error().is_none() && b.error().is_none()
@@ -501,16 +503,9 @@ impl Ingest {
                 match run[0].error() {
                     None => self.handle_run(&mut st, run, &settings.topic),
                     Some(RDKafkaErrorCode::PartitionEOF) => {
-                        reached_end |= self.on_error(
-                            ctx,
-                            &mut st,
-                            KafkaError::PartitionEOF(run[0].partition()),
-                        )
+                        reached_end |= at_end(&mut st, run[0].partition())
                     }
-                    Some(code) => {
-                        reached_end |=
-                            self.on_error(ctx, &mut st, KafkaError::MessageConsumption(code))
-                    }
+                    Some(code) => on_error(ctx, KafkaError::MessageConsumption(code)),
                 }
             }
             batch.clear();
@@ -632,23 +627,6 @@ impl Ingest {
         }
     }
 
-    /// A Kafka event other than a message: the end of a partition (returns
-    /// whether it is one of ours) or an error, counted and logged.
-    fn on_error(&self, ctx: &IngestContext, st: &mut State, e: KafkaError) -> bool {
-        if let KafkaError::PartitionEOF(p) = e {
-            let Some(ps) = st.partitions.get_mut(&p) else {
-                return false;
-            };
-            ps.at_end = true;
-            return true;
-        }
-        metrics::counter!("tallyd_kafka_errors_total").increment(1);
-        if let Some(repeats) = ctx.log_throttle.admit_error(&e) {
-            tracing::warn!(error = %e, repeats_not_logged = repeats, "kafka consumer error");
-        }
-        false
-    }
-
     /// Runs consecutive messages of one partition through the hot path.
     fn handle_run<R: Record>(&self, st: &mut State, run: &[R], topic: &str) {
         let Some(first) = run.first() else {
@@ -701,6 +679,23 @@ impl Ingest {
     }
 }
 
+/// Partition `p` reached its end; returns whether it is one of ours.
+fn at_end(st: &mut State, p: i32) -> bool {
+    let Some(ps) = st.partitions.get_mut(&p) else {
+        return false;
+    };
+    ps.at_end = true;
+    true
+}
+
+/// A consumer error: counted, and logged unless it keeps recurring.
+fn on_error(ctx: &IngestContext, e: KafkaError) {
+    metrics::counter!("tallyd_kafka_errors_total").increment(1);
+    if let Some(repeats) = ctx.log_throttle.admit_error(&e) {
+        tracing::warn!(error = %e, repeats_not_logged = repeats, "kafka consumer error");
+    }
+}
+
 /// The part of `run` at or after `next`, the partition's next offset to read.
 ///
 /// Offsets only move forward: messages before `next` were counted already (they
@@ -743,7 +738,9 @@ impl Drop for Ingest {
     /// The fetch queue goes before the consumer: librdkafka's shutdown would
     /// wait for it forever.
     fn drop(&mut self) {
-        self.fetch_queue.close();
+        if let Some(q) = self.consumer.context().fetch_queue.get() {
+            q.close();
+        }
     }
 }
 
