@@ -391,14 +391,13 @@ pub fn generate(brokers: &str, topic: &str, count: u64, seed: u64, file: &Path) 
         .collect()
 }
 
-/// Reads `topic` from the beginning and counts its messages (tansu's reported
-/// high watermarks lag behind what it holds, so they are not asked).
-pub fn messages_in(brokers: &str, topic: &str) -> u64 {
-    use rdkafka::error::KafkaError;
+/// A consumer (reporting partition ends) assigned to every partition of `topic`
+/// from the beginning; returns it and how many partitions there are.
+fn read_from_start(brokers: &str, group: &str, topic: &str) -> (BaseConsumer, usize) {
     use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", "message-counter")
+        .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .create()
@@ -406,23 +405,26 @@ pub fn messages_in(brokers: &str, topic: &str) -> u64 {
     let meta = c
         .fetch_metadata(Some(topic), Duration::from_secs(30))
         .unwrap();
-    let partitions: Vec<i32> = meta.topics()[0]
-        .partitions()
-        .iter()
-        .map(|p| p.id())
-        .collect();
     let mut tpl = TopicPartitionList::new();
-    for p in &partitions {
-        tpl.add_partition_offset(topic, *p, Offset::Beginning)
+    for p in meta.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
             .unwrap();
     }
     c.assign(&tpl).unwrap();
+    (c, tpl.count())
+}
+
+/// Reads `topic` from the beginning and counts its messages (tansu's reported
+/// high watermarks lag behind what it holds, so they are not asked).
+pub fn messages_in(brokers: &str, topic: &str) -> u64 {
+    use rdkafka::error::KafkaError;
+    let (c, partitions) = read_from_start(brokers, "message-counter", topic);
     let mut n = 0;
     let mut at_end = HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut quiet_since = Instant::now();
     // Until every partition reported its end and then nothing came for a second.
-    while at_end.len() < partitions.len() || quiet_since.elapsed() < Duration::from_secs(1) {
+    while at_end.len() < partitions || quiet_since.elapsed() < Duration::from_secs(1) {
         assert!(Instant::now() < deadline, "cannot read {topic} to its end");
         match c.poll(Duration::from_millis(100)) {
             Some(Ok(_)) => {
@@ -772,17 +774,7 @@ pub fn assert_exact(store_url: &str, truth: &[StoredRecord]) {
 /// until at least `expect` messages came and then nothing more for a second.
 pub fn dead_letters(brokers: &str, topic: &str, expect: usize) -> Vec<(String, String)> {
     use rdkafka::message::{Headers, Message};
-    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "dlq-reader")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .unwrap();
-    c.assign(&tpl).unwrap();
+    let (c, _) = read_from_start(brokers, "dlq-reader", topic);
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut quiet_since = Instant::now();
@@ -814,7 +806,6 @@ pub fn dead_letters(brokers: &str, topic: &str, expect: usize) -> Vec<(String, S
     out
 }
 
-/// The value of an unlabelled metric from the daemon's `/metrics`.
 /// Waits until the daemon's metric `name` reads `value`; fails with `why` after `timeout`.
 pub fn wait_metric(port: u16, name: &str, value: f64, timeout: Duration, why: &str) {
     let started = Instant::now();
@@ -828,6 +819,7 @@ pub fn wait_metric(port: u16, name: &str, value: f64, timeout: Duration, why: &s
     }
 }
 
+/// The value of an unlabelled metric from the daemon's `/metrics`.
 pub fn metric(port: u16, name: &str) -> Option<f64> {
     let body = reqwest::blocking::get(format!("http://127.0.0.1:{port}/metrics"))
         .ok()?
