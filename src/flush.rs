@@ -13,8 +13,8 @@ use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::calendar::Day;
-use crate::counters::{BreakdownDelta, Deltas, Leaves, RowKey};
+use crate::calendar::{Day, Period};
+use crate::counters::{AccountDay, BreakdownDelta, Deltas, Leaves, RowKey};
 use crate::dead_letter::DeadLetters;
 use crate::rating::Tariff;
 use crate::store::checkpoint::Checkpointer;
@@ -55,21 +55,42 @@ pub fn usage_of(mut parts: Vec<Deltas>, tariff: &Tariff) -> (Vec<RowDelta>, Vec<
 }
 
 fn rows_of(parts: &[Deltas], tariff: &Tariff) -> Vec<RowDelta> {
-    let mut rows: hashbrown::HashMap<RowKey, Leaves, rustc_hash::FxBuildHasher> =
-        hashbrown::HashMap::default();
-    rows.reserve(parts.iter().map(|d| d.account_days() * 2).sum());
-    for d in parts {
-        d.add_rows_to(&mut rows);
-    }
-    let mut rows: Vec<RowDelta> = rows
-        .into_iter()
-        .map(|(key, leaves)| RowDelta {
-            key,
-            leaves,
-            price_unit: tariff.plan_for(key.account).currency.clone(),
-        })
+    // The account-day cells sorted by account and day (small elements: a key and
+    // a reference), then one pass per account yields its rows already in order —
+    // days, months, years, all time — each summed as it goes. Adding every cell
+    // into a hash map of 400-byte rows and sorting those took 3× as long.
+    let mut cells: Vec<(AccountDay, &Leaves)> = parts
+        .iter()
+        .flat_map(|d| d.cells().iter().map(|(k, l)| (*k, l)))
         .collect();
-    rows.sort_unstable_by_key(|r| r.key);
+    cells.sort_unstable_by_key(|(k, _)| (k.account, k.day));
+    let mut rows = Vec::with_capacity(cells.len() * 2 + 3 * parts.len());
+    let (mut months, mut years): (Vec<RowDelta>, Vec<RowDelta>) = (Vec::new(), Vec::new());
+    for account_cells in cells.chunk_by(|a, b| a.0.account == b.0.account) {
+        let account = account_cells[0].0.account;
+        let price_unit = &tariff.plan_for(account).currency;
+        let row = |period, leaves: &Leaves| RowDelta {
+            key: RowKey { account, period },
+            leaves: *leaves,
+            price_unit: price_unit.clone(),
+        };
+        let mut all = Leaves::default();
+        for (k, leaves) in account_cells {
+            all.add(leaves);
+            let [day, month, year, _] = Period::containing(k.day);
+            for (period, out) in [(day, &mut rows), (month, &mut months), (year, &mut years)] {
+                match out.last_mut() {
+                    Some(last) if last.key.account == account && last.key.period == period => {
+                        last.leaves.add(leaves)
+                    }
+                    _ => out.push(row(period, leaves)),
+                }
+            }
+        }
+        rows.append(&mut months);
+        rows.append(&mut years);
+        rows.push(row(Period::AllTime, &all));
+    }
     rows
 }
 
@@ -420,7 +441,6 @@ impl Flusher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::calendar::Period;
     use crate::category::Category;
     use crate::cdr::AccountSid;
     use crate::counters::{Dimension, LeafDay, Tally};
@@ -509,6 +529,40 @@ mod tests {
             })
             .unwrap();
         assert_eq!(shared.calls.count, 2);
+    }
+
+    proptest::proptest! {
+        /// The sort-and-walk expansion adds up exactly what adding every cell into
+        /// its four periods' rows does, across month and year ends and with
+        /// accounts on several partitions.
+        #[test]
+        fn rows_are_every_cell_added_into_its_four_periods(
+            cells in proptest::collection::vec(
+                (0usize..3, 0u128..6, 20_080i32..20_100, 0usize..Category::LEAVES, 1u64..1000),
+                1..200,
+            )
+        ) {
+            let mut parts: Vec<Deltas> = (0..3).map(|_| Deltas::default()).collect();
+            let mut expected: HashMap<RowKey, Leaves> = HashMap::new();
+            for (p, account, day, leaf, usage) in cells {
+                let leaf_day = LeafDay {
+                    account: AccountSid(account),
+                    day: Day(day),
+                    leaf: Category::ALL[leaf],
+                };
+                let tally = Tally { count: 1, usage, price: usage as i64 * 7 };
+                parts[p].record(leaf_day, tally, None, None);
+                for period in Period::containing(Day(day)) {
+                    let key = RowKey { account: AccountSid(account), period };
+                    expected.entry(key).or_default().add_leaf(leaf_day.leaf, tally);
+                }
+            }
+            let (rows, _) = usage_of(parts, &tariff());
+            let keys: Vec<RowKey> = rows.iter().map(|r| r.key).collect();
+            proptest::prop_assert!(keys.windows(2).all(|w| w[0] < w[1]), "sorted, each key once");
+            let got: HashMap<RowKey, Leaves> = rows.into_iter().map(|r| (r.key, r.leaves)).collect();
+            proptest::prop_assert_eq!(got, expected);
+        }
     }
 
     #[test]

@@ -298,6 +298,11 @@ impl Deltas {
         self.cells.len() + self.breakdowns.len()
     }
 
+    /// The account-day cells: each account's leaf tallies of one day.
+    pub fn cells(&self) -> &[(AccountDay, Leaves)] {
+        self.cells.entries()
+    }
+
     /// Account-day cells held.
     pub fn account_days(&self) -> usize {
         self.cells.len()

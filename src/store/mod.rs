@@ -11,7 +11,7 @@ pub mod schema;
 
 use std::collections::HashMap;
 
-use crate::calendar::{Day, Period};
+use crate::calendar::{Day, DayText, Period};
 use crate::counters::{BreakdownDelta, Leaves, RowKey};
 use crate::dedup::blob;
 use schema::{leaf_values, leaves_from, LEAF_COLUMNS, LEAF_COLUMN_COUNT, LEAF_COLUMN_LIST};
@@ -129,8 +129,8 @@ pub enum Store {
     Postgres(postgres::Client),
 }
 
-fn period_start(p: Period) -> String {
-    p.start().to_string()
+fn period_start(p: Period) -> DayText {
+    p.start().text()
 }
 
 impl Store {
@@ -430,7 +430,7 @@ fn sqlite_flush(c: &mut rusqlite::Connection, b: &FlushBatch) -> Result<FlushOut
             |st, base, r| {
                 st.raw_bind_parameter(base + 1, r.key.account.write_text(&mut [0; 34]))?;
                 st.raw_bind_parameter(base + 2, r.key.period.kind())?;
-                st.raw_bind_parameter(base + 3, period_start(r.key.period))?;
+                st.raw_bind_parameter(base + 3, &*period_start(r.key.period))?;
                 st.raw_bind_parameter(base + 4, &r.price_unit)?;
                 for (i, v) in leaf_values(&r.leaves).enumerate() {
                     st.raw_bind_parameter(base + i + 5, v)?;
@@ -449,7 +449,7 @@ fn sqlite_flush(c: &mut rusqlite::Connection, b: &FlushBatch) -> Result<FlushOut
             st.raw_bind_parameter(base + 1, k.account.write_text(&mut [0; 34]))?;
             st.raw_bind_parameter(base + 2, k.dimension.as_str())?;
             st.raw_bind_parameter(base + 3, &*k.value)?;
-            st.raw_bind_parameter(base + 4, k.day.to_string())?;
+            st.raw_bind_parameter(base + 4, &*k.day.text())?;
             st.raw_bind_parameter(base + 5, d.calls.count as i64)?;
             st.raw_bind_parameter(base + 6, d.calls.usage as i64)?;
             st.raw_bind_parameter(base + 7, d.calls.price)?;
@@ -565,6 +565,7 @@ fn copy_rows(tx: &mut postgres::Transaction<'_>, b: &FlushBatch) -> Result<()> {
         let mut sid = [0; 34];
         let account = r.key.account.write_text(&mut sid);
         let start = period_start(r.key.period);
+        let start: &str = &start;
         let kind = r.key.period.kind();
         values.clear();
         values.extend(leaf_values(&r.leaves));
@@ -624,7 +625,7 @@ fn copy_breakdowns(tx: &mut postgres::Transaction<'_>, b: &FlushBatch) -> Result
             &k.account.write_text(&mut [0; 34]),
             &k.dimension.as_str(),
             &&*k.value,
-            &k.day.to_string(),
+            &&*k.day.text(),
             &cc,
             &cu,
             &cp,
