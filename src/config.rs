@@ -45,6 +45,15 @@ pub struct KafkaConfig {
     /// Extra librdkafka properties (security.protocol, sasl.*, ssl.*, …), passed through.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// Group members this instance runs, each a consumer on its own thread with
+    /// its own broker connection; the group's assignment shares the partitions
+    /// among them.
+    #[serde(default = "default_consumers")]
+    pub consumers: usize,
+}
+
+fn default_consumers() -> usize {
+    2
 }
 
 fn default_brokers() -> String {
@@ -68,6 +77,7 @@ impl Default for KafkaConfig {
             group_id: default_group(),
             dead_letter_topic: default_dead_letter_topic(),
             properties: BTreeMap::new(),
+            consumers: default_consumers(),
         }
     }
 }
@@ -346,6 +356,12 @@ impl Config {
                 cfg.flush.parallel_writers
             )));
         }
+        if !(1..=64).contains(&cfg.kafka.consumers) {
+            return Err(parse_err(format!(
+                "kafka.consumers = {}: must be 1 to 64 consumers",
+                cfg.kafka.consumers
+            )));
+        }
         let tariff = Tariff::compile(&cfg.rating).map_err(|source| ConfigError::Tariff {
             path: path.into(),
             source,
@@ -431,6 +447,12 @@ mod tests {
             e.contains("x.toml") && e.contains("flush.parallel_writers = 0"),
             "{e}"
         );
+
+        let none = [("TALLYD_KAFKA__CONSUMERS".to_string(), "0".to_string())];
+        let e = Config::from_toml(MIN, Path::new("x.toml"), none)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kafka.consumers = 0"), "{e}");
 
         let bad = MIN.replace("0.05", "-0.05");
         let e = Config::from_toml(&bad, Path::new("t.toml"), [])

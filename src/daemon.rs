@@ -57,7 +57,11 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
     );
     let flush_health = Arc::new(FlushHealth::default());
     let ingest_health = Arc::new(IngestHealth::default());
-    let (jobs_tx, jobs_rx) = mpsc::sync_channel(1);
+    // One flusher serves every consumer (SQLite has one writer anyway; a
+    // PostgreSQL flush spreads over `flush.parallel_writers` connections). Each
+    // consumer has at most one job out at a time, so it never waits for room.
+    let consumers = cfg.kafka.consumers;
+    let (jobs_tx, jobs_rx) = mpsc::sync_channel(consumers);
     let flusher = Flusher {
         url: cfg.store.url.clone(),
         tariff: tariff.clone(),
@@ -81,19 +85,28 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
         dedup_window_days: cfg.dedup.window_days,
         revoke_timeout: Duration::from_secs(30),
     };
-    let ingest = Ingest::new(
-        &client,
-        settings,
-        tariff.clone(),
-        dead_letters,
-        jobs_tx,
-        ingest_health.clone(),
-        shutdown.clone(),
-    )
-    .context("creating the Kafka consumer")?;
-    let ingest_thread = std::thread::Builder::new()
-        .name("tallyd-ingest".into())
-        .spawn(move || ingest.run())?;
+    // `kafka.consumers` members of the group, each on its own thread: librdkafka
+    // keeps one fetch in flight per broker connection, so a single consumer and
+    // the broker take turns; several overlap their fetches.
+    let mut ingest_threads = Vec::with_capacity(consumers);
+    for i in 0..consumers {
+        let ingest = Ingest::new(
+            &client,
+            settings.clone(),
+            tariff.clone(),
+            dead_letters.clone(),
+            jobs_tx.clone(),
+            ingest_health.clone(),
+            shutdown.clone(),
+        )
+        .context("creating the Kafka consumer")?;
+        ingest_threads.push(
+            std::thread::Builder::new()
+                .name(format!("tallyd-ingest-{i}"))
+                .spawn(move || ingest.run())?,
+        );
+    }
+    drop(jobs_tx);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -127,16 +140,28 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
         Ok(s) => s,
         Err(e) => {
             shutdown.store(true, Ordering::Relaxed);
-            let _ = ingest_thread.join();
+            for t in ingest_threads {
+                let _ = t.join();
+            }
             let _ = flush_thread.join();
             return Err(e);
         }
     };
-    let ingest_result = ingest_thread.join();
+    // A consumer thread ends at shutdown, or early if it panicked: then the whole
+    // daemon stops (gracefully) rather than run with part of its partitions.
+    while !ingest_threads.iter().any(|t| t.is_finished()) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     shutdown.store(true, Ordering::Relaxed);
+    let mut panicked = false;
+    for t in ingest_threads {
+        panicked |= t.join().is_err();
+    }
     let _ = flush_thread.join();
     let _ = rt.block_on(server);
-    ingest_result.map_err(|_| anyhow::anyhow!("ingest thread panicked"))?;
+    if panicked {
+        anyhow::bail!("an ingest thread panicked");
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -43,8 +43,8 @@ async fn metrics(State(p): State<Probes>) -> impl IntoResponse {
 /// Ready when the store answered the last attempt and partitions are assigned.
 async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
     let store_up = p.flush.store_up.load(Ordering::Relaxed);
-    let partitions = p.ingest.assigned_partitions.load(Ordering::Relaxed);
-    let paused = p.ingest.paused.load(Ordering::Relaxed);
+    let partitions = p.ingest.assigned_partitions();
+    let paused = p.ingest.paused();
     let body = format!("store_up={store_up} partitions_assigned={partitions} paused={paused}\n");
     let code = if store_up && partitions > 0 {
         StatusCode::OK

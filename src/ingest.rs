@@ -52,11 +52,55 @@ pub struct IngestSettings {
     pub revoke_timeout: Duration,
 }
 
-/// Live state shared with `/readyz` and the metrics.
+/// Live state shared with `/readyz` and the metrics: sums over the instance's
+/// consumers (`kafka.consumers`), each of which moves them by its own changes.
 #[derive(Default)]
 pub struct IngestHealth {
-    pub assigned_partitions: AtomicUsize,
-    pub paused: AtomicBool,
+    assigned_partitions: AtomicUsize,
+    paused_consumers: AtomicUsize,
+    pending_cells: AtomicUsize,
+}
+
+impl IngestHealth {
+    pub fn assigned_partitions(&self) -> usize {
+        self.assigned_partitions.load(Ordering::Relaxed)
+    }
+
+    /// Whether any consumer is paused (backpressure).
+    pub fn paused(&self) -> bool {
+        self.paused_consumers.load(Ordering::Relaxed) > 0
+    }
+
+    /// Sets one consumer's assigned partitions (`mine` holds its share) and
+    /// publishes the instance's sum.
+    fn set_assigned(&self, mine: &IngestHealth, n: usize) {
+        let sum = move_sum(&self.assigned_partitions, &mine.assigned_partitions, n);
+        metrics::gauge!("tallyd_partitions_assigned").set(sum as f64);
+    }
+
+    fn set_paused(&self, mine: &IngestHealth, paused: bool) {
+        let sum = move_sum(
+            &self.paused_consumers,
+            &mine.paused_consumers,
+            paused as usize,
+        );
+        metrics::gauge!("tallyd_consumer_paused").set(if sum > 0 { 1.0 } else { 0.0 });
+    }
+
+    fn set_pending(&self, mine: &IngestHealth, cells: usize) {
+        let sum = move_sum(&self.pending_cells, &mine.pending_cells, cells);
+        metrics::gauge!("tallyd_pending_cells").set(sum as f64);
+    }
+}
+
+/// Sets `mine` to `now` and moves `sum` by the difference; returns the new sum.
+fn move_sum(sum: &AtomicUsize, mine: &AtomicUsize, now: usize) -> usize {
+    let before = mine.swap(now, Ordering::Relaxed);
+    if now >= before {
+        sum.fetch_add(now - before, Ordering::Relaxed) + (now - before)
+    } else {
+        sum.fetch_sub(before - now, Ordering::Relaxed) - (before - now)
+    }
 }
 
 struct PartitionState {
@@ -98,7 +142,9 @@ pub struct IngestContext {
     shutdown: Arc<AtomicBool>,
     state: Mutex<State>,
     jobs: SyncSender<Job>,
+    /// The instance's sums, and this consumer's share of them.
     health: Arc<IngestHealth>,
+    my_health: IngestHealth,
     log_throttle: LogThrottle,
 }
 
@@ -204,9 +250,7 @@ impl IngestContext {
             tracing::error!(error = %e, "assign failed");
         }
         self.health
-            .assigned_partitions
-            .store(partitions.len(), Ordering::Relaxed);
-        metrics::gauge!("tallyd_partitions_assigned").set(partitions.len() as f64);
+            .set_assigned(&self.my_health, self.state.lock().partitions.len());
     }
 
     /// Flushes what was consumed (best effort, bounded in time), then drops every
@@ -229,8 +273,7 @@ impl IngestContext {
             tracing::warn!("partitions revoked before the last flush landed; their unflushed work will be re-read by the next owner");
         }
         st.partitions.clear();
-        self.health.assigned_partitions.store(0, Ordering::Relaxed);
-        metrics::gauge!("tallyd_partitions_assigned").set(0.0);
+        self.health.set_assigned(&self.my_health, 0);
     }
 
     /// Waits for the in-flight flush until `deadline`; cancels it after that.
@@ -427,6 +470,7 @@ impl Ingest {
             }),
             jobs,
             health,
+            my_health: IngestHealth::default(),
             fetch_queue: OnceLock::new(),
             log_throttle: LogThrottle::default(),
         };
@@ -529,7 +573,7 @@ impl Ingest {
                 .values()
                 .map(|ps| ps.deltas.live_cells())
                 .sum();
-            metrics::gauge!("tallyd_pending_cells").set(pending as f64);
+            ctx.health.set_pending(&ctx.my_health, pending);
             let over = pending >= settings.max_pending_cells;
             if st.in_flight.is_none() && (over || pacer.due(now, idle, pending)) {
                 let today = Day::today();
@@ -577,12 +621,8 @@ impl Ingest {
         } else {
             tracing::info!("consumption resumed");
         }
-        self.consumer
-            .context()
-            .health
-            .paused
-            .store(pause, Ordering::Relaxed);
-        metrics::gauge!("tallyd_consumer_paused").set(if pause { 1.0 } else { 0.0 });
+        let ctx = self.consumer.context();
+        ctx.health.set_paused(&ctx.my_health, pause);
     }
 
     /// Picks up a finished flush: on success commits offsets to Kafka (for lag
