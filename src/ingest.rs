@@ -1,10 +1,13 @@
-//! Kafka ingestion: the consumer thread that runs the hot path.
+//! Kafka ingestion: a consumer thread that runs the hot path.
 //!
-//! One thread polls an rdkafka `BaseConsumer` in batches of up to 128 messages and
-//! runs each batch through [`pipeline::ingest_batch`] inline (decode → dedup → rate
-//! → counters); rejected messages go to the dead-letter producer. Because this thread is the only writer,
-//! it takes the flush snapshot itself — counter deltas, the offsets they came from
-//! and the newly seen dedup ids — which makes the cut consistent without a lock on
+//! The daemon runs `kafka.consumers` of these, each a member of the consumer group
+//! with its own partitions, connection and thread, all handing flushes to one
+//! flusher. Each thread polls an rdkafka `BaseConsumer` in batches of up to 128
+//! messages and runs each batch through [`pipeline::ingest_batch`] inline (decode →
+//! dedup → rate → counters); rejected messages go to the dead-letter producer.
+//! Because this thread is the only writer of its partitions' state, it takes the
+//! flush snapshot itself — counter deltas, the offsets they came from and the newly
+//! seen dedup ids — which makes the cut consistent without a lock on
 //! the hot path. The flusher writes it in one transaction while consumption goes on.
 //!
 //! Offsets are never taken from Kafka: on assignment the consumer loads the stored

@@ -14,8 +14,9 @@
 //! - [`pipeline`] is the hot path that strings the above together for a batch of
 //!   messages.
 //! - [`dedup`] remembers CDR ids per partition for the dedup window.
-//! - [`ingest`] is the Kafka consumer thread running the hot path, taking
-//!   messages in batches from a [`fetch_queue`]; rejected messages go to
+//! - [`ingest`] is a Kafka consumer thread running the hot path (the daemon runs
+//!   `kafka.consumers` of them, each a group member), taking messages in batches
+//!   from a [`fetch_queue`]; rejected messages go to
 //!   [`dead_letter`]. Recurring client errors (a broker that is down) are logged
 //!   once a [`log_throttle`] window.
 //! - [`flush`] writes consistent snapshots (deltas + offsets + dedup ids) to the
