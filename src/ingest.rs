@@ -233,7 +233,10 @@ impl IngestContext {
             if let Err(e) = tpl.set_partition_offset(&self.settings.topic, *p, offset) {
                 tracing::error!(error = %e, partition = p, "cannot set start offset");
             }
-            tracing::info!(partition = p, offset = ?stored, dedup_ids = ids, "partition assigned");
+            // The rebalance callback runs on the consumer's own thread, named
+            // after the consumer.
+            let consumer = std::thread::current().name().unwrap_or("?").to_owned();
+            tracing::info!(partition = p, offset = ?stored, dedup_ids = ids, consumer, "partition assigned");
             st.partitions.insert(
                 *p,
                 PartitionState {

@@ -32,9 +32,31 @@ fn sqlite_exact_with_duplicates_and_dead_letters() {
     assert!(rejected > 100, "the traffic must contain malformed CDRs");
     let url = format!("sqlite://{}/tallyd.db", dir.path().display());
     let log = dir.path().join("tallyd.log");
-    let mut d = Daemon::spawn(&t.brokers(), &url, "g-sqlite", &log);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut d = Daemon::spawn_with(
+        &t.brokers(),
+        &url,
+        "g-sqlite",
+        &log,
+        &[
+            ("TALLYD_KAFKA__CONSUMERS", "2"),
+            ("TALLYD_HTTP__LISTEN", &listen),
+        ],
+    );
     wait_flushed(&url, TOPIC, N, Duration::from_secs(120), &log);
+    // The instance's two consumers share the partitions: each was given some,
+    // and the gauge sums them to the topic's.
+    assert_eq!(
+        metric(port, "tallyd_partitions_assigned"),
+        Some(PARTITIONS as f64)
+    );
     d.stop();
+    let consumers = assigned_consumers(&log);
+    assert!(
+        consumers.contains("tallyd-ingest-0") && consumers.contains("tallyd-ingest-1"),
+        "both consumers must be assigned partitions; assigned: {consumers:?}"
+    );
     assert_exact(&url, &truth);
     assert_offsets(&url, TOPIC, N);
     // Every rejected message is in the dead-letter topic, unchanged, with its reason.

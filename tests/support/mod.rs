@@ -819,6 +819,29 @@ pub fn wait_metric(port: u16, name: &str, value: f64, timeout: Duration, why: &s
     }
 }
 
+/// The consumer threads a daemon log shows being assigned partitions.
+pub fn assigned_consumers(log: &Path) -> std::collections::BTreeSet<String> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    // Drop the log's ANSI colour escapes (`ESC [ … m`) before reading fields.
+    let mut plain = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+        .lines()
+        .filter(|l| l.contains("partition assigned"))
+        .filter_map(|l| {
+            let v = l.split("consumer=").nth(1)?.split_whitespace().next()?;
+            Some(v.trim_matches('"').to_owned())
+        })
+        .collect()
+}
+
 /// The value of an unlabelled metric from the daemon's `/metrics`.
 pub fn metric(port: u16, name: &str) -> Option<f64> {
     let body = reqwest::blocking::get(format!("http://127.0.0.1:{port}/metrics"))
