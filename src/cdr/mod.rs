@@ -44,20 +44,11 @@ impl AccountSid {
         if b.len() != 34 || &b[..2] != b"AC" {
             return None;
         }
-        // Two 64-bit halves through a lookup table: a few instructions a digit on
-        // the hot path instead of a range match each.
-        let half = |digits: &[u8]| {
-            let (mut v, mut bad) = (0u64, 0u8);
-            for &c in digits {
-                let n = HEX_VALUE[c as usize];
-                bad |= n;
-                v = (v << 4) | (n & 0x0f) as u64;
-            }
-            (bad & 0xf0 == 0).then_some(v)
-        };
-        let hi = half(&b[2..18])?;
-        let lo = half(&b[18..34])?;
-        Some(AccountSid(((hi as u128) << 64) | lo as u128))
+        let mut v = 0u128;
+        for chunk in b[2..].chunks_exact(8) {
+            v = (v << 32) | hex8(chunk.try_into().ok()?)? as u128;
+        }
+        Some(AccountSid(v))
     }
 
     /// The SID as text (`AC` + 32 lowercase hex digits), written into `buf`
@@ -73,21 +64,33 @@ impl AccountSid {
     }
 }
 
-/// Lowercase hex digit → its value; every other byte → 0xff.
-static HEX_VALUE: [u8; 256] = {
-    let mut t = [0xffu8; 256];
-    let mut i = 0;
-    while i < 10 {
-        t[b'0' as usize + i] = i as u8;
-        i += 1;
+/// Eight lowercase hex digits → their value, all eight bytes checked and
+/// converted at once in one 64-bit word (SWAR): ~20 instructions where a lookup
+/// table per digit took ~100 (callgrind; a SID is parsed for every CDR).
+#[inline]
+fn hex8(digits: [u8; 8]) -> Option<u32> {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    // First digit in the top byte, so the digits' order is the number's.
+    let x = u64::from_be_bytes(digits);
+    if x & HIGHS != 0 {
+        return None;
     }
-    let mut i = 0;
-    while i < 6 {
-        t[b'a' as usize + i] = 10 + i as u8;
-        i += 1;
+    // For bytes below 0x80 these sums never carry into the next byte: the high
+    // bit of each byte says byte ≥ `lo`, or byte > `hi`.
+    let at_least = |lo: u8| x.wrapping_add(ONES * (0x80 - lo) as u64) & HIGHS;
+    let above = |hi: u8| x.wrapping_add(ONES * (0x7f - hi) as u64) & HIGHS;
+    let digit = at_least(b'0') & !above(b'9');
+    let letter = at_least(b'a') & !above(b'f');
+    if digit | letter != HIGHS {
+        return None;
     }
-    t
-};
+    // Each byte's value (letters have bit 6 set: +9), then pairs, quads, all eight.
+    let v = (x & (ONES * 0x0f)) + ((x >> 6) & ONES) * 9;
+    let v = (v | (v >> 4)) & 0x00ff_00ff_00ff_00ff;
+    let v = (v | (v >> 8)) & 0x0000_ffff_0000_ffff;
+    Some(((v | (v >> 16)) & 0xffff_ffff) as u32)
+}
 
 impl fmt::Display for AccountSid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -891,6 +894,22 @@ mod tests {
     fn reason(s: &str) -> (RejectReason, Option<&'static str>, String) {
         let r = decode(s.as_bytes()).unwrap_err();
         (r.reason, r.field, r.message)
+    }
+
+    #[test]
+    fn sid_digits_are_exactly_the_lowercase_hex_ones() {
+        let valid = "AC0123456789abcdef0123456789abcdef";
+        for at in 2..34 {
+            for byte in 0..=255u8 {
+                let mut b = valid.as_bytes().to_vec();
+                b[at] = byte;
+                let want = matches!(byte, b'0'..=b'9' | b'a'..=b'f').then(|| {
+                    let text = std::str::from_utf8(&b[2..]).unwrap();
+                    AccountSid(u128::from_str_radix(text, 16).unwrap())
+                });
+                assert_eq!(AccountSid::parse_bytes(&b), want, "byte {byte:#x} at {at}");
+            }
+        }
     }
 
     #[test]
