@@ -543,7 +543,6 @@ mod tests {
             )
         ) {
             let mut parts: Vec<Deltas> = (0..3).map(|_| Deltas::default()).collect();
-            let mut expected: HashMap<RowKey, Leaves> = HashMap::new();
             for (p, account, day, leaf, usage) in cells {
                 let leaf_day = LeafDay {
                     account: AccountSid(account),
@@ -552,15 +551,16 @@ mod tests {
                 };
                 let tally = Tally { count: 1, usage, price: usage as i64 * 7 };
                 parts[p].record(leaf_day, tally, None, None);
-                for period in Period::containing(Day(day)) {
-                    let key = RowKey { account: AccountSid(account), period };
-                    expected.entry(key).or_default().add_leaf(leaf_day.leaf, tally);
-                }
+            }
+            let mut expected = hashbrown::HashMap::default();
+            for d in &parts {
+                d.add_rows_to(&mut expected);
             }
             let (rows, _) = usage_of(parts, &tariff());
             let keys: Vec<RowKey> = rows.iter().map(|r| r.key).collect();
             proptest::prop_assert!(keys.windows(2).all(|w| w[0] < w[1]), "sorted, each key once");
-            let got: HashMap<RowKey, Leaves> = rows.into_iter().map(|r| (r.key, r.leaves)).collect();
+            let got: hashbrown::HashMap<RowKey, Leaves, _> =
+                rows.into_iter().map(|r| (r.key, r.leaves)).collect();
             proptest::prop_assert_eq!(got, expected);
         }
     }

@@ -211,6 +211,10 @@ impl IngestContext {
             tracing::error!("cannot load stored offsets; not taking the assignment");
             return;
         };
+        // The rebalance callback runs on the consumer's own thread, named after
+        // the consumer.
+        let thread = std::thread::current();
+        let thread_name = thread.name().unwrap_or("?");
         let mut st = self.state.lock();
         st.today = today;
         for p in &partitions {
@@ -233,10 +237,7 @@ impl IngestContext {
             if let Err(e) = tpl.set_partition_offset(&self.settings.topic, *p, offset) {
                 tracing::error!(error = %e, partition = p, "cannot set start offset");
             }
-            // The rebalance callback runs on the consumer's own thread, named
-            // after the consumer.
-            let consumer = std::thread::current().name().unwrap_or("?").to_owned();
-            tracing::info!(partition = p, offset = ?stored, dedup_ids = ids, consumer, "partition assigned");
+            tracing::info!(partition = p, offset = ?stored, dedup_ids = ids, consumer = thread_name, "partition assigned");
             st.partitions.insert(
                 *p,
                 PartitionState {
@@ -248,6 +249,7 @@ impl IngestContext {
                 },
             );
         }
+        let assigned = st.partitions.len();
         drop(st);
         if let Some(q) = self.fetch_queue.get() {
             q.route(&partitions);
@@ -255,8 +257,7 @@ impl IngestContext {
         if let Err(e) = consumer.assign(tpl) {
             tracing::error!(error = %e, "assign failed");
         }
-        self.health
-            .set_assigned(&self.my_health, self.state.lock().partitions.len());
+        self.health.set_assigned(&self.my_health, assigned);
     }
 
     /// Flushes what was consumed (best effort, bounded in time), then drops every
