@@ -525,7 +525,8 @@ mod tests {
             .find(|d| {
                 d.key.account == AccountSid(3)
                     && d.key.dimension == Dimension::Number
-                    && d.key.day == Day(20_000)
+                    && &*d.key.value == "+1555"
+                    && d.key.day == Day(0)
             })
             .unwrap();
         assert_eq!(shared.calls.count, 2);

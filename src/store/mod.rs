@@ -124,6 +124,18 @@ pub struct StoredRecord {
     pub price_unit: String,
 }
 
+/// A stored by-number or by-agent row; `calls` and `messages` are
+/// (count, usage, price).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StoredBreakdown {
+    pub account_sid: String,
+    pub dimension: String,
+    pub value: String,
+    pub day: String,
+    pub calls: [i64; 3],
+    pub messages: [i64; 3],
+}
+
 pub enum Store {
     Sqlite(rusqlite::Connection),
     Postgres(postgres::Client),
@@ -301,6 +313,49 @@ impl Store {
                     })
                     .collect::<Vec<_>>()
             })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Every stored by-number and by-agent row, sorted.
+    pub fn read_breakdowns(&mut self) -> Result<Vec<StoredBreakdown>> {
+        let sql = format!("SELECT {BREAKDOWN_COLUMNS} FROM usage_breakdowns");
+        let raw: Vec<([String; 4], [i64; 6])> = match self {
+            Store::Sqlite(c) => {
+                let mut st = c.prepare(&sql)?;
+                let rows = st.query_map([], |r| {
+                    let mut n = [0; 6];
+                    for (i, v) in n.iter_mut().enumerate() {
+                        *v = r.get(4 + i)?;
+                    }
+                    Ok(([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?], n))
+                })?;
+                rows.collect::<Result<_, _>>()?
+            }
+            Store::Postgres(c) => c
+                .query(&sql, &[])?
+                .iter()
+                .map(|r| {
+                    (
+                        [r.get(0), r.get(1), r.get(2), r.get(3)],
+                        std::array::from_fn(|i| r.get(4 + i)),
+                    )
+                })
+                .collect(),
+        };
+        let mut out: Vec<StoredBreakdown> = raw
+            .into_iter()
+            .map(
+                |([account_sid, dimension, value, day], n)| StoredBreakdown {
+                    account_sid,
+                    dimension,
+                    value,
+                    day,
+                    calls: [n[0], n[1], n[2]],
+                    messages: [n[3], n[4], n[5]],
+                },
+            )
             .collect();
         out.sort();
         Ok(out)

@@ -10,8 +10,12 @@
 //!   A UsageRecord of a rollup category (`calls`, `sms`, `totalprice`, …) is the sum
 //!   of its leaves' columns, computed when it is read ([`crate::counters::Leaves`]);
 //!   one row per period instead of one per category keeps a flush ~20× smaller.
-//! - `usage_breakdowns`: per-day usage by the account's phone number or by agent
-//!   (`dimension` = `number` or `agent`), calls and messages in one row.
+//! - `usage_breakdowns`: usage by the account's phone number or by agent
+//!   (`dimension` = `number` or `agent`), calls and messages in one row; per day
+//!   for agents, all-time (`day` = `1970-01-01`) for numbers
+//!   ([`crate::counters::Dimension::day_of`]). Stores written before numbers were
+//!   kept all-time also hold per-day number rows; readers sum over days, so both
+//!   count.
 //! - `consumer_offsets`: next offset to read per topic partition, written in the
 //!   same transaction as the deltas the consumed messages produced.
 //! - `dedup_batches`: the 128-bit hashes of the CDR ids first seen in one flush, per

@@ -19,7 +19,7 @@ use tallyd::calendar::{parse_rfc3339, Day};
 use tallyd::config::Config;
 use tallyd::generate::{produce, Generator, GeneratorSettings};
 use tallyd::rating::{reference_price, RateConfig};
-use tallyd::store::{Store, StoredRecord};
+use tallyd::store::{Store, StoredBreakdown, StoredRecord};
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -625,9 +625,20 @@ fn parent(cat: &str) -> Option<&'static str> {
 /// (account, period, start date, category)
 type RecordId = (String, String, String, String);
 
-/// Ground truth from the generated payloads: the records every valid, first-seen
-/// CDR implies, computed with the shipped tariff's `Decimal` reference formula.
-pub fn ground_truth(lines: &[String]) -> (Vec<StoredRecord>, usize) {
+/// (account, dimension, value, day)
+type BreakdownId = (String, String, String, String);
+
+/// What the store must hold after consuming a generated file.
+pub struct Truth {
+    pub records: Vec<StoredRecord>,
+    pub breakdowns: Vec<StoredBreakdown>,
+}
+
+/// Ground truth from the generated payloads: the records and by-number/by-agent
+/// rows every valid, first-seen CDR implies, computed with the shipped tariff's
+/// `Decimal` reference formula. Numbers are kept all-time (day 1970-01-01),
+/// agents per day.
+pub fn ground_truth(lines: &[String]) -> (Truth, usize) {
     let config_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tallyd.toml");
     let (cfg, _) = Config::from_toml(
         &std::fs::read_to_string(&config_path).unwrap(),
@@ -638,6 +649,9 @@ pub fn ground_truth(lines: &[String]) -> (Vec<StoredRecord>, usize) {
     let mut seen = HashSet::new();
     let mut rejected = 0;
     let mut acc: BTreeMap<RecordId, (i64, i64, Decimal)> = BTreeMap::new();
+    // calls and messages, each (count, usage, price)
+    type Class = (i64, i64, Decimal);
+    let mut by: BTreeMap<BreakdownId, [Class; 2]> = BTreeMap::new();
     for line in lines {
         if tallyd::cdr::decode(line.as_bytes()).is_err() {
             rejected += 1;
@@ -719,6 +733,20 @@ pub fn ground_truth(lines: &[String]) -> (Vec<StoredRecord>, usize) {
         };
         let t = parse_rfc3339(&s("timestamp").unwrap()).unwrap();
         let date = chrono::DateTime::from_timestamp(t, 0).unwrap().date_naive();
+        let class = usize::from(kind != "call");
+        for (dimension, value, day) in [
+            ("number", s("phone_number"), "1970-01-01".to_string()),
+            ("agent", s("agent_id"), date.format("%Y-%m-%d").to_string()),
+        ] {
+            if let Some(value) = value {
+                let e = &mut by
+                    .entry((account.clone(), dimension.to_string(), value, day))
+                    .or_default()[class];
+                e.0 += 1;
+                e.1 += usage;
+                e.2 += price;
+            }
+        }
         let periods = [
             ("day", date.format("%Y-%m-%d").to_string()),
             ("month", date.format("%Y-%m-01").to_string()),
@@ -754,20 +782,51 @@ pub fn ground_truth(lines: &[String]) -> (Vec<StoredRecord>, usize) {
         )
         .collect();
     out.sort();
-    (out, rejected)
+    let units = |(count, usage, price): Class| {
+        [
+            count,
+            usage,
+            (price * Decimal::from(100_000)).try_into().unwrap(),
+        ]
+    };
+    let breakdowns = by
+        .into_iter()
+        .map(
+            |((account_sid, dimension, value, day), [calls, messages])| StoredBreakdown {
+                account_sid,
+                dimension,
+                value,
+                day,
+                calls: units(calls),
+                messages: units(messages),
+            },
+        )
+        .collect();
+    (
+        Truth {
+            records: out,
+            breakdowns,
+        },
+        rejected,
+    )
 }
 
-/// Asserts stored records equal the ground truth, with a readable first difference.
-pub fn assert_exact(store_url: &str, truth: &[StoredRecord]) {
-    let got = stored(store_url);
-    if got != truth {
-        let first = got.iter().zip(truth).find(|(a, b)| a != b);
-        panic!(
-            "stored records differ from ground truth: {} stored vs {} expected; first difference: {first:#?}",
-            got.len(),
-            truth.len()
-        );
+/// Asserts stored records and by-number/by-agent rows equal the ground truth,
+/// with a readable first difference.
+pub fn assert_exact(store_url: &str, truth: &Truth) {
+    fn same<T: PartialEq + std::fmt::Debug>(what: &str, got: &[T], truth: &[T]) {
+        if got != truth {
+            let first = got.iter().zip(truth).find(|(a, b)| a != b);
+            panic!(
+                "stored {what} differ from ground truth: {} stored vs {} expected; first difference: {first:#?}",
+                got.len(),
+                truth.len()
+            );
+        }
     }
+    same("records", &stored(store_url), &truth.records);
+    let breakdowns = Store::open(store_url).unwrap().read_breakdowns().unwrap();
+    same("breakdowns", &breakdowns, &truth.breakdowns);
 }
 
 /// Reads every message of the dead-letter topic: (reason header, payload). Reads
