@@ -342,6 +342,9 @@ const CHECK_EVERY: usize = 256;
 /// Most messages polled before they are run through the hot path under one lock.
 const BATCH: usize = 128;
 
+/// The longest a consumer with nothing to do waits for messages or events.
+const IDLE_WAIT: Duration = Duration::from_millis(50);
+
 /// The least time between two flushes when the consumer has caught up.
 const IDLE_FLUSH_GAP: Duration = Duration::from_millis(200);
 
@@ -526,13 +529,21 @@ impl Ingest {
             // Events first (a rebalance callback runs inside this poll, so never
             // in the middle of a batch), then a batch of messages from the
             // assigned partitions; only when the last turn found nothing does
-            // the batch wait for messages.
-            let event = self.consumer.poll(Duration::ZERO);
-            let wait = if got_nothing && event.is_none() {
-                Duration::from_millis(50)
-            } else {
-                Duration::ZERO
-            };
+            // it wait: for messages when partitions are assigned, else for
+            // events. The group's rebalance and every librdkafka log line reach
+            // the consumer as events served by this poll, one per call; waiting
+            // on the still empty fetch queue between them held each up to 50 ms,
+            // and an instance's two consumers got their partitions ~1 s apart
+            // (now 50-65 ms).
+            let mut event = self.consumer.poll(Duration::ZERO);
+            let mut wait = Duration::ZERO;
+            if got_nothing && event.is_none() {
+                if ctx.my_health.assigned_partitions() == 0 {
+                    event = self.consumer.poll(IDLE_WAIT);
+                } else {
+                    wait = IDLE_WAIT;
+                }
+            }
             fetch_queue.consume(wait, &mut batch);
             got_nothing = batch.is_empty() && event.is_none();
             let polled = batch.len();
