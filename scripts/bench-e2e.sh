@@ -8,6 +8,10 @@
 # join takes ~20 s and is not tallyd's work).
 #
 # Usage: scripts/bench-e2e.sh [N] [ACCOUNTS]      (defaults: 2000000, 10000)
+#   BENCH_RUNS=R  repeats bare, SQLite and PostgreSQL R times over the same topic
+#                 (each ratio against the bare run of its own round: a shared VM
+#                 drifts by 15-20% over minutes) and ends with each store's
+#                 median ratio.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-2000000}
@@ -40,10 +44,6 @@ echo "filling topic with $N CDRs over $ACCOUNTS accounts…" >&2
   --duplicate-rate 0.01 --malformed-rate 0.001 2>&1 | tail -1 >&2
 
 tansu_cpu() { awk '{print ($14 + $15) / '"$(getconf CLK_TCK)"'}' /proc/$TANSU_PID/stat; }
-BEFORE=$(tansu_cpu)
-"$BARE" 127.0.0.1:$PORT cdrs $PARTITIONS "$N" | tee "$WORK/bare.txt"
-echo "  broker (tansu) CPU meanwhile: $(awk -v a="$BEFORE" -v b="$(tansu_cpu)" 'BEGIN {printf "%.1f", b - a}') s"
-BARE_RATE=$(awk '{print $(NF-1)}' "$WORK/bare.txt")
 
 run_tallyd() { # $1 = label, $2 = store url, $3 = group
   local label=$1 url=$2 group=$3
@@ -51,13 +51,32 @@ run_tallyd() { # $1 = label, $2 = store url, $3 = group
   TALLYD_HTTP__LISTEN=127.0.0.1:0 TALLYD_FLUSH__INTERVAL_MS=1000 RUST_LOG=warn \
     "$BIN" run --config config/tallyd.toml 2>"$WORK/$label.log" &
   TALLYD_PID=$!
-  TANSU_PID=$TANSU_PID python3 scripts/bench_watch.py "$label" "$url" "$N" "$TALLYD_PID" "$BARE_RATE"
+  TANSU_PID=$TANSU_PID python3 scripts/bench_watch.py "$label" "$url" "$N" "$TALLYD_PID" "$BARE_RATE" \
+    | tee -a "$WORK/results.txt"
   kill -TERM $TALLYD_PID; wait $TALLYD_PID || true
   TALLYD_PID=
 }
 
-run_tallyd sqlite "sqlite://$WORK/bench.db" bench-sqlite
-SCHEMA=bench_$$
-PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE; CREATE SCHEMA $SCHEMA" >/dev/null
-run_tallyd postgres "$PG?options=-csearch_path%3D$SCHEMA" bench-pg
-PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
+RUNS=${BENCH_RUNS:-1}
+for round in $(seq 1 "$RUNS"); do
+  [ "$RUNS" -gt 1 ] && echo "round $round of $RUNS"
+  BEFORE=$(tansu_cpu)
+  "$BARE" 127.0.0.1:$PORT cdrs $PARTITIONS "$N" | tee "$WORK/bare.txt"
+  echo "  broker (tansu) CPU meanwhile: $(awk -v a="$BEFORE" -v b="$(tansu_cpu)" 'BEGIN {printf "%.1f", b - a}') s"
+  BARE_RATE=$(awk '{print $(NF-1)}' "$WORK/bare.txt")
+
+  rm -f "$WORK"/bench.db*
+  run_tallyd sqlite "sqlite://$WORK/bench.db" bench-sqlite-$round
+  SCHEMA=bench_$$_$round
+  PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE; CREATE SCHEMA $SCHEMA" >/dev/null
+  run_tallyd postgres "$PG?options=-csearch_path%3D$SCHEMA" bench-pg-$round
+  PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
+done
+
+if [ "$RUNS" -gt 1 ]; then
+  for label in sqlite postgres; do
+    grep "^tallyd\[$label\]" "$WORK/results.txt" | sed 's/.*ratio to bare consumer \([0-9.]*\);.*/\1/' | sort -n \
+      | awk -v l="$label" '{r[NR] = $1} END {m = NR % 2 ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2;
+          printf "tallyd[%s] over %d runs: median ratio %.2f (min %.2f, max %.2f)\n", l, NR, m, r[1], r[NR]}'
+  done
+fi
