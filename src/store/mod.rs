@@ -5,16 +5,24 @@
 //! advanced with a compare-and-set from the offset the batch started at, which makes
 //! a flush idempotent (a batch retried after an unknown commit outcome is detected
 //! as already applied) and fences a zombie instance whose partitions were taken over.
+//!
+//! `sqlite` and `pg` write a flush into each database; [`schema`] holds the
+//! tables both share; [`checkpoint`] copies SQLite's WAL into the database file
+//! off the flush path.
 
 pub mod checkpoint;
+mod pg;
 pub mod schema;
+mod sqlite;
+
+pub use pg::migrate_postgres;
+pub use sqlite::migrate_sqlite;
 
 use std::collections::HashMap;
 
 use crate::calendar::{Day, DayText, Period};
 use crate::counters::{BreakdownDelta, Leaves, RowKey};
-use crate::dedup::blob;
-use schema::{leaf_values, leaves_from, LEAF_COLUMNS, LEAF_COLUMN_COUNT, LEAF_COLUMN_LIST};
+use schema::{leaves_from, LEAF_COLUMNS, LEAF_COLUMN_COUNT, LEAF_COLUMN_LIST};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -215,8 +223,8 @@ impl Store {
     /// Writes one flush atomically. See the module doc for the offset protocol.
     pub fn write_flush(&mut self, b: &FlushBatch) -> Result<FlushOutcome> {
         match self {
-            Store::Sqlite(c) => sqlite_flush(c, b),
-            Store::Postgres(c) => postgres_flush(c, b),
+            Store::Sqlite(c) => sqlite::flush(c, b),
+            Store::Postgres(c) => pg::flush(c, b),
         }
     }
 
@@ -374,34 +382,6 @@ impl Store {
     }
 }
 
-/// Creates or updates the tables of a SQLite store; idempotent.
-pub fn migrate_sqlite(c: &mut rusqlite::Connection) -> rusqlite::Result<()> {
-    for m in schema::migrations(false) {
-        c.execute_batch(m)?;
-    }
-    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let breakdowns: String = tx.query_row(
-        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'usage_breakdowns'",
-        [],
-        |r| r.get(0),
-    )?;
-    if !breakdowns.contains("WITHOUT ROWID") {
-        tx.execute_batch(&schema::SQLITE_REBUILD_BREAKDOWNS)?;
-    }
-    tx.commit()
-}
-
-/// Creates or updates the tables of a PostgreSQL store; idempotent, and
-/// serialised between instances that start at once.
-pub fn migrate_postgres(c: &mut postgres::Client) -> Result<(), postgres::Error> {
-    let mut tx = c.transaction()?;
-    tx.execute("SELECT pg_advisory_xact_lock(7461726)", &[])?;
-    for m in schema::migrations(true) {
-        tx.batch_execute(m)?;
-    }
-    tx.commit()
-}
-
 /// `INSERT INTO usage_rows (…) {values} ON CONFLICT … DO UPDATE` adding every
 /// leaf column; `values` supplies the key, `price_unit` and the leaf columns.
 fn upsert_rows(values: &str) -> String {
@@ -448,313 +428,9 @@ fn stale_advance(o: &OffsetAdvance, found: Option<i64>, first: bool) -> Result<F
     }
 }
 
-fn sqlite_flush(c: &mut rusqlite::Connection, b: &FlushBatch) -> Result<FlushOutcome> {
-    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    for (i, o) in b.offsets.iter().enumerate() {
-        let moved = match o.from {
-            None => tx.execute(
-                "INSERT INTO consumer_offsets (topic, partition, next_offset) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
-                rusqlite::params![o.topic, o.partition, o.to],
-            )?,
-            Some(from) => tx.execute(
-                "UPDATE consumer_offsets SET next_offset = ?3 WHERE topic = ?1 AND partition = ?2 AND next_offset = ?4",
-                rusqlite::params![o.topic, o.partition, o.to, from],
-            )?,
-        };
-        if moved == 0 {
-            use rusqlite::OptionalExtension;
-            let found: Option<i64> = tx
-                .query_row(
-                    "SELECT next_offset FROM consumer_offsets WHERE topic = ?1 AND partition = ?2",
-                    rusqlite::params![o.topic, o.partition],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            return stale_advance(o, found, i == 0);
-        }
-    }
-    let started = std::time::Instant::now();
-    let (rows_done, breakdowns_done);
-    {
-        let upsert = |values: &str| upsert_rows(&format!("VALUES {values}"));
-        write_chunked(
-            &tx,
-            &b.rows,
-            4 + LEAF_COLUMN_COUNT,
-            upsert,
-            |st, base, r| {
-                st.raw_bind_parameter(base + 1, r.key.account.write_text(&mut [0; 34]))?;
-                st.raw_bind_parameter(base + 2, r.key.period.kind())?;
-                st.raw_bind_parameter(base + 3, &*period_start(r.key.period))?;
-                st.raw_bind_parameter(base + 4, &r.price_unit)?;
-                for (i, v) in leaf_values(&r.leaves).enumerate() {
-                    st.raw_bind_parameter(base + i + 5, v)?;
-                }
-                Ok(())
-            },
-        )?;
-        rows_done = started.elapsed();
-        let upsert = |values: &str| {
-            format!(
-                "INSERT INTO usage_breakdowns ({BREAKDOWN_COLUMNS}) VALUES {values} {UPSERT_BREAKDOWN_TAIL}"
-            )
-        };
-        write_chunked(&tx, &b.breakdowns, 10, upsert, |st, base, d| {
-            let k = &d.key;
-            st.raw_bind_parameter(base + 1, k.account.write_text(&mut [0; 34]))?;
-            st.raw_bind_parameter(base + 2, k.dimension.as_str())?;
-            st.raw_bind_parameter(base + 3, &*k.value)?;
-            st.raw_bind_parameter(base + 4, &*k.day.text())?;
-            st.raw_bind_parameter(base + 5, d.calls.count as i64)?;
-            st.raw_bind_parameter(base + 6, d.calls.usage as i64)?;
-            st.raw_bind_parameter(base + 7, d.calls.price)?;
-            st.raw_bind_parameter(base + 8, d.messages.count as i64)?;
-            st.raw_bind_parameter(base + 9, d.messages.usage as i64)?;
-            st.raw_bind_parameter(base + 10, d.messages.price)
-        })?;
-        breakdowns_done = started.elapsed();
-        let mut st = tx.prepare_cached(
-            "INSERT INTO dedup_batches (topic, partition, seen_day, first_offset, ids) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?;
-        for d in &b.dedup {
-            st.execute(rusqlite::params![
-                d.topic,
-                d.partition,
-                d.seen_day.0,
-                d.first_offset,
-                blob(&d.ids)
-            ])?;
-        }
-    }
-    if let Some(before) = b.prune_dedup_before {
-        tx.execute("DELETE FROM dedup_batches WHERE seen_day < ?1", [before.0])?;
-    }
-    tx.execute(SET_LAST_FLUSH, [&b.as_of])?;
-    let before_commit = started.elapsed();
-    tx.commit()?;
-    tracing::debug!(
-        rows = b.rows.len(),
-        rows_ms = rows_done.as_millis() as u64,
-        breakdowns = b.breakdowns.len(),
-        breakdowns_ms = (breakdowns_done - rows_done).as_millis() as u64,
-        dedup_ms = (before_commit - breakdowns_done).as_millis() as u64,
-        commit_ms = (started.elapsed() - before_commit).as_millis() as u64,
-        "sqlite flush written"
-    );
-    Ok(FlushOutcome::Applied)
-}
-
-/// Rows per SQLite upsert statement: one statement of many rows costs less per
-/// row than as many single-row statements (fewer VM starts and resets).
-const ROWS_PER_STATEMENT: usize = 16;
-
-/// `(?1, …, ?c), (?c+1, …), …` for `n` rows of `c` columns.
-fn placeholders(n: usize, c: usize) -> String {
-    (0..n)
-        .map(|r| {
-            let cols: Vec<String> = (1..=c).map(|i| format!("?{}", r * c + i)).collect();
-            format!("({})", cols.join(", "))
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Inserts `items`, [`ROWS_PER_STATEMENT`] a statement and one statement for
-/// the rest: `sql(values)` is the statement for the `(?1, …), (…)` tuples of
-/// `columns` parameters each, and `bind(statement, offset, item)` binds an
-/// item's columns after `offset` parameters.
-fn write_chunked<T>(
-    tx: &rusqlite::Transaction<'_>,
-    items: &[T],
-    columns: usize,
-    sql: impl Fn(&str) -> String,
-    bind: impl Fn(&mut rusqlite::Statement<'_>, usize, &T) -> rusqlite::Result<()>,
-) -> Result<()> {
-    let write = |st: &mut rusqlite::Statement<'_>, chunk: &[T]| -> Result<()> {
-        for (r, item) in chunk.iter().enumerate() {
-            bind(st, r * columns, item)?;
-        }
-        st.raw_execute()?;
-        Ok(())
-    };
-    let mut chunks = items.chunks_exact(ROWS_PER_STATEMENT);
-    if items.len() >= ROWS_PER_STATEMENT {
-        let mut st = tx.prepare_cached(&sql(&placeholders(ROWS_PER_STATEMENT, columns)))?;
-        for chunk in chunks.by_ref() {
-            write(&mut st, chunk)?;
-        }
-    }
-    let rest = chunks.remainder();
-    if !rest.is_empty() {
-        write(
-            &mut tx.prepare(&sql(&placeholders(rest.len(), columns)))?,
-            rest,
-        )?;
-    }
-    Ok(())
-}
-
-/// Adds the batch's rows into `usage_rows`: streamed with a binary COPY into a
-/// session-local staging table, then upserted from there in one statement (COPY
-/// is PostgreSQL's cheapest way in; parameters and arrays cost twice as much).
-fn copy_rows(tx: &mut postgres::Transaction<'_>, b: &FlushBatch) -> Result<()> {
-    use postgres::types::Type;
-    if b.rows.is_empty() {
-        return Ok(());
-    }
-    tx.batch_execute(
-        "CREATE TEMP TABLE IF NOT EXISTS usage_rows_in (LIKE usage_rows) ON COMMIT DELETE ROWS",
-    )?;
-    let columns = format!(
-        "account_sid, period, start_date, price_unit, {}",
-        *LEAF_COLUMN_LIST
-    );
-    let types: Vec<Type> = [Type::TEXT; 4]
-        .into_iter()
-        .chain(std::iter::repeat(Type::INT8).take(LEAF_COLUMN_COUNT))
-        .collect();
-    let sink = tx.copy_in(&format!("COPY usage_rows_in ({columns}) FROM STDIN BINARY"))?;
-    let mut w = postgres::binary_copy::BinaryCopyInWriter::new(sink, &types);
-    let mut values: Vec<i64> = Vec::with_capacity(LEAF_COLUMN_COUNT);
-    for r in &b.rows {
-        let mut sid = [0; 34];
-        let account = r.key.account.write_text(&mut sid);
-        let start = period_start(r.key.period);
-        let start: &str = &start;
-        let kind = r.key.period.kind();
-        values.clear();
-        values.extend(leaf_values(&r.leaves));
-        let mut row: Vec<&(dyn postgres::types::ToSql + Sync)> =
-            vec![&account, &kind, &start, &r.price_unit];
-        row.extend(
-            values
-                .iter()
-                .map(|v| v as &(dyn postgres::types::ToSql + Sync)),
-        );
-        w.write(&row)?;
-    }
-    w.finish()?;
-    tx.batch_execute(&upsert_rows(&format!(
-        "SELECT {columns} FROM usage_rows_in"
-    )))?;
-    Ok(())
-}
-
-/// Adds the batch's breakdowns into `usage_breakdowns`, the way [`copy_rows`] does.
-fn copy_breakdowns(tx: &mut postgres::Transaction<'_>, b: &FlushBatch) -> Result<()> {
-    use postgres::types::Type;
-    if b.breakdowns.is_empty() {
-        return Ok(());
-    }
-    tx.batch_execute(
-        "CREATE TEMP TABLE IF NOT EXISTS usage_breakdowns_in (LIKE usage_breakdowns) ON COMMIT DELETE ROWS",
-    )?;
-    let types = [
-        Type::TEXT,
-        Type::TEXT,
-        Type::TEXT,
-        Type::TEXT,
-        Type::INT8,
-        Type::INT8,
-        Type::INT8,
-        Type::INT8,
-        Type::INT8,
-        Type::INT8,
-    ];
-    let sink = tx.copy_in(&format!(
-        "COPY usage_breakdowns_in ({BREAKDOWN_COLUMNS}) FROM STDIN BINARY"
-    ))?;
-    let mut w = postgres::binary_copy::BinaryCopyInWriter::new(sink, &types);
-    for d in &b.breakdowns {
-        let k = &d.key;
-        let t = [d.calls, d.messages];
-        let [cc, cu, cp, mc, mu, mp] = [
-            t[0].count as i64,
-            t[0].usage as i64,
-            t[0].price,
-            t[1].count as i64,
-            t[1].usage as i64,
-            t[1].price,
-        ];
-        w.write(&[
-            &k.account.write_text(&mut [0; 34]),
-            &k.dimension.as_str(),
-            &&*k.value,
-            &&*k.day.text(),
-            &cc,
-            &cu,
-            &cp,
-            &mc,
-            &mu,
-            &mp,
-        ])?;
-    }
-    w.finish()?;
-    tx.batch_execute(&format!(
-        "INSERT INTO usage_breakdowns ({BREAKDOWN_COLUMNS}) SELECT {BREAKDOWN_COLUMNS} FROM usage_breakdowns_in {UPSERT_BREAKDOWN_TAIL}"
-    ))?;
-    Ok(())
-}
-
-fn postgres_flush(c: &mut postgres::Client, b: &FlushBatch) -> Result<FlushOutcome> {
-    let mut tx = c.transaction()?;
-    for (i, o) in b.offsets.iter().enumerate() {
-        let moved = match o.from {
-            None => tx.execute(
-                "INSERT INTO consumer_offsets (topic, partition, next_offset) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                &[&o.topic, &o.partition, &o.to],
-            )?,
-            Some(from) => tx.execute(
-                "UPDATE consumer_offsets SET next_offset = $3 WHERE topic = $1 AND partition = $2 AND next_offset = $4",
-                &[&o.topic, &o.partition, &o.to, &from],
-            )?,
-        };
-        if moved == 0 {
-            let found: Option<i64> = tx
-                .query_opt(
-                    "SELECT next_offset FROM consumer_offsets WHERE topic = $1 AND partition = $2",
-                    &[&o.topic, &o.partition],
-                )?
-                .map(|r| r.get(0));
-            return stale_advance(o, found, i == 0);
-        }
-    }
-    let started = std::time::Instant::now();
-    copy_rows(&mut tx, b)?;
-    let rows_done = started.elapsed();
-    copy_breakdowns(&mut tx, b)?;
-    tracing::debug!(
-        rows = b.rows.len(),
-        rows_ms = rows_done.as_millis() as u64,
-        breakdowns = b.breakdowns.len(),
-        breakdowns_ms = (started.elapsed() - rows_done).as_millis() as u64,
-        "postgres flush written"
-    );
-    for d in &b.dedup {
-        tx.execute(
-            "INSERT INTO dedup_batches (topic, partition, seen_day, first_offset, ids) VALUES ($1, $2, $3, $4, $5)",
-            &[
-                &d.topic,
-                &d.partition,
-                &d.seen_day.0,
-                &d.first_offset,
-                &&*blob(&d.ids),
-            ],
-        )?;
-    }
-    if let Some(before) = b.prune_dedup_before {
-        tx.execute(
-            "DELETE FROM dedup_batches WHERE seen_day < $1",
-            &[&before.0],
-        )?;
-    }
-    tx.execute(SET_LAST_FLUSH, &[&b.as_of])?;
-    tx.commit()?;
-    Ok(FlushOutcome::Applied)
-}
-
 #[cfg(test)]
 mod tests {
+    use super::sqlite::ROWS_PER_STATEMENT;
     use super::*;
     use crate::category::Category;
     use crate::cdr::AccountSid;
