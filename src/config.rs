@@ -9,6 +9,9 @@ use serde::Deserialize;
 
 use crate::rating::{RatingConfig, Tariff, TariffError};
 
+/// The shipped config file's text.
+pub const SHIPPED: &str = include_str!("../config/tallyd.toml");
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -311,6 +314,16 @@ pub enum ConfigError {
 impl Config {
     /// Reads the file, applies `TALLYD_SECTION__KEY` overrides from the process
     /// environment, and checks the tariff.
+    /// The shipped `config/tallyd.toml`, built into the binary, with `TALLYD_*`
+    /// overrides: what `tallyd demo` runs on outside a checkout.
+    pub fn shipped() -> Result<(Config, Tariff), ConfigError> {
+        Self::from_toml(
+            SHIPPED,
+            Path::new("(built-in) config/tallyd.toml"),
+            std::env::vars(),
+        )
+    }
+
     pub fn load(path: &Path) -> Result<(Config, Tariff), ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.into(),

@@ -1,7 +1,7 @@
 //! The `tallyd` binary: `run` (the daemon), `demo` (everything in one process),
 //! `generate` (synthetic CDR traffic).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -35,8 +35,10 @@ enum Command {
     /// Run the whole main job in one process: in-process Kafka, generated traffic,
     /// SQLite under ./data, HTTP metrics and APIs.
     Demo {
-        #[arg(long, default_value = "config/tallyd.toml")]
-        config: PathBuf,
+        /// Config file [default: config/tallyd.toml if there is one here, else
+        /// the shipped one built into the binary].
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// CDRs per second to generate.
         #[arg(long, default_value_t = 5000)]
         rate: u64,
@@ -116,7 +118,15 @@ fn main() -> anyhow::Result<()> {
             accounts,
             seed,
         } => {
-            let (cfg, tariff) = Config::load(&config)?;
+            let default = Path::new("config/tallyd.toml");
+            let (cfg, tariff) = match config {
+                Some(path) => Config::load(&path)?,
+                None if default.exists() => Config::load(default)?,
+                None => {
+                    println!("tallyd demo: no config/tallyd.toml here; using the shipped one built into the binary");
+                    Config::shipped()?
+                }
+            };
             tallyd::demo::run(
                 cfg,
                 tariff,
