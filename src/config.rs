@@ -312,8 +312,6 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Reads the file, applies `TALLYD_SECTION__KEY` overrides from the process
-    /// environment, and checks the tariff.
     /// The shipped `config/tallyd.toml`, built into the binary, with `TALLYD_*`
     /// overrides: what `tallyd demo` runs on outside a checkout.
     pub fn shipped() -> Result<(Config, Tariff), ConfigError> {
@@ -324,6 +322,8 @@ impl Config {
         )
     }
 
+    /// Reads the file, applies `TALLYD_SECTION__KEY` overrides from the process
+    /// environment, and checks the tariff.
     pub fn load(path: &Path) -> Result<(Config, Tariff), ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.into(),
