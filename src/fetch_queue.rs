@@ -74,6 +74,25 @@ impl FetchQueue {
         }
     }
 
+    /// `partition`'s low and high watermarks as of its last fetch response, from
+    /// the client's cache (no broker request); `None` before the first.
+    pub fn watermarks(&self, partition: i32) -> Option<(i64, i64)> {
+        let (mut low, mut high) = (-1i64, -1i64);
+        // SAFETY: `rk` is live while the consumer is (see the module doc) and the
+        // topic is a NUL-terminated string; the call only reads cached offsets.
+        let err = unsafe {
+            rd::rd_kafka_get_watermark_offsets(
+                self.rk,
+                self.topic.as_ptr(),
+                partition,
+                &mut low,
+                &mut high,
+            )
+        };
+        (err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && low >= 0 && high >= 0)
+            .then_some((low, high))
+    }
+
     /// Routes the fetched messages of `partitions` here. Call before assigning them.
     pub fn route(&self, partitions: &[i32]) {
         let queue = self.queue.lock();

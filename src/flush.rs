@@ -318,9 +318,9 @@ impl Flusher {
             ms = started.elapsed().as_millis() as u64,
             "flush landed"
         );
-        self.health
-            .last_success
-            .store(chrono::Utc::now().timestamp(), Ordering::Relaxed);
+        let now = chrono::Utc::now().timestamp();
+        self.health.last_success.store(now, Ordering::Relaxed);
+        metrics::gauge!("tallyd_last_flush_timestamp_seconds").set(now as f64);
         metrics::histogram!("tallyd_flush_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         metrics::counter!("tallyd_flush_rows_total").increment(rows as u64);

@@ -279,6 +279,10 @@ impl IngestContext {
         if !landed {
             tracing::warn!("partitions revoked before the last flush landed; their unflushed work will be re-read by the next owner");
         }
+        for p in st.partitions.keys() {
+            // Another member reports it from now on.
+            metrics::gauge!("tallyd_consumer_lag", "partition" => p.to_string()).set(0.0);
+        }
         st.partitions.clear();
         self.health.set_assigned(&self.my_health, 0);
     }
@@ -585,6 +589,7 @@ impl Ingest {
             if let Some(took) = self.collect_flush(ctx, &mut st) {
                 pacer.finished(took);
             }
+            publish_lag(&st, fetch_queue);
             let now = Instant::now();
             let pending: usize = st
                 .partitions
@@ -734,6 +739,27 @@ impl Ingest {
             },
         );
         ps.next = last.offset() + 1;
+    }
+}
+
+/// Sets `tallyd_consumer_lag{partition}`: messages between where each assigned
+/// partition is read to and its end as of the last fetch (librdkafka's cached
+/// high watermark, so no broker request; while paused, the end as of the last
+/// fetch before the pause).
+fn publish_lag(st: &State, fetch_queue: &FetchQueue) {
+    for (p, ps) in &st.partitions {
+        let Some((low, high)) = fetch_queue.watermarks(*p) else {
+            continue;
+        };
+        // Nothing read since the assignment: from the stored offset, or from the
+        // start of the partition.
+        let position = if ps.next >= 0 {
+            ps.next
+        } else {
+            ps.stored.unwrap_or(low)
+        };
+        metrics::gauge!("tallyd_consumer_lag", "partition" => p.to_string())
+            .set((high - position).max(0) as f64);
     }
 }
 

@@ -253,6 +253,24 @@ fn store_stall_pauses_consumption_then_catches_up_exactly() {
         "unflushed state grew while paused"
     );
     assert_eq!(metric(port, "tallyd_consumer_paused"), Some(1.0));
+    // A paused consumer has unread messages: the lag says so.
+    let lag = || -> f64 {
+        (0..PARTITIONS)
+            .filter_map(|p| metric(port, &format!("tallyd_consumer_lag{{partition=\"{p}\"}}")))
+            .sum()
+    };
+    let paused_lag = lag();
+    eprintln!("consumer lag while paused: {paused_lag} of {N} messages");
+    assert!(
+        paused_lag >= 1.0,
+        "no consumer lag reported while paused (sum over partitions: {paused_lag})"
+    );
+    assert_eq!(
+        metric(port, "tallyd_last_flush_timestamp_seconds"),
+        None,
+        "no flush can have landed while the store is stalled"
+    );
+    let released = chrono::Utc::now().timestamp() as f64;
     stall.rollback().unwrap();
     wait_flushed(&pg.url, TOPIC, N, Duration::from_secs(180), &log);
     // The consumer sees that the last flush landed a poll after the store has
@@ -263,6 +281,20 @@ fn store_stall_pauses_consumption_then_catches_up_exactly() {
         0.0,
         Duration::from_secs(10),
         "consumption did not resume by itself",
+    );
+    for p in 0..PARTITIONS {
+        wait_metric(
+            port,
+            &format!("tallyd_consumer_lag{{partition=\"{p}\"}}"),
+            0.0,
+            Duration::from_secs(10),
+            "the consumer caught up but still reports lag",
+        );
+    }
+    let last_flush = metric(port, "tallyd_last_flush_timestamp_seconds");
+    assert!(
+        last_flush.is_some_and(|t| t >= released),
+        "last flush at {last_flush:?}, store released at {released}"
     );
     d.stop();
     assert_exact(&pg.url, &truth);
