@@ -20,6 +20,21 @@ pub fn migrate_postgres(c: &mut postgres::Client) -> Result<(), postgres::Error>
     tx.commit()
 }
 
+/// Opens a binary COPY of `columns` (of `types`) into `{table}_in`, a
+/// session-local staging copy of `table` emptied at each commit.
+fn stage<'t>(
+    tx: &'t mut postgres::Transaction<'_>,
+    table: &str,
+    columns: &str,
+    types: &[postgres::types::Type],
+) -> Result<postgres::binary_copy::BinaryCopyInWriter<'t>> {
+    tx.batch_execute(&format!(
+        "CREATE TEMP TABLE IF NOT EXISTS {table}_in (LIKE {table}) ON COMMIT DELETE ROWS"
+    ))?;
+    let sink = tx.copy_in(&format!("COPY {table}_in ({columns}) FROM STDIN BINARY"))?;
+    Ok(postgres::binary_copy::BinaryCopyInWriter::new(sink, types))
+}
+
 /// Adds the batch's rows into `usage_rows`: streamed with a binary COPY into a
 /// session-local staging table, then upserted from there in one statement (COPY
 /// is PostgreSQL's cheapest way in; parameters and arrays cost twice as much).
@@ -28,9 +43,6 @@ fn copy_rows(tx: &mut postgres::Transaction<'_>, b: &FlushBatch) -> Result<()> {
     if b.rows.is_empty() {
         return Ok(());
     }
-    tx.batch_execute(
-        "CREATE TEMP TABLE IF NOT EXISTS usage_rows_in (LIKE usage_rows) ON COMMIT DELETE ROWS",
-    )?;
     let columns = format!(
         "account_sid, period, start_date, price_unit, {}",
         *LEAF_COLUMN_LIST
@@ -39,8 +51,7 @@ fn copy_rows(tx: &mut postgres::Transaction<'_>, b: &FlushBatch) -> Result<()> {
         .into_iter()
         .chain(std::iter::repeat(Type::INT8).take(LEAF_COLUMN_COUNT))
         .collect();
-    let sink = tx.copy_in(&format!("COPY usage_rows_in ({columns}) FROM STDIN BINARY"))?;
-    let mut w = postgres::binary_copy::BinaryCopyInWriter::new(sink, &types);
+    let mut w = stage(tx, "usage_rows", &columns, &types)?;
     let mut values: Vec<i64> = Vec::with_capacity(LEAF_COLUMN_COUNT);
     for r in &b.rows {
         let mut sid = [0; 34];
@@ -72,9 +83,6 @@ fn copy_breakdowns(tx: &mut postgres::Transaction<'_>, b: &FlushBatch) -> Result
     if b.breakdowns.is_empty() {
         return Ok(());
     }
-    tx.batch_execute(
-        "CREATE TEMP TABLE IF NOT EXISTS usage_breakdowns_in (LIKE usage_breakdowns) ON COMMIT DELETE ROWS",
-    )?;
     let types = [
         Type::TEXT,
         Type::TEXT,
@@ -87,10 +95,7 @@ fn copy_breakdowns(tx: &mut postgres::Transaction<'_>, b: &FlushBatch) -> Result
         Type::INT8,
         Type::INT8,
     ];
-    let sink = tx.copy_in(&format!(
-        "COPY usage_breakdowns_in ({BREAKDOWN_COLUMNS}) FROM STDIN BINARY"
-    ))?;
-    let mut w = postgres::binary_copy::BinaryCopyInWriter::new(sink, &types);
+    let mut w = stage(tx, "usage_breakdowns", BREAKDOWN_COLUMNS, &types)?;
     for d in &b.breakdowns {
         let k = &d.key;
         let t = [d.calls, d.messages];

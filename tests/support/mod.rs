@@ -622,6 +622,11 @@ fn parent(cat: &str) -> Option<&'static str> {
     })
 }
 
+/// A price in the store's units, 10⁻⁵ of the currency.
+fn price_units(price: Decimal) -> i64 {
+    (price * Decimal::from(100_000)).try_into().unwrap()
+}
+
 /// (account, period, start date, category)
 type RecordId = (String, String, String, String);
 
@@ -733,10 +738,11 @@ pub fn ground_truth(lines: &[String]) -> (Truth, usize) {
         };
         let t = parse_rfc3339(&s("timestamp").unwrap()).unwrap();
         let date = chrono::DateTime::from_timestamp(t, 0).unwrap().date_naive();
+        let day = date.format("%Y-%m-%d").to_string();
         let class = usize::from(kind != "call");
         for (dimension, value, day) in [
             ("number", s("phone_number"), "1970-01-01".to_string()),
-            ("agent", s("agent_id"), date.format("%Y-%m-%d").to_string()),
+            ("agent", s("agent_id"), day.clone()),
         ] {
             if let Some(value) = value {
                 let e = &mut by
@@ -748,7 +754,7 @@ pub fn ground_truth(lines: &[String]) -> (Truth, usize) {
             }
         }
         let periods = [
-            ("day", date.format("%Y-%m-%d").to_string()),
+            ("day", day),
             ("month", date.format("%Y-%m-01").to_string()),
             ("year", date.format("%Y-01-01").to_string()),
             ("all", "1970-01-01".to_string()),
@@ -776,19 +782,13 @@ pub fn ground_truth(lines: &[String]) -> (Truth, usize) {
                 category,
                 count,
                 usage,
-                price: (price * Decimal::from(100_000)).try_into().unwrap(),
+                price: price_units(price),
                 price_unit: "usd".into(),
             },
         )
         .collect();
     out.sort();
-    let units = |(count, usage, price): Class| {
-        [
-            count,
-            usage,
-            (price * Decimal::from(100_000)).try_into().unwrap(),
-        ]
-    };
+    let units = |(count, usage, price): Class| [count, usage, price_units(price)];
     let breakdowns = by
         .into_iter()
         .map(
