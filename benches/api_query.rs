@@ -4,7 +4,7 @@
 //!
 //! Needs PostgreSQL: `TALLYD_BENCH_POSTGRES_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/test`). The data goes to the schema
-//! `tallyd_bench` and is kept between runs (filled once, ~3.3M rows); drop the
+//! `tallyd_bench` and is kept between runs (filled once, two pages per account); drop the
 //! schema to refill. `TALLYD_BENCH_ACCOUNTS` changes the number of accounts.
 //!
 //! Prints p50/p99/max over a few thousand requests for random accounts (the
@@ -29,11 +29,15 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, Criterion};
+use postgres::types::Type;
 use rand::{Rng, SeedableRng};
 use tallyd::api::records::Subresource;
 use tallyd::api::{accounts, router, twilio, ApiState};
-use tallyd::calendar::Day;
+use tallyd::calendar::{Day, Period};
+use tallyd::category::Category;
 use tallyd::config::Config;
+use tallyd::counters::{Leaves, Tally};
+use tallyd::store::page::{Page, PageId};
 
 const SCHEMA: &str = "tallyd_bench";
 const DAYS: i32 = 30;
@@ -64,7 +68,7 @@ fn last_day() -> Day {
 }
 
 fn fill(client: &mut postgres::Client, n: u64) {
-    let marker = format!("{n} accounts x {DAYS} days in usage_rows");
+    let marker = format!("{n} accounts x {DAYS} days in usage_pages");
     let done: Option<String> = client
         .query_opt(
             "SELECT value FROM tallyd_meta WHERE key = 'bench_fill'",
@@ -79,7 +83,7 @@ fn fill(client: &mut postgres::Client, n: u64) {
     eprintln!("filling {SCHEMA} with {marker} ...");
     let t = Instant::now();
     client
-        .batch_execute("TRUNCATE usage_rows, api_accounts, tallyd_meta")
+        .batch_execute("TRUNCATE usage_pages, api_accounts, tallyd_meta")
         .unwrap();
     let mut w = client
         .copy_in(
@@ -97,32 +101,45 @@ fn fill(client: &mut postgres::Client, n: u64) {
         .unwrap();
     }
     w.finish().unwrap();
-    // An outbound-calls account: only the calls-outbound leaf columns are used.
-    let mut w = client
-        .copy_in(
-            "COPY usage_rows (account_sid, period, start_date, price_unit, \
-             calls_outbound_count, calls_outbound_usage, calls_outbound_price) FROM STDIN",
-        )
+    // An outbound-calls account: only the calls-outbound leaf has usage. June's
+    // page holds its day rows and month row, the `all` page its year and
+    // all-time rows.
+    let sink = client
+        .copy_in("COPY usage_pages (account_sid, page, data) FROM STDIN BINARY")
         .unwrap();
+    let mut w = postgres::binary_copy::BinaryCopyInWriter::new(
+        sink,
+        &[Type::TEXT, Type::TEXT, Type::BYTEA],
+    );
     let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
     let first = last_day().0 - (DAYS - 1);
     for i in 0..n {
         let s = sid(i);
-        let (mut mc, mut mu, mut mp) = (0i64, 0i64, 0i64);
+        let (mut month, mut all) = (Page::default(), Page::default());
+        let mut total = Leaves::default();
         for d in first..=last_day().0 {
-            let count: i64 = rng.gen_range(1..40);
-            let usage: i64 = count * rng.gen_range(10..300);
-            let price = usage * 13_000 / 60;
-            (mc, mu, mp) = (mc + count, mu + usage, mp + price);
-            let day = Day(d).to_string();
-            writeln!(w, "{s}\tday\t{day}\tusd\t{count}\t{usage}\t{price}").unwrap();
+            let count: u64 = rng.gen_range(1..40);
+            let usage: u64 = count * rng.gen_range(10..300);
+            let mut day = Leaves::default();
+            day.add_leaf(
+                Category::CallsOutbound,
+                Tally {
+                    count,
+                    usage,
+                    price: (usage * 13_000 / 60) as i64,
+                },
+            );
+            total.add(&day);
+            month.add_row(Period::Day(Day(d)), "usd", &day);
         }
-        for (period, start) in [
-            ("month", "2025-06-01"),
-            ("year", "2025-01-01"),
-            ("all", "1970-01-01"),
+        month.add_row(Period::Month(last_day().month()), "usd", &total);
+        all.add_row(Period::Year(last_day().year()), "usd", &total);
+        all.add_row(Period::AllTime, "usd", &total);
+        for (page, data) in [
+            (PageId::Month(last_day().month()), month),
+            (PageId::All, all),
         ] {
-            writeln!(w, "{s}\t{period}\t{start}\tusd\t{mc}\t{mu}\t{mp}").unwrap();
+            w.write(&[&s, &page.text(), &data.encode()]).unwrap();
         }
     }
     w.finish().unwrap();

@@ -16,12 +16,13 @@ use serde_json::{json, Value as Json_};
 
 use super::accounts::{self, Account};
 use super::error::ApiError;
-use super::records::{read_rows, RowKind};
-use super::store::{Conn, Param};
+use super::records::{read_pages, read_rows, RowKind};
+use super::store::Conn;
 use super::ApiState;
 use crate::calendar::{Day, Month};
 use crate::category::Category;
 use crate::counters::{Leaves, Tally};
+use crate::store::page::{month_pages, PageId};
 
 const MESSAGE_CATEGORIES: [Category; 2] = [Category::Sms, Category::Mms];
 const CALL_CATEGORIES: [Category; 3] = [Category::Calls, Category::CallsSip, Category::CallsClient];
@@ -125,14 +126,7 @@ pub async fn usage(
         .run(move |c| {
             Ok((|| {
                 let a = authenticate(c, key)?;
-                let used = c
-                    .query(
-                        "SELECT COUNT(DISTINCT value) FROM usage_breakdowns \
-                         WHERE account_sid = $1 AND dimension = 'number'",
-                        &[Param::Text(&a.sid)],
-                    )?
-                    .first()
-                    .map_or(0, |r| r[0].int());
+                let used = breakdown(c, &a.sid, "number", None)?.len() as i64;
                 let all = counts_by_start(c, &a.sid, RowKind::All, Day(0), Day(0))?;
                 let (total_messages, total_calls) =
                     all.values().copied().next().unwrap_or_default();
@@ -254,25 +248,23 @@ fn breakdown(
     dimension: &str,
     from: Option<(Day, Day)>,
 ) -> Result<BTreeMap<String, (i64, i64, i64)>, ApiError> {
-    let (f, t) = from
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .unwrap_or_else(|| ("0000-00-00".into(), "9999-99-99".into()));
-    let rows = c.query(
-        "SELECT value, CAST(SUM(messages_count) AS BIGINT), CAST(SUM(calls_count) AS BIGINT), \
-         CAST(SUM(calls_usage) AS BIGINT) \
-         FROM usage_breakdowns WHERE account_sid = $1 AND dimension = $2 \
-         AND day >= $3 AND day <= $4 GROUP BY value ORDER BY value",
-        &[
-            Param::Text(sid),
-            Param::Text(dimension),
-            Param::Text(&f),
-            Param::Text(&t),
-        ],
-    )?;
-    Ok(rows
-        .into_iter()
-        .map(|r| (r[0].text().to_owned(), (r[1].int(), r[2].int(), r[3].int())))
-        .collect())
+    let (first, last) = match from {
+        Some((a, b)) => month_pages(a, b),
+        None => (String::new(), PageId::All.text()),
+    };
+    let (a, b) = from.unwrap_or((Day(i32::MIN), Day(i32::MAX)));
+    let mut out: BTreeMap<String, (i64, i64, i64)> = BTreeMap::new();
+    for page in read_pages(c, &[sid.to_owned()], &first, &last)? {
+        for e in page.breakdowns() {
+            if e.dimension.as_str() == dimension && (a..=b).contains(&e.day) {
+                let v = out.entry(e.value.to_owned()).or_default();
+                v.0 += e.messages.count as i64;
+                v.1 += e.calls.count as i64;
+                v.2 += e.calls.usage as i64;
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// `GET /v1/usage/by-number`: all-time usage per phone number of the account.

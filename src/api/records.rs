@@ -18,7 +18,7 @@ use crate::calendar::{Day, Month};
 use crate::category::{Category, Unit};
 use crate::counters::Leaves;
 use crate::rating::price_to_decimal;
-use crate::store::schema::{leaves_from, LEAF_COLUMN_LIST};
+use crate::store::page::{month_pages, Page, PageId};
 
 /// `$first, …, $(first + n - 1)`: placeholders for an `IN (…)` list.
 pub fn in_list(first: usize, n: usize) -> String {
@@ -28,7 +28,38 @@ pub fn in_list(first: usize, n: usize) -> String {
         .join(", ")
 }
 
-/// One stored `usage_rows` row: every leaf category of one account × period.
+/// The stored pages ([`crate::store::page`]) of `accounts` whose keys are in
+/// `[first, last]`, decoded.
+pub fn read_pages(
+    c: &mut Conn,
+    accounts: &[String],
+    first: &str,
+    last: &str,
+) -> store::Result<Vec<Page>> {
+    let n = accounts.len();
+    let sql = format!(
+        "SELECT account_sid, page, data FROM usage_pages \
+         WHERE account_sid IN ({}) AND page >= ${} AND page <= ${}",
+        in_list(1, n),
+        n + 1,
+        n + 2
+    );
+    let mut params: Vec<Param<'_>> = accounts.iter().map(|a| Param::Text(a)).collect();
+    params.push(Param::Text(first));
+    params.push(Param::Text(last));
+    c.query(&sql, &params)?
+        .into_iter()
+        .map(|r| {
+            Page::decode(r[2].bytes()).map_err(|reason| store::StoreError::Page {
+                account: r[0].text().to_owned(),
+                page: r[1].text().to_owned(),
+                reason,
+            })
+        })
+        .collect()
+}
+
+/// One stored row: every leaf category of one account × period.
 #[derive(Debug, Clone)]
 pub struct Row {
     /// The period's first day.
@@ -46,31 +77,23 @@ pub fn read_rows(
     from: Day,
     to: Day,
 ) -> store::Result<Vec<Row>> {
-    let n = accounts.len();
-    let sql = format!(
-        "SELECT start_date, price_unit, {} FROM usage_rows \
-         WHERE account_sid IN ({}) AND period = ${} AND start_date >= ${} AND start_date <= ${}",
-        *LEAF_COLUMN_LIST,
-        in_list(1, n),
-        n + 1,
-        n + 2,
-        n + 3
-    );
-    let (from_s, to_s) = (from.to_string(), to.to_string());
-    let mut params: Vec<Param<'_>> = accounts.iter().map(|a| Param::Text(a)).collect();
-    params.push(Param::Text(kind.as_str()));
-    params.push(Param::Text(&from_s));
-    params.push(Param::Text(&to_s));
-    Ok(c.query(&sql, &params)?
-        .into_iter()
-        .filter_map(|r| {
-            Some(Row {
-                start: Day::parse(r[0].text())?,
-                price_unit: r[1].text().to_owned(),
-                leaves: leaves_from(r[2..].iter().map(|v| v.int())),
-            })
-        })
-        .collect())
+    let (first, last) = match kind {
+        RowKind::Day | RowKind::Month => month_pages(from, to),
+        RowKind::Year | RowKind::All => (PageId::All.text(), PageId::All.text()),
+    };
+    let mut rows = Vec::new();
+    for page in read_pages(c, accounts, &first, &last)? {
+        rows.extend(
+            page.rows()
+                .filter(|(p, _, _)| p.kind() == kind.as_str() && (from..=to).contains(&p.start()))
+                .map(|(p, unit, leaves)| Row {
+                    start: p.start(),
+                    price_unit: unit.to_owned(),
+                    leaves,
+                }),
+        );
+    }
+    Ok(rows)
 }
 
 /// The list endpoints: `Records` and its subresources.
@@ -243,7 +266,7 @@ pub fn fixed_interval(sub: Subresource, today: Day) -> Option<Interval> {
     })
 }
 
-/// A stored period kind (`usage_rows.period`).
+/// A stored period kind (a row's [`crate::calendar::Period::kind`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RowKind {
     Day,

@@ -22,6 +22,14 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("postgres: {0}")]
     Postgres(#[from] postgres::Error),
+    #[error("usage page {page:?} of {account}: {reason}")]
+    Page {
+        account: String,
+        page: String,
+        reason: crate::store::page::PageError,
+    },
+    #[error("migrating the store: {0}")]
+    Migrate(#[from] crate::store::Error),
     #[error("store task failed: {0}")]
     Task(String),
 }
@@ -42,11 +50,12 @@ pub enum Param<'a> {
     Int(i64),
 }
 
-/// A value read from a row: text, integer or NULL.
+/// A value read from a row: text, integer, bytes or NULL.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
     Text(String),
     Int(i64),
+    Bytes(Vec<u8>),
     Null,
 }
 
@@ -67,7 +76,14 @@ impl Value {
         match self {
             Value::Int(i) => *i,
             Value::Text(s) => s.parse().unwrap_or(0),
-            Value::Null => 0,
+            Value::Bytes(_) | Value::Null => 0,
+        }
+    }
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Value::Bytes(b) => b,
+            Value::Text(s) => s.as_bytes(),
+            _ => &[],
         }
     }
 }
@@ -120,9 +136,10 @@ impl Conn {
                             ValueRef::Null => Value::Null,
                             ValueRef::Integer(v) => Value::Int(v),
                             ValueRef::Real(v) => Value::Int(v as i64),
-                            ValueRef::Text(t) | ValueRef::Blob(t) => {
+                            ValueRef::Text(t) => {
                                 Value::Text(String::from_utf8_lossy(t).into_owned())
                             }
+                            ValueRef::Blob(b) => Value::Bytes(b.to_vec()),
                         });
                     }
                     out.push(vals);
@@ -147,6 +164,9 @@ impl Conn {
                         } else if *t == Type::INT4 {
                             row.get::<_, Option<i32>>(i)
                                 .map_or(Value::Null, |v| Value::Int(v as i64))
+                        } else if *t == Type::BYTEA {
+                            row.get::<_, Option<Vec<u8>>>(i)
+                                .map_or(Value::Null, Value::Bytes)
                         } else {
                             row.get::<_, Option<String>>(i)
                                 .map_or(Value::Null, Value::Text)

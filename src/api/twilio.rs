@@ -509,13 +509,25 @@ pub fn list_records(c: &mut Conn, req: RecordsRequest) -> Result<RecordsPage, Tw
 fn first_day(c: &mut Conn, accounts: &[String], fallback: Day) -> Result<Day, TwilioError> {
     let params: Vec<Param<'_>> = accounts.iter().map(|a| Param::Text(a)).collect();
     let n = accounts.len();
-    let usage = c.query(
+    let oldest_page = c.query(
         &format!(
-            "SELECT MIN(start_date) FROM usage_rows WHERE account_sid IN ({}) AND period = 'day'",
+            "SELECT MIN(page) FROM usage_pages WHERE account_sid IN ({}) AND page < 'all'",
             in_list(1, n)
         ),
         &params,
     )?;
+    let oldest_page = oldest_page.first().map(|r| r[0].text().to_owned());
+    let usage = match oldest_page.filter(|p| !p.is_empty()) {
+        Some(p) => super::records::read_pages(c, accounts, &p, &p)?
+            .iter()
+            .flat_map(|page| {
+                page.rows()
+                    .filter(|r| r.0.kind() == "day")
+                    .map(|r| r.0.start())
+            })
+            .min(),
+        None => None,
+    };
     let created = c.query(
         &format!(
             "SELECT MIN(created_at) FROM api_accounts WHERE account_sid IN ({})",
@@ -523,7 +535,6 @@ fn first_day(c: &mut Conn, accounts: &[String], fallback: Day) -> Result<Day, Tw
         ),
         &params,
     )?;
-    let usage = usage.first().and_then(|r| Day::parse(r[0].text()));
     let created = created
         .first()
         .and_then(|r| r[0].text().get(..10).and_then(Day::parse));

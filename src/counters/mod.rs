@@ -44,7 +44,7 @@ use crate::rating::Charge;
 use table::{fold_mul, prefetch, Table, TableKey};
 
 /// Count, usage and price accumulated in one cell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Tally {
     /// Usage events (calls, messages).
     pub count: u64,
@@ -147,7 +147,9 @@ pub struct RecordKey {
 }
 
 /// What a breakdown row counts by: the account's own number or the agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Dimension {
     Number,
     Agent,

@@ -7,10 +7,13 @@
 //! as already applied) and fences a zombie instance whose partitions were taken over.
 //!
 //! `sqlite` and `pg` write a flush into each database; [`schema`] holds the
-//! tables both share; [`checkpoint`] copies SQLite's WAL into the database file
-//! off the flush path.
+//! tables both share, [`page`] how usage is laid out in them, [`legacy`] the
+//! conversion of older stores; [`checkpoint`] copies SQLite's WAL into the
+//! database file off the flush path.
 
 pub mod checkpoint;
+mod legacy;
+pub mod page;
 mod pg;
 pub mod schema;
 mod sqlite;
@@ -20,9 +23,9 @@ pub use sqlite::migrate_sqlite;
 
 use std::collections::HashMap;
 
-use crate::calendar::{Day, DayText, Period};
+use crate::calendar::Day;
 use crate::counters::{BreakdownDelta, Leaves, RowKey};
-use schema::{leaves_from, LEAF_COLUMNS, LEAF_COLUMN_COUNT, LEAF_COLUMN_LIST};
+use page::{Page, PageError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -37,6 +40,14 @@ pub enum Error {
     Sqlite(#[from] rusqlite::Error),
     #[error("PostgreSQL: {}", pg_detail(.0))]
     Postgres(#[from] postgres::Error),
+    #[error("usage page {page:?} of {account}: {reason}")]
+    Page {
+        account: String,
+        page: String,
+        reason: PageError,
+    },
+    #[error("cannot convert the store's old usage tables: {0}")]
+    Legacy(String),
     #[error("gave up: {0}")]
     Cancelled(String),
     #[error(
@@ -149,10 +160,6 @@ pub enum Store {
     Postgres(postgres::Client),
 }
 
-fn period_start(p: Period) -> DayText {
-    p.start().text()
-}
-
 impl Store {
     /// Opens `sqlite://PATH` (creating the file and its directory) or `postgres://…`,
     /// and runs the migrations.
@@ -195,10 +202,9 @@ impl Store {
 
     fn migrate(&mut self) -> Result<()> {
         match self {
-            Store::Sqlite(c) => migrate_sqlite(c)?,
-            Store::Postgres(c) => migrate_postgres(c)?,
+            Store::Sqlite(c) => migrate_sqlite(c),
+            Store::Postgres(c) => migrate_postgres(c),
         }
-        Ok(())
     }
 
     /// Leaves copying a SQLite store's WAL into its file to
@@ -270,101 +276,73 @@ impl Store {
         })
     }
 
+    /// Every stored page, decoded: (account SID, page).
+    fn read_pages(&mut self) -> Result<Vec<(String, Page)>> {
+        let sql = "SELECT account_sid, page, data FROM usage_pages";
+        let raw: Vec<(String, String, Vec<u8>)> = match self {
+            Store::Sqlite(c) => {
+                let mut st = c.prepare(sql)?;
+                let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                rows.collect::<Result<_, _>>()?
+            }
+            Store::Postgres(c) => c
+                .query(sql, &[])?
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect(),
+        };
+        raw.into_iter()
+            .map(|(account, page, data)| match Page::decode(&data) {
+                Ok(p) => Ok((account, p)),
+                Err(reason) => Err(Error::Page {
+                    account,
+                    page,
+                    reason,
+                }),
+            })
+            .collect()
+    }
+
     /// All stored UsageRecords of one period kind (`day`, `month`, `year`, `all`):
     /// every category with usage in each row, rollups summed from their leaves;
     /// sorted.
     pub fn read_records(&mut self, period: &str) -> Result<Vec<StoredRecord>> {
-        let sql = format!(
-            "SELECT account_sid, start_date, price_unit, {} FROM usage_rows WHERE period = $1",
-            *LEAF_COLUMN_LIST
-        );
-        let rows: Vec<(String, String, String, Leaves)> = match self {
-            Store::Sqlite(c) => {
-                let mut st = c.prepare(&sql)?;
-                let rows = st.query_map([period], |r| {
-                    let mut vals = Vec::with_capacity(LEAF_COLUMN_COUNT);
-                    for i in 0..LEAF_COLUMN_COUNT {
-                        vals.push(r.get::<_, i64>(3 + i)?);
-                    }
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        leaves_from(vals.into_iter()),
-                    ))
-                })?;
-                rows.collect::<Result<_, _>>()?
+        let mut out = Vec::new();
+        for (account_sid, page) in self.read_pages()? {
+            for (p, price_unit, leaves) in page.rows().filter(|r| r.0.kind() == period) {
+                let start_date = p.start().to_string();
+                out.extend(leaves.categories().map(|(c, t)| StoredRecord {
+                    account_sid: account_sid.clone(),
+                    period: period.to_owned(),
+                    start_date: start_date.clone(),
+                    category: c.name().to_owned(),
+                    count: t.count as i64,
+                    usage: t.usage as i64,
+                    price: t.price,
+                    price_unit: price_unit.to_owned(),
+                }));
             }
-            Store::Postgres(c) => c
-                .query(&sql, &[&period])?
-                .iter()
-                .map(|r| {
-                    let vals = (0..LEAF_COLUMN_COUNT).map(|i| r.get::<_, i64>(3 + i));
-                    (r.get(0), r.get(1), r.get(2), leaves_from(vals))
-                })
-                .collect(),
-        };
-        let mut out: Vec<StoredRecord> = rows
-            .into_iter()
-            .flat_map(|(account_sid, start_date, price_unit, leaves)| {
-                leaves
-                    .categories()
-                    .map(|(c, t)| StoredRecord {
-                        account_sid: account_sid.clone(),
-                        period: period.to_owned(),
-                        start_date: start_date.clone(),
-                        category: c.name().to_owned(),
-                        count: t.count as i64,
-                        usage: t.usage as i64,
-                        price: t.price,
-                        price_unit: price_unit.clone(),
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        }
         out.sort();
         Ok(out)
     }
 
     /// Every stored by-number and by-agent row, sorted.
     pub fn read_breakdowns(&mut self) -> Result<Vec<StoredBreakdown>> {
-        let sql = format!("SELECT {BREAKDOWN_COLUMNS} FROM usage_breakdowns");
-        let raw: Vec<([String; 4], [i64; 6])> = match self {
-            Store::Sqlite(c) => {
-                let mut st = c.prepare(&sql)?;
-                let rows = st.query_map([], |r| {
-                    let mut n = [0; 6];
-                    for (i, v) in n.iter_mut().enumerate() {
-                        *v = r.get(4 + i)?;
-                    }
-                    Ok(([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?], n))
-                })?;
-                rows.collect::<Result<_, _>>()?
-            }
-            Store::Postgres(c) => c
-                .query(&sql, &[])?
-                .iter()
-                .map(|r| {
-                    (
-                        [r.get(0), r.get(1), r.get(2), r.get(3)],
-                        std::array::from_fn(|i| r.get(4 + i)),
-                    )
-                })
-                .collect(),
-        };
-        let mut out: Vec<StoredBreakdown> = raw
-            .into_iter()
-            .map(
-                |([account_sid, dimension, value, day], n)| StoredBreakdown {
-                    account_sid,
-                    dimension,
-                    value,
-                    day,
-                    calls: [n[0], n[1], n[2]],
-                    messages: [n[3], n[4], n[5]],
-                },
-            )
-            .collect();
+        let mut out = Vec::new();
+        for (account_sid, page) in self.read_pages()? {
+            out.extend(page.breakdowns().map(|b| {
+                let t = |t: crate::counters::Tally| [t.count as i64, t.usage as i64, t.price];
+                StoredBreakdown {
+                    account_sid: account_sid.clone(),
+                    dimension: b.dimension.as_str().to_owned(),
+                    value: b.value.to_owned(),
+                    day: b.day.to_string(),
+                    calls: t(b.calls),
+                    messages: t(b.messages),
+                }
+            }));
+        }
         out.sort();
         Ok(out)
     }
@@ -381,33 +359,6 @@ impl Store {
         })
     }
 }
-
-/// `INSERT INTO usage_rows (…) {values} ON CONFLICT … DO UPDATE` adding every
-/// leaf column; `values` supplies the key, `price_unit` and the leaf columns.
-fn upsert_rows(values: &str) -> String {
-    let adds: Vec<String> = LEAF_COLUMNS
-        .iter()
-        .map(|c| format!("{c} = usage_rows.{c} + excluded.{c}"))
-        .collect();
-    format!(
-        "INSERT INTO usage_rows (account_sid, period, start_date, price_unit, {}) {values} \
-         ON CONFLICT (account_sid, period, start_date) DO UPDATE SET {}",
-        *LEAF_COLUMN_LIST,
-        adds.join(", ")
-    )
-}
-
-const BREAKDOWN_COLUMNS: &str = "account_sid, dimension, value, day, \
-     calls_count, calls_usage, calls_price, messages_count, messages_usage, messages_price";
-
-const UPSERT_BREAKDOWN_TAIL: &str =
-    "ON CONFLICT (account_sid, dimension, value, day) DO UPDATE SET \
-     calls_count = usage_breakdowns.calls_count + excluded.calls_count, \
-     calls_usage = usage_breakdowns.calls_usage + excluded.calls_usage, \
-     calls_price = usage_breakdowns.calls_price + excluded.calls_price, \
-     messages_count = usage_breakdowns.messages_count + excluded.messages_count, \
-     messages_usage = usage_breakdowns.messages_usage + excluded.messages_usage, \
-     messages_price = usage_breakdowns.messages_price + excluded.messages_price";
 
 const SET_LAST_FLUSH: &str =
     "INSERT INTO tallyd_meta (key, value) VALUES ('last_flush', $1) ON CONFLICT (key) DO UPDATE SET value = excluded.value";
@@ -430,8 +381,8 @@ fn stale_advance(o: &OffsetAdvance, found: Option<i64>, first: bool) -> Result<F
 
 #[cfg(test)]
 mod tests {
-    use super::sqlite::ROWS_PER_STATEMENT;
     use super::*;
+    use crate::calendar::Period;
     use crate::category::Category;
     use crate::cdr::AccountSid;
     use crate::counters::Tally;
@@ -476,123 +427,163 @@ mod tests {
         }
     }
 
-    #[test]
-    fn sqlite_breakdowns_made_with_a_rowid_are_rebuilt_keeping_their_rows() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("old.db");
-        let old = rusqlite::Connection::open(&path).unwrap();
-        old.execute_batch(
-            "CREATE TABLE usage_breakdowns (account_sid TEXT NOT NULL, dimension TEXT NOT NULL,
+    /// The usage tables of a store made before pages, with a day row, per-day
+    /// rows of one number (numbers were once kept per day) and an agent's row.
+    fn old_tables() -> String {
+        let leaves: String = legacy::LEAF_COLUMNS
+            .iter()
+            .map(|c| format!("{c} BIGINT NOT NULL DEFAULT 0, "))
+            .collect();
+        format!(
+            "CREATE TABLE usage_rows (account_sid TEXT NOT NULL, period TEXT NOT NULL,
+                start_date TEXT NOT NULL, price_unit TEXT NOT NULL, {leaves}
+                PRIMARY KEY (account_sid, period, start_date));
+             CREATE TABLE usage_breakdowns (account_sid TEXT NOT NULL, dimension TEXT NOT NULL,
                 value TEXT NOT NULL, day TEXT NOT NULL, calls_count BIGINT NOT NULL,
                 calls_usage BIGINT NOT NULL, calls_price BIGINT NOT NULL,
                 messages_count BIGINT NOT NULL, messages_usage BIGINT NOT NULL,
                 messages_price BIGINT NOT NULL, PRIMARY KEY (account_sid, dimension, value, day));
-             INSERT INTO usage_breakdowns VALUES ('AC1', 'number', '+1555', '2025-01-01', 1, 60, 5, 0, 0, 0);",
+             INSERT INTO usage_rows (account_sid, period, start_date, price_unit,
+                calls_outbound_count, calls_outbound_usage, calls_outbound_price)
+                VALUES ('{SID}', 'day', '2024-10-04', 'usd', 5, 300, 65000);
+             INSERT INTO usage_breakdowns VALUES
+                ('{SID}', 'number', '+15550001', '2024-10-03', 1, 60, 13000, 0, 0, 0),
+                ('{SID}', 'number', '+15550001', '2024-10-04', 4, 240, 52000, 0, 0, 0),
+                ('{SID}', 'agent', 'agt_sales', '2024-10-04', 0, 0, 0, 2, 2, 1500);"
         )
-        .unwrap();
-        drop(old);
-        let url = format!("sqlite://{}", path.display());
-        for _ in 0..2 {
-            let Store::Sqlite(c) = Store::open(&url).unwrap() else {
-                unreachable!()
-            };
-            let sql: String = c
-                .query_row(
-                    "SELECT sql FROM sqlite_master WHERE name = 'usage_breakdowns'",
-                    [],
-                    |r| r.get(0),
-                )
-                .unwrap();
-            assert!(sql.ends_with("WITHOUT ROWID"), "{sql}");
-            let kept: (String, i64) = c
-                .query_row(
-                    "SELECT value, calls_usage FROM usage_breakdowns WHERE account_sid = 'AC1'",
-                    [],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .unwrap();
-            assert_eq!(kept, ("+1555".to_string(), 60));
-        }
     }
 
-    /// PostgreSQL's key columns are moved to `COLLATE "C"` once, keeping the rows,
-    /// which later flushes still find and add to. Needs the server the test
-    /// command starts (`TALLYD_TEST_POSTGRES_URL`, default the local one).
+    const SID: &str = "AC00000000000000000000000000000007";
+
+    /// Opens `url` twice over [`old_tables`], flushing [`batch`] (two calls on
+    /// 2024-10-04) each time: the old rows are converted once and the flushes
+    /// add to them.
+    fn assert_old_tables_become_pages(url: &str) {
+        for to in [10, 15] {
+            let mut s = Store::open(url).unwrap();
+            s.write_flush(&batch((to > 10).then_some(10), to)).unwrap();
+        }
+        let mut s = Store::open(url).unwrap();
+        let day: Vec<(String, String, i64, i64, i64)> = s
+            .read_records("day")
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.category == "calls-outbound")
+            .map(|r| (r.account_sid, r.start_date, r.count, r.usage, r.price))
+            .collect();
+        assert_eq!(
+            day,
+            [(
+                SID.into(),
+                "2024-10-04".into(),
+                5 + 2 + 2,
+                300 + 180,
+                65_000 + 39_000
+            ),]
+        );
+        type Entry = (String, String, String, [i64; 3], [i64; 3]);
+        let breakdowns: Vec<Entry> = s
+            .read_breakdowns()
+            .unwrap()
+            .into_iter()
+            .map(|b| (b.dimension, b.value, b.day, b.calls, b.messages))
+            .collect();
+        assert_eq!(
+            breakdowns,
+            [
+                (
+                    "agent".into(),
+                    "agt_sales".into(),
+                    "2024-10-04".into(),
+                    [0; 3],
+                    [2, 2, 1500]
+                ),
+                (
+                    "number".into(),
+                    "+15550001".into(),
+                    "1970-01-01".into(),
+                    [5, 300, 65_000],
+                    [0; 3]
+                ),
+            ]
+        );
+    }
+
     #[test]
-    fn postgres_key_columns_become_bytewise_keeping_their_rows() {
+    fn a_sqlite_store_with_the_old_usage_tables_is_converted_to_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch(&old_tables())
+            .unwrap();
+        let url = format!("sqlite://{}", path.display());
+        assert_old_tables_become_pages(&url);
+        let c = rusqlite::Connection::open(&path).unwrap();
+        let old: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name IN ('usage_rows', 'usage_breakdowns')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(old, 0, "the old tables are dropped");
+    }
+
+    /// Needs the server the test command starts (`TALLYD_TEST_POSTGRES_URL`,
+    /// default the local one).
+    #[test]
+    fn a_postgres_store_with_the_old_usage_tables_is_converted_to_pages() {
         let base = std::env::var("TALLYD_TEST_POSTGRES_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let schema = format!("tallyd_unit_collate_{}", std::process::id());
+        let schema = format!("tallyd_unit_legacy_{}", std::process::id());
         let mut admin = postgres::Client::connect(&base, postgres::NoTls)
             .unwrap_or_else(|e| panic!("PostgreSQL at {base}: {e}"));
         admin
             .batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}; SET search_path = {schema}"
+                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}; SET search_path = {schema}; {}",
+                old_tables()
             ))
             .unwrap();
-        // The tables as an earlier version made them: default collation.
-        for create in schema::migrations(false).take(2) {
-            admin
-                .batch_execute(&create.replace(" WITHOUT ROWID", ""))
-                .unwrap();
-        }
-        admin
-            .batch_execute(
-                "INSERT INTO usage_rows (account_sid, period, start_date, price_unit, calls_outbound_count)
-                 VALUES ('AC00000000000000000000000000000007', 'day', '2024-10-04', 'usd', 5)",
-            )
-            .unwrap();
         let sep = if base.contains('?') { '&' } else { '?' };
-        let url = format!("{base}{sep}options=-csearch_path%3D{schema}");
-        for to in [10, 15] {
-            let mut s = Store::open(&url).unwrap();
-            s.write_flush(&batch((to > 10).then_some(10), to)).unwrap();
-        }
-        let collations: Vec<(String, Option<String>)> = admin
-            .query(
-                "SELECT table_name::text || '.' || column_name::text, collation_name::text
-                 FROM information_schema.columns WHERE table_schema = $1
-                 AND table_name IN ('usage_rows', 'usage_breakdowns') AND data_type = 'text'
-                 AND column_name <> 'price_unit' ORDER BY 1",
+        assert_old_tables_become_pages(&format!("{base}{sep}options=-csearch_path%3D{schema}"));
+        let old: i64 = admin
+            .query_one(
+                "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = $1
+                 AND table_name IN ('usage_rows', 'usage_breakdowns')",
                 &[&schema],
             )
             .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
-        assert_eq!(collations.len(), 7, "{collations:?}");
-        for (column, collation) in &collations {
-            assert_eq!(collation.as_deref(), Some("C"), "{column}");
-        }
-        // The old row plus two flushes of two calls each, in one row.
-        let count: i64 = admin
-            .query_one(
-                "SELECT calls_outbound_count FROM usage_rows WHERE period = 'day'",
-                &[],
-            )
-            .unwrap()
             .get(0);
-        assert_eq!(count, 5 + 2 + 2);
+        assert_eq!(old, 0, "the old tables are dropped");
         admin
             .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
             .unwrap();
     }
 
-    /// Rows and breakdowns go in many-row statements plus one for the rest:
-    /// every count around the statement size lands whole, and twice adds up.
+    /// Many accounts' pages, new and then added to, in both stores; the
+    /// PostgreSQL flush also with two writers adding to the same pages at once.
     #[test]
-    fn sqlite_many_row_statements_write_every_row() {
-        for n in [
-            1,
-            ROWS_PER_STATEMENT - 1,
-            ROWS_PER_STATEMENT,
-            2 * ROWS_PER_STATEMENT + 3,
-        ] {
-            let dir = tempfile::tempdir().unwrap();
-            let mut s = Store::open(&format!("sqlite://{}/t.db", dir.path().display())).unwrap();
-            let one = batch(None, 1);
-            let mut b = batch(None, 1);
-            b.rows = (0..n as u128)
+    fn flushes_of_many_accounts_add_up_in_their_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::env::var("TALLYD_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let schema = format!("tallyd_unit_pages_{}", std::process::id());
+        let mut admin = postgres::Client::connect(&base, postgres::NoTls).unwrap();
+        admin
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+            ))
+            .unwrap();
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let pg = format!("{base}{sep}options=-csearch_path%3D{schema}");
+        let one = batch(None, 1);
+        let n = 300u128;
+        let on_partition = |partition: i32, from: Option<i64>, to: i64| {
+            let mut b = batch(from, to);
+            b.offsets[0].partition = partition;
+            b.dedup.clear();
+            b.rows = (0..n)
                 .map(|a| RowDelta {
                     key: RowKey {
                         account: AccountSid(a + 1),
@@ -601,11 +592,11 @@ mod tests {
                     ..one.rows[0].clone()
                 })
                 .collect();
-            b.breakdowns = (0..n as u128)
+            b.breakdowns = (0..n)
                 .map(|a| BreakdownDelta {
                     key: crate::counters::BreakdownKey {
                         account: AccountSid(a + 1),
-                        day: Day(20_000),
+                        day: Day(0),
                         dimension: crate::counters::Dimension::Number,
                         value: format!("+1555{a:04}").into(),
                     },
@@ -617,36 +608,44 @@ mod tests {
                     messages: Tally::default(),
                 })
                 .collect();
-            s.write_flush(&b).unwrap();
-            b.offsets[0] = OffsetAdvance {
-                from: Some(1),
-                to: 2,
-                ..b.offsets[0].clone()
-            };
-            b.dedup.clear();
-            s.write_flush(&b).unwrap();
-            let Store::Sqlite(c) = &s else { unreachable!() };
-            let (rows, calls): (i64, i64) = c
-                .query_row(
-                    "SELECT COUNT(*), SUM(calls_outbound_count) FROM usage_rows",
-                    [],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .unwrap();
-            assert_eq!((rows, calls), (n as i64, 4 * n as i64), "{n} rows");
-            let (numbers, usage): (i64, i64) = c
-                .query_row(
-                    "SELECT COUNT(DISTINCT value), SUM(calls_usage) FROM usage_breakdowns",
-                    [],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .unwrap();
-            assert_eq!(
-                (numbers, usage),
-                (n as i64, 120 * n as i64),
-                "{n} breakdowns"
+            b
+        };
+        for url in [format!("sqlite://{}/t.db", dir.path().display()), pg] {
+            Store::open(&url).unwrap();
+            // Partitions 0 and 1 both carry every account: twice two
+            // flushes, the second pair written at once from two connections.
+            for (from, to) in [(None, 1), (Some(1), 2)] {
+                let writers: Vec<_> = (0..2)
+                    .map(|partition| {
+                        let (url, b) = (url.clone(), on_partition(partition, from, to));
+                        std::thread::spawn(move || {
+                            let mut s = Store::open(&url).unwrap();
+                            s.write_flush(&b).unwrap()
+                        })
+                    })
+                    .collect();
+                for w in writers {
+                    assert_eq!(w.join().unwrap(), FlushOutcome::Applied);
+                }
+            }
+            let mut s = Store::open(&url).unwrap();
+            let days = s.read_records("day").unwrap();
+            let outbound: Vec<_> = days
+                .iter()
+                .filter(|r| r.category == "calls-outbound")
+                .collect();
+            assert_eq!(outbound.len(), n as usize, "{url}");
+            assert!(
+                outbound.iter().all(|r| (r.count, r.usage) == (8, 360)),
+                "{url}"
             );
+            let numbers = s.read_breakdowns().unwrap();
+            assert_eq!(numbers.len(), n as usize, "{url}");
+            assert!(numbers.iter().all(|b| b.calls == [4, 240, 52_000]), "{url}");
         }
+        admin
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .unwrap();
     }
 
     #[test]

@@ -1,130 +1,134 @@
-//! The PostgreSQL side of the store: migrations and the flush, streamed with a
-//! binary COPY into staging tables and upserted from there.
+//! The PostgreSQL side of the store: migrations and the flush, which locks and
+//! reads the pages it touches, adds to them in tallyd, and writes them back
+//! through a binary COPY into a staging table.
+
+use std::collections::HashMap;
+
+use postgres::types::Type;
 
 use crate::dedup::blob;
 
-use super::schema::{self, leaf_values, LEAF_COLUMN_COUNT, LEAF_COLUMN_LIST};
-use super::{
-    period_start, stale_advance, upsert_rows, FlushBatch, FlushOutcome, Result, BREAKDOWN_COLUMNS,
-    SET_LAST_FLUSH, UPSERT_BREAKDOWN_TAIL,
-};
+use super::legacy::{self, OldBreakdown, OldRow};
+use super::page::{pages_of, PageDelta};
+use super::schema;
+use super::{stale_advance, FlushBatch, FlushOutcome, Result, SET_LAST_FLUSH};
 
-/// Creates or updates the tables of a PostgreSQL store; idempotent, and
-/// serialised between instances that start at once.
-pub fn migrate_postgres(c: &mut postgres::Client) -> Result<(), postgres::Error> {
+/// Creates or updates the tables of a PostgreSQL store, converting the usage
+/// tables of an older store into pages; idempotent, and serialised between
+/// instances that start at once.
+pub fn migrate_postgres(c: &mut postgres::Client) -> Result<()> {
     let mut tx = c.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock(7461726)", &[])?;
     for m in schema::migrations(true) {
         tx.batch_execute(m)?;
     }
-    tx.commit()
-}
-
-/// Opens a binary COPY of `columns` (of `types`) into `{table}_in`, a
-/// session-local staging copy of `table` emptied at each commit.
-fn stage<'t>(
-    tx: &'t mut postgres::Transaction<'_>,
-    table: &str,
-    columns: &str,
-    types: &[postgres::types::Type],
-) -> Result<postgres::binary_copy::BinaryCopyInWriter<'t>> {
-    tx.batch_execute(&format!(
-        "CREATE TEMP TABLE IF NOT EXISTS {table}_in (LIKE {table}) ON COMMIT DELETE ROWS"
-    ))?;
-    let sink = tx.copy_in(&format!("COPY {table}_in ({columns}) FROM STDIN BINARY"))?;
-    Ok(postgres::binary_copy::BinaryCopyInWriter::new(sink, types))
-}
-
-/// Adds the batch's rows into `usage_rows`: streamed with a binary COPY into a
-/// session-local staging table, then upserted from there in one statement (COPY
-/// is PostgreSQL's cheapest way in; parameters and arrays cost twice as much).
-fn copy_rows(tx: &mut postgres::Transaction<'_>, b: &FlushBatch) -> Result<()> {
-    use postgres::types::Type;
-    if b.rows.is_empty() {
-        return Ok(());
+    let old: Option<String> = tx
+        .query_one("SELECT to_regclass('usage_rows')::text", &[])?
+        .get(0);
+    if old.is_some() {
+        let rows: Vec<OldRow> = tx
+            .query(legacy::ROWS_SQL.as_str(), &[])?
+            .iter()
+            .map(|r| OldRow {
+                account: r.get(0),
+                period: r.get(1),
+                start: r.get(2),
+                price_unit: r.get(3),
+                values: (0..legacy::LEAF_COLUMNS.len())
+                    .map(|i| r.get(4 + i))
+                    .collect(),
+            })
+            .collect();
+        let breakdowns: Vec<OldBreakdown> = tx
+            .query(legacy::BREAKDOWNS_SQL, &[])?
+            .iter()
+            .map(|r| OldBreakdown {
+                key: [r.get(0), r.get(1), r.get(2), r.get(3)],
+                values: std::array::from_fn(|i| r.get(4 + i)),
+            })
+            .collect();
+        let pages = legacy::to_pages(&rows, &breakdowns)?;
+        write_pages(&mut tx, &pages)?;
+        tx.batch_execute(legacy::DROP_SQL)?;
     }
-    let columns = format!(
-        "account_sid, period, start_date, price_unit, {}",
-        *LEAF_COLUMN_LIST
-    );
-    let types: Vec<Type> = [Type::TEXT; 4]
+    tx.commit()?;
+    Ok(())
+}
+
+/// Adds each page delta into its stored page (or stores it as a new page).
+///
+/// The stored pages are read `FOR UPDATE` in key order, so two writers adding
+/// to the same page (an account seen on two partitions) take turns, and never
+/// deadlock. A page that did not exist when read but was inserted by another
+/// writer before this one's insert is read and added to in a second round.
+fn write_pages(tx: &mut postgres::Transaction<'_>, pages: &[PageDelta]) -> Result<()> {
+    let mut todo: Vec<&PageDelta> = pages.iter().collect();
+    while !todo.is_empty() {
+        todo = write_round(tx, &todo)?;
+    }
+    Ok(())
+}
+
+/// One round of [`write_pages`]; returns the deltas whose new page lost an
+/// insert race.
+fn write_round<'p>(
+    tx: &mut postgres::Transaction<'_>,
+    pages: &[&'p PageDelta],
+) -> Result<Vec<&'p PageDelta>> {
+    let keys: Vec<(String, String)> = pages.iter().map(|p| p.key()).collect();
+    let (accounts, ids): (Vec<&str>, Vec<&str>) =
+        keys.iter().map(|(a, p)| (a.as_str(), p.as_str())).unzip();
+    let mut stored: HashMap<(String, String), Vec<u8>> = tx
+        .query(
+            r#"SELECT p.account_sid, p.page, p.data FROM usage_pages p
+               JOIN unnest($1::text[], $2::text[]) AS k(account_sid, page)
+                 ON p.account_sid = k.account_sid COLLATE "C" AND p.page = k.page COLLATE "C"
+               ORDER BY 1, 2 FOR UPDATE OF p"#,
+            &[&accounts, &ids],
+        )?
         .into_iter()
-        .chain(std::iter::repeat(Type::INT8).take(LEAF_COLUMN_COUNT))
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
         .collect();
-    let mut w = stage(tx, "usage_rows", &columns, &types)?;
-    let mut values: Vec<i64> = Vec::with_capacity(LEAF_COLUMN_COUNT);
-    for r in &b.rows {
-        let mut sid = [0; 34];
-        let account = r.key.account.write_text(&mut sid);
-        let start = period_start(r.key.period);
-        let start: &str = &start;
-        let kind = r.key.period.kind();
-        values.clear();
-        values.extend(leaf_values(&r.leaves));
-        let mut row: Vec<&(dyn postgres::types::ToSql + Sync)> =
-            vec![&account, &kind, &start, &r.price_unit];
-        row.extend(
-            values
-                .iter()
-                .map(|v| v as &(dyn postgres::types::ToSql + Sync)),
-        );
-        w.write(&row)?;
+    tx.batch_execute(
+        "CREATE TEMP TABLE IF NOT EXISTS usage_pages_in \
+         (LIKE usage_pages, fresh BOOLEAN NOT NULL) ON COMMIT DELETE ROWS; \
+         TRUNCATE usage_pages_in",
+    )?;
+    let sink =
+        tx.copy_in("COPY usage_pages_in (account_sid, page, data, fresh) FROM STDIN BINARY")?;
+    let mut w = postgres::binary_copy::BinaryCopyInWriter::new(
+        sink,
+        &[Type::TEXT, Type::TEXT, Type::BYTEA, Type::BOOL],
+    );
+    let mut fresh = Vec::with_capacity(pages.len());
+    for (p, (account, page)) in pages.iter().zip(&keys) {
+        let stored = stored.remove(&(account.clone(), page.clone()));
+        let new = stored.is_none();
+        let data = p.onto(stored.as_deref())?;
+        w.write(&[account, page, &data, &new])?;
+        fresh.push(new);
     }
     w.finish()?;
-    tx.batch_execute(&upsert_rows(&format!(
-        "SELECT {columns} FROM usage_rows_in"
-    )))?;
-    Ok(())
-}
-
-/// Adds the batch's breakdowns into `usage_breakdowns`, the way [`copy_rows`] does.
-fn copy_breakdowns(tx: &mut postgres::Transaction<'_>, b: &FlushBatch) -> Result<()> {
-    use postgres::types::Type;
-    if b.breakdowns.is_empty() {
-        return Ok(());
-    }
-    let types = [
-        Type::TEXT,
-        Type::TEXT,
-        Type::TEXT,
-        Type::TEXT,
-        Type::INT8,
-        Type::INT8,
-        Type::INT8,
-        Type::INT8,
-        Type::INT8,
-        Type::INT8,
-    ];
-    let mut w = stage(tx, "usage_breakdowns", BREAKDOWN_COLUMNS, &types)?;
-    for d in &b.breakdowns {
-        let k = &d.key;
-        let t = [d.calls, d.messages];
-        let [cc, cu, cp, mc, mu, mp] = [
-            t[0].count as i64,
-            t[0].usage as i64,
-            t[0].price,
-            t[1].count as i64,
-            t[1].usage as i64,
-            t[1].price,
-        ];
-        w.write(&[
-            &k.account.write_text(&mut [0; 34]),
-            &k.dimension.as_str(),
-            &&*k.value,
-            &&*k.day.text(),
-            &cc,
-            &cu,
-            &cp,
-            &mc,
-            &mu,
-            &mp,
-        ])?;
-    }
-    w.finish()?;
-    tx.batch_execute(&format!(
-        "INSERT INTO usage_breakdowns ({BREAKDOWN_COLUMNS}) SELECT {BREAKDOWN_COLUMNS} FROM usage_breakdowns_in {UPSERT_BREAKDOWN_TAIL}"
-    ))?;
-    Ok(())
+    tx.batch_execute(
+        "UPDATE usage_pages p SET data = s.data FROM usage_pages_in s \
+         WHERE NOT s.fresh AND p.account_sid = s.account_sid AND p.page = s.page",
+    )?;
+    let inserted: std::collections::HashSet<(String, String)> = tx
+        .query(
+            "INSERT INTO usage_pages (account_sid, page, data) \
+             SELECT account_sid, page, data FROM usage_pages_in WHERE fresh \
+             ON CONFLICT (account_sid, page) DO NOTHING RETURNING account_sid, page",
+            &[],
+        )?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    Ok(pages
+        .iter()
+        .zip(keys.iter().zip(fresh))
+        .filter(|(_, (k, new))| *new && !inserted.contains(*k))
+        .map(|(p, _)| *p)
+        .collect())
 }
 
 /// Writes one flush share in one transaction (what it holds: [`crate::store`]).
@@ -152,14 +156,13 @@ pub(super) fn flush(c: &mut postgres::Client, b: &FlushBatch) -> Result<FlushOut
         }
     }
     let started = std::time::Instant::now();
-    copy_rows(&mut tx, b)?;
-    let rows_done = started.elapsed();
-    copy_breakdowns(&mut tx, b)?;
+    let pages = pages_of(&b.rows, &b.breakdowns);
+    write_pages(&mut tx, &pages)?;
     tracing::debug!(
         rows = b.rows.len(),
-        rows_ms = rows_done.as_millis() as u64,
         breakdowns = b.breakdowns.len(),
-        breakdowns_ms = (started.elapsed() - rows_done).as_millis() as u64,
+        pages = pages.len(),
+        pages_ms = started.elapsed().as_millis() as u64,
         "postgres flush written"
     );
     for d in &b.dedup {

@@ -1,21 +1,16 @@
 //! The store's tables, the same in SQLite and PostgreSQL (types are chosen so one
 //! text works in both).
 //!
-//! - `usage_rows`: one row per account × period. `period` is `day`, `month`,
-//!   `year` or `all`; `start_date` is the period's first day as `YYYY-MM-DD`
-//!   (`1970-01-01` for `all`). The row holds the 15 leaf categories, three columns
-//!   each, named after the category (`calls_inbound_local_count`, `…_usage`,
-//!   `…_price`): `count` is events, `usage` billed seconds for calls and segments
-//!   for messages, `price` is in 10⁻⁵ of `price_unit` (a milli-cent for USD).
-//!   A UsageRecord of a rollup category (`calls`, `sms`, `totalprice`, …) is the sum
-//!   of its leaves' columns, computed when it is read ([`crate::counters::Leaves`]);
-//!   one row per period instead of one per category keeps a flush ~20× smaller.
-//! - `usage_breakdowns`: usage by the account's phone number or by agent
-//!   (`dimension` = `number` or `agent`), calls and messages in one row; per day
-//!   for agents, all-time (`day` = `1970-01-01`) for numbers
-//!   ([`crate::counters::Dimension::day_of`]). Stores written before numbers were
-//!   kept all-time also hold per-day number rows; readers sum over days, so both
-//!   count.
+//! - `usage_pages`: an account's usage rows and breakdowns, a few pages per
+//!   account ([`super::page`]): `page` is `YYYY-MM` (that month's day and month
+//!   rows, by-agent breakdowns of its days) or `all` (year and all-time rows,
+//!   by-number breakdowns); `data` is the encoded page. A row holds the 15 leaf
+//!   categories' count (events), usage (billed seconds for calls, segments for
+//!   messages) and price (in 10⁻⁵ of `price_unit`, a milli-cent for USD); a
+//!   UsageRecord of a rollup category (`calls`, `sms`, `totalprice`, …) is the sum
+//!   of its leaves, computed when it is read ([`crate::counters::Leaves`]).
+//!   Stores made before pages had `usage_rows` and `usage_breakdowns` instead,
+//!   one database row per period or breakdown; [`super::legacy`] converts them.
 //! - `consumer_offsets`: next offset to read per topic partition, written in the
 //!   same transaction as the deltas the consumed messages produced.
 //! - `dedup_batches`: the 128-bit hashes of the CDR ids first seen in one flush, per
@@ -29,169 +24,35 @@
 //! - `api_keys`: AgentPhone Bearer keys, stored as SHA-256 hex only; `key_id` is the
 //!   public handle used to list and revoke a key.
 
-use std::sync::LazyLock;
+/// `usage_pages` in PostgreSQL: keys compare bytewise (`COLLATE "C"`; keys are
+/// ASCII, so the order is the same as the default collation's, without a
+/// `strcoll` per comparison), and half of each heap page is left free so that a
+/// flush rewriting a page can make a HOT update (no new index entry).
+const POSTGRES_PAGES: &str = r#"CREATE TABLE IF NOT EXISTS usage_pages (
+        account_sid TEXT COLLATE "C" NOT NULL,
+        page TEXT COLLATE "C" NOT NULL,
+        data BYTEA NOT NULL,
+        PRIMARY KEY (account_sid, page)
+    ) WITH (fillfactor = 50)"#;
 
-use crate::category::Category;
-use crate::counters::{Leaves, Tally};
-
-/// The leaf columns of `usage_rows` in leaf-index order, `count`, `usage`, `price`
-/// for each leaf.
-pub static LEAF_COLUMNS: LazyLock<Vec<String>> = LazyLock::new(|| {
-    Category::ALL[..Category::LEAVES]
-        .iter()
-        .flat_map(|c| {
-            let base = c.name().replace('-', "_");
-            ["count", "usage", "price"].map(|f| format!("{base}_{f}"))
-        })
-        .collect()
-});
-
-/// `LEAF_COLUMNS` joined by commas, for a SELECT or INSERT column list.
-pub static LEAF_COLUMN_LIST: LazyLock<String> = LazyLock::new(|| LEAF_COLUMNS.join(", "));
-
-/// Number of leaf columns (3 per leaf).
-pub const LEAF_COLUMN_COUNT: usize = 3 * Category::LEAVES;
-
-/// Reads a row's leaf columns, in `LEAF_COLUMNS` order.
-pub fn leaves_from(mut values: impl Iterator<Item = i64>) -> Leaves {
-    let mut leaves = Leaves::default();
-    for t in leaves.0.iter_mut() {
-        let mut next = || values.next().unwrap_or(0);
-        *t = Tally {
-            count: next() as u64,
-            usage: next() as u64,
-            price: next(),
-        };
-    }
-    leaves
-}
-
-/// A row's leaf columns, in `LEAF_COLUMNS` order.
-pub fn leaf_values(leaves: &Leaves) -> impl Iterator<Item = i64> + '_ {
-    leaves
-        .0
-        .iter()
-        .flat_map(|t| [t.count as i64, t.usage as i64, t.price])
-}
-
-static USAGE_ROWS: LazyLock<String> = LazyLock::new(|| {
-    let cols: String = LEAF_COLUMNS
-        .iter()
-        .map(|c| format!("        {c} BIGINT NOT NULL DEFAULT 0,\n"))
-        .collect();
-    format!(
-        "CREATE TABLE IF NOT EXISTS usage_rows (
+/// `usage_pages` in SQLite: a WITHOUT ROWID table, so the primary key is the
+/// table's own B-tree (one B-tree to search and write per page, not two).
+const SQLITE_PAGES: &str = "CREATE TABLE IF NOT EXISTS usage_pages (
         account_sid TEXT NOT NULL,
-        period TEXT NOT NULL,
-        start_date TEXT NOT NULL,
-        price_unit TEXT NOT NULL,
-{cols}        PRIMARY KEY (account_sid, period, start_date)
-    )"
-    )
-});
+        page TEXT NOT NULL,
+        data BYTEA NOT NULL,
+        PRIMARY KEY (account_sid, page)
+    ) WITHOUT ROWID";
 
-/// Statements run in order at start; each is idempotent. PostgreSQL also gets
-/// [`POSTGRES_ONLY`] and [`POSTGRES_BYTEWISE_KEYS`].
+/// Statements run in order at start; each is idempotent.
 pub fn migrations(postgres: bool) -> impl Iterator<Item = &'static str> {
-    let (breakdowns, extra): (&str, &[&str]) = if postgres {
-        (&USAGE_BREAKDOWNS.0, POSTGRES_ONLY)
+    let pages = if postgres {
+        POSTGRES_PAGES
     } else {
-        (&USAGE_BREAKDOWNS.1, &[])
+        SQLITE_PAGES
     };
-    let bytewise = postgres.then(|| POSTGRES_BYTEWISE_KEYS.as_str());
-    [USAGE_ROWS.as_str(), breakdowns]
-        .into_iter()
-        .chain(MIGRATIONS.iter().copied())
-        .chain(extra.iter().copied())
-        .chain(bytewise)
+    std::iter::once(pages).chain(MIGRATIONS.iter().copied())
 }
-
-/// `CREATE TABLE {name} (…)` of `usage_breakdowns`.
-fn breakdowns_table(name: &str) -> String {
-    format!(
-        "CREATE TABLE IF NOT EXISTS {name} (
-        account_sid TEXT NOT NULL,
-        dimension TEXT NOT NULL,
-        value TEXT NOT NULL,
-        day TEXT NOT NULL,
-        calls_count BIGINT NOT NULL,
-        calls_usage BIGINT NOT NULL,
-        calls_price BIGINT NOT NULL,
-        messages_count BIGINT NOT NULL,
-        messages_usage BIGINT NOT NULL,
-        messages_price BIGINT NOT NULL,
-        PRIMARY KEY (account_sid, dimension, value, day)
-    )"
-    )
-}
-
-/// `usage_breakdowns` for PostgreSQL and for SQLite. In SQLite it is a WITHOUT
-/// ROWID table: the primary key is the table's own B-tree instead of an index
-/// beside it, one B-tree to search and write per upsert instead of two (a flush of
-/// 80k breakdowns: 10% less time; `usage_rows`, with far wider rows, gained
-/// nothing from it).
-static USAGE_BREAKDOWNS: LazyLock<(String, String)> = LazyLock::new(|| {
-    let t = breakdowns_table("usage_breakdowns");
-    (t.clone(), format!("{t} WITHOUT ROWID"))
-});
-
-/// Rebuilds a SQLite `usage_breakdowns` made before it was a WITHOUT ROWID
-/// table; run in one transaction when `sqlite_master` shows the old shape.
-pub static SQLITE_REBUILD_BREAKDOWNS: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "{} WITHOUT ROWID;
-        INSERT INTO usage_breakdowns_new SELECT * FROM usage_breakdowns;
-        DROP TABLE usage_breakdowns;
-        ALTER TABLE usage_breakdowns_new RENAME TO usage_breakdowns;",
-        breakdowns_table("usage_breakdowns_new")
-    )
-});
-
-/// Every flush updates the same counter rows in place. Leaving half of each page
-/// free lets PostgreSQL make those HOT updates (no new index entry per update):
-/// measured 650 ms instead of 1 s to upsert 82k rows. Applies to pages written
-/// from now on.
-const POSTGRES_ONLY: &[&str] = &[
-    "ALTER TABLE usage_rows SET (fillfactor = 50)",
-    "ALTER TABLE usage_breakdowns SET (fillfactor = 50)",
-];
-
-/// The primary-key columns of the counter tables.
-const KEY_COLUMNS: [(&str, &[&str]); 2] = [
-    ("usage_rows", &["account_sid", "period", "start_date"]),
-    (
-        "usage_breakdowns",
-        &["account_sid", "dimension", "value", "day"],
-    ),
-];
-
-/// In PostgreSQL, key columns compare bytewise (`COLLATE "C"`): every flush looks
-/// up and inserts each row's key in the primary-key B-tree, and under the
-/// database's default collation (even `C.UTF-8` before PostgreSQL 17) each
-/// comparison went through the C library's `strcoll`. Keys are ASCII (SIDs, ISO
-/// dates, phone numbers), whose bytewise order is the same. Tables made before
-/// get their key columns converted once; the check makes it a no-op after.
-static POSTGRES_BYTEWISE_KEYS: LazyLock<String> = LazyLock::new(|| {
-    let per_table: String = KEY_COLUMNS
-        .iter()
-        .map(|(table, columns)| {
-            let alters: Vec<String> = columns
-                .iter()
-                .map(|c| format!(r#"ALTER COLUMN {c} TYPE TEXT COLLATE "C""#))
-                .collect();
-            format!(
-                "IF EXISTS (SELECT 1 FROM information_schema.columns \
-                   WHERE table_schema = current_schema() AND table_name = '{table}' \
-                   AND column_name = '{}' AND collation_name IS DISTINCT FROM 'C') THEN \
-                   ALTER TABLE {table} {}; \
-                 END IF; ",
-                columns[0],
-                alters.join(", ")
-            )
-        })
-        .collect();
-    format!("DO $$ BEGIN {per_table}END $$")
-});
 
 const MIGRATIONS: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS consumer_offsets (
