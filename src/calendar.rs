@@ -96,60 +96,6 @@ impl fmt::Display for Day {
     }
 }
 
-/// A day's `YYYY-MM-DD` text held inline: what [`Day::text`] returns, so a flush
-/// can bind hundreds of thousands of day keys without the formatting machinery
-/// or an allocation each (that cost 1.2k instructions per day key).
-#[derive(Clone, Copy)]
-pub struct DayText {
-    buf: [u8; 16],
-    len: u8,
-}
-
-impl std::ops::Deref for DayText {
-    type Target = str;
-    fn deref(&self) -> &str {
-        // SAFETY: `Day::text` writes only ASCII digits and dashes.
-        unsafe { std::str::from_utf8_unchecked(&self.buf[..self.len as usize]) }
-    }
-}
-
-impl Day {
-    /// The day as `YYYY-MM-DD`, the same text as its `Display`.
-    pub fn text(self) -> DayText {
-        let (y, m, d) = self.ymd();
-        let mut t = DayText {
-            buf: [0; 16],
-            len: 10,
-        };
-        if (0..=9999).contains(&y) {
-            let y = y as u32;
-            let digits = [
-                y / 1000,
-                y / 100 % 10,
-                y / 10 % 10,
-                y % 10,
-                m / 10,
-                m % 10,
-                d / 10,
-                d % 10,
-            ];
-            for (at, v) in [0, 1, 2, 3, 5, 6, 8, 9].into_iter().zip(digits) {
-                t.buf[at] = b'0' + v as u8;
-            }
-            t.buf[4] = b'-';
-            t.buf[7] = b'-';
-        } else {
-            // Years outside 0–9999 (no RFC 3339 timestamp has one) the slow way.
-            use std::io::Write;
-            let mut w = &mut t.buf[..];
-            write!(w, "{self}").expect("a day's text fits 16 bytes");
-            let left = w.len();
-            t.len = (16 - left) as u8;
-        }
-        t
-    }
-}
-
 impl Month {
     pub fn year(self) -> i32 {
         self.0.div_euclid(12)
@@ -289,19 +235,6 @@ pub fn parse_rfc3339_bytes(b: &[u8]) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn day_text_is_its_display() {
-        for z in (-800_000..-700_000)
-            .chain(-1000..30_000)
-            .chain(2_900_000..3_000_000)
-            .step_by(7)
-        {
-            let day = Day(z);
-            assert_eq!(&*day.text(), day.to_string(), "day {z}");
-        }
-        assert_eq!(&*Day::from_ymd(2026, 11, 23).text(), "2026-11-23");
-    }
 
     #[test]
     fn civil_round_trip() {

@@ -21,7 +21,7 @@ use super::store::Conn;
 use super::ApiState;
 use crate::calendar::{Day, Month};
 use crate::category::Category;
-use crate::counters::{Leaves, Tally};
+use crate::counters::{Dimension, Leaves, Tally};
 use crate::store::page::{month_pages, PageId};
 
 const MESSAGE_CATEGORIES: [Category; 2] = [Category::Sms, Category::Mms];
@@ -126,7 +126,7 @@ pub async fn usage(
         .run(move |c| {
             Ok((|| {
                 let a = authenticate(c, key)?;
-                let used = breakdown(c, &a.sid, "number", None)?.len() as i64;
+                let used = breakdown(c, &a.sid, Dimension::Number, None)?.len() as i64;
                 let all = counts_by_start(c, &a.sid, RowKind::All, Day(0), Day(0))?;
                 let (total_messages, total_calls) =
                     all.values().copied().next().unwrap_or_default();
@@ -245,18 +245,20 @@ pub async fn monthly(
 fn breakdown(
     c: &mut Conn,
     sid: &str,
-    dimension: &str,
+    dimension: Dimension,
     from: Option<(Day, Day)>,
 ) -> Result<BTreeMap<String, (i64, i64, i64)>, ApiError> {
-    let (first, last) = match from {
-        Some((a, b)) => month_pages(a, b),
-        None => (String::new(), PageId::All.text()),
+    let (first, last) = match (from, dimension) {
+        (Some((a, b)), _) => month_pages(a, b),
+        // Numbers are kept all-time (`Dimension::day_of`): only on the `all` page.
+        (None, Dimension::Number) => (PageId::All.text(), PageId::All.text()),
+        (None, Dimension::Agent) => (String::new(), PageId::All.text()),
     };
     let (a, b) = from.unwrap_or((Day(i32::MIN), Day(i32::MAX)));
     let mut out: BTreeMap<String, (i64, i64, i64)> = BTreeMap::new();
     for page in read_pages(c, &[sid.to_owned()], &first, &last)? {
         for e in page.breakdowns() {
-            if e.dimension.as_str() == dimension && (a..=b).contains(&e.day) {
+            if e.dimension == dimension && (a..=b).contains(&e.day) {
                 let v = out.entry(e.value.to_owned()).or_default();
                 v.0 += e.messages.count as i64;
                 v.1 += e.calls.count as i64;
@@ -278,7 +280,7 @@ pub async fn by_number(
         .run(move |c| {
             Ok((|| {
                 let a = authenticate(c, key)?;
-                let data: Vec<Json_> = breakdown(c, &a.sid, "number", None)?
+                let data: Vec<Json_> = breakdown(c, &a.sid, Dimension::Number, None)?
                     .into_iter()
                     .map(|(number, (messages, calls, _))| {
                         json!({
@@ -348,7 +350,7 @@ pub async fn by_agent(
         .run(move |c| {
             Ok((|| {
                 let a = authenticate(c, key)?;
-                let agents = breakdown(c, &a.sid, "agent", Some((first, last)))?;
+                let agents = breakdown(c, &a.sid, Dimension::Agent, Some((first, last)))?;
                 // Everything in the period, to find what no agent handled.
                 let (mut msgs, mut calls, mut secs) = (0, 0, 0);
                 for r in read_rows(c, std::slice::from_ref(&a.sid), RowKind::Day, first, last)? {

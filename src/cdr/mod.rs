@@ -52,7 +52,7 @@ impl AccountSid {
     }
 
     /// The SID as text (`AC` + 32 lowercase hex digits), written into `buf`
-    /// without the formatting machinery: a flush writes one per stored row.
+    /// without the formatting machinery: a flush writes one per stored page.
     pub fn write_text<'b>(&self, buf: &'b mut [u8; 34]) -> &'b str {
         const DIGITS: &[u8; 16] = b"0123456789abcdef";
         buf[..2].copy_from_slice(b"AC");

@@ -228,9 +228,10 @@ impl Store {
 
     /// Writes one flush atomically. See the module doc for the offset protocol.
     pub fn write_flush(&mut self, b: &FlushBatch) -> Result<FlushOutcome> {
+        let pages = page::pages_of(&b.rows, &b.breakdowns);
         match self {
-            Store::Sqlite(c) => sqlite::flush(c, b),
-            Store::Postgres(c) => pg::flush(c, b),
+            Store::Sqlite(c) => sqlite::flush(c, b, &pages),
+            Store::Postgres(c) => pg::flush(c, b, &pages),
         }
     }
 

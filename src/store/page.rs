@@ -274,7 +274,8 @@ pub struct PageDelta {
 impl PageDelta {
     /// The page's key columns: account SID and page text.
     pub fn key(&self) -> (String, String) {
-        (self.account.to_string(), self.page.text())
+        let sid = self.account.write_text(&mut [0; 34]).to_owned();
+        (sid, self.page.text())
     }
 
     /// The page to store: the stored one (if any) with this delta added.

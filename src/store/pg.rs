@@ -9,7 +9,7 @@ use postgres::types::Type;
 use crate::dedup::blob;
 
 use super::legacy::{self, OldBreakdown, OldRow};
-use super::page::{pages_of, PageDelta};
+use super::page::PageDelta;
 use super::schema;
 use super::{stale_advance, FlushBatch, FlushOutcome, Result, SET_LAST_FLUSH};
 
@@ -131,8 +131,13 @@ fn write_round<'p>(
         .collect())
 }
 
-/// Writes one flush share in one transaction (what it holds: [`crate::store`]).
-pub(super) fn flush(c: &mut postgres::Client, b: &FlushBatch) -> Result<FlushOutcome> {
+/// Writes one flush share, whose rows and breakdowns are `pages`, in one
+/// transaction (what it holds: [`crate::store`]).
+pub(super) fn flush(
+    c: &mut postgres::Client,
+    b: &FlushBatch,
+    pages: &[PageDelta],
+) -> Result<FlushOutcome> {
     let mut tx = c.transaction()?;
     for (i, o) in b.offsets.iter().enumerate() {
         let moved = match o.from {
@@ -156,8 +161,7 @@ pub(super) fn flush(c: &mut postgres::Client, b: &FlushBatch) -> Result<FlushOut
         }
     }
     let started = std::time::Instant::now();
-    let pages = pages_of(&b.rows, &b.breakdowns);
-    write_pages(&mut tx, &pages)?;
+    write_pages(&mut tx, pages)?;
     tracing::debug!(
         rows = b.rows.len(),
         breakdowns = b.breakdowns.len(),

@@ -1,5 +1,5 @@
 //! The store's tables, the same in SQLite and PostgreSQL (types are chosen so one
-//! text works in both).
+//! text works in both; `usage_pages` differs only in storage options).
 //!
 //! - `usage_pages`: an account's usage rows and breakdowns, a few pages per
 //!   account ([`super::page`]): `page` is `YYYY-MM` (that month's day and month

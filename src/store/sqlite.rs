@@ -6,7 +6,7 @@ use rusqlite::OptionalExtension;
 use crate::dedup::blob;
 
 use super::legacy::{self, OldBreakdown, OldRow};
-use super::page::{pages_of, PageDelta};
+use super::page::PageDelta;
 use super::schema;
 use super::{stale_advance, FlushBatch, FlushOutcome, Result, SET_LAST_FLUSH};
 
@@ -80,8 +80,13 @@ fn write_pages(tx: &rusqlite::Transaction<'_>, pages: &[PageDelta]) -> Result<()
     Ok(())
 }
 
-/// Writes one flush in one transaction (what it holds: [`crate::store`]).
-pub(super) fn flush(c: &mut rusqlite::Connection, b: &FlushBatch) -> Result<FlushOutcome> {
+/// Writes one flush, whose rows and breakdowns are `pages`, in one transaction
+/// (what it holds: [`crate::store`]).
+pub(super) fn flush(
+    c: &mut rusqlite::Connection,
+    b: &FlushBatch,
+    pages: &[PageDelta],
+) -> Result<FlushOutcome> {
     let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     for (i, o) in b.offsets.iter().enumerate() {
         let moved = match o.from {
@@ -106,8 +111,7 @@ pub(super) fn flush(c: &mut rusqlite::Connection, b: &FlushBatch) -> Result<Flus
         }
     }
     let started = std::time::Instant::now();
-    let pages = pages_of(&b.rows, &b.breakdowns);
-    write_pages(&tx, &pages)?;
+    write_pages(&tx, pages)?;
     let pages_done = started.elapsed();
     {
         let mut st = tx.prepare_cached(
