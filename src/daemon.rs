@@ -57,26 +57,41 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
     );
     let flush_health = Arc::new(FlushHealth::default());
     let ingest_health = Arc::new(IngestHealth::default());
-    // One flusher serves every consumer (SQLite has one writer anyway; a
-    // PostgreSQL flush spreads over `flush.parallel_writers` connections). Each
-    // consumer has at most one job out at a time, so it never waits for room.
+    // SQLite has one writer: one flusher serves every consumer. With
+    // PostgreSQL each consumer has a flusher of its own (each spreading a flush
+    // over `flush.parallel_writers` connections): consumers reach the end of a
+    // backlog together, and one consumer's final flush no longer waits behind the
+    // other's. A consumer has at most one job out at a time, so a flusher's
+    // queue holds at most one job per consumer it serves, and a consumer's jobs
+    // are done in the order it sent them.
     let consumers = cfg.kafka.consumers;
-    let (jobs_tx, jobs_rx) = mpsc::sync_channel(consumers);
-    let flusher = Flusher {
-        url: cfg.store.url.clone(),
-        tariff: tariff.clone(),
-        dead_letters: Some(dead_letters.clone()),
-        health: flush_health.clone(),
-        writers: cfg.flush.parallel_writers,
-        checkpointer: if cfg.store.url.starts_with("sqlite:") {
-            Some(Checkpointer::start(&cfg.store.url)?)
-        } else {
-            None
-        },
+    let sqlite = cfg.store.url.starts_with("sqlite:");
+    // The WAL checkpointer of a SQLite store goes with its one flusher.
+    let mut checkpointer = if sqlite {
+        Some(Checkpointer::start(&cfg.store.url)?)
+    } else {
+        None
     };
-    let flush_thread = std::thread::Builder::new()
-        .name("tallyd-flush".into())
-        .spawn(move || flusher.run(jobs_rx))?;
+    let flushers = if sqlite { 1 } else { consumers };
+    let mut job_queues = Vec::with_capacity(flushers);
+    let mut flush_threads = Vec::with_capacity(flushers);
+    for i in 0..flushers {
+        let (jobs_tx, jobs_rx) = mpsc::sync_channel(consumers.div_ceil(flushers));
+        let flusher = Flusher {
+            url: cfg.store.url.clone(),
+            tariff: tariff.clone(),
+            dead_letters: Some(dead_letters.clone()),
+            health: flush_health.clone(),
+            writers: cfg.flush.parallel_writers,
+            checkpointer: checkpointer.take(),
+        };
+        job_queues.push(jobs_tx);
+        flush_threads.push(
+            std::thread::Builder::new()
+                .name(format!("tallyd-flush-{i}"))
+                .spawn(move || flusher.run(jobs_rx))?,
+        );
+    }
     let settings = IngestSettings {
         topic: cfg.kafka.topic.clone(),
         flush_interval: Duration::from_millis(cfg.flush.interval_ms.max(10)),
@@ -95,7 +110,7 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
             settings.clone(),
             tariff.clone(),
             dead_letters.clone(),
-            jobs_tx.clone(),
+            job_queues[i % flushers].clone(),
             ingest_health.clone(),
             shutdown.clone(),
         )
@@ -106,7 +121,7 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
                 .spawn(move || ingest.run())?,
         );
     }
-    drop(jobs_tx);
+    drop(job_queues);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -143,7 +158,9 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
             for t in ingest_threads {
                 let _ = t.join();
             }
-            let _ = flush_thread.join();
+            for t in flush_threads {
+                let _ = t.join();
+            }
             return Err(e);
         }
     };
@@ -157,7 +174,9 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
     for t in ingest_threads {
         panicked |= t.join().is_err();
     }
-    let _ = flush_thread.join();
+    for t in flush_threads {
+        let _ = t.join();
+    }
     let _ = rt.block_on(server);
     if panicked {
         anyhow::bail!("an ingest thread panicked");
