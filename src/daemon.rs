@@ -65,7 +65,7 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
     // queue holds at most one job per consumer it serves, and a consumer's jobs
     // are done in the order it sent them.
     let consumers = cfg.kafka.consumers;
-    let sqlite = cfg.store.url.starts_with("sqlite:");
+    let sqlite = crate::store::is_sqlite_url(&cfg.store.url);
     // The WAL checkpointer of a SQLite store goes with its one flusher.
     let mut checkpointer = if sqlite {
         Some(Checkpointer::start(&cfg.store.url)?)

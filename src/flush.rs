@@ -210,7 +210,7 @@ fn spread(mut parts: Vec<PartitionCut>, lanes: usize) -> Vec<Vec<PartitionCut>> 
 impl Flusher {
     /// Runs until the job channel closes.
     pub fn run(self, jobs: Receiver<Job>) {
-        let lanes = if self.url.starts_with("sqlite:") {
+        let lanes = if store::is_sqlite_url(&self.url) {
             1
         } else {
             self.writers.max(1)

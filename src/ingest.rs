@@ -1,8 +1,9 @@
 //! Kafka ingestion: a consumer thread that runs the hot path.
 //!
 //! The daemon runs `kafka.consumers` of these, each a member of the consumer group
-//! with its own partitions, connection and thread, all handing flushes to one
-//! flusher. Each thread polls an rdkafka `BaseConsumer` in batches of up to 128
+//! with its own partitions, connection and thread, handing its flushes to a
+//! flusher (with SQLite one for all consumers, with PostgreSQL one of its own;
+//! see `daemon`). Each thread polls an rdkafka `BaseConsumer` in batches of up to 128
 //! messages and runs each batch through [`pipeline::ingest_batch`] inline (decode →
 //! dedup → rate → counters); rejected messages go to the dead-letter producer.
 //! Because this thread is the only writer of its partitions' state, it takes the

@@ -160,6 +160,12 @@ pub enum Store {
     Postgres(postgres::Client),
 }
 
+/// Whether `url` names a SQLite store, which has one writer: one flusher and one
+/// connection serve every consumer.
+pub fn is_sqlite_url(url: &str) -> bool {
+    url.starts_with("sqlite://")
+}
+
 impl Store {
     /// Opens `sqlite://PATH` (creating the file and its directory) or `postgres://…`,
     /// and runs the migrations.
