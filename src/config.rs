@@ -48,9 +48,9 @@ pub struct KafkaConfig {
     /// Extra librdkafka properties (security.protocol, sasl.*, ssl.*, …), passed through.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
-    /// Group members this instance runs, each a consumer on its own thread with
-    /// its own broker connection; the group's assignment shares the partitions
-    /// among them.
+    /// Consumers this instance runs, each on its own thread with its own broker
+    /// connection; the first is the instance's group member and deals the
+    /// partitions the group gives it out among them.
     #[serde(default = "default_consumers")]
     pub consumers: usize,
 }

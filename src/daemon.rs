@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::dead_letter::DeadLetters;
 use crate::flush::{FlushHealth, Flusher};
 use crate::http::{self, Probes};
-use crate::ingest::{Ingest, IngestHealth, IngestSettings};
+use crate::ingest::{Crew, Ingest, IngestHealth, IngestSettings};
 use crate::rating::Tariff;
 use crate::store::checkpoint::Checkpointer;
 use crate::store::Store;
@@ -100,11 +100,13 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
         dedup_window_days: cfg.dedup.window_days,
         revoke_timeout: Duration::from_secs(30),
     };
-    // `kafka.consumers` members of the group, each on its own thread: librdkafka
-    // keeps one fetch in flight per broker connection, so a single consumer and
-    // the broker take turns; several overlap their fetches.
+    // `kafka.consumers` consumers, each on its own thread: librdkafka keeps one
+    // fetch in flight per broker connection, so a single consumer and the broker
+    // take turns; several overlap their fetches. The first is the instance's
+    // member of the group and shares its partitions with the others.
+    let crew = Arc::new(Crew::default());
     let mut ingest_threads = Vec::with_capacity(consumers);
-    for i in 0..consumers {
+    for (i, seat) in Crew::seats(consumers).into_iter().enumerate() {
         let ingest = Ingest::new(
             &client,
             settings.clone(),
@@ -113,6 +115,8 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
             job_queues[i % flushers].clone(),
             ingest_health.clone(),
             shutdown.clone(),
+            crew.clone(),
+            seat,
         )
         .context("creating the Kafka consumer")?;
         ingest_threads.push(

@@ -1,9 +1,10 @@
 //! Kafka ingestion: a consumer thread that runs the hot path.
 //!
-//! The daemon runs `kafka.consumers` of these, each a member of the consumer group
-//! with its own partitions, connection and thread, handing its flushes to a
-//! flusher (with SQLite one for all consumers, with PostgreSQL one of its own;
-//! see `daemon`). Each thread polls an rdkafka `BaseConsumer` in batches of up to 128
+//! The daemon runs `kafka.consumers` of these, each with its own partitions,
+//! connection and thread, handing its flushes to a flusher (with SQLite one for
+//! all consumers, with PostgreSQL one of its own; see `daemon`). Only the first is
+//! a member of the consumer group; it shares what the group assigns it with the
+//! others (see [`share`]). Each thread polls an rdkafka `BaseConsumer` in batches of up to 128
 //! messages and runs each batch through [`pipeline::ingest_batch`] inline (decode →
 //! dedup → rate → counters); rejected messages go to the dead-letter producer.
 //! Because this thread is the only writer of its partitions' state, it takes the
@@ -18,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,10 @@ use crate::log_throttle::LogThrottle;
 use crate::pipeline::{ingest_batch, Outcome};
 use crate::rating::Tariff;
 use crate::store::{DedupRows, FlushOutcome, OffsetAdvance};
+
+mod share;
+use share::Control;
+pub use share::{Crew, Seat};
 
 /// Settings of the consumer loop.
 #[derive(Debug, Clone)]
@@ -150,6 +155,10 @@ pub struct IngestContext {
     health: Arc<IngestHealth>,
     my_health: IngestHealth,
     log_throttle: LogThrottle,
+    /// The helpers this consumer hands shares of its partitions to (the group
+    /// member's; empty for a helper).
+    helpers: Vec<Sender<Control>>,
+    crew: Arc<Crew>,
 }
 
 impl ClientContext for IngestContext {
@@ -174,16 +183,24 @@ impl ConsumerContext for IngestContext {
         tpl: &mut TopicPartitionList,
     ) {
         match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self.on_assign(consumer, tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                let mut shares = share::split(&partitions, 1 + self.helpers.len()).into_iter();
+                let mine = shares.next().unwrap_or_default();
+                for (helper, share) in self.helpers.iter().zip(shares) {
+                    let _ = helper.send(Control::Assign(share));
+                }
+                self.on_assign(consumer, &mine);
+            }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                self.on_revoke();
+                self.revoke_with_helpers();
                 if let Err(e) = consumer.unassign() {
                     tracing::error!(error = %e, "unassign failed");
                 }
             }
             other => {
                 tracing::error!(error = ?other, "rebalance error; dropping assignment");
-                self.on_revoke();
+                self.revoke_with_helpers();
                 let _ = consumer.unassign();
             }
         }
@@ -191,8 +208,14 @@ impl ConsumerContext for IngestContext {
 }
 
 impl IngestContext {
-    fn on_assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
-        let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+    /// Loads `partitions`' stored offsets and dedup windows and assigns them at
+    /// those offsets.
+    fn on_assign(&self, consumer: &BaseConsumer<Self>, partitions: &[i32]) {
+        if partitions.is_empty() {
+            return;
+        }
+        let partitions = partitions.to_vec();
+        let mut tpl = TopicPartitionList::new();
         let today = Day::today();
         let since = Day(today.0 - self.settings.dedup_window_days as i32);
         let (reply_tx, reply_rx) = mpsc::sync_channel(1);
@@ -235,7 +258,7 @@ impl IngestContext {
                 Some(o) => Offset::Offset(o),
                 None => Offset::Beginning,
             };
-            if let Err(e) = tpl.set_partition_offset(&self.settings.topic, *p, offset) {
+            if let Err(e) = tpl.add_partition_offset(&self.settings.topic, *p, offset) {
                 tracing::error!(error = %e, partition = p, "cannot set start offset");
             }
             tracing::info!(partition = p, offset = ?stored, dedup_ids = ids, consumer = thread_name, "partition assigned");
@@ -255,10 +278,37 @@ impl IngestContext {
         if let Some(q) = self.fetch_queue.get() {
             q.route(&partitions);
         }
-        if let Err(e) = consumer.assign(tpl) {
+        if let Err(e) = consumer.assign(&tpl) {
             tracing::error!(error = %e, "assign failed");
         }
         self.health.set_assigned(&self.my_health, assigned);
+    }
+
+    /// The group revoked the member's partitions: every helper flushes and drops
+    /// its share while the member does its own, and the member waits for them
+    /// (bounded by the revoke timeout). At shutdown the helpers do their own
+    /// final flush and are not waited for.
+    fn revoke_with_helpers(&self) {
+        let acks: Vec<Receiver<()>> = if self.shutdown.load(Ordering::Relaxed) {
+            Vec::new()
+        } else {
+            self.helpers
+                .iter()
+                .filter_map(|h| {
+                    let (tx, rx) = mpsc::sync_channel(1);
+                    h.send(Control::Revoke(tx)).ok().map(|_| rx)
+                })
+                .collect()
+        };
+        self.on_revoke();
+        let deadline = Instant::now() + self.settings.revoke_timeout;
+        for ack in acks {
+            if let Err(RecvTimeoutError::Timeout) =
+                ack.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                tracing::warn!("a consumer did not drop its partitions within the revoke timeout");
+            }
+        }
     }
 
     /// Flushes what was consumed (best effort, bounded in time), then drops every
@@ -460,9 +510,14 @@ pub struct Ingest {
     tariff: Arc<Tariff>,
     dead_letters: Arc<DeadLetters>,
     shutdown: Arc<AtomicBool>,
+    /// A helper's orders from the group member; `None` for the member.
+    control: Option<Receiver<Control>>,
 }
 
 impl Ingest {
+    /// A consumer in `seat` (see [`share`]): the group member subscribes to
+    /// the topic, a helper waits for its share.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: &ClientConfig,
         settings: IngestSettings,
@@ -471,9 +526,17 @@ impl Ingest {
         jobs: SyncSender<Job>,
         health: Arc<IngestHealth>,
         shutdown: Arc<AtomicBool>,
+        crew: Arc<Crew>,
+        seat: Seat,
     ) -> KafkaResult<Ingest> {
         let topic = settings.topic.clone();
+        let (helpers, control) = match seat {
+            Seat::Member(helpers) => (helpers, None),
+            Seat::Helper(control) => (Vec::new(), Some(control)),
+        };
         let ctx = IngestContext {
+            helpers,
+            crew,
             settings,
             shutdown: shutdown.clone(),
             state: Mutex::new(State {
@@ -507,7 +570,9 @@ impl Ingest {
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "range,roundrobin");
         let consumer: BaseConsumer<IngestContext> = cfg.create_with_context(ctx)?;
-        consumer.subscribe(&[&topic])?;
+        if control.is_none() {
+            consumer.subscribe(&[&topic])?;
+        }
         // After the last step that can fail: the queue must be closed before the
         // consumer is dropped, which `Ingest`'s `Drop` does.
         let fetch_queue = FetchQueue::new(&consumer, &topic);
@@ -517,6 +582,7 @@ impl Ingest {
             tariff,
             dead_letters,
             shutdown,
+            control,
         })
     }
 
@@ -539,14 +605,17 @@ impl Ingest {
             // the consumer as events served by this poll, one per call; waiting
             // on the still empty fetch queue between them held each up to 50 ms,
             // and an instance's two consumers got their partitions ~1 s apart
-            // (now 50-65 ms).
+            // (now 50-65 ms). A helper with nothing assigned waits for the
+            // member's orders instead.
+            let idle_unassigned = got_nothing && ctx.my_health.assigned_partitions() == 0;
+            self.obey_member(idle_unassigned);
             let mut event = self.consumer.poll(Duration::ZERO);
             let mut wait = Duration::ZERO;
             if got_nothing && event.is_none() {
-                if ctx.my_health.assigned_partitions() == 0 {
-                    event = self.consumer.poll(IDLE_WAIT);
-                } else {
+                if !idle_unassigned {
                     wait = IDLE_WAIT;
+                } else if self.control.is_none() {
+                    event = self.consumer.poll(IDLE_WAIT);
                 }
             }
             fetch_queue.consume(wait, &mut batch);
@@ -590,6 +659,9 @@ impl Ingest {
             if let Some(took) = self.collect_flush(ctx, &mut st) {
                 pacer.finished(took);
             }
+            if self.control.is_none() {
+                self.serve_helpers(ctx);
+            }
             publish_lag(&st, fetch_queue);
             let now = Instant::now();
             let pending: usize = st
@@ -626,6 +698,82 @@ impl Ingest {
         ctx.on_revoke();
         let mut st = ctx.state.lock();
         publish(&mut st.tallies);
+    }
+
+    /// A helper's turn at its orders: takes one if there is one, waiting up to
+    /// [`IDLE_WAIT`] if `wait`. Nothing for the member.
+    fn obey_member(&self, wait: bool) {
+        let Some(control) = &self.control else {
+            return;
+        };
+        let order = if wait {
+            match control.recv_timeout(IDLE_WAIT) {
+                Ok(order) => order,
+                Err(RecvTimeoutError::Timeout) => return,
+                // The member is gone: the daemon is stopping.
+                Err(RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(IDLE_WAIT);
+                    return;
+                }
+            }
+        } else {
+            match control.try_recv() {
+                Ok(order) => order,
+                Err(_) => return,
+            }
+        };
+        let ctx = self.consumer.context();
+        match order {
+            Control::Assign(partitions) => {
+                // Not expected (a revocation comes first), but a share held
+                // now is flushed and dropped before the new one is taken.
+                if ctx.my_health.assigned_partitions() > 0 {
+                    ctx.on_revoke();
+                }
+                ctx.on_assign(&self.consumer, &partitions);
+            }
+            Control::Revoke(ack) => {
+                ctx.on_revoke();
+                if let Err(e) = self.consumer.unassign() {
+                    tracing::error!(error = %e, "unassign failed");
+                }
+                let _ = ack.send(());
+            }
+        }
+    }
+
+    /// The member's turn for its helpers: rejoins the group if a helper's flush
+    /// was fenced, and commits the offsets they stored to Kafka.
+    fn serve_helpers(&self, ctx: &IngestContext) {
+        if ctx.crew.take_rejoin() {
+            tracing::warn!("a consumer's flush was fenced; rejoining the group");
+            self.rejoin(ctx);
+        }
+        self.commit(ctx.crew.take_commits());
+    }
+
+    /// Commits offsets to Kafka (for lag tools only), the last one given per
+    /// partition.
+    fn commit(&self, offsets: Vec<(i32, i64)>) {
+        if offsets.is_empty() {
+            return;
+        }
+        let topic = &self.consumer.context().settings.topic;
+        let last: HashMap<i32, i64> = offsets.into_iter().collect();
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in last {
+            let _ = tpl.add_partition_offset(topic, p, Offset::Offset(o));
+        }
+        let _ = self.consumer.commit(&tpl, CommitMode::Async);
+    }
+
+    /// Leaves the group and joins it again: the rebalance reloads every
+    /// partition of the instance from the store.
+    fn rejoin(&self, ctx: &IngestContext) {
+        self.consumer.unsubscribe();
+        if let Err(e) = self.consumer.subscribe(&[&ctx.settings.topic]) {
+            tracing::error!(error = %e, "cannot subscribe again");
+        }
     }
 
     fn set_paused(&self, pause: bool) {
@@ -667,15 +815,15 @@ impl Ingest {
                 if outcome == FlushOutcome::AlreadyApplied {
                     tracing::info!("flush had already landed on an earlier attempt");
                 }
-                let mut tpl = TopicPartitionList::new();
-                for (p, ps) in &st.partitions {
-                    if let Some(o) = ps.stored {
-                        let _ =
-                            tpl.add_partition_offset(&ctx.settings.topic, *p, Offset::Offset(o));
-                    }
-                }
-                if tpl.count() > 0 {
-                    let _ = self.consumer.commit(&tpl, CommitMode::Async);
+                let stored = st
+                    .partitions
+                    .iter()
+                    .filter_map(|(p, ps)| Some((*p, ps.stored?)));
+                if self.control.is_some() {
+                    // Not a group member: the member commits them.
+                    ctx.crew.leave_commits(stored);
+                } else {
+                    self.commit(stored.collect());
                 }
                 Some(took)
             }
@@ -683,9 +831,15 @@ impl Ingest {
                 tracing::error!(error = %e, "flush failed for good; dropping local state and rejoining the group");
                 metrics::counter!("tallyd_flush_fenced_total").increment(1);
                 st.partitions.clear();
-                // Re-subscribing triggers a rebalance, which reloads from the store.
-                self.consumer.unsubscribe();
-                let _ = self.consumer.subscribe(&[&ctx.settings.topic]);
+                // Rejoining triggers a rebalance, which reloads from the store.
+                if self.control.is_some() {
+                    if let Err(e) = self.consumer.unassign() {
+                        tracing::error!(error = %e, "unassign failed");
+                    }
+                    ctx.crew.ask_rejoin();
+                } else {
+                    self.rejoin(ctx);
+                }
                 None
             }
         }
