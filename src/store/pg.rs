@@ -1,6 +1,7 @@
 //! The PostgreSQL side of the store: migrations and the flush, which locks and
-//! reads the pages it touches, adds to them in tallyd, and writes them back
-//! through a binary COPY into a staging table.
+//! reads the pages it touches, adds to them in tallyd, and writes them back:
+//! pages that were there through a binary COPY into a staging table, new ones
+//! as array parameters.
 
 use std::collections::HashMap;
 
@@ -89,40 +90,60 @@ fn write_round<'p>(
         .into_iter()
         .map(|r| ((r.get(0), r.get(1)), r.get(2)))
         .collect();
-    tx.batch_execute(
-        "CREATE TEMP TABLE IF NOT EXISTS usage_pages_in \
-         (LIKE usage_pages, fresh BOOLEAN NOT NULL) ON COMMIT DELETE ROWS; \
-         TRUNCATE usage_pages_in",
-    )?;
-    let sink =
-        tx.copy_in("COPY usage_pages_in (account_sid, page, data, fresh) FROM STDIN BINARY")?;
-    let mut w = postgres::binary_copy::BinaryCopyInWriter::new(
-        sink,
-        &[Type::TEXT, Type::TEXT, Type::BYTEA, Type::BOOL],
-    );
     let mut fresh = Vec::with_capacity(pages.len());
+    let mut datas = Vec::with_capacity(pages.len());
     for (p, (account, page)) in pages.iter().zip(&keys) {
         let stored = stored.remove(&(account.clone(), page.clone()));
-        let new = stored.is_none();
-        let data = p.onto(stored.as_deref())?;
-        w.write(&[account, page, &data, &new])?;
-        fresh.push(new);
+        fresh.push(stored.is_none());
+        datas.push(p.onto(stored.as_deref())?);
     }
-    w.finish()?;
-    tx.batch_execute(
-        "UPDATE usage_pages p SET data = s.data FROM usage_pages_in s \
-         WHERE NOT s.fresh AND p.account_sid = s.account_sid AND p.page = s.page",
-    )?;
-    let inserted: std::collections::HashSet<(String, String)> = tx
-        .query(
+    let rows = || keys.iter().zip(&datas).zip(&fresh);
+    // Pages that were there: through a binary COPY into a staging table, then
+    // one UPDATE joining it (each a HOT update, see the schema).
+    if fresh.contains(&false) {
+        tx.batch_execute(
+            "CREATE TEMP TABLE IF NOT EXISTS usage_pages_in \
+             (LIKE usage_pages, fresh BOOLEAN NOT NULL) ON COMMIT DELETE ROWS; \
+             TRUNCATE usage_pages_in",
+        )?;
+        let sink =
+            tx.copy_in("COPY usage_pages_in (account_sid, page, data, fresh) FROM STDIN BINARY")?;
+        let mut w = postgres::binary_copy::BinaryCopyInWriter::new(
+            sink,
+            &[Type::TEXT, Type::TEXT, Type::BYTEA, Type::BOOL],
+        );
+        for (((account, page), data), new) in rows().filter(|(_, new)| !**new) {
+            w.write(&[account, page, data, new])?;
+        }
+        w.finish()?;
+        tx.batch_execute(
+            "UPDATE usage_pages p SET data = s.data FROM usage_pages_in s \
+             WHERE p.account_sid = s.account_sid AND p.page = s.page",
+        )?;
+    }
+    // New pages: inserted straight from array parameters. Staged like the
+    // others, each was written twice (staging table, then table); in a drain's
+    // final flush, where nearly every page is new, the COPY took a third of
+    // the pages' time in PostgreSQL.
+    let mut new_pages: (Vec<&str>, Vec<&str>, Vec<&[u8]>) = Default::default();
+    for (((account, page), data), _) in rows().filter(|(_, new)| **new) {
+        new_pages.0.push(account);
+        new_pages.1.push(page);
+        new_pages.2.push(data);
+    }
+    let inserted: std::collections::HashSet<(String, String)> = if new_pages.0.is_empty() {
+        Default::default()
+    } else {
+        tx.query(
             "INSERT INTO usage_pages (account_sid, page, data) \
-             SELECT account_sid, page, data FROM usage_pages_in WHERE fresh \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) \
              ON CONFLICT (account_sid, page) DO NOTHING RETURNING account_sid, page",
-            &[],
+            &[&new_pages.0, &new_pages.1, &new_pages.2],
         )?
         .into_iter()
         .map(|r| (r.get(0), r.get(1)))
-        .collect();
+        .collect()
+    };
     Ok(pages
         .iter()
         .zip(keys.iter().zip(fresh))
