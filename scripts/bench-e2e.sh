@@ -24,6 +24,10 @@ PARTITIONS=4
 PORT=${BENCH_PORT:-29092}
 PG=${TALLYD_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}
 export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2}
+case "${BENCH_STORES:-}" in
+  "" | sqlite | postgres) ;;
+  *) echo "BENCH_STORES=$BENCH_STORES: must be sqlite or postgres (unset: both)" >&2; exit 2 ;;
+esac
 
 cargo build --release --bin tallyd --example bare_consumer >&2
 BIN=target/release/tallyd

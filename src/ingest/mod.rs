@@ -214,14 +214,13 @@ impl IngestContext {
         if partitions.is_empty() {
             return;
         }
-        let partitions = partitions.to_vec();
         let mut tpl = TopicPartitionList::new();
         let today = Day::today();
         let since = Day(today.0 - self.settings.dedup_window_days as i32);
         let (reply_tx, reply_rx) = mpsc::sync_channel(1);
         let job = Job::Load {
             topic: self.settings.topic.clone(),
-            partitions: partitions.clone(),
+            partitions: partitions.to_vec(),
             since,
             cancel: self.shutdown.clone(),
             reply: reply_tx,
@@ -241,7 +240,7 @@ impl IngestContext {
         let thread_name = thread.name().unwrap_or("?");
         let mut st = self.state.lock();
         st.today = today;
-        for p in &partitions {
+        for p in partitions {
             let stored = loaded.offsets.get(p).copied();
             let mut window = DedupWindow::new(today);
             let mut ids = 0;
@@ -276,7 +275,7 @@ impl IngestContext {
         let assigned = st.partitions.len();
         drop(st);
         if let Some(q) = self.fetch_queue.get() {
-            q.route(&partitions);
+            q.route(partitions);
         }
         if let Err(e) = consumer.assign(&tpl) {
             tracing::error!(error = %e, "assign failed");

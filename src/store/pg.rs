@@ -103,17 +103,16 @@ fn write_round<'p>(
     if fresh.contains(&false) {
         tx.batch_execute(
             "CREATE TEMP TABLE IF NOT EXISTS usage_pages_in \
-             (LIKE usage_pages, fresh BOOLEAN NOT NULL) ON COMMIT DELETE ROWS; \
+             (LIKE usage_pages) ON COMMIT DELETE ROWS; \
              TRUNCATE usage_pages_in",
         )?;
-        let sink =
-            tx.copy_in("COPY usage_pages_in (account_sid, page, data, fresh) FROM STDIN BINARY")?;
+        let sink = tx.copy_in("COPY usage_pages_in (account_sid, page, data) FROM STDIN BINARY")?;
         let mut w = postgres::binary_copy::BinaryCopyInWriter::new(
             sink,
-            &[Type::TEXT, Type::TEXT, Type::BYTEA, Type::BOOL],
+            &[Type::TEXT, Type::TEXT, Type::BYTEA],
         );
-        for (((account, page), data), new) in rows().filter(|(_, new)| !**new) {
-            w.write(&[account, page, data, new])?;
+        for (((account, page), data), _) in rows().filter(|(_, new)| !**new) {
+            w.write(&[account, page, data])?;
         }
         w.finish()?;
         tx.batch_execute(
