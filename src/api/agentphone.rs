@@ -17,12 +17,12 @@ use serde_json::{json, Value as Json_};
 use super::accounts::{self, Account};
 use super::error::ApiError;
 use super::records::{read_pages, read_rows, RowKind};
-use super::store::Conn;
 use super::ApiState;
 use crate::calendar::{Day, Month};
 use crate::category::Category;
 use crate::counters::{Dimension, Leaves, Tally};
 use crate::store::page::{month_pages, PageId};
+use crate::store::Conn;
 
 const MESSAGE_CATEGORIES: [Category; 2] = [Category::Sms, Category::Mms];
 const CALL_CATEGORIES: [Category; 3] = [Category::Calls, Category::CallsSip, Category::CallsClient];

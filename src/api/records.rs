@@ -13,12 +13,12 @@
 
 use rust_decimal::prelude::*;
 
-use super::store::{self, Conn, Param};
 use crate::calendar::{Day, Month};
 use crate::category::{Category, Unit};
 use crate::counters::Leaves;
 use crate::rating::price_to_decimal;
 use crate::store::page::{month_pages, Page, PageId};
+use crate::store::{self, Conn, Param};
 
 /// `$first, …, $(first + n - 1)`: placeholders for an `IN (…)` list.
 pub fn in_list(first: usize, n: usize) -> String {
@@ -50,7 +50,7 @@ pub fn read_pages(
     c.query(&sql, &params)?
         .into_iter()
         .map(|r| {
-            Page::decode(r[2].bytes()).map_err(|reason| store::StoreError::Page {
+            Page::decode(r[2].bytes()).map_err(|reason| store::Error::Page {
                 account: r[0].text().to_owned(),
                 page: r[1].text().to_owned(),
                 reason,

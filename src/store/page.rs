@@ -26,9 +26,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::calendar::{Day, Month, Period};
 use crate::cdr::AccountSid;
-use crate::counters::{BreakdownDelta, Dimension, Leaves, Tally};
+use crate::counters::{BreakdownDelta, Dimension, Leaves, RowKey, Tally};
 
-use super::RowDelta;
+/// The delta of one stored row (account × period, all leaf categories) with the
+/// currency of its account's plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowDelta {
+    pub key: RowKey,
+    pub leaves: Leaves,
+    pub price_unit: String,
+}
 
 /// The first byte of every encoded page.
 const FORMAT: u8 = 1;
@@ -246,6 +253,15 @@ impl Page {
         })
     }
 
+    /// Rows and breakdowns on the page.
+    pub fn len(&self) -> usize {
+        self.rows.len() + self.breakdowns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![FORMAT];
         postcard::to_io(self, &mut out).expect("a page encodes into memory");
@@ -325,7 +341,7 @@ pub fn pages_of(rows: &[RowDelta], breakdowns: &[BreakdownDelta]) -> Vec<PageDel
 mod tests {
     use super::*;
     use crate::category::Category;
-    use crate::counters::{BreakdownKey, RowKey};
+    use crate::counters::BreakdownKey;
 
     fn tally(count: u64, usage: u64, price: i64) -> Tally {
         Tally {
