@@ -252,3 +252,102 @@ impl Flusher {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::calendar::Day;
+    use crate::category::Category;
+    use crate::cdr::AccountSid;
+    use crate::counters::{Deltas, LeafDay, Tally};
+    use crate::store::{OffsetAdvance, Param};
+
+    fn tariff() -> Tariff {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tallyd.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        crate::config::Config::from_toml(&text, &path, [])
+            .unwrap()
+            .1
+    }
+
+    /// One call of `account` on partition `partition`, read up to offset `to`.
+    fn cut(partition: i32, account: u128, to: i64) -> PartitionCut {
+        let mut deltas = Deltas::default();
+        deltas.record(
+            LeafDay {
+                account: AccountSid(account),
+                day: Day(20_000),
+                leaf: Category::CallsOutbound,
+            },
+            Tally {
+                count: 1,
+                usage: 60,
+                price: 5_000,
+            },
+            None,
+            None,
+        );
+        PartitionCut {
+            deltas,
+            offset: OffsetAdvance {
+                topic: "cdrs".into(),
+                partition,
+                from: None,
+                to,
+            },
+            dedup: None,
+        }
+    }
+
+    #[test]
+    fn a_partition_the_store_can_never_take_holds_up_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("sqlite://{}/t.db", dir.path().display())).unwrap();
+        // Account 1's all-time page does not decode.
+        let sid = AccountSid(1).to_string();
+        store
+            .with_conn(|c| {
+                c.execute(
+                    "INSERT INTO usage_pages (account_sid, page, data) VALUES ($1, 'all', $2)",
+                    &[Param::Text(&sid), Param::Bytes(&[9, 9, 9])],
+                )
+            })
+            .unwrap();
+        let flusher = Flusher {
+            store: store.clone(),
+            tariff: Arc::new(tariff()),
+            dead_letters: None,
+            health: Arc::default(),
+            writers: 1,
+        };
+        let snapshot = Snapshot {
+            parts: vec![cut(0, 1, 5), cut(1, 2, 7)],
+            prune_dedup_before: None,
+        };
+        let flushed = flusher.flush(snapshot, &AtomicBool::new(false)).unwrap();
+        let stuck: Vec<(i32, bool)> = flushed
+            .stuck
+            .iter()
+            .map(|(p, e)| (*p, e.is_permanent()))
+            .collect();
+        assert_eq!(stuck, [(0, true)]);
+        // Partition 1 landed; partition 0 keeps no offset, so it is re-read.
+        let offsets = store.load_offsets("cdrs").unwrap();
+        assert_eq!(offsets.into_iter().collect::<Vec<_>>(), [(1, 7)]);
+        let pages: Vec<String> = store
+            .with_conn(|c| {
+                c.query(
+                    "SELECT account_sid FROM usage_pages WHERE page = 'all'",
+                    &[],
+                )
+            })
+            .unwrap()
+            .iter()
+            .map(|r| r[0].text().to_owned())
+            .collect();
+        assert_eq!(pages, [sid, AccountSid(2).to_string()]);
+        // The store answered all along: it is not reported down.
+        assert!(store.health().is_up());
+        assert!(flusher.health.last_success.load(Ordering::Relaxed) > 0);
+    }
+}
