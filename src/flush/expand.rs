@@ -4,17 +4,12 @@
 //! each by-number/by-agent entry into its page; and a snapshot's partitions
 //! spread over the writer connections.
 
-use std::collections::BTreeMap;
-
 use crate::calendar::Period;
-use crate::cdr::AccountSid;
 use crate::counters::{AccountDay, Deltas, Leaves};
 use crate::rating::Tariff;
-use crate::store::page::{Page, PageDelta, PageId};
+use crate::store::page::{PageDelta, PageDeltas};
 
 use super::PartitionCut;
-
-type Pages = BTreeMap<(AccountSid, PageId), Page>;
 
 /// The page deltas of `parts`, in key order (account SID, then page: the order
 /// of the store's primary key, and one lock order for every writer). Deltas of
@@ -32,17 +27,8 @@ pub fn pages(mut parts: Vec<Deltas>, tariff: &Tariff) -> Vec<PageDelta> {
             breakdowns.join().expect("breakdown expansion panicked"),
         )
     });
-    for (key, page) in breakdowns {
-        pages.entry(key).or_default().add_page(&page);
-    }
-    pages
-        .into_iter()
-        .map(|((account, page), delta)| PageDelta {
-            account,
-            page,
-            delta,
-        })
-        .collect()
+    pages.merge(breakdowns);
+    pages.into_vec()
 }
 
 /// The usage rows of `parts` on their pages. The account-day cells are sorted
@@ -50,13 +36,13 @@ pub fn pages(mut parts: Vec<Deltas>, tariff: &Tariff) -> Vec<PageDelta> {
 /// account then sums its months, years and all time as it goes, and each row
 /// is added to its page once. (Adding every cell into a hash map of 400-byte
 /// rows and sorting those took 3× as long.)
-fn row_pages(parts: &[Deltas], tariff: &Tariff) -> Pages {
+fn row_pages(parts: &[Deltas], tariff: &Tariff) -> PageDeltas {
     let mut cells: Vec<(AccountDay, &Leaves)> = parts
         .iter()
         .flat_map(|d| d.cells().iter().map(|(k, l)| (*k, l)))
         .collect();
     cells.sort_unstable_by_key(|(k, _)| (k.account, k.day));
-    let mut pages = Pages::new();
+    let mut pages = PageDeltas::default();
     for account_cells in cells.chunk_by(|a, b| a.0.account == b.0.account) {
         let account = account_cells[0].0.account;
         let price_unit = &tariff.plan_for(account).currency;
@@ -75,23 +61,16 @@ fn row_pages(parts: &[Deltas], tariff: &Tariff) -> Pages {
         }
         let all = std::iter::once((Period::AllTime, all));
         for (period, leaves) in sums.into_iter().flatten().chain(all) {
-            pages
-                .entry((account, PageId::of_period(period)))
-                .or_default()
-                .add_row(period, price_unit, &leaves);
+            pages.add_row(account, period, price_unit, &leaves);
         }
     }
     pages
 }
 
-fn breakdown_pages(parts: Vec<Deltas>) -> Pages {
-    let mut pages = Pages::new();
+fn breakdown_pages(parts: Vec<Deltas>) -> PageDeltas {
+    let mut pages = PageDeltas::default();
     for b in parts.into_iter().flat_map(Deltas::into_breakdowns) {
-        let k = &b.key;
-        pages
-            .entry((k.account, PageId::of_day(k.day)))
-            .or_default()
-            .add_breakdown(k.dimension, &k.value, k.day, b.calls, b.messages);
+        pages.add_breakdown(&b);
     }
     pages
 }
@@ -121,14 +100,16 @@ pub fn spread(mut parts: Vec<PartitionCut>, lanes: usize) -> Vec<Vec<PartitionCu
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::calendar::Day;
     use crate::category::Category;
+    use crate::cdr::AccountSid;
     use crate::counters::{Dimension, LeafDay, RowKey, Tally};
+    use crate::store::page::PageId;
     use crate::store::OffsetAdvance;
 
-    fn tariff() -> Tariff {
+    pub fn tariff() -> Tariff {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tallyd.toml");
         let text = std::fs::read_to_string(&path).unwrap();
         crate::config::Config::from_toml(&text, &path, [])
@@ -136,7 +117,7 @@ mod tests {
             .1
     }
 
-    fn call(d: &mut Deltas, account: u128, day: i32, number: &str, agent: &str) {
+    pub fn call(d: &mut Deltas, account: u128, day: i32, number: &str, agent: &str) {
         d.record(
             LeafDay {
                 account: AccountSid(account),
@@ -153,7 +134,7 @@ mod tests {
         );
     }
 
-    fn cut(partition: i32, deltas: Deltas) -> PartitionCut {
+    pub fn cut(partition: i32, deltas: Deltas) -> PartitionCut {
         PartitionCut {
             deltas,
             offset: OffsetAdvance {

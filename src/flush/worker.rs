@@ -256,48 +256,10 @@ impl Flusher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::calendar::Day;
-    use crate::category::Category;
     use crate::cdr::AccountSid;
-    use crate::counters::{Deltas, LeafDay, Tally};
-    use crate::store::{OffsetAdvance, Param};
-
-    fn tariff() -> Tariff {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tallyd.toml");
-        let text = std::fs::read_to_string(&path).unwrap();
-        crate::config::Config::from_toml(&text, &path, [])
-            .unwrap()
-            .1
-    }
-
-    /// One call of `account` on partition `partition`, read up to offset `to`.
-    fn cut(partition: i32, account: u128, to: i64) -> PartitionCut {
-        let mut deltas = Deltas::default();
-        deltas.record(
-            LeafDay {
-                account: AccountSid(account),
-                day: Day(20_000),
-                leaf: Category::CallsOutbound,
-            },
-            Tally {
-                count: 1,
-                usage: 60,
-                price: 5_000,
-            },
-            None,
-            None,
-        );
-        PartitionCut {
-            deltas,
-            offset: OffsetAdvance {
-                topic: "cdrs".into(),
-                partition,
-                from: None,
-                to,
-            },
-            dedup: None,
-        }
-    }
+    use crate::counters::Deltas;
+    use crate::flush::expand::tests::{call, cut, tariff};
+    use crate::store::Param;
 
     #[test]
     fn a_partition_the_store_can_never_take_holds_up_no_other() {
@@ -321,7 +283,16 @@ mod tests {
             writers: 1,
         };
         let snapshot = Snapshot {
-            parts: vec![cut(0, 1, 5), cut(1, 2, 7)],
+            parts: [(0, 1, 5), (1, 2, 7)]
+                .into_iter()
+                .map(|(partition, account, to)| {
+                    let mut d = Deltas::default();
+                    call(&mut d, account, 20_000, "+1555", "agt");
+                    let mut c = cut(partition, d);
+                    c.offset.to = to;
+                    c
+                })
+                .collect(),
             prune_dedup_before: None,
         };
         let flushed = flusher.flush(snapshot, &AtomicBool::new(false)).unwrap();

@@ -831,15 +831,7 @@ impl Ingest {
                         tracing::error!(partition, error = %e, "partition's flush failed permanently; re-reading it from the store in a while");
                     }
                     std::thread::sleep(STUCK_PAUSE);
-                    st.partitions.clear();
-                    if self.control.is_some() {
-                        if let Err(e) = self.consumer.unassign() {
-                            tracing::error!(error = %e, "unassign failed");
-                        }
-                        ctx.crew.ask_rejoin();
-                    } else {
-                        self.rejoin(ctx);
-                    }
+                    self.reload_from_store(ctx, st);
                     return Some(took);
                 }
                 let stored = st
@@ -857,18 +849,23 @@ impl Ingest {
             Err(e) => {
                 tracing::error!(error = %e, "flush failed for good; dropping local state and rejoining the group");
                 metrics::counter!("tallyd_flush_fenced_total").increment(1);
-                st.partitions.clear();
-                // Rejoining triggers a rebalance, which reloads from the store.
-                if self.control.is_some() {
-                    if let Err(e) = self.consumer.unassign() {
-                        tracing::error!(error = %e, "unassign failed");
-                    }
-                    ctx.crew.ask_rejoin();
-                } else {
-                    self.rejoin(ctx);
-                }
+                self.reload_from_store(ctx, st);
                 None
             }
+        }
+    }
+
+    /// Drops all local state and has the group member rejoin: the rebalance
+    /// reloads every partition from what the store holds.
+    fn reload_from_store(&self, ctx: &IngestContext, st: &mut State) {
+        st.partitions.clear();
+        if self.control.is_some() {
+            if let Err(e) = self.consumer.unassign() {
+                tracing::error!(error = %e, "unassign failed");
+            }
+            ctx.crew.ask_rejoin();
+        } else {
+            self.rejoin(ctx);
         }
     }
 

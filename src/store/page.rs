@@ -309,32 +309,65 @@ impl PageDelta {
     }
 }
 
-/// A flush's rows and breakdowns gathered into the pages they go to, in key
-/// order (account SID, then page text: the order of the store's primary key,
-/// and one lock order for every writer).
-pub fn pages_of(rows: &[RowDelta], breakdowns: &[BreakdownDelta]) -> Vec<PageDelta> {
-    let mut pages: BTreeMap<(AccountSid, PageId), Page> = BTreeMap::new();
-    for r in rows {
-        pages
-            .entry((r.key.account, PageId::of_period(r.key.period)))
+/// Page deltas being gathered, by account and page.
+#[derive(Debug, Default)]
+pub struct PageDeltas(BTreeMap<(AccountSid, PageId), Page>);
+
+impl PageDeltas {
+    /// Adds `leaves` to the row of `period` on its page.
+    pub fn add_row(
+        &mut self,
+        account: AccountSid,
+        period: Period,
+        price_unit: &str,
+        leaves: &Leaves,
+    ) {
+        self.0
+            .entry((account, PageId::of_period(period)))
             .or_default()
-            .add_row(r.key.period, &r.price_unit, &r.leaves);
+            .add_row(period, price_unit, leaves);
     }
-    for b in breakdowns {
+
+    /// Adds a by-number or by-agent entry on its page.
+    pub fn add_breakdown(&mut self, b: &BreakdownDelta) {
         let k = &b.key;
-        pages
+        self.0
             .entry((k.account, PageId::of_day(k.day)))
             .or_default()
             .add_breakdown(k.dimension, &k.value, k.day, b.calls, b.messages);
     }
-    pages
-        .into_iter()
-        .map(|((account, page), delta)| PageDelta {
-            account,
-            page,
-            delta,
-        })
-        .collect()
+
+    /// Adds everything `other` gathered.
+    pub fn merge(&mut self, other: PageDeltas) {
+        for (key, page) in other.0 {
+            self.0.entry(key).or_default().add_page(&page);
+        }
+    }
+
+    /// The page deltas in key order (account SID, then page text: the order of
+    /// the store's primary key, and one lock order for every writer).
+    pub fn into_vec(self) -> Vec<PageDelta> {
+        self.0
+            .into_iter()
+            .map(|((account, page), delta)| PageDelta {
+                account,
+                page,
+                delta,
+            })
+            .collect()
+    }
+}
+
+/// Rows and breakdowns gathered into the pages they go to, in key order.
+pub fn pages_of(rows: &[RowDelta], breakdowns: &[BreakdownDelta]) -> Vec<PageDelta> {
+    let mut pages = PageDeltas::default();
+    for r in rows {
+        pages.add_row(r.key.account, r.key.period, &r.price_unit, &r.leaves);
+    }
+    for b in breakdowns {
+        pages.add_breakdown(b);
+    }
+    pages.into_vec()
 }
 
 #[cfg(test)]
