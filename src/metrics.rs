@@ -295,7 +295,7 @@ pub fn install() -> Exposition {
                 .install_recorder()
                 .expect("metrics recorder installed once");
             describe();
-            start_counters();
+            start_at_zero();
             handle
         })
         .clone();
@@ -318,9 +318,14 @@ fn describe() {
     }
 }
 
-/// Registers every counter whose label values are known at zero: a counter
-/// that first appears at 1 loses that increment to `rate()`.
-fn start_counters() {
+/// Registers at zero every counter whose label values are known (a counter
+/// that first appears at 1 loses that increment to `rate()`), and the gauges
+/// whose value at start is known (an alert on "no partitions assigned" needs
+/// the series before the first assignment).
+fn start_at_zero() {
+    for g in [PARTITIONS_ASSIGNED, CONSUMER_PAUSED, PENDING_CELLS] {
+        metrics::gauge!(g).set(0.0);
+    }
     for m in CATALOGUE {
         if m.kind == Kind::Counter && m.labels.is_empty() {
             metrics::counter!(m.name).absolute(0);
