@@ -375,11 +375,115 @@ impl Config {
                 cfg.kafka.consumers
             )));
         }
+        check_values(&cfg).map_err(parse_err)?;
         let tariff = Tariff::compile(&cfg.rating).map_err(|source| ConfigError::Tariff {
             path: path.into(),
             source,
         })?;
         Ok((cfg, tariff))
+    }
+}
+
+/// Checks what can be checked without connecting to anything, so that
+/// `tallyd check-config` and the start of `tallyd run` reject the same files:
+/// each error names the key, the value and what it must be.
+fn check_values(cfg: &Config) -> Result<(), String> {
+    let url = &cfg.store.url;
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        if path.is_empty() {
+            return Err(format!(
+                "store.url = {url:?}: sqlite:// needs a file path, e.g. sqlite://data/tallyd.db"
+            ));
+        }
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        if let Err(e) = url.parse::<postgres::Config>() {
+            return Err(format!(
+                "store.url = {:?}: not a PostgreSQL URL: {e}",
+                redact_password(url)
+            ));
+        }
+    } else {
+        return Err(format!(
+            "store.url = {:?}: must be sqlite://PATH or postgres://USER@HOST:PORT/DB",
+            redact_password(url)
+        ));
+    }
+    check_host_port("http.listen", &cfg.http.listen, true)?;
+    let brokers: Vec<&str> = cfg.kafka.brokers.split(',').map(str::trim).collect();
+    if brokers.iter().any(|b| b.is_empty()) {
+        return Err(format!(
+            "kafka.brokers = {:?}: expected comma-separated HOST:PORT entries",
+            cfg.kafka.brokers
+        ));
+    }
+    for b in brokers {
+        // librdkafka defaults the port; a scheme (PLAINTEXT://, SSL://) may precede the host.
+        let hostport = b.rsplit_once("://").map_or(b, |(_, hp)| hp);
+        check_host_port("kafka.brokers", hostport, false)?;
+    }
+    for (key, v) in [
+        ("kafka.topic", &cfg.kafka.topic),
+        ("kafka.group_id", &cfg.kafka.group_id),
+        ("kafka.dead_letter_topic", &cfg.kafka.dead_letter_topic),
+    ] {
+        if v.trim().is_empty() {
+            return Err(format!("{key} is empty"));
+        }
+    }
+    if cfg.kafka.dead_letter_topic == cfg.kafka.topic {
+        return Err(format!(
+            "kafka.dead_letter_topic = {:?}: must differ from kafka.topic, or rejected CDRs would be consumed again",
+            cfg.kafka.dead_letter_topic
+        ));
+    }
+    let share = cfg.flush.max_busy_share;
+    if !(0.01..=1.0).contains(&share) {
+        return Err(format!("flush.max_busy_share = {share}: must be 0.01 to 1"));
+    }
+    if cfg.api.pool_size == 0 {
+        return Err("api.pool_size = 0: the API needs at least 1 store connection".into());
+    }
+    crate::api::accounts::validate_config(&cfg.api.accounts).map_err(|e| e.to_string())
+}
+
+/// `HOST:PORT` (a bracketed IPv6 host allowed); the port may be left out where
+/// `port_required` is false.
+fn check_host_port(key: &str, value: &str, port_required: bool) -> Result<(), String> {
+    let bad = |why: &str| format!("{key} = {value:?}: {why}");
+    let (host, port) = match value.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(':') || h.starts_with('[') => (h, Some(p)),
+        _ => (value, None),
+    };
+    if host.is_empty() {
+        return Err(bad("no host; expected HOST:PORT, e.g. 0.0.0.0:8080"));
+    }
+    match port {
+        Some(p) if p.parse::<u16>().is_err() => {
+            Err(bad(&format!("port {p:?} is not a number from 0 to 65535")))
+        }
+        None if port_required => Err(bad("no port; expected HOST:PORT, e.g. 0.0.0.0:8080")),
+        _ => Ok(()),
+    }
+}
+
+/// The URL with the password of its user info replaced by `***`.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.into();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let shown = if user.len() < userinfo.len() {
+                format!("{user}:***")
+            } else {
+                user.into()
+            };
+            format!("{scheme}://{shown}{}", &rest[at..])
+        }
+        None => url.into(),
     }
 }
 
@@ -466,6 +570,81 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("kafka.consumers = 0"), "{e}");
+
+        for (var, value, says) in [
+            (
+                "TALLYD_STORE__URL",
+                "mysql://u:secret@h/db",
+                "store.url = \"mysql://u:***@h/db\": must be sqlite://PATH or postgres://",
+            ),
+            (
+                "TALLYD_STORE__URL",
+                "sqlite://",
+                "sqlite:// needs a file path",
+            ),
+            (
+                "TALLYD_STORE__URL",
+                "postgres://u:secret@h:notaport/db",
+                "store.url = \"postgres://u:***@h:notaport/db\": not a PostgreSQL URL",
+            ),
+            (
+                "TALLYD_HTTP__LISTEN",
+                "localhost",
+                "http.listen = \"localhost\": no port",
+            ),
+            ("TALLYD_HTTP__LISTEN", "0.0.0.0:80800", "port \"80800\""),
+            (
+                "TALLYD_KAFKA__BROKERS",
+                "a:9092,,b:9092",
+                "kafka.brokers = \"a:9092,,b:9092\"",
+            ),
+            (
+                "TALLYD_KAFKA__BROKERS",
+                "a:x",
+                "kafka.brokers = \"a:x\": port \"x\"",
+            ),
+            (
+                "TALLYD_KAFKA__DEAD_LETTER_TOPIC",
+                "cdrs",
+                "must differ from kafka.topic",
+            ),
+            ("TALLYD_KAFKA__GROUP_ID", " ", "kafka.group_id is empty"),
+            (
+                "TALLYD_FLUSH__MAX_BUSY_SHARE",
+                "0",
+                "flush.max_busy_share = 0: must be 0.01 to 1",
+            ),
+            ("TALLYD_API__POOL_SIZE", "0", "api.pool_size = 0"),
+        ] {
+            let e = Config::from_toml(MIN, Path::new("x.toml"), [(var.into(), value.into())])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("x.toml") && e.contains(says),
+                "{var}={value}: {e}"
+            );
+            assert!(!e.contains("secret"), "{e}");
+        }
+        for (var, value) in [
+            (
+                "TALLYD_STORE__URL",
+                "postgresql://u:pw@127.0.0.1:5432/test?options=-csearch_path%3Dx",
+            ),
+            ("TALLYD_HTTP__LISTEN", "[::]:8080"),
+            ("TALLYD_HTTP__LISTEN", "localhost:0"),
+            (
+                "TALLYD_KAFKA__BROKERS",
+                "SSL://k1.example:9093, k2.example, [::1]:9092",
+            ),
+        ] {
+            Config::from_toml(MIN, Path::new("x.toml"), [(var.into(), value.into())])
+                .unwrap_or_else(|e| panic!("{var}={value}: {e}"));
+        }
+        let dup = format!("{MIN}[[api.accounts]]\nsid = \"AC0\"\nauth_token = \"t\"\n");
+        let e = Config::from_toml(&dup, Path::new("x.toml"), [])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("api.accounts[0].sid"), "{e}");
 
         let bad = MIN.replace("0.05", "-0.05");
         let e = Config::from_toml(&bad, Path::new("t.toml"), [])

@@ -30,7 +30,7 @@ pub fn kafka_client(cfg: &Config) -> ClientConfig {
 
 /// Runs the daemon until `shutdown` is set, then drains and returns.
 pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
-    let metrics = http::install_metrics();
+    let metrics = crate::metrics::install();
     for plan in tariff.plans() {
         if !plan.unpriced.is_empty() {
             let names: Vec<&str> = plan.unpriced.iter().map(|c| c.name()).collect();

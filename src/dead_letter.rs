@@ -35,7 +35,7 @@ impl ProducerContext for DeadLetterContext {
     type DeliveryOpaque = ();
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         if let Err((e, _)) = result {
-            metrics::counter!("tallyd_dead_letter_failures_total").increment(1);
+            metrics::counter!(crate::metrics::DEAD_LETTER_FAILURES_TOTAL).increment(1);
             tracing::error!(error = %e, "a dead letter could not be delivered");
         }
     }
@@ -116,7 +116,7 @@ impl DeadLetters {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 Err((e, _)) => {
-                    metrics::counter!("tallyd_dead_letter_failures_total").increment(1);
+                    metrics::counter!(crate::metrics::DEAD_LETTER_FAILURES_TOTAL).increment(1);
                     tracing::error!(error = %e, topic = src.topic, partition = src.partition, offset = src.offset,
                         "cannot queue dead letter");
                     return;

@@ -9,15 +9,15 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::flush::FlushHealth;
 use crate::ingest::IngestHealth;
+use crate::metrics::Exposition;
 use crate::store::StoreHealth;
 
 #[derive(Clone)]
 pub struct Probes {
-    pub metrics: PrometheusHandle,
+    pub metrics: Exposition,
     pub ingest: Arc<IngestHealth>,
     pub flush: Arc<FlushHealth>,
     pub store: Arc<StoreHealth>,
@@ -35,7 +35,6 @@ pub fn router(probes: Probes) -> Router {
 }
 
 async fn metrics(State(p): State<Probes>) -> impl IntoResponse {
-    p.metrics.run_upkeep();
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -67,21 +66,4 @@ async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, body)
-}
-
-/// Installs the global Prometheus recorder (once per process).
-pub fn install_metrics() -> PrometheusHandle {
-    use std::sync::OnceLock;
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            metrics_exporter_prometheus::PrometheusBuilder::new()
-                .set_buckets(&[
-                    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                ])
-                .expect("static buckets")
-                .install_recorder()
-                .expect("metrics recorder installed once")
-        })
-        .clone()
 }

@@ -23,7 +23,8 @@
 //!   [`store`] (SQLite or PostgreSQL) in one transaction each.
 //! - [`api`] serves the stored records over HTTP: Twilio Usage Records, AgentPhone
 //!   `/v1/usage`, and the accounts that may read them; [`http`] adds `/metrics`,
-//!   `/healthz`, `/readyz`.
+//!   `/healthz`, `/readyz`; [`metrics`] is the catalogue of everything
+//!   `/metrics` shows, with the latency summaries.
 //! - [`daemon`] wires it all into `tallyd run`; [`demo`] runs everything in one
 //!   process; [`generate`] makes synthetic CDR traffic; [`config`] loads
 //!   `config/tallyd.toml`.
@@ -43,6 +44,7 @@ pub mod generate;
 pub mod http;
 pub mod ingest;
 pub mod log_throttle;
+pub mod metrics;
 pub mod pipeline;
 pub mod rating;
 pub mod store;

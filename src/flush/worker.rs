@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::dead_letter::DeadLetters;
+use crate::metrics as m;
 use crate::rating::Tariff;
 use crate::store::{self, ErrorKind, FlushBatch, FlushOutcome, Store};
 
@@ -45,6 +46,8 @@ struct Written {
     stuck: Vec<(i32, store::Error)>,
     took: Duration,
     pages: usize,
+    /// Rows and breakdown entries on those pages.
+    rows: usize,
 }
 
 impl Flusher {
@@ -137,6 +140,7 @@ impl Flusher {
         let mut outcome = FlushOutcome::AlreadyApplied;
         let mut took = Duration::ZERO;
         let mut pages = 0;
+        let mut rows = 0;
         let mut stuck = Vec::new();
         for w in written {
             if let Some(e) = w.fenced {
@@ -147,21 +151,22 @@ impl Flusher {
             }
             took = took.max(w.took);
             pages += w.pages;
+            rows += w.rows;
             stuck.extend(w.stuck);
         }
         tracing::debug!(
             pages,
+            rows,
             stuck = stuck.len(),
             ms = started.elapsed().as_millis() as u64,
             "flush landed"
         );
         let now = chrono::Utc::now().timestamp();
         self.health.last_success.store(now, Ordering::Relaxed);
-        metrics::gauge!("tallyd_last_flush_timestamp_seconds").set(now as f64);
-        metrics::histogram!("tallyd_flush_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
-        metrics::counter!("tallyd_flush_pages_total").increment(pages as u64);
-        metrics::counter!("tallyd_flushes_total").increment(1);
+        metrics::gauge!(m::LAST_FLUSH_TIMESTAMP_SECONDS).set(now as f64);
+        metrics::histogram!(m::FLUSH_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::counter!(m::FLUSH_ROWS_TOTAL).increment(rows as u64);
+        metrics::counter!(m::FLUSHES_TOTAL).increment(1);
         Ok(Flushed {
             outcome,
             took,
@@ -208,6 +213,7 @@ impl Flusher {
             match result {
                 Ok(o) => {
                     w.pages += batch.pages.len();
+                    w.rows += batch.pages.iter().map(|p| p.delta.len()).sum::<usize>();
                     if w.outcome != Some(FlushOutcome::Applied) {
                         w.outcome = Some(o);
                     }

@@ -214,20 +214,20 @@ impl StoreHealth {
             Ok(_) => {
                 if !self.up.swap(true, Ordering::Relaxed) {
                     *self.last_error.lock() = None;
-                    metrics::gauge!("tallyd_store_up").set(1.0);
+                    metrics::gauge!(crate::metrics::STORE_UP).set(1.0);
                 }
             }
             Err(e) => match e.kind() {
                 ErrorKind::Retryable => {
                     self.up.store(false, Ordering::Relaxed);
                     *self.last_error.lock() = Some(e.to_string());
-                    metrics::gauge!("tallyd_store_up").set(0.0);
-                    metrics::counter!("tallyd_store_errors_total").increment(1);
+                    metrics::gauge!(crate::metrics::STORE_UP).set(0.0);
+                    metrics::counter!(crate::metrics::STORE_ERRORS_TOTAL).increment(1);
                 }
                 // The store answered: it is up, the data or the owner is wrong.
                 ErrorKind::Permanent => {
                     tracing::error!(error = %e, "permanent store error");
-                    metrics::counter!("tallyd_store_permanent_errors_total", "cause" => e.cause())
+                    metrics::counter!(crate::metrics::STORE_PERMANENT_ERRORS_TOTAL, "cause" => e.cause())
                         .increment(1);
                 }
                 ErrorKind::Fenced => {}
