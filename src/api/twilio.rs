@@ -518,7 +518,8 @@ fn first_day(c: &mut Conn, accounts: &[String], fallback: Day) -> Result<Day, Tw
     )?;
     let oldest_page = oldest_page.first().map(|r| r[0].text().to_owned());
     let usage = match oldest_page.filter(|p| !p.is_empty()) {
-        Some(p) => super::records::read_pages(c, accounts, &p, &p)?
+        Some(p) => c
+            .read_pages(accounts, &p, &p)?
             .iter()
             .flat_map(|page| {
                 page.rows()

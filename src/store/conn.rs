@@ -71,6 +71,14 @@ impl Value {
     }
 }
 
+/// `$first, $first+1, …`: `n` placeholders for an `IN (…)` list.
+pub fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// One open connection.
 pub enum Conn {
     Sqlite(rusqlite::Connection),

@@ -19,7 +19,7 @@ use crate::calendar::Day;
 use crate::counters::Tally;
 use crate::dedup::blob;
 
-use super::page::{Page, PageDelta};
+use super::page::{decode_stored, Page, PageDelta};
 use super::{Conn, Error, Param, Result};
 
 /// A partition's consumed position moving from `from` (what the store held when the
@@ -289,14 +289,35 @@ impl Conn {
     fn read_all_pages(&mut self) -> Result<Vec<(String, Page)>> {
         self.query("SELECT account_sid, page, data FROM usage_pages", &[])?
             .into_iter()
-            .map(|r| match Page::decode(r[2].bytes()) {
-                Ok(p) => Ok((r[0].text().to_owned(), p)),
-                Err(reason) => Err(Error::Page {
-                    account: r[0].text().to_owned(),
-                    page: r[1].text().to_owned(),
-                    reason,
-                }),
+            .map(|r| {
+                let page = decode_stored(r[0].text(), r[1].text(), r[2].bytes())?;
+                Ok((r[0].text().to_owned(), page))
             })
+            .collect()
+    }
+
+    /// The stored pages of `accounts` whose keys are in `[first, last]`
+    /// (`YYYY-MM` or `all`), decoded.
+    pub fn read_pages(
+        &mut self,
+        accounts: &[String],
+        first: &str,
+        last: &str,
+    ) -> Result<Vec<Page>> {
+        let n = accounts.len();
+        let list = super::conn::placeholders(1, n);
+        let sql = format!(
+            "SELECT account_sid, page, data FROM usage_pages \
+             WHERE account_sid IN ({list}) AND page >= ${} AND page <= ${}",
+            n + 1,
+            n + 2
+        );
+        let mut params: Vec<Param<'_>> = accounts.iter().map(|a| Param::Text(a)).collect();
+        params.push(Param::Text(first));
+        params.push(Param::Text(last));
+        self.query(&sql, &params)?
+            .into_iter()
+            .map(|r| decode_stored(r[0].text(), r[1].text(), r[2].bytes()))
             .collect()
     }
 

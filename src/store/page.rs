@@ -279,6 +279,16 @@ impl Page {
     }
 }
 
+/// The stored page of `account` keyed `page`, decoded; an error that names
+/// both if it does not decode (a permanent store error).
+pub fn decode_stored(account: &str, page: &str, bytes: &[u8]) -> Result<Page, super::Error> {
+    Page::decode(bytes).map_err(|reason| super::Error::Page {
+        account: account.to_owned(),
+        page: page.to_owned(),
+        reason,
+    })
+}
+
 /// What one flush adds to one page of one account.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PageDelta {
@@ -299,11 +309,7 @@ impl PageDelta {
         let Some(bytes) = stored else {
             return Ok(self.delta.encode());
         };
-        let mut sum = Page::decode(bytes).map_err(|reason| super::Error::Page {
-            account: self.account.to_string(),
-            page: self.page.text(),
-            reason,
-        })?;
+        let mut sum = decode_stored(&self.account.to_string(), &self.page.text(), bytes)?;
         sum.add_page(&self.delta);
         Ok(sum.encode())
     }
