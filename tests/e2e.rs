@@ -57,8 +57,7 @@ fn sqlite_exact_with_duplicates_and_dead_letters() {
         consumers.contains("tallyd-ingest-0") && consumers.contains("tallyd-ingest-1"),
         "both consumers must be assigned partitions; assigned: {consumers:?}"
     );
-    assert_exact(&url, &truth);
-    assert_offsets(&url, TOPIC, N);
+    check_exact(dir.path(), &t.brokers(), TOPIC, &url, &truth, N);
     // Every rejected message is in the dead-letter topic, unchanged, with its reason.
     let dl = dead_letters(&t.brokers(), DLQ, rejected);
     assert_eq!(dl.len(), rejected);
@@ -79,8 +78,7 @@ fn postgres_exact_with_duplicates() {
     let mut d = Daemon::spawn(&t.brokers(), &pg.url, "g-pg", &log);
     wait_flushed(&pg.url, TOPIC, N, Duration::from_secs(120), &log);
     d.stop();
-    assert_exact(&pg.url, &truth);
-    assert_offsets(&pg.url, TOPIC, N);
+    check_exact(dir.path(), &t.brokers(), TOPIC, &pg.url, &truth, N);
 }
 
 #[test]
@@ -107,8 +105,7 @@ fn exact_across_sigkill_restarts() {
     let mut d = Daemon::spawn(&t.brokers(), &url, "g-kill", &log);
     wait_flushed(&url, TOPIC, N, Duration::from_secs(180), &log);
     d.stop();
-    assert_exact(&url, &truth);
-    assert_offsets(&url, TOPIC, N);
+    check_exact(dir.path(), &t.brokers(), TOPIC, &url, &truth, N);
 }
 
 #[test]
@@ -128,8 +125,7 @@ fn exact_when_broker_freezes_mid_run() {
     t.thaw();
     wait_flushed(&pg.url, TOPIC, N, Duration::from_secs(240), &log);
     d.stop();
-    assert_exact(&pg.url, &truth);
-    assert_offsets(&pg.url, TOPIC, N);
+    check_exact(dir.path(), &t.brokers(), TOPIC, &pg.url, &truth, N);
 }
 
 #[test]
@@ -163,8 +159,7 @@ fn exact_when_broker_stops_and_restarts_mid_run() {
     t.restart();
     wait_flushed(&pg.url, TOPIC, N, Duration::from_secs(240), &log);
     d.stop();
-    assert_exact(&pg.url, &truth);
-    assert_offsets(&pg.url, TOPIC, N);
+    check_exact(dir.path(), &t.brokers(), TOPIC, &pg.url, &truth, N);
     // Dead letters queued while the broker was down were delivered after all (a
     // retried one may be there twice: at least once is the promise).
     let dl = dead_letters(&t.brokers(), DLQ, rejected);
@@ -199,8 +194,7 @@ fn two_instances_share_partitions_and_take_over() {
     a.kill9();
     wait_flushed(&pg.url, TOPIC, N, Duration::from_secs(240), &log_b);
     b.stop();
-    assert_exact(&pg.url, &truth);
-    assert_offsets(&pg.url, TOPIC, N);
+    check_exact(dir.path(), &t.brokers(), TOPIC, &pg.url, &truth, N);
 }
 
 #[test]
@@ -297,6 +291,5 @@ fn store_stall_pauses_consumption_then_catches_up_exactly() {
         "last flush at {last_flush:?}, store released at {released}"
     );
     d.stop();
-    assert_exact(&pg.url, &truth);
-    assert_offsets(&pg.url, TOPIC, N);
+    check_exact(dir.path(), &t.brokers(), TOPIC, &pg.url, &truth, N);
 }

