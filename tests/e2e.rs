@@ -293,3 +293,65 @@ fn store_stall_pauses_consumption_then_catches_up_exactly() {
     d.stop();
     check_exact(dir.path(), &t.brokers(), TOPIC, &pg.url, &truth, N);
 }
+
+/// Two instances consume; the store goes down; one instance dies: the
+/// survivor's rebalance must not wait for the store inside librdkafka's poll
+/// (which would exceed `max.poll.interval.ms` and drop it from the group). It
+/// stays a member while the store is down, takes every partition once the
+/// store is back, and the totals are exact.
+#[test]
+fn rebalance_while_the_store_is_down_keeps_the_group() {
+    let dir = test_dir();
+    let pg = PgSchema::new("storedown");
+    let t = broker();
+    const N: u64 = 30_000;
+    let lines = generate(&t.brokers(), TOPIC, N, 18, &dir.path().join("cdrs.jsonl"));
+    let (truth, _) = ground_truth(&lines);
+    // Short group timeouts, so that the store stays down for longer than the
+    // poll interval.
+    const POLL_INTERVAL_MS: u64 = 10_000;
+    let config = config_with_kafka(
+        dir.path(),
+        &[
+            ("max.poll.interval.ms", &POLL_INTERVAL_MS.to_string()),
+            ("session.timeout.ms", "6000"),
+        ],
+    );
+    let (gate, url) = Gate::before(&pg.url);
+    let log_a = dir.path().join("a.log");
+    let log_b = dir.path().join("b.log");
+    let mut a = Daemon::spawn_config(&config, &t.brokers(), &url, "g-down", &log_a, &[]);
+    let mut b = Daemon::spawn_config(&config, &t.brokers(), &url, "g-down", &log_b, &[]);
+    wait_consuming(&pg.url, TOPIC, Duration::from_secs(90));
+    // Both hold partitions before the store goes down.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while log_lines(&log_a, "partition assigned").is_empty()
+        || log_lines(&log_b, "partition assigned").is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an instance got no partitions"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    gate.shut();
+    let given_before = log_lines(&log_a, "partitions given").len();
+    b.kill9();
+    // Down for twice the poll interval, through the rebalance B's death causes
+    // (once its session times out).
+    std::thread::sleep(Duration::from_millis(2 * POLL_INTERVAL_MS));
+    let given_while_down = log_lines(&log_a, "partitions given").len() - given_before;
+    gate.open();
+    wait_flushed(&pg.url, TOPIC, N, Duration::from_secs(180), &log_a);
+    a.stop();
+    check_exact(dir.path(), &t.brokers(), TOPIC, &pg.url, &truth, N);
+    let exceeded = log_lines(&log_a, "maximum poll interval");
+    assert!(
+        exceeded.is_empty(),
+        "the survivor exceeded max.poll.interval.ms: {exceeded:?}"
+    );
+    assert!(
+        given_while_down > 0,
+        "the survivor was given no partitions while the store was down"
+    );
+}

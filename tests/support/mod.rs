@@ -485,7 +485,18 @@ impl Daemon {
         log: &Path,
         env: &[(&str, &str)],
     ) -> Daemon {
-        let config = config_path();
+        Self::spawn_config(&config_path(), brokers, store_url, group, log, env)
+    }
+
+    /// Like `spawn_with`, with the config file `config` (see [`config_with_kafka`]).
+    pub fn spawn_config(
+        config: &Path,
+        brokers: &str,
+        store_url: &str,
+        group: &str,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let logf = append(log);
         let log_start = logf.metadata().map_or(0, |m| m.len());
         let child = Command::new(tallyd_bin())
@@ -1004,4 +1015,129 @@ pub fn metric(port: u16, name: &str) -> Option<f64> {
         .ok()?;
     body.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Writes into `dir` the tests' config file with `properties` added under
+/// `[kafka.properties]` (librdkafka settings cannot be given as environment
+/// variables: their names have dots); returns its path.
+pub fn config_with_kafka(dir: &Path, properties: &[(&str, &str)]) -> PathBuf {
+    let base = std::fs::read_to_string(config_path()).unwrap();
+    let extra: String = properties
+        .iter()
+        .map(|(k, v)| format!("{k:?} = {v:?}\n"))
+        .collect();
+    let text = base.replacen(
+        "[kafka.properties]\n",
+        &format!("[kafka.properties]\n{extra}"),
+        1,
+    );
+    assert_ne!(text, base, "the config has no [kafka.properties] section");
+    let path = dir.join("tallyd-test.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A TCP relay in front of a server (PostgreSQL) that a test can shut: while
+/// shut, every connection it relayed is cut and new ones are closed at once, as
+/// if the server were down; opened again, it relays new connections.
+pub struct Gate {
+    pub port: u16,
+    open: std::sync::Arc<AtomicBool>,
+    stop: std::sync::Arc<AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Gate {
+    pub fn start(target: std::net::SocketAddr) -> Gate {
+        use std::io::ErrorKind;
+        use std::net::TcpStream;
+        use std::sync::atomic::Ordering;
+        use std::sync::{Arc, Mutex};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (o, st, cs) = (open.clone(), stop.clone(), conns.clone());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                let client = match listener.accept() {
+                    Ok((c, _)) => c,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                    Err(_) => continue,
+                };
+                if !o.load(Ordering::Relaxed) {
+                    continue; // dropped: closed at once
+                }
+                let _ = client.set_nonblocking(false);
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let mut list = cs.lock().unwrap();
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                list.extend([client, server]);
+            }
+        });
+        Gate {
+            port,
+            open,
+            stop,
+            conns,
+        }
+    }
+
+    /// The store is "down": relayed connections are cut, new ones refused.
+    pub fn shut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::Relaxed);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn open(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shut();
+    }
+}
+
+impl Gate {
+    /// A gate in front of the server of `url` (`scheme://user@host:port/…`);
+    /// returns it and `url` going through it.
+    pub fn before(url: &str) -> (Gate, String) {
+        let host = url
+            .find('@')
+            .map_or(url.find("://").unwrap() + 3, |i| i + 1);
+        let end = url[host..].find('/').map_or(url.len(), |i| host + i);
+        let target = url[host..end].parse().expect("host:port in the URL");
+        let gate = Gate::start(target);
+        let gated = format!("{}127.0.0.1:{}{}", &url[..host], gate.port, &url[end..]);
+        (gate, gated)
+    }
+}
+
+/// Lines of `log` containing `needle`.
+pub fn log_lines(log: &Path, needle: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains(needle))
+        .map(String::from)
+        .collect()
 }
