@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use support::*;
@@ -186,15 +186,81 @@ fn two_instances_share_partitions_and_take_over() {
     let (truth, _) = ground_truth(&lines);
     let log_a = dir.path().join("a.log");
     let log_b = dir.path().join("b.log");
+    // Dynamic members: tansu never drops a static member that died.
     let mut a = Daemon::spawn(&t.brokers(), &pg.url, "g-two", &log_a);
     let mut b = Daemon::spawn(&t.brokers(), &pg.url, "g-two", &log_b);
     wait_consuming(&pg.url, TOPIC, Duration::from_secs(120));
-    std::thread::sleep(Duration::from_millis(300));
-    // One instance dies without a goodbye; the other must take its partitions over.
+    wait_assigned(&log_b, 0, 1, Duration::from_secs(60));
+    // One instance dies without a goodbye; the other must take its partitions
+    // over within 15 s (its session times out, the group rebalances).
+    let assigned_before = log_lines(&log_b, "partition assigned").len();
+    let killed = Instant::now();
     a.kill9();
+    wait_assigned(
+        &log_b,
+        assigned_before,
+        PARTITIONS as usize,
+        Duration::from_secs(120),
+    );
+    let took = killed.elapsed();
+    eprintln!("the survivor held every partition {took:?} after the kill");
     wait_flushed(&pg.url, TOPIC, N, Duration::from_secs(240), &log_b);
     b.stop();
     check_exact(dir.path(), &t.brokers(), TOPIC, &pg.url, &truth, N);
+    assert!(
+        took <= Duration::from_secs(15),
+        "the survivor took {took:?} to own every partition"
+    );
+}
+
+/// An instance SIGKILLed and restarted at once (same `kafka.instance_id`)
+/// consumes again within 10 s of its start: as a static member it gets its
+/// partitions back without waiting for its old session to time out.
+#[test]
+fn restart_after_kill_resumes_within_10_s() {
+    let dir = test_dir();
+    let t = broker();
+    const N: u64 = 60_000;
+    let lines = generate(&t.brokers(), TOPIC, N, 19, &dir.path().join("cdrs.jsonl"));
+    let (truth, _) = ground_truth(&lines);
+    let url = format!("sqlite://{}/tallyd.db", dir.path().display());
+    let log = dir.path().join("tallyd.log");
+    let id = [("TALLYD_KAFKA__INSTANCE_ID", "restarted")];
+    let mut d = Daemon::spawn_with(&t.brokers(), &url, "g-restart-fast", &log, &id);
+    wait_consuming(&url, TOPIC, Duration::from_secs(90));
+    d.kill9();
+    let assigned_before = log_lines(&log, "partition assigned").len();
+    let started = Instant::now();
+    let mut d = Daemon::spawn_with(&t.brokers(), &url, "g-restart-fast", &log, &id);
+    wait_assigned(
+        &log,
+        assigned_before,
+        PARTITIONS as usize,
+        Duration::from_secs(120),
+    );
+    let took = started.elapsed();
+    eprintln!("the restarted instance took its partitions {took:?} after its start");
+    wait_flushed(&url, TOPIC, N, Duration::from_secs(180), &log);
+    d.stop();
+    check_exact(dir.path(), &t.brokers(), TOPIC, &url, &truth, N);
+    assert!(
+        took <= Duration::from_secs(10),
+        "the restarted instance took {took:?} to consume again"
+    );
+}
+
+/// Waits until `log` shows `count` more partitions assigned than the `before`
+/// it had.
+fn wait_assigned(log: &std::path::Path, before: usize, count: usize, timeout: Duration) {
+    let started = Instant::now();
+    while log_lines(log, "partition assigned").len() < before + count {
+        assert!(
+            started.elapsed() < timeout,
+            "{count} partitions not assigned within {timeout:?} ({})",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -324,16 +390,8 @@ fn rebalance_while_the_store_is_down_keeps_the_group() {
     let mut b = Daemon::spawn_config(&config, &t.brokers(), &url, "g-down", &log_b, &[]);
     wait_consuming(&pg.url, TOPIC, Duration::from_secs(90));
     // Both hold partitions before the store goes down.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while log_lines(&log_a, "partition assigned").is_empty()
-        || log_lines(&log_b, "partition assigned").is_empty()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "an instance got no partitions"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_assigned(&log_a, 0, 1, Duration::from_secs(60));
+    wait_assigned(&log_b, 0, 1, Duration::from_secs(60));
     gate.shut();
     let given_before = log_lines(&log_a, "partitions given").len();
     b.kill9();
