@@ -153,7 +153,7 @@ impl Loading {
             Err(TryRecvError::Empty) => {
                 if !self.reported && self.started.elapsed() >= self.deadline {
                     self.reported = true;
-                    metrics::counter!("tallyd_partition_load_overdue_total").increment(1);
+                    metrics::counter!(crate::metrics::PARTITION_LOAD_OVERDUE_TOTAL).increment(1);
                     tracing::error!(
                         partitions = ?self.partitions,
                         waited_ms = self.started.elapsed().as_millis() as u64,

@@ -94,7 +94,7 @@ impl IngestHealth {
     /// publishes the instance's sum.
     fn set_assigned(&self, mine: &IngestHealth, n: usize) {
         let sum = move_sum(&self.assigned_partitions, &mine.assigned_partitions, n);
-        metrics::gauge!("tallyd_partitions_assigned").set(sum as f64);
+        metrics::gauge!(crate::metrics::PARTITIONS_ASSIGNED).set(sum as f64);
     }
 
     fn set_paused(&self, mine: &IngestHealth, paused: bool) {
@@ -103,12 +103,12 @@ impl IngestHealth {
             &mine.paused_consumers,
             paused as usize,
         );
-        metrics::gauge!("tallyd_consumer_paused").set(if sum > 0 { 1.0 } else { 0.0 });
+        metrics::gauge!(crate::metrics::CONSUMER_PAUSED).set(if sum > 0 { 1.0 } else { 0.0 });
     }
 
     fn set_pending(&self, mine: &IngestHealth, cells: usize) {
         let sum = move_sum(&self.pending_cells, &mine.pending_cells, cells);
-        metrics::gauge!("tallyd_pending_cells").set(sum as f64);
+        metrics::gauge!(crate::metrics::PENDING_CELLS).set(sum as f64);
     }
 }
 
@@ -330,7 +330,7 @@ impl IngestContext {
         }
         for p in st.partitions.keys() {
             // Another member reports it from now on.
-            metrics::gauge!("tallyd_consumer_lag", "partition" => p.to_string()).set(0.0);
+            metrics::gauge!(crate::metrics::CONSUMER_LAG, "partition" => p.to_string()).set(0.0);
         }
         st.partitions.clear();
         self.health.set_assigned(&self.my_health, 0);
@@ -514,7 +514,8 @@ impl FlushPacer {
     /// The flush handed over last landed; the store took `took` to write it.
     pub fn finished(&mut self, took: Duration) {
         self.cost_per_cell = took / self.last_cells.clamp(1, u32::MAX as usize) as u32;
-        metrics::gauge!("tallyd_flush_gap_seconds").set(self.gap(self.last_cells).as_secs_f64());
+        metrics::gauge!(crate::metrics::FLUSH_GAP_SECONDS)
+            .set(self.gap(self.last_cells).as_secs_f64());
     }
 }
 
@@ -960,7 +961,7 @@ impl Ingest {
             }
             Err(e) => {
                 tracing::error!(error = %e, "flush failed for good; dropping local state and rejoining the group");
-                metrics::counter!("tallyd_flush_fenced_total").increment(1);
+                metrics::counter!(crate::metrics::FLUSH_FENCED_TOTAL).increment(1);
                 self.reload_from_store(ctx, st);
                 None
             }
@@ -1049,7 +1050,7 @@ fn publish_lag(st: &State, consumer: &BatchConsumer<IngestContext>) {
         } else {
             ps.stored.unwrap_or(low)
         };
-        metrics::gauge!("tallyd_consumer_lag", "partition" => p.to_string())
+        metrics::gauge!(crate::metrics::CONSUMER_LAG, "partition" => p.to_string())
             .set((high - position).max(0) as f64);
     }
 }
@@ -1065,7 +1066,7 @@ fn at_end(st: &mut State, p: i32) -> bool {
 
 /// A consumer error: counted, and logged unless it keeps recurring.
 fn on_error(ctx: &IngestContext, e: KafkaError) {
-    metrics::counter!("tallyd_kafka_errors_total").increment(1);
+    metrics::counter!(crate::metrics::KAFKA_ERRORS_TOTAL).increment(1);
     if let Some(repeats) = ctx.log_throttle.admit_error(&e) {
         tracing::warn!(error = %e, repeats_not_logged = repeats, "kafka consumer error");
     }
@@ -1087,7 +1088,7 @@ fn continue_from<M: Record>(next: i64, run: &[M], partition: i32) -> &[M] {
         return run;
     }
     if first.offset() > next {
-        metrics::counter!("tallyd_offset_gaps_total").increment(1);
+        metrics::counter!(crate::metrics::OFFSET_GAPS_TOTAL).increment(1);
         tracing::warn!(
             partition,
             expected = next,
@@ -1097,7 +1098,7 @@ fn continue_from<M: Record>(next: i64, run: &[M], partition: i32) -> &[M] {
         return run;
     }
     let skip = run.partition_point(|m| m.offset() < next);
-    metrics::counter!("tallyd_replayed_messages_total").increment(skip as u64);
+    metrics::counter!(crate::metrics::REPLAYED_MESSAGES_TOTAL).increment(skip as u64);
     tracing::warn!(
         partition,
         expected = next,
@@ -1110,15 +1111,16 @@ fn continue_from<M: Record>(next: i64, run: &[M], partition: i32) -> &[M] {
 }
 
 fn publish(t: &mut Tallies) {
-    metrics::counter!("tallyd_cdrs_total", "outcome" => "counted")
+    metrics::counter!(crate::metrics::CDRS_TOTAL, "outcome" => "counted")
         .increment(std::mem::take(&mut t.counted));
-    metrics::counter!("tallyd_cdrs_total", "outcome" => "duplicate")
+    metrics::counter!(crate::metrics::CDRS_TOTAL, "outcome" => "duplicate")
         .increment(std::mem::take(&mut t.duplicates));
     for r in RejectReason::ALL {
         let n = std::mem::take(&mut t.rejected[r as usize]);
         if n > 0 {
-            metrics::counter!("tallyd_cdrs_total", "outcome" => "rejected").increment(n);
-            metrics::counter!("tallyd_cdrs_rejected_total", "reason" => r.as_str()).increment(n);
+            metrics::counter!(crate::metrics::CDRS_TOTAL, "outcome" => "rejected").increment(n);
+            metrics::counter!(crate::metrics::CDRS_REJECTED_TOTAL, "reason" => r.as_str())
+                .increment(n);
         }
     }
 }
