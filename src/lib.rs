@@ -46,5 +46,6 @@ pub mod log_throttle;
 pub mod pipeline;
 pub mod rating;
 pub mod store;
+pub mod wallet;
 
 pub mod api;
