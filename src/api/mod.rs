@@ -16,6 +16,7 @@ pub mod agentphone;
 pub mod error;
 pub mod records;
 pub mod twilio;
+pub mod wallet;
 
 use std::sync::Arc;
 
@@ -42,6 +43,8 @@ pub enum ApiInitError {
     Store(#[from] StoreError),
     #[error("api.accounts[{index}].parent_sid: {parent} is neither in [[api.accounts]] nor in the store")]
     UnknownParent { index: usize, parent: String },
+    #[error("{0}")]
+    Wallet(String),
 }
 
 /// Everything the handlers share.
@@ -55,6 +58,10 @@ struct Shared {
     tariff: Tariff,
     admin_token: Option<String>,
     default_limits: PlanLimits,
+    /// The instance's wallets and holds, shared with the consumers.
+    wallets: Arc<crate::wallet::Wallets>,
+    /// `wallet.hold_grace_seconds`.
+    hold_grace: i64,
     /// A fixed clock (Unix seconds) for tests; `None` reads the system clock.
     now: Option<i64>,
 }
@@ -65,12 +72,18 @@ impl ApiState {
     /// [`ApiState::seed`]).
     pub fn new(cfg: &Config, tariff: &Tariff, store: Store) -> Result<ApiState, ApiInitError> {
         accounts::validate_config(&cfg.api.accounts)?;
+        let starting = cfg
+            .wallet
+            .starting_credits(&Arc::new(tariff.clone()))
+            .map_err(ApiInitError::Wallet)?;
         Ok(ApiState {
             inner: Arc::new(Shared {
                 store,
                 tariff: tariff.clone(),
                 admin_token: cfg.api.admin_token.clone().filter(|t| !t.is_empty()),
                 default_limits: cfg.api.default_limits,
+                wallets: Arc::new(crate::wallet::Wallets::new(starting)),
+                hold_grace: cfg.wallet.hold_grace_seconds.into(),
                 now: None,
             }),
         })
@@ -112,6 +125,8 @@ impl ApiState {
                 tariff: s.tariff.clone(),
                 admin_token: s.admin_token.clone(),
                 default_limits: s.default_limits,
+                wallets: s.wallets.clone(),
+                hold_grace: s.hold_grace,
                 now: Some(unix_seconds),
             }),
         }
@@ -119,6 +134,18 @@ impl ApiState {
 
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// The instance's wallets: the consumers debit them, the wallet handlers
+    /// grant holds from them.
+    pub fn wallets(&self) -> &Arc<crate::wallet::Wallets> {
+        &self.inner.wallets
+    }
+
+    /// Loads every stored balance and reserved hold into [`ApiState::wallets`]
+    /// (at start, before consuming). Blocking.
+    pub fn load_wallets(&self) -> Result<usize, StoreError> {
+        wallet::load(self)
     }
 
     pub fn now(&self) -> i64 {
@@ -190,6 +217,17 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/admin/accounts/:sid/api-keys/:key_id",
             axum::routing::delete(admin::delete_api_key),
+        )
+        .route("/v1/holds", axum::routing::post(wallet::create_hold))
+        .route(
+            "/v1/holds/:call_id",
+            axum::routing::delete(wallet::release_hold),
+        )
+        .route("/v1/calls/:call_id/billing", get(wallet::call_billing))
+        .route("/v1/wallet", get(wallet::wallet))
+        .route(
+            "/admin/accounts/:sid/credits",
+            axum::routing::post(wallet::create_credit),
         )
         .route("/openapi.yaml", get(openapi))
         .with_state(state)

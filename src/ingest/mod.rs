@@ -59,6 +59,8 @@ pub struct IngestSettings {
     pub dedup_window_days: u32,
     /// How long a revocation waits for the last flush before dropping local state.
     pub revoke_timeout: Duration,
+    /// The instance's wallets, debited by every counted CDR.
+    pub wallets: Arc<crate::wallet::Wallets>,
 }
 
 /// Live state shared with `/readyz` and the metrics: sums over the instance's
@@ -120,6 +122,8 @@ struct PartitionState {
     window: DedupWindow,
     /// Usage counted from this partition's messages since the last flush.
     deltas: Deltas,
+    /// Wallet debits and hold settlements since the last flush.
+    ledger: crate::wallet::Ledger,
     /// Whether the last event of this partition was "end of partition".
     at_end: bool,
 }
@@ -268,6 +272,7 @@ impl IngestContext {
                     next: stored.unwrap_or(-1),
                     window,
                     deltas: Deltas::default(),
+                    ledger: crate::wallet::Ledger::new(self.settings.wallets.clone()),
                     at_end: false,
                 },
             );
@@ -348,6 +353,9 @@ impl IngestContext {
             st.in_flight_cancel.store(true, Ordering::Relaxed);
             rx.recv()
         });
+        if let Ok(Ok(f)) = &res {
+            wallets_flushed(st, &f.stuck);
+        }
         matches!(res, Ok(Ok(_)))
     }
 
@@ -469,6 +477,16 @@ impl FlushPacer {
     }
 }
 
+/// Tells the wallet ledgers of the partitions whose cut landed (all but
+/// `stuck`) that it did.
+fn wallets_flushed(st: &mut State, stuck: &[(i32, crate::store::Error)]) {
+    for (p, ps) in st.partitions.iter_mut() {
+        if !stuck.iter().any(|(s, _)| s == p) {
+            ps.ledger.flushed();
+        }
+    }
+}
+
 /// Takes a consistent cut of the consumer state. `None` if nothing was consumed.
 fn take_snapshot(st: &mut State, settings: &IngestSettings) -> Option<Snapshot> {
     let mut parts = Vec::new();
@@ -486,6 +504,7 @@ fn take_snapshot(st: &mut State, settings: &IngestSettings) -> Option<Snapshot> 
         });
         parts.push(PartitionCut {
             deltas: ps.deltas.take(),
+            wallet: ps.ledger.take(),
             offset: OffsetAdvance {
                 topic: settings.topic.clone(),
                 partition: *p,
@@ -819,6 +838,7 @@ impl Ingest {
                 took,
                 stuck,
             }) => {
+                wallets_flushed(st, &stuck);
                 if outcome == FlushOutcome::AlreadyApplied {
                     tracing::info!("flush had already landed on an earlier attempt");
                 }
@@ -898,6 +918,7 @@ impl Ingest {
             &self.tariff,
             &mut ps.deltas,
             &mut ps.window,
+            &mut ps.ledger,
             |i, result| match result {
                 Ok(Outcome::Counted(_)) => tallies.counted += 1,
                 Ok(Outcome::Duplicate) => tallies.duplicates += 1,
@@ -1034,6 +1055,7 @@ mod tests {
                 max_pending_cells: 1,
                 dedup_window_days: 7,
                 revoke_timeout: Duration::from_secs(1),
+                wallets: Arc::new(crate::wallet::Wallets::new(Box::new(|_| 0))),
             },
             t0,
         )

@@ -603,6 +603,9 @@ pub fn status(available: Money, hold_amount: Money) -> &'static str {
 #[derive(Debug, Clone)]
 pub struct HoldChange {
     pub hold: Arc<Hold>,
+    /// Whether this CDR moved the hold out of `reserved` (not so for a late
+    /// CDR of an expired hold).
+    pub took_hold: bool,
     pub status: HoldStatus,
     pub billing: CallBilling,
 }
@@ -624,11 +627,17 @@ impl WalletCut {
 
 /// One partition's wallet work on its consumer thread: debits wallets as CDRs
 /// are consumed and remembers what the next flush must write.
+///
+/// Dropping a ledger (its partition revoked or re-read from the store) takes
+/// back from memory what no flush confirmed: the replay from the stored
+/// offsets debits and settles it again, so nothing counts twice.
 pub struct Ledger {
     wallets: Arc<Wallets>,
     /// Accounts seen on this partition: their wallet and unflushed debits.
     accounts: FxHashMap<AccountSid, (Arc<Wallet>, Money)>,
     holds: Vec<HoldChange>,
+    /// What was handed to a flush not yet confirmed ([`Ledger::flushed`]).
+    in_flight: (Vec<(Arc<Wallet>, Money)>, Vec<HoldChange>),
 }
 
 impl Ledger {
@@ -637,7 +646,14 @@ impl Ledger {
             wallets,
             accounts: FxHashMap::default(),
             holds: Vec::new(),
+            in_flight: Default::default(),
         }
+    }
+
+    /// The last cut taken has landed in the store.
+    pub fn flushed(&mut self) {
+        self.in_flight.0.clear();
+        self.in_flight.1.clear();
     }
 
     /// Debits the CDR's price from its account; a call CDR whose id has a hold
@@ -670,6 +686,7 @@ impl Ledger {
                     *hold.billing.lock() = Some(billing);
                     let settled = hold.leave_reserved(to);
                     self.holds.push(HoldChange {
+                        took_hold: settled,
                         status: hold.status(),
                         hold: hold.clone(),
                         billing,
@@ -687,8 +704,9 @@ impl Ledger {
     /// What changed since the last take, for the partition's flush.
     pub fn take(&mut self) -> WalletCut {
         let mut debits = Vec::new();
-        for (account, (_, pending)) in self.accounts.iter_mut() {
+        for (account, (wallet, pending)) in self.accounts.iter_mut() {
             if *pending != 0 {
+                self.in_flight.0.push((wallet.clone(), *pending));
                 debits.push((
                     *account,
                     std::mem::take(pending),
@@ -697,15 +715,32 @@ impl Ledger {
             }
         }
         debits.sort_by_key(|d| d.0);
-        WalletCut {
-            debits,
-            holds: std::mem::take(&mut self.holds),
-        }
+        let holds = std::mem::take(&mut self.holds);
+        self.in_flight.1.extend(holds.iter().cloned());
+        WalletCut { debits, holds }
     }
 
     /// The accounts this partition has debited.
     pub fn accounts(&self) -> impl Iterator<Item = AccountSid> + '_ {
         self.accounts.keys().copied()
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        let pending = self.accounts.values().map(|(w, p)| (w.clone(), *p));
+        for (wallet, amount) in self.in_flight.0.drain(..).chain(pending) {
+            wallet.credit(amount);
+        }
+        for c in self.in_flight.1.drain(..).chain(self.holds.drain(..)) {
+            let wallet = self.wallets.wallet(c.hold.account);
+            if c.took_hold && c.hold.status() != HoldStatus::Reserved {
+                c.hold.restore(HoldStatus::Reserved, None);
+                wallet.held.fetch_add(c.hold.amount, Ordering::AcqRel);
+                wallet.available.fetch_sub(c.hold.amount, Ordering::AcqRel);
+                wallet.active_holds.fetch_add(1, Ordering::AcqRel);
+            }
+        }
     }
 }
 
