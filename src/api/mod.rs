@@ -62,6 +62,10 @@ struct Shared {
     wallets: Arc<crate::wallet::Wallets>,
     /// `wallet.hold_grace_seconds`.
     hold_grace: i64,
+    /// Set once the stored wallets are loaded; until then the wallet
+    /// endpoints answer 503 (a decision on a wallet not yet loaded would use
+    /// the starting credit instead of the balance).
+    wallets_loaded: Arc<std::sync::atomic::AtomicBool>,
     /// A fixed clock (Unix seconds) for tests; `None` reads the system clock.
     now: Option<i64>,
 }
@@ -84,6 +88,7 @@ impl ApiState {
                 default_limits: cfg.api.default_limits,
                 wallets: Arc::new(crate::wallet::Wallets::new(starting)),
                 hold_grace: cfg.wallet.hold_grace_seconds.into(),
+                wallets_loaded: Default::default(),
                 now: None,
             }),
         })
@@ -93,6 +98,7 @@ impl ApiState {
     pub fn seeded(cfg: &Config, tariff: &Tariff, store: Store) -> Result<ApiState, ApiInitError> {
         let state = ApiState::new(cfg, tariff, store)?;
         state.seed(cfg)?;
+        state.load_wallets()?;
         Ok(state)
     }
 
@@ -127,6 +133,7 @@ impl ApiState {
                 default_limits: s.default_limits,
                 wallets: s.wallets.clone(),
                 hold_grace: s.hold_grace,
+                wallets_loaded: s.wallets_loaded.clone(),
                 now: Some(unix_seconds),
             }),
         }
@@ -145,7 +152,11 @@ impl ApiState {
     /// Loads every stored balance and reserved hold into [`ApiState::wallets`]
     /// (at start, before consuming). Blocking.
     pub fn load_wallets(&self) -> Result<usize, StoreError> {
-        wallet::load(self)
+        let n = wallet::load(self)?;
+        self.inner
+            .wallets_loaded
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(n)
     }
 
     pub fn now(&self) -> i64 {

@@ -65,11 +65,28 @@ pub(super) fn load(state: &ApiState) -> Result<usize, StoreError> {
     Ok(n)
 }
 
+fn check_loaded(state: &ApiState) -> Result<(), ApiError> {
+    if state
+        .inner
+        .wallets_loaded
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        return Ok(());
+    }
+    Err(ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        code: "starting",
+        message: "tallyd is starting: wallets are not loaded from the store yet; retry".into(),
+        param: None,
+    })
+}
+
 fn sid_of(a: &Account) -> Result<AccountSid, ApiError> {
     AccountSid::parse(&a.sid).ok_or_else(|| ApiError::internal("stored account SID is malformed"))
 }
 
 async fn account(state: &ApiState, headers: &HeaderMap) -> Result<Account, ApiError> {
+    check_loaded(state)?;
     let key = bearer(headers);
     state.store().run(move |c| Ok(authenticate(c, key))).await?
 }
@@ -209,6 +226,13 @@ pub async fn create_hold(
             let row = stored(&hold);
             match state.store().run(move |c| c.insert_hold(&row)).await {
                 Ok(None) => {
+                    metrics::counter!("tallyd_holds_granted_total").increment(1);
+                    let mut body = hold_json(&stored(&hold));
+                    body["wallet"] = wallet_json(&state, &a, &wallet);
+                    (StatusCode::CREATED, Json(body)).into_response()
+                }
+                Ok(Some(_)) if hold.status() != HoldStatus::Reserved => {
+                    // Its call's CDR came and was flushed before this insert.
                     metrics::counter!("tallyd_holds_granted_total").increment(1);
                     let mut body = hold_json(&stored(&hold));
                     body["wallet"] = wallet_json(&state, &a, &wallet);
@@ -374,6 +398,7 @@ pub async fn create_credit(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     check_admin(&state, &headers)?;
+    check_loaded(&state)?;
     check_sid("sid", &sid)?;
     let req: NewCredit = parse_body(&body)?;
     let bad_amount = |why: &str| {
@@ -439,35 +464,41 @@ pub async fn create_credit(
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-/// Releases holds past their expiry every second, until `stop` is set; a
-/// released hold is written to the store. Holds finished an hour ago are
-/// dropped from memory (the store keeps them).
+/// Releases the holds past their expiry (and writes them released); holds
+/// finished an hour ago are dropped from memory (the store keeps them).
+/// Returns how many expired.
+pub async fn expire_due(state: &ApiState) -> Result<usize, StoreError> {
+    let now = state.now();
+    let expired = state.wallets().expire(now, now - 3600);
+    if expired.is_empty() {
+        return Ok(0);
+    }
+    metrics::counter!("tallyd_holds_expired_total").increment(expired.len() as u64);
+    let rows: Vec<(String, String)> = expired
+        .iter()
+        .map(|h| (h.account.to_string(), h.call_id.clone()))
+        .collect();
+    state
+        .store()
+        .run(move |c| {
+            c.transaction(|c| {
+                for (sid, id) in &rows {
+                    c.release_hold(sid, id)?;
+                }
+                Ok(())
+            })
+        })
+        .await?;
+    Ok(expired.len())
+}
+
+/// Runs [`expire_due`] every second until `stop` is set.
 pub async fn expire_holds(state: ApiState, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        let now = state.now();
-        let expired = state.wallets().expire(now, now - 3600);
-        if !expired.is_empty() {
-            metrics::counter!("tallyd_holds_expired_total").increment(expired.len() as u64);
-            let rows: Vec<(String, String)> = expired
-                .iter()
-                .map(|h| (h.account.to_string(), h.call_id.clone()))
-                .collect();
-            let r = state
-                .store()
-                .run(move |c| {
-                    c.transaction(|c| {
-                        for (sid, id) in &rows {
-                            c.release_hold(sid, id)?;
-                        }
-                        Ok(())
-                    })
-                })
-                .await;
-            if let Err(e) = r {
-                // The holds are released in memory; a restart would bring
-                // them back reserved and expire them again.
-                tracing::warn!(error = %e, holds = expired.len(), "expired holds not written");
-            }
+        if let Err(e) = expire_due(&state).await {
+            // Released in memory; a restart brings them back reserved and
+            // expires them again.
+            tracing::warn!(error = %e, "expired holds not written");
         }
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }

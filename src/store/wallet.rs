@@ -23,6 +23,9 @@ pub struct WalletRows {
 pub struct HoldUpdate {
     pub account_sid: String,
     pub call_id: String,
+    pub amount: Money,
+    pub created_at: i64,
+    pub expires_at: i64,
     pub status: HoldStatus,
     pub billing: CallBilling,
 }
@@ -41,6 +44,9 @@ impl From<WalletCut> for WalletRows {
                 .map(|c| HoldUpdate {
                     account_sid: c.hold.account.to_string(),
                     call_id: c.hold.call_id.clone(),
+                    amount: c.hold.amount,
+                    created_at: c.hold.created_at,
+                    expires_at: c.hold.expires_at,
                     status: c.status,
                     billing: c.billing,
                 })
@@ -106,16 +112,22 @@ impl Conn {
             )?;
         }
         for h in &w.holds {
+            // An upsert: the grant's own insert may still be on its way.
             self.execute(
-                "UPDATE wallet_holds SET status = $1, duration = $2, billsec = $3, charged = $4 \
-                 WHERE account_sid = $5 AND call_id = $6",
+                "INSERT INTO wallet_holds (account_sid, call_id, amount, status, created_at, \
+                 expires_at, duration, billsec, charged) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (account_sid, call_id) DO UPDATE SET status = excluded.status, \
+                 duration = excluded.duration, billsec = excluded.billsec, charged = excluded.charged",
                 &[
+                    Param::Text(&h.account_sid),
+                    Param::Text(&h.call_id),
+                    Param::Int(h.amount),
                     Param::Text(h.status.as_str()),
+                    Param::Int(h.created_at),
+                    Param::Int(h.expires_at),
                     Param::Int(h.billing.duration.into()),
                     Param::Int(h.billing.billsec.into()),
                     Param::Int(h.billing.charged),
-                    Param::Text(&h.account_sid),
-                    Param::Text(&h.call_id),
                 ],
             )?;
         }
