@@ -312,11 +312,393 @@ fn postgres_holds_and_top_ups_over_http() {
     }
 }
 
-#[allow(dead_code)]
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// End to end: the real binary, a real broker, SIGKILL mid-run.
+
+const TOPIC: &str = "cdrs";
+const ACCOUNTS: usize = 4;
+const ROUNDS: usize = 60;
+/// Hold of a 10-minute call at CallingBox's $0.05/min.
+const HOLD: i64 = 50 * CENT;
+
+fn e2e_sid(i: usize) -> String {
+    format!("AC{:032x}", 0xe2e0 + i)
+}
+
+fn e2e_key(i: usize) -> String {
+    format!("e2e_key_{i:04}")
+}
+
+/// CallingBox's per-second price, computed here independently of the rating
+/// code: $0.05/60 per second, rounded half-up to 10⁻⁵.
+fn price_of(billsec: u32) -> i64 {
+    (billsec as i64 * 5 * CENT + 30) / 60
+}
+
+/// What happens to a granted hold.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fate {
+    Answered(u32),
+    NoAnswer,
+    Released,
+    Kept,
+}
+
+#[derive(Default)]
+struct Expect {
+    /// Per account: starting credit + top-ups − CDR prices.
+    balance: Vec<i64>,
+    /// Per account: holds left reserved.
+    held: Vec<i64>,
+    /// Per account: distinct top-up keys.
+    credits: Vec<usize>,
+    holds: Vec<(usize, String, Fate)>,
+    messages: u64,
+}
+
+/// Sends a request until the daemon answers it with something other than a
+/// 5xx (it is being killed and restarted meanwhile).
+fn send(
+    http: &Client,
+    port: &std::sync::atomic::AtomicU16,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let url = format!(
+            "http://127.0.0.1:{}{path}",
+            port.load(std::sync::atomic::Ordering::Acquire)
+        );
+        let req = match method {
+            "GET" => http.get(url),
+            "POST" => http.post(url),
+            _ => http.delete(url),
+        }
+        .bearer_auth(key)
+        .timeout(Duration::from_secs(5));
+        let req = match &body {
+            Some(b) => req.json(b),
+            None => req,
+        };
+        if let Ok(r) = req.send() {
+            let status = r.status();
+            if !status.is_server_error() {
+                let v = r.json().unwrap_or(Value::Null);
+                return (status, v);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{method} {path}: no answer for 4 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn produce(p: &rdkafka::producer::BaseProducer, sid: &str, payload: &str) {
+    use rdkafka::producer::{BaseRecord, Producer};
+    loop {
+        match p.send(BaseRecord::to(TOPIC).key(sid).payload(payload)) {
+            Ok(()) => break,
+            Err((e, _)) => {
+                assert!(
+                    matches!(
+                        e.rdkafka_error_code(),
+                        Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
+                    ),
+                    "{e}"
+                );
+                p.poll(Duration::from_millis(50));
+            }
+        }
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+}
+
+fn cdr(id: &str, sid: &str, status: &str, billsec: u32) -> String {
+    json!({
+        "id": id, "account_sid": sid, "kind": "call",
+        "timestamp": chrono::Utc::now().to_rfc3339(), "direction": "outbound",
+        "status": status, "duration": billsec + 3, "billsec": billsec,
+    })
+    .to_string()
+}
+
+/// The switch's side: holds, the CDRs of their calls, releases, top-ups (some
+/// sent twice) and usage without holds, while the daemon is killed.
+fn drive(
+    brokers: &str,
+    port: &std::sync::atomic::AtomicU16,
+    progress: &std::sync::atomic::AtomicUsize,
+) -> Expect {
+    use rand::{Rng, SeedableRng};
+    let http = Client::new();
+    let producer: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(19);
+    let mut e = Expect {
+        balance: vec![500 * CENT; ACCOUNTS],
+        held: vec![0; ACCOUNTS],
+        credits: vec![0; ACCOUNTS],
+        ..Expect::default()
+    };
+    for round in 0..ROUNDS {
+        progress.store(round, std::sync::atomic::Ordering::Release);
+        for a in 0..ACCOUNTS {
+            let (sid, key) = (e2e_sid(a), e2e_key(a));
+            let call_id = format!("CA{a}-{round}");
+            let (s, h) = send(
+                &http,
+                port,
+                "POST",
+                "/v1/holds",
+                &key,
+                Some(json!({"call_id": call_id})),
+            );
+            match s {
+                StatusCode::CREATED | StatusCode::OK => {
+                    assert_eq!(h["amount"], "0.50000", "{h}");
+                    let fate = match rng.gen_range(0..10) {
+                        0 => Fate::Kept,
+                        1 | 2 => Fate::Released,
+                        3 | 4 => Fate::NoAnswer,
+                        _ => Fate::Answered(rng.gen_range(1..=600)),
+                    };
+                    match fate {
+                        Fate::Answered(b) => {
+                            produce(&producer, &sid, &cdr(&call_id, &sid, "completed", b));
+                            e.balance[a] -= price_of(b);
+                            e.messages += 1;
+                        }
+                        Fate::NoAnswer => {
+                            produce(&producer, &sid, &cdr(&call_id, &sid, "no-answer", 0));
+                            e.messages += 1;
+                        }
+                        Fate::Released => {
+                            let (s, r) = send(
+                                &http,
+                                port,
+                                "DELETE",
+                                &format!("/v1/holds/{call_id}"),
+                                &key,
+                                None,
+                            );
+                            assert_eq!(
+                                (s, &r["status"]),
+                                (StatusCode::OK, &json!("released")),
+                                "{r}"
+                            );
+                        }
+                        Fate::Kept => e.held[a] += HOLD,
+                    }
+                    e.holds.push((a, call_id, fate));
+                }
+                StatusCode::PAYMENT_REQUIRED => assert_eq!(h["code"], "calls_paused"),
+                other => panic!("hold {call_id}: {other} {h}"),
+            }
+            // Usage without a hold: an SMS ($0.02).
+            if rng.gen_bool(0.3) {
+                let sms = json!({"id": format!("SM{a}-{round}"), "account_sid": sid, "kind": "sms",
+                    "timestamp": chrono::Utc::now().to_rfc3339(), "direction": "outbound"});
+                produce(&producer, &sid, &sms.to_string());
+                e.balance[a] -= 2 * CENT;
+                e.messages += 1;
+            }
+            if round % 3 == a % 3 {
+                // A top-up, and now and then the previous one again.
+                let k = round / 3;
+                let path = format!("/admin/accounts/{sid}/credits");
+                let body = json!({"amount": "1.00", "idempotency_key": format!("top-{k}")});
+                let (s, r) = send(&http, port, "POST", &path, ADMIN_TOKEN, Some(body));
+                assert_eq!(s, StatusCode::CREATED, "{r}");
+                e.balance[a] += 100 * CENT;
+                e.credits[a] += 1;
+                if k > 0 && rng.gen_bool(0.5) {
+                    let again =
+                        json!({"amount": "1.00", "idempotency_key": format!("top-{}", k - 1)});
+                    let (s, r) = send(&http, port, "POST", &path, ADMIN_TOKEN, Some(again));
+                    assert_eq!(
+                        (s, &r["credited"]),
+                        (StatusCode::CREATED, &json!(false)),
+                        "{r}"
+                    );
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..60)));
+    }
+    progress.store(ROUNDS, std::sync::atomic::Ordering::Release);
+    e
+}
+
+fn spawn(t: &support::Tansu, url: &str, log: &Path, port: u16) -> support::Daemon {
+    let listen = format!("127.0.0.1:{port}");
+    support::Daemon::spawn_with(
+        &t.brokers(),
+        url,
+        "g-wallet",
+        log,
+        &[
+            ("TALLYD_HTTP__LISTEN", listen.as_str()),
+            ("TALLYD_API__ADMIN_TOKEN", ADMIN_TOKEN),
+            ("TALLYD_RATING__DEFAULT_PLAN", "callingbox"),
+        ],
+    )
+}
+
+fn exact_across_sigkill(url: &str) {
+    use rand::{Rng, SeedableRng};
+    use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+    let dir = support::test_dir();
+    let log = dir.path().join("tallyd.log");
+    let t = support::Tansu::start();
+    t.create_topic(TOPIC, 4);
+    t.create_topic("cdrs-dead-letter", 1);
+    let port = AtomicU16::new(support::free_port());
+    let mut d = spawn(&t, url, &log, port.load(Ordering::Relaxed));
+    let http = Client::new();
+    for a in 0..ACCOUNTS {
+        let limits = json!({"max_call_duration_minutes": 10, "concurrent_calls": 100});
+        let (s, r) = send(
+            &http,
+            &port,
+            "POST",
+            "/admin/accounts",
+            ADMIN_TOKEN,
+            Some(json!({"sid": e2e_sid(a), "limits": limits})),
+        );
+        assert_eq!(s, StatusCode::CREATED, "{r}");
+        let (s, r) = send(
+            &http,
+            &port,
+            "POST",
+            &format!("/admin/accounts/{}/api-keys", e2e_sid(a)),
+            ADMIN_TOKEN,
+            Some(json!({"key": e2e_key(a)})),
+        );
+        assert_eq!(s, StatusCode::CREATED, "{r}");
+    }
+    let progress = AtomicUsize::new(0);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let expect = std::thread::scope(|s| {
+        let driver = s.spawn(|| drive(&t.brokers(), &port, &progress));
+        // Kill -9 at three moments of the run, each time once the previous
+        // instance consumes; the next one listens on another port.
+        for at in [ROUNDS / 6, ROUNDS / 2, 5 * ROUNDS / 6] {
+            wait_until("the driver's progress", Duration::from_secs(600), || {
+                progress.load(Ordering::Acquire) >= at || driver.is_finished()
+            });
+            std::thread::sleep(Duration::from_millis(rng.gen_range(0..400)));
+            d.kill9();
+            port.store(support::free_port(), Ordering::Release);
+            d = spawn(&t, url, &log, port.load(Ordering::Relaxed));
+        }
+        driver.join().unwrap()
+    });
+    support::wait_flushed(url, TOPIC, expect.messages, Duration::from_secs(240), &log);
+    // Everything consumed is flushed: the wallets over HTTP and in the store.
+    let held_total: i64 = expect.held.iter().sum();
+    for a in 0..ACCOUNTS {
+        let (sid, key) = (e2e_sid(a), e2e_key(a));
+        let mut last = Value::Null;
+        let want = (
+            decimal(expect.balance[a]),
+            decimal(expect.held[a]),
+            decimal(expect.balance[a] - expect.held[a]),
+        );
+        wait_until(
+            &format!("wallet {sid} to be {want:?}"),
+            Duration::from_secs(30),
+            || {
+                last = send(&http, &port, "GET", "/v1/wallet", &key, None).1;
+                (
+                    last["balance"].as_str(),
+                    last["held"].as_str(),
+                    last["available"].as_str(),
+                ) == (
+                    Some(want.0.as_str()),
+                    Some(want.1.as_str()),
+                    Some(want.2.as_str()),
+                )
+            },
+        );
+        let n: i64 = Store::open(url)
+            .unwrap()
+            .with_conn(|c| {
+                Ok(c.query(
+                    "SELECT COUNT(*) FROM wallet_credits WHERE account_sid = $1",
+                    &[tallyd::store::Param::Text(&sid)],
+                )?[0][0]
+                    .int())
+            })
+            .unwrap();
+        assert_eq!(n as usize, expect.credits[a], "top-ups of {sid}");
+    }
+    assert!(held_total > 0, "the run keeps some holds reserved");
+    for (a, call_id, fate) in &expect.holds {
+        let (s, b) = send(
+            &http,
+            &port,
+            "GET",
+            &format!("/v1/calls/{call_id}/billing"),
+            &e2e_key(*a),
+            None,
+        );
+        assert_eq!(s, StatusCode::OK, "granted hold {call_id} lost: {b}");
+        let want = match fate {
+            Fate::Answered(billsec) => json!({"reservation_status": "settled",
+                "billed_duration_seconds": billsec, "billing_amount_milli_cents": price_of(*billsec)}),
+            Fate::NoAnswer => json!({"reservation_status": "released",
+                "billed_duration_seconds": 0, "billing_amount_milli_cents": 0}),
+            Fate::Released => json!({"reservation_status": "released",
+                "billed_duration_seconds": 0, "billing_amount_milli_cents": 0}),
+            Fate::Kept => json!({"reservation_status": "reserved",
+                "billed_duration_seconds": 0, "billing_amount_milli_cents": 0}),
+        };
+        for (k, v) in want.as_object().unwrap() {
+            assert_eq!(&b[k], v, "{call_id} ({fate:?}): {k} in {b}");
+        }
+    }
+    d.stop();
+    // After a clean stop the store alone has the exact balances.
+    for a in 0..ACCOUNTS {
+        assert_eq!(
+            store_balance(url, &e2e_sid(a)),
+            Some(expect.balance[a]),
+            "stored balance of account {a}"
+        );
+    }
+    support::assert_offsets(url, TOPIC, expect.messages);
+}
+
+fn decimal(m: i64) -> String {
+    tallyd::wallet::decimal(m)
+}
+
+#[test]
+fn sqlite_wallets_exact_across_sigkill() {
+    let dir = support::test_dir();
+    exact_across_sigkill(&format!("sqlite://{}/tallyd.db", dir.path().display()));
+}
+
+#[test]
+fn postgres_wallets_exact_across_sigkill() {
+    if postgres_base().is_some() {
+        let pg = support::PgSchema::new("wallet");
+        exact_across_sigkill(&pg.url);
     }
 }
