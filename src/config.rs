@@ -385,6 +385,7 @@ impl Config {
             .wallet
             .starting_credits(&std::sync::Arc::new(tariff.clone()))
             .map_err(parse_err)?;
+        cfg.wallet.low_balance().map_err(parse_err)?;
         Ok((cfg, tariff))
     }
 }

@@ -69,6 +69,7 @@ impl Api {
             "GET" => self.http.get(url),
             "POST" => self.http.post(url),
             "DELETE" => self.http.delete(url),
+            "PUT" => self.http.put(url),
             _ => unreachable!(),
         }
         .bearer_auth(key);
@@ -291,6 +292,127 @@ fn holds_and_top_ups_over_http(store: &TestStore) {
         .wallet(AccountSid::parse(CB).unwrap())
         .view();
     assert_eq!((v.balance, v.held), (1500 * CENT, 0));
+}
+
+/// Debits `amount` from `sid` as a flush of partition 0 moving its offset
+/// from `from` to `from + 1` would.
+fn flush_debit(store: &Store, sid: &str, amount: i64, from: i64) -> tallyd::store::FlushOutcome {
+    use tallyd::store::wallet::WalletRows;
+    use tallyd::store::{FlushBatch, OffsetAdvance};
+    store
+        .write_flush(&FlushBatch {
+            as_of: format!("2026-11-29T10:00:{:02}+00:00", from),
+            offsets: vec![OffsetAdvance {
+                topic: "cdrs".into(),
+                partition: 0,
+                from: (from > 0).then_some(from),
+                to: from + 1,
+            }],
+            wallet: WalletRows {
+                debits: vec![(sid.to_owned(), amount, 500 * CENT)],
+                holds: Vec::new(),
+                low_balance: tallyd::wallet::LowBalance {
+                    threshold: 100 * CENT,
+                    recharge: 0,
+                },
+            },
+            ..FlushBatch::default()
+        })
+        .unwrap()
+}
+
+fn low_balance_once_per_crossing(store: &TestStore) {
+    let (cfg, tariff) = config(&store.url());
+    let state = ApiState::seeded(&cfg, &tariff, Store::open(&cfg.store.url).unwrap()).unwrap();
+    let server = serve(state.clone());
+    let api = Api {
+        base: server.base.clone(),
+        http: Client::new(),
+    };
+    let db = Store::open(&cfg.store.url).unwrap();
+    let events = |sid: &str| {
+        let (s, v) = api.call(
+            "GET",
+            &format!("/admin/wallet-events?account_sid={sid}"),
+            ADMIN_TOKEN,
+            None,
+        );
+        assert_eq!(s, StatusCode::OK, "{v}");
+        v["events"].as_array().unwrap().clone()
+    };
+    let top_up = |key: &str, amount: &str| {
+        let body = json!({"amount": amount, "idempotency_key": key});
+        let (s, v) = api.call(
+            "POST",
+            &format!("/admin/accounts/{AP}/credits"),
+            ADMIN_TOKEN,
+            Some(body),
+        );
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    };
+    // $5.00 → $1.50: above the $1.00 threshold.
+    flush_debit(&db, AP, 350 * CENT, 0);
+    assert!(events(AP).is_empty());
+    // → $0.50: one crossing, one event.
+    flush_debit(&db, AP, 100 * CENT, 1);
+    // The same flush again (a retry after an unknown commit outcome, or a
+    // replay after a crash) is recognised and fires nothing.
+    assert_eq!(
+        flush_debit(&db, AP, 100 * CENT, 1),
+        tallyd::store::FlushOutcome::AlreadyApplied
+    );
+    // Still low: no repeat.
+    flush_debit(&db, AP, 10 * CENT, 2);
+    top_up("t1", "0.20");
+    flush_debit(&db, AP, 10 * CENT, 3);
+    let first = events(AP);
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0]["type"], "wallet.low_balance");
+    assert_eq!(first[0]["data"]["balance"], "0.50000");
+    // A top-up back above the threshold re-arms; the next crossing fires again,
+    // now as a recharge request since the account turned auto-recharge on.
+    top_up("t2", "1.00");
+    let (s, v) = api.call(
+        "PUT",
+        &format!("/admin/accounts/{AP}/auto-recharge"),
+        ADMIN_TOKEN,
+        Some(json!({"threshold": "1.00", "amount": "10.00"})),
+    );
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["auto_recharge"],
+        json!({"enabled": true, "threshold": "1.00000", "amount": "10.00000"})
+    );
+    flush_debit(&db, AP, 100 * CENT, 4);
+    let all = events(AP);
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(all[1]["type"], "wallet.recharge_requested");
+    assert_eq!(all[1]["data"]["amount"], "10.00000");
+    assert_ne!(all[0]["id"], all[1]["id"]);
+    assert_eq!(api.wallet(AP_KEY)["auto_recharge"]["enabled"], true);
+    // Bad settings are refused by name.
+    let (s, e) = api.call(
+        "PUT",
+        &format!("/admin/accounts/{AP}/auto-recharge"),
+        ADMIN_TOKEN,
+        Some(json!({"threshold": "-1", "amount": "10.00"})),
+    );
+    assert_eq!(
+        (s, &e["error"]["param"]),
+        (StatusCode::BAD_REQUEST, &json!("threshold"))
+    );
+}
+
+#[test]
+fn sqlite_low_balance_once_per_crossing() {
+    low_balance_once_per_crossing(&TestStore::sqlite());
+}
+
+#[test]
+fn postgres_low_balance_once_per_crossing() {
+    if let Some(base) = postgres_base() {
+        low_balance_once_per_crossing(&TestStore::postgres(&base));
+    }
 }
 
 fn store_balance(url: &str, sid: &str) -> Option<i64> {

@@ -86,7 +86,10 @@ impl ApiState {
                 tariff: tariff.clone(),
                 admin_token: cfg.api.admin_token.clone().filter(|t| !t.is_empty()),
                 default_limits: cfg.api.default_limits,
-                wallets: Arc::new(crate::wallet::Wallets::new(starting)),
+                wallets: Arc::new(
+                    crate::wallet::Wallets::new(starting)
+                        .with_low_balance(cfg.wallet.low_balance().map_err(ApiInitError::Wallet)?),
+                ),
                 hold_grace: cfg.wallet.hold_grace_seconds.into(),
                 wallets_loaded: Default::default(),
                 now: None,
@@ -240,6 +243,11 @@ pub fn router(state: ApiState) -> Router {
             "/admin/accounts/:sid/credits",
             axum::routing::post(wallet::create_credit),
         )
+        .route(
+            "/admin/accounts/:sid/auto-recharge",
+            axum::routing::put(wallet::set_auto_recharge),
+        )
+        .route("/admin/wallet-events", get(wallet::list_events))
         .route("/openapi.yaml", get(openapi))
         .with_state(state)
 }

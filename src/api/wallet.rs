@@ -108,6 +108,17 @@ fn hold_for(state: &ApiState, a: &Account, nt: CallNumberType, mode: Option<Mode
     hold_amount(plan, nt, mode, minutes)
 }
 
+/// The auto-recharge settings in effect: the account's own, else the defaults.
+fn auto_recharge_json(state: &ApiState, own: (Option<Money>, Option<Money>)) -> Json_ {
+    let d = state.wallets().low_balance;
+    let (threshold, amount) = (own.0.unwrap_or(d.threshold), own.1.unwrap_or(d.recharge));
+    json!({
+        "enabled": amount > 0,
+        "threshold": decimal(threshold),
+        "amount": decimal(amount),
+    })
+}
+
 fn wallet_json(state: &ApiState, a: &Account, wallet: &Wallet) -> Json_ {
     let v = wallet.view();
     let hold = hold_for(state, a, CallNumberType::Local, None);
@@ -120,7 +131,6 @@ fn wallet_json(state: &ApiState, a: &Account, wallet: &Wallet) -> Json_ {
         "active_holds": v.active_holds,
         "currency": state.currency_of(&a.sid),
         "status": w::status(v.available, hold),
-        "auto_recharge": {"enabled": false, "threshold": Json_::Null, "amount": Json_::Null},
     })
 }
 
@@ -377,7 +387,107 @@ pub async fn wallet(
 ) -> Result<Json<Json_>, ApiError> {
     let a = account(&state, &headers).await?;
     let wallet = state.wallets().wallet(sid_of(&a)?);
-    Ok(Json(wallet_json(&state, &a, &wallet)))
+    let sid = a.sid.clone();
+    let own = state
+        .store()
+        .run(move |c| c.low_balance_settings(&sid))
+        .await?;
+    let mut body = wallet_json(&state, &a, &wallet);
+    body["auto_recharge"] = auto_recharge_json(&state, own);
+    Ok(Json(body))
+}
+
+/// Body of `PUT /admin/accounts/{sid}/auto-recharge`: a decimal string, or
+/// null for the `[wallet]` default.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoRecharge {
+    threshold: Option<String>,
+    amount: Option<String>,
+}
+
+fn amount_param(param: &str, v: Option<&str>) -> Result<Option<Money>, ApiError> {
+    let Some(v) = v else { return Ok(None) };
+    let bad = |why: &str| {
+        ApiError::invalid_parameter(
+            param,
+            format!("{param} {v:?} {why}; send a decimal string like \"10.00\" (0 or more), or null for the default"),
+        )
+    };
+    let d: rust_decimal::Decimal = v.trim().parse().map_err(|_| bad("is not a decimal"))?;
+    let m = w::money(param, d).map_err(|e| bad(&e))?;
+    if m < 0 {
+        return Err(bad("is negative"));
+    }
+    Ok(Some(m))
+}
+
+/// `PUT /admin/accounts/{sid}/auto-recharge`: the account's low-balance
+/// threshold and auto-recharge amount (0 = off: a crossing emits
+/// `wallet.low_balance` instead of `wallet.recharge_requested`).
+pub async fn set_auto_recharge(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(sid): Path<String>,
+    body: Bytes,
+) -> Result<Json<Json_>, ApiError> {
+    check_admin(&state, &headers)?;
+    check_sid("sid", &sid)?;
+    let req: AutoRecharge = parse_body(&body)?;
+    let threshold = amount_param("threshold", req.threshold.as_deref())?;
+    let amount = amount_param("amount", req.amount.as_deref())?;
+    let starting = state
+        .wallets()
+        .starting_credit(AccountSid::parse(&sid).expect("checked"));
+    let s = sid.clone();
+    let found = state
+        .store()
+        .run(move |c| {
+            if accounts::get(c, &s)?.is_none() {
+                return Ok(false);
+            }
+            c.set_low_balance(&s, threshold, amount, starting)?;
+            Ok(true)
+        })
+        .await?;
+    if !found {
+        return Err(ApiError::not_found("no such account"));
+    }
+    Ok(Json(json!({
+        "account_sid": sid,
+        "auto_recharge": auto_recharge_json(&state, (threshold, amount)),
+    })))
+}
+
+/// `GET /admin/wallet-events[?account_sid=…&limit=N]`: the outbox of wallet
+/// events, oldest first.
+pub async fn list_events(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+) -> Result<Json<Json_>, ApiError> {
+    check_admin(&state, &headers)?;
+    let limit = super::agentphone::int_param(raw.as_deref(), "limit", 1000, 1, 10_000)?;
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
+        .map_err(|e| {
+            ApiError::invalid_parameter("query", format!("malformed query string: {e}"))
+        })?;
+    let sid = pairs
+        .into_iter()
+        .find(|(k, _)| k == "account_sid")
+        .map(|(_, v)| v);
+    if let Some(s) = &sid {
+        check_sid("account_sid", s)?;
+    }
+    let events = state
+        .store()
+        .run(move |c| c.wallet_events(sid.as_deref(), limit))
+        .await?;
+    let events: Vec<Json_> = events
+        .iter()
+        .map(|e| serde_json::from_str(&e.payload).unwrap_or(Json_::Null))
+        .collect();
+    Ok(Json(json!({ "events": events })))
 }
 
 #[derive(Debug, Deserialize)]
@@ -428,6 +538,7 @@ pub async fn create_credit(
     let account = AccountSid::parse(&sid).expect("checked");
     let wallets = state.wallets().clone();
     let starting = wallets.starting_credit(account);
+    let low = wallets.low_balance;
     let credit = StoredCredit {
         account_sid: sid.clone(),
         idempotency_key: req.idempotency_key,
@@ -441,7 +552,7 @@ pub async fn create_credit(
             let Some(a) = accounts::get(c, &sid)? else {
                 return Ok(None);
             };
-            Ok(Some((a, c.credit_wallet(&credit, starting)?)))
+            Ok(Some((a, c.credit_wallet(&credit, starting, low)?)))
         })
         .await
         .map_err(store_unavailable)?

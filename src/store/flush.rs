@@ -145,7 +145,7 @@ impl Conn {
                     &[Param::Int(before.0.into())],
                 )?;
             }
-            c.write_wallet_rows(&b.wallet)?;
+            c.write_wallet_rows(&b.wallet, &b.as_of)?;
             c.execute(SET_LAST_FLUSH, &[Param::Text(&b.as_of)])?;
             tracing::debug!(
                 pages = b.pages.len(),

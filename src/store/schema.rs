@@ -30,8 +30,15 @@
 //! - `wallet_holds`: per-call holds by (account, call id): amount, status
 //!   (`reserved`, `settled`, `released`), Unix-second creation and expiry, and
 //!   the call's `duration`, `billsec` and `charged` once its CDR was consumed.
+//!   `low_balance_threshold` and `recharge_amount` are the account's own
+//!   low-balance settings (NULL: `[wallet]`'s); `low_armed` is 1 until the
+//!   stored balance crosses below the threshold and again once a top-up
+//!   lifts it back; `low_crossings` numbers the crossings (event ids).
 //! - `wallet_credits`: top-ups by (account, idempotency key), so the same key
 //!   credits once.
+//! - `wallet_events`: the outbox of wallet events (`wallet.low_balance`,
+//!   `wallet.recharge_requested`), each written in the transaction of the
+//!   balance change that caused it; `payload` is the event's JSON body.
 
 use super::{Conn, Result};
 
@@ -109,7 +116,11 @@ const MIGRATIONS: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS api_keys_by_account ON api_keys (account_sid)",
     "CREATE TABLE IF NOT EXISTS wallet_accounts (
         account_sid TEXT PRIMARY KEY,
-        balance BIGINT NOT NULL
+        balance BIGINT NOT NULL,
+        low_balance_threshold BIGINT,
+        recharge_amount BIGINT,
+        low_armed BIGINT NOT NULL DEFAULT 1,
+        low_crossings BIGINT NOT NULL DEFAULT 0
     )",
     "CREATE TABLE IF NOT EXISTS wallet_holds (
         account_sid TEXT NOT NULL,
@@ -132,6 +143,14 @@ const MIGRATIONS: &[&str] = &[
         created_at TEXT NOT NULL,
         PRIMARY KEY (account_sid, idempotency_key)
     )",
+    "CREATE TABLE IF NOT EXISTS wallet_events (
+        event_id TEXT PRIMARY KEY,
+        account_sid TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS wallet_events_by_account ON wallet_events (account_sid, created_at)",
 ];
 
 /// Creates or updates the tables, converting the usage tables of an older

@@ -8,7 +8,7 @@
 //! written before their HTTP answer leaves, in transactions of their own.
 
 use super::{Conn, Param, Result, Value};
-use crate::wallet::{CallBilling, HoldStatus, Money, WalletCut};
+use crate::wallet::{decimal, CallBilling, HoldStatus, LowBalance, Money, WalletCut};
 
 /// A partition's wallet changes, written with its flush.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -16,6 +16,8 @@ pub struct WalletRows {
     /// (account SID, sum of debits, starting credit if the account has no row).
     pub debits: Vec<(String, Money, Money)>,
     pub holds: Vec<HoldUpdate>,
+    /// Low-balance defaults for accounts that set none.
+    pub low_balance: LowBalance,
 }
 
 /// A hold settled or released by its call's CDR.
@@ -51,7 +53,43 @@ impl From<WalletCut> for WalletRows {
                     billing: c.billing,
                 })
                 .collect(),
+            low_balance: cut.low_balance,
         }
+    }
+}
+
+/// A wallet event in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub event_id: String,
+    pub account_sid: String,
+    pub kind: String,
+    /// The event's JSON body.
+    pub payload: String,
+    pub created_at: String,
+}
+
+/// A balance row after a change: balance, own threshold and recharge amount,
+/// armed, crossings.
+const AFTER: &str =
+    "RETURNING balance, low_balance_threshold, recharge_amount, low_armed, low_crossings";
+
+struct After {
+    balance: Money,
+    low: LowBalance,
+    armed: bool,
+    crossings: i64,
+}
+
+fn after(r: &[Value], defaults: LowBalance) -> After {
+    After {
+        balance: r[0].int(),
+        low: LowBalance {
+            threshold: r[1].opt_int().unwrap_or(defaults.threshold),
+            recharge: r[2].opt_int().unwrap_or(defaults.recharge),
+        },
+        armed: r[3].int() != 0,
+        crossings: r[4].int(),
     }
 }
 
@@ -99,17 +137,24 @@ fn hold_row(r: &[Value]) -> StoredHold {
 impl Conn {
     /// The flush step: adds each account's debits into its balance and
     /// records the holds its CDRs settled or released.
-    pub(super) fn write_wallet_rows(&mut self, w: &WalletRows) -> Result<()> {
+    pub(super) fn write_wallet_rows(&mut self, w: &WalletRows, as_of: &str) -> Result<()> {
         for (sid, amount, start) in &w.debits {
-            self.execute(
-                "INSERT INTO wallet_accounts (account_sid, balance) VALUES ($1, $2) \
-                 ON CONFLICT (account_sid) DO UPDATE SET balance = wallet_accounts.balance - $3",
+            let r = self.query(
+                &format!(
+                    "INSERT INTO wallet_accounts (account_sid, balance) VALUES ($1, $2) \
+                     ON CONFLICT (account_sid) DO UPDATE SET balance = wallet_accounts.balance - $3 \
+                     {AFTER}"
+                ),
                 &[
                     Param::Text(sid),
                     Param::Int(start - amount),
                     Param::Int(*amount),
                 ],
             )?;
+            let a = after(&r[0], w.low_balance);
+            if a.armed && a.balance < a.low.threshold {
+                self.low_balance_crossed(sid, &a, as_of)?;
+            }
         }
         for h in &w.holds {
             // An upsert: the grant's own insert may still be on its way.
@@ -132,6 +177,111 @@ impl Conn {
             )?;
         }
         Ok(())
+    }
+
+    /// Records a downward crossing of the low-balance threshold: disarms the
+    /// account and writes one event to the outbox, in the caller's
+    /// transaction.
+    fn low_balance_crossed(&mut self, sid: &str, a: &After, at: &str) -> Result<()> {
+        let n = a.crossings + 1;
+        self.execute(
+            "UPDATE wallet_accounts SET low_armed = 0, low_crossings = $1 WHERE account_sid = $2",
+            &[Param::Int(n), Param::Text(sid)],
+        )?;
+        let kind = if a.low.recharge > 0 {
+            "wallet.recharge_requested"
+        } else {
+            "wallet.low_balance"
+        };
+        let id = format!("evt_{sid}_{n}");
+        let mut data = serde_json::json!({
+            "account_sid": sid,
+            "balance": decimal(a.balance),
+            "threshold": decimal(a.low.threshold),
+        });
+        if a.low.recharge > 0 {
+            data["amount"] = decimal(a.low.recharge).into();
+        }
+        let payload =
+            serde_json::json!({"id": id, "type": kind, "created_at": at, "data": data}).to_string();
+        self.execute(
+            "INSERT INTO wallet_events (event_id, account_sid, kind, payload, created_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+            &[
+                Param::Text(&id),
+                Param::Text(sid),
+                Param::Text(kind),
+                Param::Text(&payload),
+                Param::Text(at),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Sets an account's own low-balance threshold and recharge amount
+    /// (`None`: the `[wallet]` defaults), creating its wallet row with the
+    /// starting credit if it has none.
+    pub fn set_low_balance(
+        &mut self,
+        sid: &str,
+        threshold: Option<Money>,
+        recharge: Option<Money>,
+        starting: Money,
+    ) -> Result<()> {
+        // -1 stands for NULL: one statement text whichever is set.
+        self.execute(
+            "INSERT INTO wallet_accounts (account_sid, balance, low_balance_threshold, recharge_amount) \
+             VALUES ($1, $2, NULLIF(CAST($3 AS BIGINT), -1), NULLIF(CAST($4 AS BIGINT), -1)) \
+             ON CONFLICT (account_sid) DO UPDATE SET \
+             low_balance_threshold = excluded.low_balance_threshold, \
+             recharge_amount = excluded.recharge_amount",
+            &[
+                Param::Text(sid),
+                Param::Int(starting),
+                Param::Int(threshold.unwrap_or(-1)),
+                Param::Int(recharge.unwrap_or(-1)),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// An account's own low-balance settings: (threshold, recharge amount).
+    pub fn low_balance_settings(&mut self, sid: &str) -> Result<(Option<Money>, Option<Money>)> {
+        Ok(self
+            .query(
+                "SELECT low_balance_threshold, recharge_amount FROM wallet_accounts \
+                 WHERE account_sid = $1",
+                &[Param::Text(sid)],
+            )?
+            .first()
+            .map(|r| (r[0].opt_int(), r[1].opt_int()))
+            .unwrap_or_default())
+    }
+
+    /// Outbox events, oldest first: one account's or all, at most `limit`.
+    pub fn wallet_events(&mut self, sid: Option<&str>, limit: i64) -> Result<Vec<StoredEvent>> {
+        let rows = match sid {
+            Some(sid) => self.query(
+                "SELECT event_id, account_sid, kind, payload, created_at FROM wallet_events \
+                 WHERE account_sid = $1 ORDER BY created_at, event_id LIMIT $2",
+                &[Param::Text(sid), Param::Int(limit)],
+            )?,
+            None => self.query(
+                "SELECT event_id, account_sid, kind, payload, created_at FROM wallet_events \
+                 ORDER BY created_at, event_id LIMIT $1",
+                &[Param::Int(limit)],
+            )?,
+        };
+        Ok(rows
+            .iter()
+            .map(|r| StoredEvent {
+                event_id: r[0].text().to_owned(),
+                account_sid: r[1].text().to_owned(),
+                kind: r[2].text().to_owned(),
+                payload: r[3].text().to_owned(),
+                created_at: r[4].text().to_owned(),
+            })
+            .collect())
     }
 
     /// Stores a granted hold; if the call id already had one, stores nothing
@@ -218,10 +368,13 @@ impl Conn {
     /// Credits a top-up once per (account, idempotency key), in one
     /// transaction: `Ok((credit, true))` if this call credited it,
     /// `Ok((first, false))` with the first top-up of that key otherwise.
+    /// A top-up that lifts the balance to the threshold or above re-arms the
+    /// low-balance event.
     pub fn credit_wallet(
         &mut self,
         c: &StoredCredit,
         starting: Money,
+        defaults: LowBalance,
     ) -> Result<(StoredCredit, bool)> {
         self.transaction(|tx| {
             let inserted = tx.execute(
@@ -253,15 +406,25 @@ impl Conn {
                     false,
                 ));
             }
-            tx.execute(
-                "INSERT INTO wallet_accounts (account_sid, balance) VALUES ($1, $2) \
-                 ON CONFLICT (account_sid) DO UPDATE SET balance = wallet_accounts.balance + $3",
+            let r = tx.query(
+                &format!(
+                    "INSERT INTO wallet_accounts (account_sid, balance) VALUES ($1, $2) \
+                     ON CONFLICT (account_sid) DO UPDATE SET balance = wallet_accounts.balance + $3 \
+                     {AFTER}"
+                ),
                 &[
                     Param::Text(&c.account_sid),
                     Param::Int(starting + c.amount),
                     Param::Int(c.amount),
                 ],
             )?;
+            let a = after(&r[0], defaults);
+            if !a.armed && a.balance >= a.low.threshold {
+                tx.execute(
+                    "UPDATE wallet_accounts SET low_armed = 1 WHERE account_sid = $1",
+                    &[Param::Text(&c.account_sid)],
+                )?;
+            }
             Ok((c.clone(), true))
         })
     }

@@ -43,6 +43,18 @@ pub struct WalletConfig {
     /// never came is released.
     #[serde(default = "default_hold_grace_seconds")]
     pub hold_grace_seconds: u32,
+    /// Balance below which an account's first downward crossing emits one
+    /// low-balance event (accounts may set their own).
+    #[serde(default = "default_low_balance_threshold")]
+    pub low_balance_threshold: rust_decimal::Decimal,
+    /// Auto-recharge amount requested at a crossing; 0 = auto-recharge off
+    /// (the event is then `wallet.low_balance`).
+    #[serde(default)]
+    pub recharge_amount: rust_decimal::Decimal,
+}
+
+fn default_low_balance_threshold() -> rust_decimal::Decimal {
+    rust_decimal::Decimal::new(100, 2)
 }
 
 fn default_starting_credit() -> rust_decimal::Decimal {
@@ -59,11 +71,28 @@ impl Default for WalletConfig {
             starting_credit: default_starting_credit(),
             plan_starting_credit: Default::default(),
             hold_grace_seconds: default_hold_grace_seconds(),
+            low_balance_threshold: default_low_balance_threshold(),
+            recharge_amount: Default::default(),
         }
     }
 }
 
 impl WalletConfig {
+    /// The default low-balance settings; an error names the key.
+    pub fn low_balance(&self) -> Result<LowBalance, String> {
+        let recharge = money("wallet.recharge_amount", self.recharge_amount)?;
+        if recharge < 0 {
+            return Err(format!(
+                "wallet.recharge_amount: {} is negative",
+                self.recharge_amount
+            ));
+        }
+        Ok(LowBalance {
+            threshold: money("wallet.low_balance_threshold", self.low_balance_threshold)?,
+            recharge,
+        })
+    }
+
     /// Each account's starting credit under its plan in `tariff`; an error
     /// names the key of an amount that is not exact to 10⁻⁵ or a plan that
     /// does not exist.
@@ -104,6 +133,14 @@ pub fn money(key: &str, d: rust_decimal::Decimal) -> Result<Money, String> {
         .ok()
         .filter(|m| m.unsigned_abs() < 1 << 53)
         .ok_or_else(|| format!("{key}: {d} is too large"))
+}
+
+/// Low-balance settings: below `threshold`, one event per downward crossing;
+/// `recharge` > 0 asks for an auto-recharge of that amount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LowBalance {
+    pub threshold: Money,
+    pub recharge: Money,
 }
 
 /// An amount in 10⁻⁵ of the currency unit (a milli-cent for USD).
@@ -351,6 +388,8 @@ pub struct Wallets {
     /// of a lock per shard.
     hold_count: std::sync::atomic::AtomicUsize,
     starting_credit: StartingCredit,
+    /// Defaults for accounts that set none.
+    pub low_balance: LowBalance,
 }
 
 impl std::fmt::Debug for Wallets {
@@ -369,7 +408,14 @@ impl Wallets {
             holds: DashMap::new(),
             hold_count: Default::default(),
             starting_credit,
+            low_balance: LowBalance::default(),
         }
+    }
+
+    /// The same registry with these low-balance defaults.
+    pub fn with_low_balance(mut self, low_balance: LowBalance) -> Wallets {
+        self.low_balance = low_balance;
+        self
     }
 
     /// The account's starting credit (for a wallet the store does not hold yet).
@@ -617,6 +663,8 @@ pub struct WalletCut {
     /// wallet the store does not hold yet).
     pub debits: Vec<(AccountSid, Money, Money)>,
     pub holds: Vec<HoldChange>,
+    /// The low-balance defaults, for accounts that set none.
+    pub low_balance: LowBalance,
 }
 
 impl WalletCut {
@@ -717,7 +765,11 @@ impl Ledger {
         debits.sort_by_key(|d| d.0);
         let holds = std::mem::take(&mut self.holds);
         self.in_flight.1.extend(holds.iter().cloned());
-        WalletCut { debits, holds }
+        WalletCut {
+            debits,
+            holds,
+            low_balance: self.wallets.low_balance,
+        }
     }
 
     /// The accounts this partition has debited.
