@@ -80,6 +80,14 @@ pub fn install_metrics() -> PrometheusHandle {
                     0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                 ])
                 .expect("static buckets")
+                // Holds are answered in well under a millisecond.
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full("tallyd_hold_seconds".into()),
+                    &[
+                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0,
+                    ],
+                )
+                .expect("static buckets")
                 .install_recorder()
                 .expect("metrics recorder installed once")
         })

@@ -271,6 +271,9 @@ pub struct Wallet {
     available: AtomicI64,
     held: AtomicI64,
     active_holds: AtomicU32,
+    /// Whether the last hold asked for was refused for lack of balance (the
+    /// `tallyd_wallets_paused` gauge counts these).
+    paused: std::sync::atomic::AtomicBool,
 }
 
 /// A wallet's amounts at one moment.
@@ -289,6 +292,7 @@ impl Wallet {
             available: AtomicI64::new(balance),
             held: AtomicI64::new(0),
             active_holds: AtomicU32::new(0),
+            paused: Default::default(),
         }
     }
 
@@ -487,7 +491,13 @@ impl Wallets {
         }
         if let Err(available) = wallet.reserve(amount) {
             wallet.active_holds.fetch_sub(1, Ordering::AcqRel);
+            if !wallet.paused.swap(true, Ordering::AcqRel) {
+                metrics::gauge!("tallyd_wallets_paused").increment(1.0);
+            }
             return self.existing_or(&key, Grant::Refused { available, amount });
+        }
+        if wallet.paused.swap(false, Ordering::AcqRel) {
+            metrics::gauge!("tallyd_wallets_paused").decrement(1.0);
         }
         match self.holds.entry(key) {
             Entry::Occupied(e) => {
@@ -740,6 +750,13 @@ impl Ledger {
                         billing,
                     });
                     if settled {
+                        match to {
+                            HoldStatus::Settled => {
+                                metrics::counter!("tallyd_holds_settled_total").increment(1)
+                            }
+                            _ => metrics::counter!("tallyd_holds_released_total", "by" => "unanswered")
+                                .increment(1),
+                        }
                         wallet.settle(hold.amount, charge.price);
                         return;
                     }
