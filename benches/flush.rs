@@ -62,6 +62,7 @@ fn flush_batch(tariff: &Tariff) -> FlushBatch {
         offsets: Vec::new(),
         dedup: Vec::new(),
         prune_dedup_before: None,
+        wallet: Default::default(),
     }
 }
 

@@ -198,6 +198,7 @@ fn bench_stages(c: &mut Criterion) {
                     &tariff,
                     &mut deltas,
                     &mut NoDedup,
+                    &mut (),
                     |_, r| counted += r.is_ok() as usize,
                 );
                 black_box(counted)

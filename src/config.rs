@@ -28,6 +28,8 @@ pub struct Config {
     #[serde(default)]
     pub api: ApiConfig,
     pub rating: RatingConfig,
+    #[serde(default)]
+    pub wallet: crate::wallet::WalletConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -387,6 +389,11 @@ impl Config {
             path: path.into(),
             source,
         })?;
+        let _checked = cfg
+            .wallet
+            .starting_credits(&std::sync::Arc::new(tariff.clone()))
+            .map_err(parse_err)?;
+        cfg.wallet.low_balance().map_err(parse_err)?;
         Ok((cfg, tariff))
     }
 }

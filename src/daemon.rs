@@ -79,6 +79,16 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
         let _ = rt.block_on(server);
         return Ok(());
     }
+    // Wallets are loaded before any CDR is consumed: the replay from the
+    // stored offsets then debits exactly what the stored balances lack.
+    let wallets = api
+        .load_wallets()
+        .context("loading wallets from the store")?;
+    tracing::info!(wallets, "wallets loaded");
+    rt.spawn(crate::api::wallet::expire_holds(
+        api.clone(),
+        shutdown.clone(),
+    ));
     started.store(true, Ordering::Relaxed);
     let tariff = Arc::new(tariff);
     let client = kafka_client(&cfg);
@@ -122,6 +132,7 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
         max_pending_cells: cfg.flush.max_pending_cells,
         dedup_window_days: cfg.dedup.window_days,
         revoke_timeout: Duration::from_secs(30),
+        wallets: api.wallets().clone(),
     };
     // `kafka.consumers` consumers, each on its own thread: librdkafka keeps one
     // fetch in flight per broker connection, so a single consumer and the broker

@@ -48,5 +48,6 @@ pub mod metrics;
 pub mod pipeline;
 pub mod rating;
 pub mod store;
+pub mod wallet;
 
 pub mod api;

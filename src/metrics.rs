@@ -98,6 +98,8 @@ pub const HOLDS_TOTAL: &str = "tallyd_holds_total";
 pub const WALLETS_PAUSED: &str = "tallyd_wallets_paused";
 /// Gauge: wallets of this instance's accounts where fewer than two holds fit.
 pub const WALLETS_LOW: &str = "tallyd_wallets_low";
+/// Counter: top-ups credited.
+pub const WALLET_CREDITS_TOTAL: &str = "tallyd_wallet_credits_total";
 /// Counter `{outcome = delivered | retried | failed}`: webhook delivery attempts.
 pub const WEBHOOK_DELIVERIES_TOTAL: &str = "tallyd_webhook_deliveries_total";
 
@@ -191,16 +193,18 @@ pub const CATALOGUE: &[Metric] = &[
         HOLD_TO_ANSWER_HELP),
     metric(TRIGGER_CROSSING_TO_CALLBACK_SECONDS, Summ, Some(Unit::Seconds), &[],
         TRIGGER_TO_CALLBACK_HELP),
+    metric(HOLDS_TOTAL, Counter, None, &["outcome"],
+        "Holds by outcome: granted, repeated (same call_id again), refused (402 calls_paused), limited (429 concurrent calls), settled (its call's CDR charged), released (unanswered call or DELETE) or expired (no CDR within the maximum duration plus grace)."),
+    metric(WALLETS_PAUSED, Gauge, None, &[],
+        "Wallets owned by this instance whose available balance does not fit one more hold (status paused)."),
+    metric(WALLET_CREDITS_TOTAL, Counter, None, &[],
+        "Top-ups credited (POST /admin/accounts/{sid}/credits; a repeated idempotency key is not counted again)."),
 ];
 
 /// Metrics the wallet, hold and webhook work will emit, named now so that the
 /// alert rules and the dashboard can use them. Not described (nothing emits
 /// them yet); move an entry to [`CATALOGUE`] when wiring it.
 pub const PLANNED: &[Metric] = &[
-    metric(HOLDS_TOTAL, Counter, None, &["outcome"],
-        "Hold requests by outcome: granted, repeated (same call_id), refused (402 calls_paused) or limited (429 concurrent calls)."),
-    metric(WALLETS_PAUSED, Gauge, None, &[],
-        "Wallets owned by this instance whose available balance does not fit one more hold (status paused)."),
     metric(WALLETS_LOW, Gauge, None, &[],
         "Wallets owned by this instance where fewer than two more holds fit (status low)."),
     metric(WEBHOOK_DELIVERIES_TOTAL, Counter, None, &["outcome"],

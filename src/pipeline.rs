@@ -1,5 +1,5 @@
-//! The in-process hot path: decode → validate → (dedup) → rate → counters. Pure
-//! and synchronous; the Kafka consumer runs every polled batch through
+//! The in-process hot path: decode → validate → (dedup) → rate → wallet → counters.
+//! Pure and synchronous; the Kafka consumer runs every polled batch through
 //! [`ingest_batch`], tests and tools call [`ingest`] per message.
 
 use crate::cdr::{decode, Cdr, Rejection};
@@ -93,6 +93,25 @@ pub fn ingest(
     Ok(Outcome::Counted(charge))
 }
 
+/// Where a rated CDR's price is debited: the partition's wallet
+/// [`Ledger`](crate::wallet::Ledger), or nowhere (`()`, for benches and tools
+/// without wallets).
+pub trait Debit {
+    fn debit(&mut self, cdr: &Cdr<'_>, charge: Charge);
+}
+
+impl Debit for () {
+    #[inline]
+    fn debit(&mut self, _: &Cdr<'_>, _: Charge) {}
+}
+
+impl Debit for crate::wallet::Ledger {
+    #[inline]
+    fn debit(&mut self, cdr: &Cdr<'_>, charge: Charge) {
+        crate::wallet::Ledger::debit(self, cdr, charge)
+    }
+}
+
 /// A decoded CDR of a batch with what its updates need.
 struct Prepared<'m, T> {
     cdr: Cdr<'m>,
@@ -115,6 +134,7 @@ pub fn ingest_batch<'m, S: SeenIds>(
     tariff: &Tariff,
     deltas: &mut Deltas,
     seen: &mut S,
+    wallet: &mut impl Debit,
     mut outcome: impl FnMut(usize, Result<Outcome, Rejection>),
 ) {
     // Wave 1: decode, hash, prefetch the slots; and the next message's bytes,
@@ -152,6 +172,7 @@ pub fn ingest_batch<'m, S: SeenIds>(
                 return Outcome::Duplicate;
             }
             let charge = tariff.rate(&p.cdr, p.key.leaf);
+            wallet.debit(&p.cdr, charge);
             deltas.record_at(
                 &p.placement,
                 p.key,

@@ -435,7 +435,7 @@ proptest! {
         let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
         for chunk in refs.chunks(cut) {
             let base = got.len();
-            ingest_batch(chunk, &tariff, &mut batched, &mut batch_window, |i, r| {
+            ingest_batch(chunk, &tariff, &mut batched, &mut batch_window, &mut (), |i, r| {
                 assert_eq!(i, got.len() - base);
                 got.push(r);
             });

@@ -14,7 +14,7 @@ use super::error::ApiError;
 use super::ApiState;
 use crate::config::PlanLimits;
 
-fn check_admin(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(super) fn check_admin(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = state.admin_token() else {
         return Err(ApiError::not_found(
             "the admin API is disabled: set api.admin_token (TALLYD_API__ADMIN_TOKEN)",
@@ -34,7 +34,7 @@ fn check_admin(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
+pub(super) fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
     let text: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
@@ -67,7 +67,7 @@ pub struct AccountUpdate {
     pub limits: Option<PlanLimits>,
 }
 
-fn check_sid(param: &str, sid: &str) -> Result<(), ApiError> {
+pub(super) fn check_sid(param: &str, sid: &str) -> Result<(), ApiError> {
     if is_account_sid(sid) {
         Ok(())
     } else {

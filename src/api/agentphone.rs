@@ -27,7 +27,7 @@ use crate::store::Conn;
 const MESSAGE_CATEGORIES: [Category; 2] = [Category::Sms, Category::Mms];
 const CALL_CATEGORIES: [Category; 3] = [Category::Calls, Category::CallsSip, Category::CallsClient];
 
-fn bearer(headers: &HeaderMap) -> Option<String> {
+pub(super) fn bearer(headers: &HeaderMap) -> Option<String> {
     let v = headers
         .get(axum::http::header::AUTHORIZATION)?
         .to_str()
@@ -39,7 +39,7 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
         .filter(|t| !t.is_empty())
 }
 
-fn authenticate(c: &mut Conn, key: Option<String>) -> Result<Account, ApiError> {
+pub(super) fn authenticate(c: &mut Conn, key: Option<String>) -> Result<Account, ApiError> {
     let key = key.ok_or_else(|| {
         ApiError::unauthorized("send your API key as Authorization: Bearer <key>")
     })?;

@@ -16,6 +16,7 @@ pub mod agentphone;
 pub mod error;
 pub mod records;
 pub mod twilio;
+pub mod wallet;
 
 use std::sync::Arc;
 
@@ -42,6 +43,8 @@ pub enum ApiInitError {
     Store(#[from] StoreError),
     #[error("api.accounts[{index}].parent_sid: {parent} is neither in [[api.accounts]] nor in the store")]
     UnknownParent { index: usize, parent: String },
+    #[error("{0}")]
+    Wallet(String),
 }
 
 /// Everything the handlers share.
@@ -55,6 +58,14 @@ struct Shared {
     tariff: Tariff,
     admin_token: Option<String>,
     default_limits: PlanLimits,
+    /// The instance's wallets and holds, shared with the consumers.
+    wallets: Arc<crate::wallet::Wallets>,
+    /// `wallet.hold_grace_seconds`.
+    hold_grace: i64,
+    /// Set once the stored wallets are loaded; until then the wallet
+    /// endpoints answer 503 (a decision on a wallet not yet loaded would use
+    /// the starting credit instead of the balance).
+    wallets_loaded: Arc<std::sync::atomic::AtomicBool>,
     /// A fixed clock (Unix seconds) for tests; `None` reads the system clock.
     now: Option<i64>,
 }
@@ -65,12 +76,22 @@ impl ApiState {
     /// [`ApiState::seed`]).
     pub fn new(cfg: &Config, tariff: &Tariff, store: Store) -> Result<ApiState, ApiInitError> {
         accounts::validate_config(&cfg.api.accounts)?;
+        let starting = cfg
+            .wallet
+            .starting_credits(&Arc::new(tariff.clone()))
+            .map_err(ApiInitError::Wallet)?;
         Ok(ApiState {
             inner: Arc::new(Shared {
                 store,
                 tariff: tariff.clone(),
                 admin_token: cfg.api.admin_token.clone().filter(|t| !t.is_empty()),
                 default_limits: cfg.api.default_limits,
+                wallets: Arc::new(
+                    crate::wallet::Wallets::new(starting)
+                        .with_low_balance(cfg.wallet.low_balance().map_err(ApiInitError::Wallet)?),
+                ),
+                hold_grace: cfg.wallet.hold_grace_seconds.into(),
+                wallets_loaded: Default::default(),
                 now: None,
             }),
         })
@@ -80,6 +101,7 @@ impl ApiState {
     pub fn seeded(cfg: &Config, tariff: &Tariff, store: Store) -> Result<ApiState, ApiInitError> {
         let state = ApiState::new(cfg, tariff, store)?;
         state.seed(cfg)?;
+        state.load_wallets()?;
         Ok(state)
     }
 
@@ -112,6 +134,9 @@ impl ApiState {
                 tariff: s.tariff.clone(),
                 admin_token: s.admin_token.clone(),
                 default_limits: s.default_limits,
+                wallets: s.wallets.clone(),
+                hold_grace: s.hold_grace,
+                wallets_loaded: s.wallets_loaded.clone(),
                 now: Some(unix_seconds),
             }),
         }
@@ -119,6 +144,22 @@ impl ApiState {
 
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// The instance's wallets: the consumers debit them, the wallet handlers
+    /// grant holds from them.
+    pub fn wallets(&self) -> &Arc<crate::wallet::Wallets> {
+        &self.inner.wallets
+    }
+
+    /// Loads every stored balance and reserved hold into [`ApiState::wallets`]
+    /// (at start, before consuming). Blocking.
+    pub fn load_wallets(&self) -> Result<usize, StoreError> {
+        let n = wallet::load(self)?;
+        self.inner
+            .wallets_loaded
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(n)
     }
 
     pub fn now(&self) -> i64 {
@@ -191,6 +232,22 @@ pub fn router(state: ApiState) -> Router {
             "/admin/accounts/:sid/api-keys/:key_id",
             axum::routing::delete(admin::delete_api_key),
         )
+        .route("/v1/holds", axum::routing::post(wallet::create_hold))
+        .route(
+            "/v1/holds/:call_id",
+            axum::routing::delete(wallet::release_hold),
+        )
+        .route("/v1/calls/:call_id/billing", get(wallet::call_billing))
+        .route("/v1/wallet", get(wallet::wallet))
+        .route(
+            "/admin/accounts/:sid/credits",
+            axum::routing::post(wallet::create_credit),
+        )
+        .route(
+            "/admin/accounts/:sid/auto-recharge",
+            axum::routing::put(wallet::set_auto_recharge),
+        )
+        .route("/admin/wallet-events", get(wallet::list_events))
         .route("/openapi.yaml", get(openapi))
         .with_state(state)
 }

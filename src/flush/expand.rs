@@ -144,6 +144,7 @@ pub(super) mod tests {
                 to: 1,
             },
             dedup: None,
+            wallet: Default::default(),
         }
     }
 

@@ -29,6 +29,8 @@ pub struct PartitionCut {
     pub deltas: Deltas,
     pub offset: OffsetAdvance,
     pub dedup: Option<DedupRows>,
+    /// Wallet debits and hold settlements of its CDRs.
+    pub wallet: crate::wallet::WalletCut,
 }
 
 /// What the consumer hands over at a flush: a consistent cut.

@@ -171,6 +171,7 @@ impl Flusher {
                 offsets: vec![cut.offset],
                 dedup: cut.dedup.into_iter().collect(),
                 prune_dedup_before: prune_dedup_before.take(),
+                wallet: cut.wallet.into(),
             };
             let expanded = expanding.elapsed();
             let mut attempt = Duration::ZERO;

@@ -69,6 +69,8 @@ pub struct IngestSettings {
     /// state (at most half of `max.poll.interval.ms`: the revocation runs inside
     /// librdkafka's poll).
     pub revoke_timeout: Duration,
+    /// The instance's wallets, debited by every counted CDR.
+    pub wallets: Arc<crate::wallet::Wallets>,
 }
 
 /// Live state shared with `/readyz` and the metrics: sums over the instance's
@@ -130,6 +132,8 @@ struct PartitionState {
     window: DedupWindow,
     /// Usage counted from this partition's messages since the last flush.
     deltas: Deltas,
+    /// Wallet debits and hold settlements since the last flush.
+    ledger: crate::wallet::Ledger,
     /// Whether the last event of this partition was "end of partition".
     at_end: bool,
 }
@@ -275,6 +279,7 @@ impl IngestContext {
                     next: stored_offset.unwrap_or(-1),
                     window,
                     deltas: Deltas::default(),
+                    ledger: crate::wallet::Ledger::new(self.settings.wallets.clone()),
                     at_end: false,
                 },
             );
@@ -351,6 +356,9 @@ impl IngestContext {
             st.in_flight_cancel.store(true, Ordering::Relaxed);
             rx.recv_timeout(CANCEL_GRACE)
         });
+        if let Ok(Ok(f)) = &res {
+            wallets_flushed(st, &f.stuck);
+        }
         matches!(res, Ok(Ok(_)))
     }
 
@@ -519,6 +527,16 @@ impl FlushPacer {
     }
 }
 
+/// Tells the wallet ledgers of the partitions whose cut landed (all but
+/// `stuck`) that it did.
+fn wallets_flushed(st: &mut State, stuck: &[(i32, crate::store::Error)]) {
+    for (p, ps) in st.partitions.iter_mut() {
+        if !stuck.iter().any(|(s, _)| s == p) {
+            ps.ledger.flushed();
+        }
+    }
+}
+
 /// Takes a consistent cut of the consumer state. `None` if nothing was consumed.
 fn take_snapshot(st: &mut State, settings: &IngestSettings) -> Option<Snapshot> {
     let mut parts = Vec::new();
@@ -536,6 +554,7 @@ fn take_snapshot(st: &mut State, settings: &IngestSettings) -> Option<Snapshot> 
         });
         parts.push(PartitionCut {
             deltas: ps.deltas.take(),
+            wallet: ps.ledger.take(),
             offset: OffsetAdvance {
                 topic: settings.topic.clone(),
                 partition: *p,
@@ -932,6 +951,7 @@ impl Ingest {
                 took,
                 stuck,
             }) => {
+                wallets_flushed(st, &stuck);
                 if outcome == FlushOutcome::AlreadyApplied {
                     tracing::info!("flush had already landed on an earlier attempt");
                 }
@@ -1011,6 +1031,7 @@ impl Ingest {
             &self.tariff,
             &mut ps.deltas,
             &mut ps.window,
+            &mut ps.ledger,
             |i, result| match result {
                 Ok(Outcome::Counted(_)) => tallies.counted += 1,
                 Ok(Outcome::Duplicate) => tallies.duplicates += 1,
@@ -1140,6 +1161,7 @@ mod tests {
                 max_pending_cells: 1,
                 dedup_window_days: 7,
                 revoke_timeout: Duration::from_secs(1),
+                wallets: Arc::new(crate::wallet::Wallets::new(Box::new(|_| 0))),
             },
             t0,
         )

@@ -20,6 +20,7 @@ use crate::counters::Tally;
 use crate::dedup::blob;
 
 use super::page::{decode_stored, Page, PageDelta};
+use super::wallet::WalletRows;
 use super::{Conn, Error, Param, Result};
 
 /// A partition's consumed position moving from `from` (what the store held when the
@@ -55,6 +56,8 @@ pub struct FlushBatch {
     pub dedup: Vec<DedupRows>,
     /// Dedup rows seen before this day are deleted.
     pub prune_dedup_before: Option<Day>,
+    /// Wallet debits and hold settlements of the flushed CDRs.
+    pub wallet: WalletRows,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +145,7 @@ impl Conn {
                     &[Param::Int(before.0.into())],
                 )?;
             }
+            c.write_wallet_rows(&b.wallet, &b.as_of)?;
             c.execute(SET_LAST_FLUSH, &[Param::Text(&b.as_of)])?;
             tracing::debug!(
                 pages = b.pages.len(),

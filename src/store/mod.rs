@@ -28,6 +28,7 @@ pub mod page;
 mod pg;
 pub mod schema;
 mod sqlite;
+pub mod wallet;
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -504,6 +505,7 @@ mod tests {
                 ids: vec![u128::from_le_bytes([1; 16])],
             }],
             prune_dedup_before: None,
+            wallet: Default::default(),
         }
     }
 

@@ -23,6 +23,22 @@
 //!   from config and the admin API.
 //! - `api_keys`: AgentPhone Bearer keys, stored as SHA-256 hex only; `key_id` is the
 //!   public handle used to list and revoke a key.
+//! - `wallet_accounts`: each account's prepaid balance in 10⁻⁵ of its currency:
+//!   starting credit + top-ups − debits of flushed CDRs (those not yet flushed
+//!   are re-debited by the replay from `consumer_offsets`); see
+//!   [`super::wallet`].
+//! - `wallet_holds`: per-call holds by (account, call id): amount, status
+//!   (`reserved`, `settled`, `released`), Unix-second creation and expiry, and
+//!   the call's `duration`, `billsec` and `charged` once its CDR was consumed.
+//!   `low_balance_threshold` and `recharge_amount` are the account's own
+//!   low-balance settings (NULL: `[wallet]`'s); `low_armed` is 1 until the
+//!   stored balance crosses below the threshold and again once a top-up
+//!   lifts it back; `low_crossings` numbers the crossings (event ids).
+//! - `wallet_credits`: top-ups by (account, idempotency key), so the same key
+//!   credits once.
+//! - `wallet_events`: the outbox of wallet events (`wallet.low_balance`,
+//!   `wallet.recharge_requested`), each written in the transaction of the
+//!   balance change that caused it; `payload` is the event's JSON body.
 
 use super::{Conn, Result};
 
@@ -98,6 +114,43 @@ const MIGRATIONS: &[&str] = &[
         created_at TEXT NOT NULL
     )",
     "CREATE INDEX IF NOT EXISTS api_keys_by_account ON api_keys (account_sid)",
+    "CREATE TABLE IF NOT EXISTS wallet_accounts (
+        account_sid TEXT PRIMARY KEY,
+        balance BIGINT NOT NULL,
+        low_balance_threshold BIGINT,
+        recharge_amount BIGINT,
+        low_armed BIGINT NOT NULL DEFAULT 1,
+        low_crossings BIGINT NOT NULL DEFAULT 0
+    )",
+    "CREATE TABLE IF NOT EXISTS wallet_holds (
+        account_sid TEXT NOT NULL,
+        call_id TEXT NOT NULL,
+        amount BIGINT NOT NULL,
+        status TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        duration BIGINT,
+        billsec BIGINT,
+        charged BIGINT,
+        PRIMARY KEY (account_sid, call_id)
+    )",
+    "CREATE INDEX IF NOT EXISTS wallet_holds_by_status ON wallet_holds (status)",
+    "CREATE TABLE IF NOT EXISTS wallet_credits (
+        account_sid TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        amount BIGINT NOT NULL,
+        reason TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (account_sid, idempotency_key)
+    )",
+    "CREATE TABLE IF NOT EXISTS wallet_events (
+        event_id TEXT PRIMARY KEY,
+        account_sid TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS wallet_events_by_account ON wallet_events (account_sid, created_at)",
 ];
 
 /// Creates or updates the tables, converting the usage tables of an older

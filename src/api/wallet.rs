@@ -1,0 +1,616 @@
+//! Wallets, per-call holds and top-ups over HTTP (CONTRACT §4; CallingBox and
+//! AgentPhone semantics):
+//!
+//! - `POST /v1/holds`, `DELETE /v1/holds/{call_id}`,
+//!   `GET /v1/calls/{call_id}/billing`, `GET /v1/wallet` (Bearer API key);
+//! - `POST /admin/accounts/{sid}/credits` (admin token).
+//!
+//! Decisions are made in memory by [`crate::wallet::Wallets`] (lock-free);
+//! a granted hold, a release and a top-up are written to the store before the
+//! answer leaves.
+
+use crate::metrics as m;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value as Json_};
+
+use super::accounts::{self, Account};
+use super::admin::{check_admin, check_sid, parse_body};
+use super::agentphone::{authenticate, bearer};
+use super::error::ApiError;
+use super::ApiState;
+use crate::cdr::{AccountSid, CallNumberType, Mode};
+use crate::store::wallet::{StoredCredit, StoredHold};
+use crate::store::Error as StoreError;
+use crate::wallet::{
+    self as w, decimal, hold_amount, refusal_message, Grant, Hold, HoldStatus, Money, Wallet,
+};
+
+/// Loads every stored balance and reserved hold into the state's wallets.
+pub(super) fn load(state: &ApiState) -> Result<usize, StoreError> {
+    let (balances, holds) = state
+        .store()
+        .with_conn(|c| Ok((c.wallet_balances()?, c.reserved_holds()?)))?;
+    let wallets = state.wallets();
+    let mut by_account: std::collections::HashMap<AccountSid, (Money, Vec<Hold>)> =
+        Default::default();
+    for (sid, balance) in balances {
+        if let Some(a) = AccountSid::parse(&sid) {
+            by_account.entry(a).or_insert((balance, Vec::new())).0 = balance;
+        }
+    }
+    for h in holds {
+        let Some(a) = AccountSid::parse(&h.account_sid) else {
+            continue;
+        };
+        by_account
+            .entry(a)
+            .or_insert_with(|| (wallets.starting_credit(a), Vec::new()))
+            .1
+            .push(Hold::new(
+                a,
+                &h.call_id,
+                h.amount,
+                h.created_at,
+                h.expires_at,
+            ));
+    }
+    let n = by_account.len();
+    for (a, (balance, holds)) in by_account {
+        wallets.load(a, balance, holds);
+    }
+    Ok(n)
+}
+
+fn check_loaded(state: &ApiState) -> Result<(), ApiError> {
+    if state
+        .inner
+        .wallets_loaded
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        return Ok(());
+    }
+    Err(ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        code: "starting",
+        message: "tallyd is starting: wallets are not loaded from the store yet; retry".into(),
+        param: None,
+    })
+}
+
+fn sid_of(a: &Account) -> Result<AccountSid, ApiError> {
+    AccountSid::parse(&a.sid).ok_or_else(|| ApiError::internal("stored account SID is malformed"))
+}
+
+async fn account(state: &ApiState, headers: &HeaderMap) -> Result<Account, ApiError> {
+    check_loaded(state)?;
+    let key = bearer(headers);
+    state.store().run(move |c| Ok(authenticate(c, key))).await?
+}
+
+fn rfc3339(unix: i64) -> String {
+    chrono::DateTime::from_timestamp(unix, 0)
+        .unwrap_or_default()
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+/// The per-call hold of `a` for a call of `number_type` and `mode`.
+fn hold_for(state: &ApiState, a: &Account, nt: CallNumberType, mode: Option<Mode>) -> Money {
+    let plan = state
+        .inner
+        .tariff
+        .plan_for(AccountSid::parse(&a.sid).unwrap_or(AccountSid(0)));
+    let minutes = a.limits.max_call_duration_minutes.clamp(0, u32::MAX as i64) as u32;
+    hold_amount(plan, nt, mode, minutes)
+}
+
+/// The auto-recharge settings in effect: the account's own, else the defaults.
+fn auto_recharge_json(state: &ApiState, own: (Option<Money>, Option<Money>)) -> Json_ {
+    let d = state.wallets().low_balance;
+    let (threshold, amount) = (own.0.unwrap_or(d.threshold), own.1.unwrap_or(d.recharge));
+    json!({
+        "enabled": amount > 0,
+        "threshold": decimal(threshold),
+        "amount": decimal(amount),
+    })
+}
+
+fn wallet_json(state: &ApiState, a: &Account, wallet: &Wallet) -> Json_ {
+    let v = wallet.view();
+    let hold = hold_for(state, a, CallNumberType::Local, None);
+    json!({
+        "account_sid": a.sid,
+        "balance": decimal(v.balance),
+        "held": decimal(v.held),
+        "available": decimal(v.available),
+        "hold_amount": decimal(hold),
+        "active_holds": v.active_holds,
+        "currency": state.currency_of(&a.sid),
+        "status": w::status(v.available, hold),
+    })
+}
+
+fn hold_json(h: &StoredHold) -> Json_ {
+    json!({
+        "call_id": h.call_id,
+        "amount": decimal(h.amount),
+        "status": h.status.as_str(),
+        "created_at": rfc3339(h.created_at),
+        "expires_at": rfc3339(h.expires_at),
+    })
+}
+
+fn stored(h: &Hold) -> StoredHold {
+    StoredHold {
+        account_sid: h.account.to_string(),
+        call_id: h.call_id.clone(),
+        amount: h.amount,
+        status: h.status(),
+        created_at: h.created_at,
+        expires_at: h.expires_at,
+        billing: h.billing(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewHold {
+    call_id: String,
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default)]
+    number_type: Option<String>,
+}
+
+fn check_call_id(id: &str) -> Result<(), ApiError> {
+    if id.is_empty() || id.len() > 64 {
+        return Err(ApiError::invalid_parameter(
+            "call_id",
+            format!(
+                "call_id must be 1 to 64 characters (the call CDR's id); got {} characters",
+                id.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn store_unavailable(e: StoreError) -> ApiError {
+    tracing::error!(error = %e, "wallet write failed");
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        code: "store_unavailable",
+        message: "the store did not take the change; nothing was changed, retry".into(),
+        param: None,
+    }
+}
+
+/// `POST /v1/holds`.
+pub async fn create_hold(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
+    let a = account(&state, &headers).await?;
+    let req: NewHold = parse_body(&body)?;
+    check_call_id(&req.call_id)?;
+    let mode = match req.mode.as_deref() {
+        None => None,
+        Some(m) => Some(Mode::parse(m).ok_or_else(|| {
+            ApiError::invalid_parameter(
+                "mode",
+                format!("mode must be webhook or hosted; got {m:?}"),
+            )
+        })?),
+    };
+    let nt = match req.number_type.as_deref().unwrap_or("local") {
+        "local" => CallNumberType::Local,
+        "mobile" => CallNumberType::Mobile,
+        "tollfree" => CallNumberType::Tollfree,
+        "sip" => CallNumberType::Sip,
+        "client" => CallNumberType::Client,
+        other => {
+            return Err(ApiError::invalid_parameter(
+                "number_type",
+                format!(
+                    "number_type must be local, mobile, tollfree, sip or client; got {other:?}"
+                ),
+            ))
+        }
+    };
+    let account = sid_of(&a)?;
+    let amount = hold_for(&state, &a, nt, mode);
+    let now = state.now();
+    let expires_at = now + a.limits.max_call_duration_minutes * 60 + state.inner.hold_grace;
+    let limit = a.limits.concurrent_calls.clamp(0, u32::MAX as i64) as u32;
+    let wallets = state.wallets().clone();
+    let grant = wallets.grant(account, &req.call_id, amount, limit, now, expires_at);
+    let wallet = wallets.wallet(account);
+    let answer = match grant {
+        Grant::Granted(hold) => {
+            let row = stored(&hold);
+            match state.store().run(move |c| c.insert_hold(&row)).await {
+                Ok(None) => {
+                    metrics::counter!(m::HOLDS_TOTAL, "outcome" => "granted").increment(1);
+                    let mut body = hold_json(&stored(&hold));
+                    body["wallet"] = wallet_json(&state, &a, &wallet);
+                    (StatusCode::CREATED, Json(body)).into_response()
+                }
+                Ok(Some(_)) if hold.status() != HoldStatus::Reserved => {
+                    // Its call's CDR came and was flushed before this insert.
+                    metrics::counter!(m::HOLDS_TOTAL, "outcome" => "granted").increment(1);
+                    let mut body = hold_json(&stored(&hold));
+                    body["wallet"] = wallet_json(&state, &a, &wallet);
+                    (StatusCode::CREATED, Json(body)).into_response()
+                }
+                Ok(Some(earlier)) => {
+                    // The call id had a hold the registry had forgotten.
+                    wallets.revoke(&hold);
+                    let mut body = hold_json(&earlier);
+                    body["wallet"] = wallet_json(&state, &a, &wallet);
+                    (StatusCode::OK, Json(body)).into_response()
+                }
+                Err(e) => {
+                    wallets.revoke(&hold);
+                    return Err(store_unavailable(e));
+                }
+            }
+        }
+        Grant::Existing(hold) => {
+            metrics::counter!(m::HOLDS_TOTAL, "outcome" => "repeated").increment(1);
+            let mut body = hold_json(&stored(&hold));
+            body["wallet"] = wallet_json(&state, &a, &wallet);
+            (StatusCode::OK, Json(body)).into_response()
+        }
+        Grant::Refused { available, amount } => {
+            metrics::counter!(m::HOLDS_TOTAL, "outcome" => "refused").increment(1);
+            let body = json!({
+                "code": "calls_paused",
+                "message": refusal_message(available, amount),
+                "available": decimal(available),
+                "hold_amount": decimal(amount),
+            });
+            (StatusCode::PAYMENT_REQUIRED, Json(body)).into_response()
+        }
+        Grant::TooManyCalls { limit } => {
+            metrics::counter!(m::HOLDS_TOTAL, "outcome" => "limited").increment(1);
+            let body = json!({
+                "code": "too_many_concurrent_calls",
+                "message": format!(
+                    "Your plan allows {limit} concurrent calls and {limit} are in progress. \
+                     Wait for a call to end or release its hold."
+                ),
+                "limit": limit,
+            });
+            (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response()
+        }
+    };
+    m::HOLD_REQUEST_TO_ANSWER.record_since(started);
+    Ok(answer)
+}
+
+/// The hold of `call_id` on `account`: the registry's, else the store's.
+async fn find_hold(
+    state: &ApiState,
+    account: AccountSid,
+    call_id: &str,
+) -> Result<Option<StoredHold>, ApiError> {
+    if let Some(h) = state.wallets().hold(account, call_id) {
+        return Ok(Some(stored(&h)));
+    }
+    let (sid, id) = (account.to_string(), call_id.to_owned());
+    Ok(state.store().run(move |c| c.hold(&sid, &id)).await?)
+}
+
+fn no_hold(call_id: &str) -> ApiError {
+    ApiError::not_found(format!("no hold for call_id {call_id:?} on this account"))
+}
+
+/// `DELETE /v1/holds/{call_id}`: releases a hold whose call never started.
+pub async fn release_hold(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(call_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let a = account(&state, &headers).await?;
+    check_call_id(&call_id)?;
+    let account = sid_of(&a)?;
+    let wallets = state.wallets().clone();
+    let Some(hold) = wallets.hold(account, &call_id) else {
+        // Not in memory: finished long ago (the store says how) or unknown.
+        let h = find_hold(&state, account, &call_id)
+            .await?
+            .ok_or_else(|| no_hold(&call_id))?;
+        return finished(&h);
+    };
+    if wallets.release(&hold) {
+        metrics::counter!(m::HOLDS_TOTAL, "outcome" => "released").increment(1);
+    }
+    if hold.status() == HoldStatus::Settled {
+        return finished(&stored(&hold));
+    }
+    // Written even if an earlier request released it in memory: that one's
+    // write may have failed.
+    let (sid, id) = (a.sid.clone(), call_id.clone());
+    state
+        .store()
+        .run(move |c| c.release_hold(&sid, &id))
+        .await
+        .map_err(store_unavailable)?;
+    let mut body = hold_json(&stored(&hold));
+    body["wallet"] = wallet_json(&state, &a, &wallets.wallet(account));
+    Ok((StatusCode::OK, Json(body)).into_response())
+}
+
+fn finished(h: &StoredHold) -> Result<Response, ApiError> {
+    match h.status {
+        HoldStatus::Settled => Err(ApiError::conflict(format!(
+            "the hold of call {} was already settled by its CDR",
+            h.call_id
+        ))),
+        _ => Ok((StatusCode::OK, Json(hold_json(h))).into_response()),
+    }
+}
+
+/// `GET /v1/calls/{call_id}/billing`: CallingBox's call billing fields.
+pub async fn call_billing(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(call_id): Path<String>,
+) -> Result<Json<Json_>, ApiError> {
+    let a = account(&state, &headers).await?;
+    check_call_id(&call_id)?;
+    let h = find_hold(&state, sid_of(&a)?, &call_id)
+        .await?
+        .ok_or_else(|| no_hold(&call_id))?;
+    let b = h.billing.unwrap_or_default();
+    Ok(Json(json!({
+        "call_id": h.call_id,
+        "duration_seconds": b.duration,
+        "billed_duration_seconds": b.billsec,
+        "billing_amount_milli_cents": b.charged,
+        "reservation_status": h.status.as_str(),
+        "hold_amount": decimal(h.amount),
+    })))
+}
+
+/// `GET /v1/wallet`.
+pub async fn wallet(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+) -> Result<Json<Json_>, ApiError> {
+    let a = account(&state, &headers).await?;
+    let wallet = state.wallets().wallet(sid_of(&a)?);
+    let sid = a.sid.clone();
+    let own = state
+        .store()
+        .run(move |c| c.low_balance_settings(&sid))
+        .await?;
+    let mut body = wallet_json(&state, &a, &wallet);
+    body["auto_recharge"] = auto_recharge_json(&state, own);
+    Ok(Json(body))
+}
+
+/// Body of `PUT /admin/accounts/{sid}/auto-recharge`: a decimal string, or
+/// null for the `[wallet]` default.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoRecharge {
+    threshold: Option<String>,
+    amount: Option<String>,
+}
+
+fn amount_param(param: &str, v: Option<&str>) -> Result<Option<Money>, ApiError> {
+    let Some(v) = v else { return Ok(None) };
+    let bad = |why: &str| {
+        ApiError::invalid_parameter(
+            param,
+            format!("{param} {v:?} {why}; send a decimal string like \"10.00\" (0 or more), or null for the default"),
+        )
+    };
+    let d: rust_decimal::Decimal = v.trim().parse().map_err(|_| bad("is not a decimal"))?;
+    let m = w::money(param, d).map_err(|e| bad(&e))?;
+    if m < 0 {
+        return Err(bad("is negative"));
+    }
+    Ok(Some(m))
+}
+
+/// `PUT /admin/accounts/{sid}/auto-recharge`: the account's low-balance
+/// threshold and auto-recharge amount (0 = off: a crossing emits
+/// `wallet.low_balance` instead of `wallet.recharge_requested`).
+pub async fn set_auto_recharge(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(sid): Path<String>,
+    body: Bytes,
+) -> Result<Json<Json_>, ApiError> {
+    check_admin(&state, &headers)?;
+    check_sid("sid", &sid)?;
+    let req: AutoRecharge = parse_body(&body)?;
+    let threshold = amount_param("threshold", req.threshold.as_deref())?;
+    let amount = amount_param("amount", req.amount.as_deref())?;
+    let starting = state
+        .wallets()
+        .starting_credit(AccountSid::parse(&sid).expect("checked"));
+    let s = sid.clone();
+    let found = state
+        .store()
+        .run(move |c| {
+            if accounts::get(c, &s)?.is_none() {
+                return Ok(false);
+            }
+            c.set_low_balance(&s, threshold, amount, starting)?;
+            Ok(true)
+        })
+        .await?;
+    if !found {
+        return Err(ApiError::not_found("no such account"));
+    }
+    Ok(Json(json!({
+        "account_sid": sid,
+        "auto_recharge": auto_recharge_json(&state, (threshold, amount)),
+    })))
+}
+
+/// `GET /admin/wallet-events[?account_sid=…&limit=N]`: the outbox of wallet
+/// events, oldest first.
+pub async fn list_events(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+) -> Result<Json<Json_>, ApiError> {
+    check_admin(&state, &headers)?;
+    let limit = super::agentphone::int_param(raw.as_deref(), "limit", 1000, 1, 10_000)?;
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
+        .map_err(|e| {
+            ApiError::invalid_parameter("query", format!("malformed query string: {e}"))
+        })?;
+    let sid = pairs
+        .into_iter()
+        .find(|(k, _)| k == "account_sid")
+        .map(|(_, v)| v);
+    if let Some(s) = &sid {
+        check_sid("account_sid", s)?;
+    }
+    let events = state
+        .store()
+        .run(move |c| c.wallet_events(sid.as_deref(), limit))
+        .await?;
+    let events: Vec<Json_> = events
+        .iter()
+        .map(|e| serde_json::from_str(&e.payload).unwrap_or(Json_::Null))
+        .collect();
+    Ok(Json(json!({ "events": events })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewCredit {
+    amount: String,
+    idempotency_key: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// `POST /admin/accounts/{sid}/credits`: a top-up, credited once per
+/// idempotency key, durable before the `201`.
+pub async fn create_credit(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(sid): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    check_admin(&state, &headers)?;
+    check_loaded(&state)?;
+    check_sid("sid", &sid)?;
+    let req: NewCredit = parse_body(&body)?;
+    let bad_amount = |why: &str| {
+        ApiError::invalid_parameter(
+            "amount",
+            format!(
+                "amount {:?} {why}; send a positive decimal string like \"10.00\"",
+                req.amount
+            ),
+        )
+    };
+    let decimal_amount: rust_decimal::Decimal = req
+        .amount
+        .trim()
+        .parse()
+        .map_err(|_| bad_amount("is not a decimal"))?;
+    let amount = w::money("amount", decimal_amount).map_err(|e| bad_amount(&e))?;
+    if amount <= 0 {
+        return Err(bad_amount("is not positive"));
+    }
+    if req.idempotency_key.is_empty() || req.idempotency_key.len() > 255 {
+        return Err(ApiError::invalid_parameter(
+            "idempotency_key",
+            "idempotency_key must be 1 to 255 characters",
+        ));
+    }
+    let account = AccountSid::parse(&sid).expect("checked");
+    let wallets = state.wallets().clone();
+    let starting = wallets.starting_credit(account);
+    let low = wallets.low_balance;
+    let credit = StoredCredit {
+        account_sid: sid.clone(),
+        idempotency_key: req.idempotency_key,
+        amount,
+        reason: req.reason,
+        created_at: accounts::now_rfc3339(),
+    };
+    let (a, result) = state
+        .store()
+        .run(move |c| {
+            let Some(a) = accounts::get(c, &sid)? else {
+                return Ok(None);
+            };
+            Ok(Some((a, c.credit_wallet(&credit, starting, low)?)))
+        })
+        .await
+        .map_err(store_unavailable)?
+        .ok_or_else(|| ApiError::not_found("no such account"))?;
+    let (credit, new) = result;
+    let wallet = wallets.wallet(account);
+    if new {
+        wallet.credit(credit.amount);
+        metrics::counter!(m::WALLET_CREDITS_TOTAL).increment(1);
+    }
+    let body = json!({
+        "account_sid": credit.account_sid,
+        "amount": decimal(credit.amount),
+        "idempotency_key": credit.idempotency_key,
+        "reason": credit.reason,
+        "created_at": credit.created_at,
+        "credited": new,
+        "wallet": wallet_json(&state, &a, &wallet),
+    });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// Releases the holds past their expiry (and writes them released); holds
+/// finished an hour ago are dropped from memory (the store keeps them).
+/// Returns how many expired.
+pub async fn expire_due(state: &ApiState) -> Result<usize, StoreError> {
+    let now = state.now();
+    let expired = state.wallets().expire(now, now - 3600);
+    if expired.is_empty() {
+        return Ok(0);
+    }
+    metrics::counter!(m::HOLDS_TOTAL, "outcome" => "expired").increment(expired.len() as u64);
+    let rows: Vec<(String, String)> = expired
+        .iter()
+        .map(|h| (h.account.to_string(), h.call_id.clone()))
+        .collect();
+    state
+        .store()
+        .run(move |c| {
+            c.transaction(|c| {
+                for (sid, id) in &rows {
+                    c.release_hold(sid, id)?;
+                }
+                Ok(())
+            })
+        })
+        .await?;
+    Ok(expired.len())
+}
+
+/// Runs [`expire_due`] every second until `stop` is set.
+pub async fn expire_holds(state: ApiState, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        if let Err(e) = expire_due(&state).await {
+            // Released in memory; a restart brings them back reserved and
+            // expires them again.
+            tracing::warn!(error = %e, "expired holds not written");
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}

@@ -1,0 +1,431 @@
+//! Wallet rows: balances, holds and top-ups (tables in [`super::schema`]).
+//!
+//! The stored balance is the starting credit plus every top-up minus every
+//! *flushed* debit: a partition's debits since its last flush are added in the
+//! flush transaction with its offsets ([`WalletRows`], a step of
+//! [`Conn::write_flush`]), so after a crash the replay from the stored offsets
+//! re-debits exactly what the store does not have. Holds and top-ups are
+//! written before their HTTP answer leaves, in transactions of their own.
+
+use super::{Conn, Param, Result, Value};
+use crate::wallet::{decimal, CallBilling, HoldStatus, LowBalance, Money, WalletCut};
+
+/// A partition's wallet changes, written with its flush.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WalletRows {
+    /// (account SID, sum of debits, starting credit if the account has no row).
+    pub debits: Vec<(String, Money, Money)>,
+    pub holds: Vec<HoldUpdate>,
+    /// Low-balance defaults for accounts that set none.
+    pub low_balance: LowBalance,
+}
+
+/// A hold settled or released by its call's CDR.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldUpdate {
+    pub account_sid: String,
+    pub call_id: String,
+    pub amount: Money,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub status: HoldStatus,
+    pub billing: CallBilling,
+}
+
+impl From<WalletCut> for WalletRows {
+    fn from(cut: WalletCut) -> WalletRows {
+        WalletRows {
+            debits: cut
+                .debits
+                .into_iter()
+                .map(|(a, amount, start)| (a.to_string(), amount, start))
+                .collect(),
+            holds: cut
+                .holds
+                .into_iter()
+                .map(|c| HoldUpdate {
+                    account_sid: c.hold.account.to_string(),
+                    call_id: c.hold.call_id.clone(),
+                    amount: c.hold.amount,
+                    created_at: c.hold.created_at,
+                    expires_at: c.hold.expires_at,
+                    status: c.status,
+                    billing: c.billing,
+                })
+                .collect(),
+            low_balance: cut.low_balance,
+        }
+    }
+}
+
+/// A wallet event in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub event_id: String,
+    pub account_sid: String,
+    pub kind: String,
+    /// The event's JSON body.
+    pub payload: String,
+    pub created_at: String,
+}
+
+/// A balance row after a change: balance, own threshold and recharge amount,
+/// armed, crossings.
+const AFTER: &str =
+    "RETURNING balance, low_balance_threshold, recharge_amount, low_armed, low_crossings";
+
+struct After {
+    balance: Money,
+    low: LowBalance,
+    armed: bool,
+    crossings: i64,
+}
+
+fn after(r: &[Value], defaults: LowBalance) -> After {
+    After {
+        balance: r[0].int(),
+        low: LowBalance {
+            threshold: r[1].opt_int().unwrap_or(defaults.threshold),
+            recharge: r[2].opt_int().unwrap_or(defaults.recharge),
+        },
+        armed: r[3].int() != 0,
+        crossings: r[4].int(),
+    }
+}
+
+/// A hold as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredHold {
+    pub account_sid: String,
+    pub call_id: String,
+    pub amount: Money,
+    pub status: HoldStatus,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub billing: Option<CallBilling>,
+}
+
+/// A top-up as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCredit {
+    pub account_sid: String,
+    pub idempotency_key: String,
+    pub amount: Money,
+    pub reason: String,
+    pub created_at: String,
+}
+
+const HOLD_COLUMNS: &str =
+    "account_sid, call_id, amount, status, created_at, expires_at, duration, billsec, charged";
+
+fn hold_row(r: &[Value]) -> StoredHold {
+    StoredHold {
+        account_sid: r[0].text().to_owned(),
+        call_id: r[1].text().to_owned(),
+        amount: r[2].int(),
+        status: HoldStatus::parse(r[3].text()).unwrap_or(HoldStatus::Released),
+        created_at: r[4].int(),
+        expires_at: r[5].int(),
+        billing: r[8].opt_int().map(|charged| CallBilling {
+            duration: r[6].int() as u32,
+            billsec: r[7].int() as u32,
+            charged,
+        }),
+    }
+}
+
+impl Conn {
+    /// The flush step: adds each account's debits into its balance and
+    /// records the holds its CDRs settled or released.
+    pub(super) fn write_wallet_rows(&mut self, w: &WalletRows, as_of: &str) -> Result<()> {
+        for (sid, amount, start) in &w.debits {
+            let r = self.query(
+                &format!(
+                    "INSERT INTO wallet_accounts (account_sid, balance) VALUES ($1, $2) \
+                     ON CONFLICT (account_sid) DO UPDATE SET balance = wallet_accounts.balance - $3 \
+                     {AFTER}"
+                ),
+                &[
+                    Param::Text(sid),
+                    Param::Int(start - amount),
+                    Param::Int(*amount),
+                ],
+            )?;
+            let a = after(&r[0], w.low_balance);
+            if a.armed && a.balance < a.low.threshold {
+                self.low_balance_crossed(sid, &a, as_of)?;
+            }
+        }
+        for h in &w.holds {
+            // An upsert: the grant's own insert may still be on its way.
+            self.execute(
+                "INSERT INTO wallet_holds (account_sid, call_id, amount, status, created_at, \
+                 expires_at, duration, billsec, charged) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (account_sid, call_id) DO UPDATE SET status = excluded.status, \
+                 duration = excluded.duration, billsec = excluded.billsec, charged = excluded.charged",
+                &[
+                    Param::Text(&h.account_sid),
+                    Param::Text(&h.call_id),
+                    Param::Int(h.amount),
+                    Param::Text(h.status.as_str()),
+                    Param::Int(h.created_at),
+                    Param::Int(h.expires_at),
+                    Param::Int(h.billing.duration.into()),
+                    Param::Int(h.billing.billsec.into()),
+                    Param::Int(h.billing.charged),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Records a downward crossing of the low-balance threshold: disarms the
+    /// account and writes one event to the outbox, in the caller's
+    /// transaction.
+    fn low_balance_crossed(&mut self, sid: &str, a: &After, at: &str) -> Result<()> {
+        let n = a.crossings + 1;
+        self.execute(
+            "UPDATE wallet_accounts SET low_armed = 0, low_crossings = $1 WHERE account_sid = $2",
+            &[Param::Int(n), Param::Text(sid)],
+        )?;
+        let kind = if a.low.recharge > 0 {
+            "wallet.recharge_requested"
+        } else {
+            "wallet.low_balance"
+        };
+        let id = format!("evt_{sid}_{n}");
+        let mut data = serde_json::json!({
+            "account_sid": sid,
+            "balance": decimal(a.balance),
+            "threshold": decimal(a.low.threshold),
+        });
+        if a.low.recharge > 0 {
+            data["amount"] = decimal(a.low.recharge).into();
+        }
+        let payload =
+            serde_json::json!({"id": id, "type": kind, "created_at": at, "data": data}).to_string();
+        self.execute(
+            "INSERT INTO wallet_events (event_id, account_sid, kind, payload, created_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+            &[
+                Param::Text(&id),
+                Param::Text(sid),
+                Param::Text(kind),
+                Param::Text(&payload),
+                Param::Text(at),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Sets an account's own low-balance threshold and recharge amount
+    /// (`None`: the `[wallet]` defaults), creating its wallet row with the
+    /// starting credit if it has none.
+    pub fn set_low_balance(
+        &mut self,
+        sid: &str,
+        threshold: Option<Money>,
+        recharge: Option<Money>,
+        starting: Money,
+    ) -> Result<()> {
+        // -1 stands for NULL: one statement text whichever is set.
+        self.execute(
+            "INSERT INTO wallet_accounts (account_sid, balance, low_balance_threshold, recharge_amount) \
+             VALUES ($1, $2, NULLIF(CAST($3 AS BIGINT), -1), NULLIF(CAST($4 AS BIGINT), -1)) \
+             ON CONFLICT (account_sid) DO UPDATE SET \
+             low_balance_threshold = excluded.low_balance_threshold, \
+             recharge_amount = excluded.recharge_amount",
+            &[
+                Param::Text(sid),
+                Param::Int(starting),
+                Param::Int(threshold.unwrap_or(-1)),
+                Param::Int(recharge.unwrap_or(-1)),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// An account's own low-balance settings: (threshold, recharge amount).
+    pub fn low_balance_settings(&mut self, sid: &str) -> Result<(Option<Money>, Option<Money>)> {
+        Ok(self
+            .query(
+                "SELECT low_balance_threshold, recharge_amount FROM wallet_accounts \
+                 WHERE account_sid = $1",
+                &[Param::Text(sid)],
+            )?
+            .first()
+            .map(|r| (r[0].opt_int(), r[1].opt_int()))
+            .unwrap_or_default())
+    }
+
+    /// Outbox events, oldest first: one account's or all, at most `limit`.
+    pub fn wallet_events(&mut self, sid: Option<&str>, limit: i64) -> Result<Vec<StoredEvent>> {
+        let rows = match sid {
+            Some(sid) => self.query(
+                "SELECT event_id, account_sid, kind, payload, created_at FROM wallet_events \
+                 WHERE account_sid = $1 ORDER BY created_at, event_id LIMIT $2",
+                &[Param::Text(sid), Param::Int(limit)],
+            )?,
+            None => self.query(
+                "SELECT event_id, account_sid, kind, payload, created_at FROM wallet_events \
+                 ORDER BY created_at, event_id LIMIT $1",
+                &[Param::Int(limit)],
+            )?,
+        };
+        Ok(rows
+            .iter()
+            .map(|r| StoredEvent {
+                event_id: r[0].text().to_owned(),
+                account_sid: r[1].text().to_owned(),
+                kind: r[2].text().to_owned(),
+                payload: r[3].text().to_owned(),
+                created_at: r[4].text().to_owned(),
+            })
+            .collect())
+    }
+
+    /// Stores a granted hold; if the call id already had one, stores nothing
+    /// and returns that one.
+    pub fn insert_hold(&mut self, h: &StoredHold) -> Result<Option<StoredHold>> {
+        let inserted = self.execute(
+            "INSERT INTO wallet_holds (account_sid, call_id, amount, status, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (account_sid, call_id) DO NOTHING",
+            &[
+                Param::Text(&h.account_sid),
+                Param::Text(&h.call_id),
+                Param::Int(h.amount),
+                Param::Text(h.status.as_str()),
+                Param::Int(h.created_at),
+                Param::Int(h.expires_at),
+            ],
+        )?;
+        if inserted == 1 {
+            return Ok(None);
+        }
+        self.hold(&h.account_sid, &h.call_id)
+    }
+
+    /// Stores many granted holds in one transaction (a group commit); each
+    /// result is as [`Conn::insert_hold`]'s.
+    pub fn insert_holds(&mut self, holds: &[StoredHold]) -> Result<Vec<Option<StoredHold>>> {
+        self.transaction(|c| holds.iter().map(|h| c.insert_hold(h)).collect())
+    }
+
+    /// Marks a reserved hold released (explicitly or at expiry).
+    pub fn release_hold(&mut self, account_sid: &str, call_id: &str) -> Result<()> {
+        self.execute(
+            "UPDATE wallet_holds SET status = 'released' \
+             WHERE account_sid = $1 AND call_id = $2 AND status = 'reserved'",
+            &[Param::Text(account_sid), Param::Text(call_id)],
+        )?;
+        Ok(())
+    }
+
+    pub fn hold(&mut self, account_sid: &str, call_id: &str) -> Result<Option<StoredHold>> {
+        Ok(self
+            .query(
+                &format!(
+                    "SELECT {HOLD_COLUMNS} FROM wallet_holds WHERE account_sid = $1 AND call_id = $2"
+                ),
+                &[Param::Text(account_sid), Param::Text(call_id)],
+            )?
+            .first()
+            .map(|r| hold_row(r)))
+    }
+
+    /// Every hold still reserved.
+    pub fn reserved_holds(&mut self) -> Result<Vec<StoredHold>> {
+        Ok(self
+            .query(
+                &format!("SELECT {HOLD_COLUMNS} FROM wallet_holds WHERE status = 'reserved'"),
+                &[],
+            )?
+            .iter()
+            .map(|r| hold_row(r))
+            .collect())
+    }
+
+    /// Every stored balance: (account SID, balance).
+    pub fn wallet_balances(&mut self) -> Result<Vec<(String, Money)>> {
+        Ok(self
+            .query("SELECT account_sid, balance FROM wallet_accounts", &[])?
+            .iter()
+            .map(|r| (r[0].text().to_owned(), r[1].int()))
+            .collect())
+    }
+
+    /// One stored balance.
+    pub fn wallet_balance(&mut self, account_sid: &str) -> Result<Option<Money>> {
+        Ok(self
+            .query(
+                "SELECT balance FROM wallet_accounts WHERE account_sid = $1",
+                &[Param::Text(account_sid)],
+            )?
+            .first()
+            .map(|r| r[0].int()))
+    }
+
+    /// Credits a top-up once per (account, idempotency key), in one
+    /// transaction: `Ok((credit, true))` if this call credited it,
+    /// `Ok((first, false))` with the first top-up of that key otherwise.
+    /// A top-up that lifts the balance to the threshold or above re-arms the
+    /// low-balance event.
+    pub fn credit_wallet(
+        &mut self,
+        c: &StoredCredit,
+        starting: Money,
+        defaults: LowBalance,
+    ) -> Result<(StoredCredit, bool)> {
+        self.transaction(|tx| {
+            let inserted = tx.execute(
+                "INSERT INTO wallet_credits (account_sid, idempotency_key, amount, reason, created_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (account_sid, idempotency_key) DO NOTHING",
+                &[
+                    Param::Text(&c.account_sid),
+                    Param::Text(&c.idempotency_key),
+                    Param::Int(c.amount),
+                    Param::Text(&c.reason),
+                    Param::Text(&c.created_at),
+                ],
+            )?;
+            if inserted == 0 {
+                let r = tx.query(
+                    "SELECT account_sid, idempotency_key, amount, reason, created_at \
+                     FROM wallet_credits WHERE account_sid = $1 AND idempotency_key = $2",
+                    &[Param::Text(&c.account_sid), Param::Text(&c.idempotency_key)],
+                )?;
+                let r = &r[0];
+                return Ok((
+                    StoredCredit {
+                        account_sid: r[0].text().to_owned(),
+                        idempotency_key: r[1].text().to_owned(),
+                        amount: r[2].int(),
+                        reason: r[3].text().to_owned(),
+                        created_at: r[4].text().to_owned(),
+                    },
+                    false,
+                ));
+            }
+            let r = tx.query(
+                &format!(
+                    "INSERT INTO wallet_accounts (account_sid, balance) VALUES ($1, $2) \
+                     ON CONFLICT (account_sid) DO UPDATE SET balance = wallet_accounts.balance + $3 \
+                     {AFTER}"
+                ),
+                &[
+                    Param::Text(&c.account_sid),
+                    Param::Int(starting + c.amount),
+                    Param::Int(c.amount),
+                ],
+            )?;
+            let a = after(&r[0], defaults);
+            if !a.armed && a.balance >= a.low.threshold {
+                tx.execute(
+                    "UPDATE wallet_accounts SET low_armed = 1 WHERE account_sid = $1",
+                    &[Param::Text(&c.account_sid)],
+                )?;
+            }
+            Ok((c.clone(), true))
+        })
+    }
+}
