@@ -227,7 +227,8 @@ fn setup() -> Bench {
     let (cfg, tariff) =
         Config::from_toml(&text, &path, [("TALLYD_STORE__URL".into(), url.clone())]).unwrap();
     // Creates the tables in the bench schema.
-    let state = ApiState::new(&cfg, &tariff).unwrap();
+    let store = tallyd::store::Store::open(&url).unwrap();
+    let state = ApiState::seeded(&cfg, &tariff, store).unwrap();
     let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     fill(&mut c, n);
     // "Today" is the last filled day, so -29days..today is the filled month.

@@ -21,11 +21,11 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tallyd::calendar::Day;
 use tallyd::config::Config;
 use tallyd::counters::Deltas;
-use tallyd::flush::usage_of;
+use tallyd::flush::expand::pages;
 use tallyd::generate::{Generator, GeneratorSettings};
 use tallyd::pipeline::{ingest, NoDedup};
 use tallyd::rating::Tariff;
-use tallyd::store::{FlushBatch, OffsetAdvance, Store};
+use tallyd::store::{Conn, FlushBatch, OffsetAdvance, Store};
 
 const ACCOUNTS: usize = 10_000;
 const CDRS: usize = 200_000;
@@ -56,25 +56,27 @@ fn deltas(tariff: &Tariff) -> Deltas {
 }
 
 fn flush_batch(tariff: &Tariff) -> FlushBatch {
-    let (rows, breakdowns) = usage_of(vec![deltas(tariff)], tariff);
     FlushBatch {
         as_of: "2025-06-30T12:00:00+00:00".into(),
-        rows,
-        breakdowns,
+        pages: pages(vec![deltas(tariff)], tariff),
         offsets: Vec::new(),
         dedup: Vec::new(),
         prune_dedup_before: None,
     }
 }
 
+/// Rows and breakdown rows of `batch`: the benchmark's elements.
+fn rows(batch: &FlushBatch) -> u64 {
+    batch.pages.iter().map(|p| p.delta.len() as u64).sum()
+}
+
 /// Writes `batch` once per iteration, each time advancing partition 0 by one.
 fn bench_store(c: &mut Criterion, name: &str, url: &str, batch: &FlushBatch) {
-    let mut store = Store::open(url).expect("store");
-    // As in the daemon: commits do not checkpoint a SQLite WAL; a thread of its
-    // own does, here between the timed writes.
-    store.defer_checkpoints().expect("defer checkpoints");
+    // As in the daemon, commits do not checkpoint a SQLite WAL (connections
+    // are opened so); here a checkpoint runs between the timed writes.
+    let mut store = Store::open(url).expect("store").connect().expect("connect");
     let mut next = 0i64;
-    let mut write = |store: &mut Store| {
+    let mut write = |store: &mut Conn| {
         let mut b = batch.clone();
         b.offsets = vec![OffsetAdvance {
             topic: "cdrs".into(),
@@ -95,9 +97,7 @@ fn bench_store(c: &mut Criterion, name: &str, url: &str, batch: &FlushBatch) {
     let mut g = c.benchmark_group("flush");
     g.sample_size(10)
         .measurement_time(Duration::from_secs(20))
-        .throughput(Throughput::Elements(
-            (batch.rows.len() + batch.breakdowns.len()) as u64,
-        ));
+        .throughput(Throughput::Elements(rows(batch)));
     g.bench_function(name, |b| {
         b.iter_custom(|iters| (0..iters).map(|_| write(&mut store)).sum())
     });
@@ -108,20 +108,19 @@ fn flush(c: &mut Criterion) {
     let tariff = tariff();
     let batch = flush_batch(&tariff);
     eprintln!(
-        "one flush of {CDRS} CDRs over {ACCOUNTS} accounts: {} rows, {} breakdown rows",
-        batch.rows.len(),
-        batch.breakdowns.len()
+        "one flush of {CDRS} CDRs over {ACCOUNTS} accounts: {} rows and breakdown rows on {} pages",
+        rows(&batch),
+        batch.pages.len()
     );
-    // Turning the deltas into rows, off the hot path but before every write.
+    // Turning the deltas into pages, off the hot path but before every write.
     let d = deltas(&tariff);
     let mut g = c.benchmark_group("flush");
-    g.sample_size(20).throughput(Throughput::Elements(
-        (batch.rows.len() + batch.breakdowns.len()) as u64,
-    ));
+    g.sample_size(20)
+        .throughput(Throughput::Elements(rows(&batch)));
     g.bench_function("expand", |b| {
         b.iter_batched(
             || d.clone(),
-            |d| usage_of(vec![d], &tariff),
+            |d| pages(vec![d], &tariff),
             criterion::BatchSize::LargeInput,
         )
     });

@@ -16,6 +16,10 @@
 #   BENCH_LOG=FILTER  tallyd's RUST_LOG (default warn), e.g. info,tallyd::flush=debug.
 #   BENCH_KEEP=1      keeps the work directory (tallyd's logs per store) and prints it.
 #   BENCH_TRACE=1     prints every sample of the watcher (scripts/bench_watch.py).
+#   BENCH_COMPARE=BIN also runs another tallyd binary (say, a release build of an
+#                 earlier commit) after this one in each round, against the same
+#                 bare run, labelled "before-<store>": a before/after comparison
+#                 measured in one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-2000000}
@@ -53,11 +57,11 @@ echo "filling topic with $N CDRs over $ACCOUNTS accounts…" >&2
 
 tansu_cpu() { awk '{print ($14 + $15) / '"$(getconf CLK_TCK)"'}' /proc/$TANSU_PID/stat; }
 
-run_tallyd() { # $1 = label, $2 = store url, $3 = group
-  local label=$1 url=$2 group=$3
+run_tallyd() { # $1 = label, $2 = store url, $3 = group, $4 = binary (default $BIN)
+  local label=$1 url=$2 group=$3 bin=${4:-$BIN}
   TALLYD_KAFKA__BROKERS=127.0.0.1:$PORT TALLYD_KAFKA__GROUP_ID=$group TALLYD_STORE__URL=$url \
   TALLYD_HTTP__LISTEN=127.0.0.1:0 TALLYD_FLUSH__INTERVAL_MS=1000 RUST_LOG=${BENCH_LOG:-warn} \
-    "$BIN" run --config config/tallyd.toml 2>"$WORK/$label.log" &
+    "$bin" run --config config/tallyd.toml 2>"$WORK/$label.log" &
   TALLYD_PID=$!
   TANSU_PID=$TANSU_PID python3 scripts/bench_watch.py "$label" "$url" "$N" "$TALLYD_PID" "$BARE_RATE" \
     | tee -a "$WORK/results.txt"
@@ -76,17 +80,26 @@ for round in $(seq 1 "$RUNS"); do
   if [ "${BENCH_STORES:-sqlite}" = sqlite ]; then
     rm -f "$WORK"/bench.db*
     run_tallyd sqlite "sqlite://$WORK/bench.db" bench-sqlite-$round
+    if [ -n "${BENCH_COMPARE:-}" ]; then
+      rm -f "$WORK"/bench.db*
+      run_tallyd before-sqlite "sqlite://$WORK/bench.db" bench-before-sqlite-$round "$BENCH_COMPARE"
+    fi
   fi
   if [ "${BENCH_STORES:-postgres}" = postgres ]; then
     SCHEMA=bench_$$_$round
     PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE; CREATE SCHEMA $SCHEMA" >/dev/null
     run_tallyd postgres "$PG?options=-csearch_path%3D$SCHEMA" bench-pg-$round
     PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
+    if [ -n "${BENCH_COMPARE:-}" ]; then
+      PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "CREATE SCHEMA $SCHEMA" >/dev/null
+      run_tallyd before-postgres "$PG?options=-csearch_path%3D$SCHEMA" bench-before-pg-$round "$BENCH_COMPARE"
+      PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
+    fi
   fi
 done
 
 if [ "$RUNS" -gt 1 ]; then
-  for label in sqlite postgres; do
+  for label in sqlite postgres before-sqlite before-postgres; do
     grep -q "^tallyd\[$label\]" "$WORK/results.txt" || continue
     grep "^tallyd\[$label\]" "$WORK/results.txt" | sed 's/.*ratio to bare consumer \([0-9.]*\);.*/\1/' | sort -n \
       | awk -v l="$label" '{r[NR] = $1} END {m = NR % 2 ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2;

@@ -14,8 +14,7 @@ use crate::flush::{FlushHealth, Flusher};
 use crate::http::{self, Probes};
 use crate::ingest::{Crew, Ingest, IngestHealth, IngestSettings};
 use crate::rating::Tariff;
-use crate::store::checkpoint::Checkpointer;
-use crate::store::Store;
+use crate::store::{ErrorKind, Store};
 
 /// The librdkafka client settings shared by the consumer and producers.
 pub fn kafka_client(cfg: &Config) -> ClientConfig {
@@ -38,25 +37,55 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
             tracing::warn!(plan = %plan.name, categories = ?names, "categories without a rate are priced at zero");
         }
     }
-    // Fail fast on a store URL that can never work; a store that is merely down is retried.
-    if let Err(e) = Store::open(&cfg.store.url) {
-        if matches!(
-            e,
-            crate::store::Error::BadUrl(_) | crate::store::Error::Dir { .. }
-        ) {
-            return Err(e).context("store.url");
-        }
-        tracing::warn!(error = %e, url = %cfg.store.url, "store not reachable at start; will keep retrying");
+    // A store URL that can never work stops the start; a store that is merely
+    // down is waited for (below), with the HTTP server already answering.
+    let store = Store::new(&cfg.store.url, cfg.api.pool_size).context("store.url")?;
+    let api = crate::api::ApiState::new(&cfg, &tariff, store.clone())
+        .context("starting the usage API")?;
+    let started = Arc::new(AtomicBool::new(false));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let listen = cfg.http.listen.clone();
+    let flush_health = Arc::new(FlushHealth::default());
+    let ingest_health = Arc::new(IngestHealth::default());
+    let app = http::router(Probes {
+        metrics,
+        ingest: ingest_health.clone(),
+        flush: flush_health.clone(),
+        store: store.health().clone(),
+        started: started.clone(),
+    });
+    let app = app.merge(crate::api::router(api.clone()));
+    let stop = shutdown.clone();
+    let server = rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .with_context(|| format!("binding http.listen {listen}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "HTTP listening");
+        let handle = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                })
+                .await
+        });
+        anyhow::Ok(handle)
+    })?;
+    if !prepare_store(&store, &api, &cfg, &shutdown)? {
+        let _ = rt.block_on(server);
+        return Ok(());
     }
-    let api = crate::api::ApiState::new(&cfg, &tariff).context("starting the usage API")?;
+    started.store(true, Ordering::Relaxed);
     let tariff = Arc::new(tariff);
     let client = kafka_client(&cfg);
     let dead_letters = Arc::new(
         DeadLetters::new(&client, &cfg.kafka.dead_letter_topic)
             .context("creating the dead-letter producer")?,
     );
-    let flush_health = Arc::new(FlushHealth::default());
-    let ingest_health = Arc::new(IngestHealth::default());
     // SQLite has one writer: one flusher serves every consumer. With
     // PostgreSQL each consumer has a flusher of its own (each spreading a flush
     // over `flush.parallel_writers` connections): consumers reach the end of a
@@ -65,25 +94,17 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
     // queue holds at most one job per consumer it serves, and a consumer's jobs
     // are done in the order it sent them.
     let consumers = cfg.kafka.consumers;
-    let sqlite = crate::store::is_sqlite_url(&cfg.store.url);
-    // The WAL checkpointer of a SQLite store goes with its one flusher.
-    let mut checkpointer = if sqlite {
-        Some(Checkpointer::start(&cfg.store.url)?)
-    } else {
-        None
-    };
-    let flushers = if sqlite { 1 } else { consumers };
+    let flushers = if store.is_sqlite() { 1 } else { consumers };
     let mut job_queues = Vec::with_capacity(flushers);
     let mut flush_threads = Vec::with_capacity(flushers);
     for i in 0..flushers {
         let (jobs_tx, jobs_rx) = mpsc::sync_channel(consumers.div_ceil(flushers));
         let flusher = Flusher {
-            url: cfg.store.url.clone(),
+            store: store.clone(),
             tariff: tariff.clone(),
             dead_letters: Some(dead_letters.clone()),
             health: flush_health.clone(),
             writers: cfg.flush.parallel_writers,
-            checkpointer: checkpointer.take(),
         };
         job_queues.push(jobs_tx);
         flush_threads.push(
@@ -126,48 +147,6 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
         );
     }
     drop(job_queues);
-
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let listen = cfg.http.listen.clone();
-    let app = http::router(Probes {
-        metrics,
-        ingest: ingest_health,
-        flush: flush_health,
-    });
-    let app = app.merge(crate::api::router(api));
-    let stop = shutdown.clone();
-    let server = rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&listen)
-            .await
-            .with_context(|| format!("binding http.listen {listen}"))?;
-        tracing::info!(addr = %listener.local_addr()?, "HTTP listening");
-        let handle = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    while !stop.load(Ordering::Relaxed) {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                })
-                .await
-        });
-        anyhow::Ok(handle)
-    });
-    let server = match server {
-        Ok(s) => s,
-        Err(e) => {
-            shutdown.store(true, Ordering::Relaxed);
-            for t in ingest_threads {
-                let _ = t.join();
-            }
-            for t in flush_threads {
-                let _ = t.join();
-            }
-            return Err(e);
-        }
-    };
     // A consumer thread ends at shutdown, or early if it panicked: then the whole
     // daemon stops (gracefully) rather than run with part of its partitions.
     while !ingest_threads.iter().any(|t| t.is_finished()) {
@@ -187,6 +166,42 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Creates or upgrades the store's tables and writes the config's accounts,
+/// waiting for the store while it is down (retrying with backoff; `/readyz`
+/// says why meanwhile). Returns false if shutdown came first; fails on what
+/// retrying cannot mend (a config the store contradicts, data it cannot take).
+fn prepare_store(
+    store: &Store,
+    api: &crate::api::ApiState,
+    cfg: &Config,
+    shutdown: &AtomicBool,
+) -> anyhow::Result<bool> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let err = match store.migrate() {
+            Err(e) => e,
+            Ok(()) => match api.seed(cfg) {
+                Ok(()) => return Ok(true),
+                Err(crate::api::ApiInitError::Store(e)) => e,
+                Err(e) => return Err(e).context("writing [[api.accounts]] into the store"),
+            },
+        };
+        if err.kind() != ErrorKind::Retryable {
+            return Err(err).context("preparing the store");
+        }
+        tracing::warn!(error = %err, url = %store.url(), retry_in_ms = backoff.as_millis() as u64,
+            "store not reachable; waiting for it before consuming");
+        let until = std::time::Instant::now() + backoff;
+        while std::time::Instant::now() < until {
+            if shutdown.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// Sets `flag` on SIGINT or SIGTERM.

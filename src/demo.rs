@@ -94,12 +94,15 @@ pub fn run(mut cfg: Config, tariff: Tariff, opts: DemoOptions) -> anyhow::Result
     let _ = reporter.join();
     result?;
     // Final summary from the store, after the last flush.
-    let mut store = Store::open(&summary_url)?;
-    print_summary(&mut store)?;
+    print_summary(&Store::new(&summary_url, 1)?)?;
     Ok(())
 }
 
 fn report(url: &str, stop: &AtomicBool) {
+    // Opened, not migrated: the daemon migrates the store once it is up.
+    let Ok(store) = Store::new(url, 1) else {
+        return;
+    };
     let mut ticks = 0u32;
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(500));
@@ -107,14 +110,12 @@ fn report(url: &str, stop: &AtomicBool) {
         if ticks % 10 != 0 {
             continue;
         }
-        if let Ok(mut s) = Store::open(url) {
-            let _ = print_summary(&mut s);
-        }
+        let _ = print_summary(&store);
     }
 }
 
 /// Prints the all-time rollups summed over every account.
-fn print_summary(store: &mut Store) -> anyhow::Result<()> {
+fn print_summary(store: &Store) -> anyhow::Result<()> {
     let rows = store.read_records("all")?;
     let mut totals: std::collections::BTreeMap<String, (i64, i64, i64)> = Default::default();
     for r in &rows {

@@ -63,6 +63,9 @@ pub const CONSUMER_LAG: &str = "tallyd_consumer_lag";
 pub const LAST_FLUSH_TIMESTAMP_SECONDS: &str = "tallyd_last_flush_timestamp_seconds";
 /// Counter: failed store attempts (each is retried).
 pub const STORE_ERRORS_TOTAL: &str = "tallyd_store_errors_total";
+/// Counter `{cause}`: store operations that can never succeed (a page that does
+/// not decode, a value over a limit); the store is not down.
+pub const STORE_PERMANENT_ERRORS_TOTAL: &str = "tallyd_store_permanent_errors_total";
 /// Counter: flushes refused because another instance owns the partition now.
 pub const FLUSH_FENCED_TOTAL: &str = "tallyd_flush_fenced_total";
 /// Counter: dead letters that could not be queued or delivered.
@@ -156,13 +159,15 @@ pub const CATALOGUE: &[Metric] = &[
     metric(PARTITIONS_ASSIGNED, Gauge, None, &[],
         "Kafka partitions of the CDR topic this instance consumes."),
     metric(STORE_UP, Gauge, None, &[],
-        "1 if the store answered the flusher's last attempt, 0 while it fails (the flusher retries)."),
+        "1 if the store answered its last operation (flush, load or API query), 0 while it fails with retryable errors (down, unreachable)."),
     metric(CONSUMER_LAG, Gauge, None, &["partition"],
         "Messages between where an assigned partition is read to and its end as of the last fetch; 0 once the partition is revoked, so the sum over instances is the group's lag."),
     metric(LAST_FLUSH_TIMESTAMP_SECONDS, Gauge, Some(Unit::Seconds), &[],
         "Unix time the last flush landed in the store; alert on its age while cells are pending."),
     metric(STORE_ERRORS_TOTAL, Counter, None, &[],
-        "Store attempts that failed (each is retried with backoff)."),
+        "Store operations that failed with a retryable error (store down or busy; flushes and loads are retried with backoff)."),
+    metric(STORE_PERMANENT_ERRORS_TOTAL, Counter, None, &["cause"],
+        "Store operations that can never succeed (cause: page, sqlite, postgres, ...): a partition whose flush failed so is re-read from its stored offset later; the store is not reported down."),
     metric(FLUSH_FENCED_TOTAL, Counter, None, &[],
         "Flushes refused because another instance owns the partition now (its offsets moved)."),
     metric(DEAD_LETTER_FAILURES_TOTAL, Counter, None, &[],

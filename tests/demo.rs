@@ -75,7 +75,7 @@ fn demo_runs_outside_a_checkout_and_stores_what_it_prints() {
     // The store is under ./data of the directory it ran in, and its all-time
     // records are what the demo printed last (after its final flush).
     let url = format!("sqlite://{}/data/tallyd.db", dir.path().display());
-    let mut store = Store::open(&url).unwrap();
+    let store = Store::open(&url).unwrap();
     let consumed: i64 = store.load_offsets("cdrs").unwrap().values().sum();
     let stored: i64 = store
         .read_records("all")

@@ -7,8 +7,8 @@ use rand::RngCore;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::store::{Conn, Param, Result, Value};
 use crate::config::{AccountConfig, PlanLimits};
+use crate::store::{Conn, Param, Result, Value};
 
 /// One account as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

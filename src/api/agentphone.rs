@@ -16,13 +16,13 @@ use serde_json::{json, Value as Json_};
 
 use super::accounts::{self, Account};
 use super::error::ApiError;
-use super::records::{read_pages, read_rows, RowKind};
-use super::store::Conn;
+use super::records::{read_rows, RowKind};
 use super::ApiState;
 use crate::calendar::{Day, Month};
 use crate::category::Category;
 use crate::counters::{Dimension, Leaves, Tally};
 use crate::store::page::{month_pages, PageId};
+use crate::store::Conn;
 
 const MESSAGE_CATEGORIES: [Category; 2] = [Category::Sms, Category::Mms];
 const CALL_CATEGORIES: [Category; 3] = [Category::Calls, Category::CallsSip, Category::CallsClient];
@@ -256,7 +256,7 @@ fn breakdown(
     };
     let (a, b) = from.unwrap_or((Day(i32::MIN), Day(i32::MAX)));
     let mut out: BTreeMap<String, (i64, i64, i64)> = BTreeMap::new();
-    for page in read_pages(c, &[sid.to_owned()], &first, &last)? {
+    for page in c.read_pages(&[sid.to_owned()], &first, &last)? {
         for e in page.breakdowns() {
             if e.dimension == dimension && (a..=b).contains(&e.day) {
                 let v = out.entry(e.value.to_owned()).or_default();

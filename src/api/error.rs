@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use super::store::StoreError;
+use crate::store::Error as StoreError;
 
 /// A Twilio REST error: `{"code", "message", "more_info", "status"}`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,8 +4,8 @@
 //!   HTTP Basic `AccountSid:AuthToken`, computed by [`records`].
 //! - [`agentphone`]: AgentPhone `/v1/usage…`, Bearer API key.
 //! - [`admin`]: accounts, subaccounts and API keys, Bearer admin token.
-//! - [`accounts`]: the account model and its tables; [`store`]: the pooled
-//!   SQLite/PostgreSQL connections the handlers read through.
+//! - [`accounts`]: the account model and its tables. Handlers read through the
+//!   pooled connections of the one store layer ([`crate::store::Store::run`]).
 //! - `GET /openapi.yaml`: the OpenAPI 3 document of all of the above.
 //!
 //! The daemon mounts [`router`] next to `/metrics`, `/healthz` and `/readyz`.
@@ -15,7 +15,6 @@ pub mod admin;
 pub mod agentphone;
 pub mod error;
 pub mod records;
-pub mod store;
 pub mod twilio;
 
 use std::sync::Arc;
@@ -29,7 +28,7 @@ use crate::calendar::Day;
 use crate::cdr::AccountSid;
 use crate::config::{Config, PlanLimits};
 use crate::rating::Tariff;
-use store::{ApiStore, StoreError};
+use crate::store::{Error as StoreError, Store};
 
 /// The OpenAPI 3 document, kept in the repository as `openapi.yaml`.
 pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
@@ -52,7 +51,7 @@ pub struct ApiState {
 }
 
 struct Shared {
-    store: ApiStore,
+    store: Store,
     tariff: Tariff,
     admin_token: Option<String>,
     default_limits: PlanLimits,
@@ -61,12 +60,33 @@ struct Shared {
 }
 
 impl ApiState {
-    /// Opens the store named by `store.url`, creates missing tables, and writes the
-    /// accounts of `[[api.accounts]]`. Blocking: call it before serving.
-    pub fn new(cfg: &Config, tariff: &Tariff) -> Result<ApiState, ApiInitError> {
+    /// The API's state over `store`, with the accounts of `[[api.accounts]]`
+    /// checked but not yet written (no I/O: the store may still be down; see
+    /// [`ApiState::seed`]).
+    pub fn new(cfg: &Config, tariff: &Tariff, store: Store) -> Result<ApiState, ApiInitError> {
         accounts::validate_config(&cfg.api.accounts)?;
-        let store = ApiStore::new(&cfg.store.url, cfg.api.pool_size)?;
-        store.migrate()?;
+        Ok(ApiState {
+            inner: Arc::new(Shared {
+                store,
+                tariff: tariff.clone(),
+                admin_token: cfg.api.admin_token.clone().filter(|t| !t.is_empty()),
+                default_limits: cfg.api.default_limits,
+                now: None,
+            }),
+        })
+    }
+
+    /// [`ApiState::new`] then [`ApiState::seed`], for tools and tests.
+    pub fn seeded(cfg: &Config, tariff: &Tariff, store: Store) -> Result<ApiState, ApiInitError> {
+        let state = ApiState::new(cfg, tariff, store)?;
+        state.seed(cfg)?;
+        Ok(state)
+    }
+
+    /// Writes the accounts of `[[api.accounts]]` into the (migrated) store.
+    /// Blocking.
+    pub fn seed(&self, cfg: &Config) -> Result<(), ApiInitError> {
+        let store = self.store();
         store.with_conn(|c| {
             accounts::seed_from_config(c, &cfg.api.accounts, cfg.api.default_limits)
         })?;
@@ -80,15 +100,7 @@ impl ApiState {
                 }
             }
         }
-        Ok(ApiState {
-            inner: Arc::new(Shared {
-                store,
-                tariff: tariff.clone(),
-                admin_token: cfg.api.admin_token.clone().filter(|t| !t.is_empty()),
-                default_limits: cfg.api.default_limits,
-                now: None,
-            }),
-        })
+        Ok(())
     }
 
     /// The same state with the clock fixed at `unix_seconds` (for tests).
@@ -105,7 +117,7 @@ impl ApiState {
         }
     }
 
-    pub fn store(&self) -> &ApiStore {
+    pub fn store(&self) -> &Store {
         &self.inner.store
     }
 

@@ -13,51 +13,14 @@
 
 use rust_decimal::prelude::*;
 
-use super::store::{self, Conn, Param};
 use crate::calendar::{Day, Month};
 use crate::category::{Category, Unit};
 use crate::counters::Leaves;
 use crate::rating::price_to_decimal;
-use crate::store::page::{month_pages, Page, PageId};
+use crate::store::page::{month_pages, PageId};
+use crate::store::{self, Conn};
 
-/// `$first, …, $(first + n - 1)`: placeholders for an `IN (…)` list.
-pub fn in_list(first: usize, n: usize) -> String {
-    (first..first + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// The stored pages ([`crate::store::page`]) of `accounts` whose keys are in
-/// `[first, last]`, decoded.
-pub fn read_pages(
-    c: &mut Conn,
-    accounts: &[String],
-    first: &str,
-    last: &str,
-) -> store::Result<Vec<Page>> {
-    let n = accounts.len();
-    let sql = format!(
-        "SELECT account_sid, page, data FROM usage_pages \
-         WHERE account_sid IN ({}) AND page >= ${} AND page <= ${}",
-        in_list(1, n),
-        n + 1,
-        n + 2
-    );
-    let mut params: Vec<Param<'_>> = accounts.iter().map(|a| Param::Text(a)).collect();
-    params.push(Param::Text(first));
-    params.push(Param::Text(last));
-    c.query(&sql, &params)?
-        .into_iter()
-        .map(|r| {
-            Page::decode(r[2].bytes()).map_err(|reason| store::StoreError::Page {
-                account: r[0].text().to_owned(),
-                page: r[1].text().to_owned(),
-                reason,
-            })
-        })
-        .collect()
-}
+pub use crate::store::conn::placeholders as in_list;
 
 /// One stored row: every leaf category of one account × period.
 #[derive(Debug, Clone)]
@@ -82,7 +45,7 @@ pub fn read_rows(
         RowKind::Year | RowKind::All => (PageId::All.text(), PageId::All.text()),
     };
     let mut rows = Vec::new();
-    for page in read_pages(c, accounts, &first, &last)? {
+    for page in c.read_pages(accounts, &first, &last)? {
         rows.extend(
             page.rows()
                 .filter(|(p, _, _)| p.kind() == kind.as_str() && (from..=to).contains(&p.start()))

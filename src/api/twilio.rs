@@ -16,10 +16,10 @@ use super::records::{
     count_and_usage, fixed_interval, in_list, intervals, listed_categories, parse_date, tile,
     Buckets, Interval, RowKind, Subresource, Totals, SUBRESOURCE_URIS,
 };
-use super::store::{Conn, Param};
 use super::ApiState;
 use crate::calendar::{parse_rfc3339, Day};
 use crate::category::Category;
+use crate::store::{Conn, Param};
 
 pub const API_VERSION: &str = "2010-04-01";
 const DEFAULT_PAGE_SIZE: u32 = 50;
@@ -518,7 +518,8 @@ fn first_day(c: &mut Conn, accounts: &[String], fallback: Day) -> Result<Day, Tw
     )?;
     let oldest_page = oldest_page.first().map(|r| r[0].text().to_owned());
     let usage = match oldest_page.filter(|p| !p.is_empty()) {
-        Some(p) => super::records::read_pages(c, accounts, &p, &p)?
+        Some(p) => c
+            .read_pages(accounts, &p, &p)?
             .iter()
             .flat_map(|page| {
                 page.rows()

@@ -399,6 +399,10 @@ const BATCH: usize = 128;
 /// The longest a consumer with nothing to do waits for messages or events.
 const IDLE_WAIT: Duration = Duration::from_millis(50);
 
+/// How long a consumer waits before re-reading partitions whose flush the
+/// store can never take.
+const STUCK_PAUSE: Duration = Duration::from_secs(1);
+
 /// The least time between two flushes when the consumer has caught up.
 const IDLE_FLUSH_GAP: Duration = Duration::from_millis(200);
 
@@ -810,9 +814,25 @@ impl Ingest {
         };
         st.in_flight = None;
         match res {
-            Ok(Flushed { outcome, took }) => {
+            Ok(Flushed {
+                outcome,
+                took,
+                stuck,
+            }) => {
                 if outcome == FlushOutcome::AlreadyApplied {
                     tracing::info!("flush had already landed on an earlier attempt");
+                }
+                if !stuck.is_empty() {
+                    // Their cuts were not written and the store still holds
+                    // their earlier offsets: every partition is re-read from
+                    // the store (the others' cuts landed), after a pause so a
+                    // page that can never be written does not spin.
+                    for (partition, e) in &stuck {
+                        tracing::error!(partition, error = %e, "partition's flush failed permanently; re-reading it from the store in a while");
+                    }
+                    std::thread::sleep(STUCK_PAUSE);
+                    self.reload_from_store(ctx, st);
+                    return Some(took);
                 }
                 let stored = st
                     .partitions
@@ -829,18 +849,23 @@ impl Ingest {
             Err(e) => {
                 tracing::error!(error = %e, "flush failed for good; dropping local state and rejoining the group");
                 metrics::counter!("tallyd_flush_fenced_total").increment(1);
-                st.partitions.clear();
-                // Rejoining triggers a rebalance, which reloads from the store.
-                if self.control.is_some() {
-                    if let Err(e) = self.consumer.unassign() {
-                        tracing::error!(error = %e, "unassign failed");
-                    }
-                    ctx.crew.ask_rejoin();
-                } else {
-                    self.rejoin(ctx);
-                }
+                self.reload_from_store(ctx, st);
                 None
             }
+        }
+    }
+
+    /// Drops all local state and has the group member rejoin: the rebalance
+    /// reloads every partition from what the store holds.
+    fn reload_from_store(&self, ctx: &IngestContext, st: &mut State) {
+        st.partitions.clear();
+        if self.control.is_some() {
+            if let Err(e) = self.consumer.unassign() {
+                tracing::error!(error = %e, "unassign failed");
+            }
+            ctx.crew.ask_rejoin();
+        } else {
+            self.rejoin(ctx);
         }
     }
 

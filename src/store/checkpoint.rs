@@ -3,8 +3,9 @@
 //! SQLite copies the WAL into the database file ("auto-checkpoint") inside the
 //! statement that commits once the WAL passes 1000 pages, so a flush's commit
 //! paid for copying earlier flushes: after a backlog drain, 130–140 ms of a 0.9 s
-//! final flush. The flusher's connection turns that off
-//! ([`Store::defer_checkpoints`]) and asks this thread, after every flush that
+//! final flush. Every connection of a SQLite store turns that off
+//! ([`super::Conn::defer_checkpoints`], done when it is opened), and
+//! [`super::Store::write_flush`] asks this thread, after every flush that
 //! landed, to run a PASSIVE checkpoint on its own connection: it copies what is
 //! committed without blocking the writer or readers. What a commit wrote is
 //! durable in the WAL either way.
@@ -12,7 +13,7 @@
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 
-use super::Store;
+use super::{Backend, Conn};
 
 pub struct Checkpointer {
     wake: Option<SyncSender<()>>,
@@ -20,28 +21,28 @@ pub struct Checkpointer {
 }
 
 impl Checkpointer {
-    /// Starts the thread for the SQLite store at `url`.
-    pub fn start(url: &str) -> std::io::Result<Checkpointer> {
+    /// Starts the thread for the SQLite store at `backend`.
+    pub(super) fn start(backend: Backend) -> super::Result<Checkpointer> {
         // One pending request is enough: a checkpoint copies everything committed.
         let (wake, requests) = mpsc::sync_channel::<()>(1);
-        let url = url.to_string();
         let thread = std::thread::Builder::new()
             .name("tallyd-checkpoint".into())
             .spawn(move || {
-                let mut store: Option<Store> = None;
+                let mut conn: Option<Conn> = None;
                 for () in requests {
-                    let done = match store.take() {
-                        Some(s) => Ok(s),
-                        None => Store::open(&url),
+                    let done = match conn.take() {
+                        Some(c) => Ok(c),
+                        None => Conn::open(&backend),
                     }
-                    .and_then(|mut s| s.checkpoint().map(|()| s));
+                    .and_then(|mut c| c.checkpoint().map(|()| c));
                     match done {
-                        Ok(s) => store = Some(s),
+                        Ok(c) => conn = Some(c),
                         // The next flush asks again; until then the WAL grows.
                         Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
                     }
                 }
-            })?;
+            })
+            .map_err(|e| super::Error::Task(format!("starting the WAL checkpoint thread: {e}")))?;
         Ok(Checkpointer {
             wake: Some(wake),
             thread: Some(thread),

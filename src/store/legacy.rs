@@ -12,8 +12,8 @@ use crate::category::Category;
 use crate::cdr::AccountSid;
 use crate::counters::{BreakdownDelta, BreakdownKey, Dimension, Leaves, RowKey, Tally};
 
-use super::page::{pages_of, PageDelta};
-use super::{Error, Result, RowDelta};
+use super::page::{pages_of, PageDelta, RowDelta};
+use super::{Conn, Error, Result};
 
 /// `usage_rows`' leaf columns in leaf-index order: `count`, `usage`, `price` of
 /// each leaf, named after it (`calls_inbound_local_count`, …).
@@ -28,7 +28,7 @@ pub static LEAF_COLUMNS: LazyLock<Vec<String>> = LazyLock::new(|| {
 });
 
 /// The query for every old row: key, price unit, then [`LEAF_COLUMNS`].
-pub static ROWS_SQL: LazyLock<String> = LazyLock::new(|| {
+static ROWS_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT account_sid, period, start_date, price_unit, {} FROM usage_rows",
         LEAF_COLUMNS.join(", ")
@@ -36,26 +36,63 @@ pub static ROWS_SQL: LazyLock<String> = LazyLock::new(|| {
 });
 
 /// The query for every old breakdown: key, then calls and messages tallies.
-pub const BREAKDOWNS_SQL: &str = "SELECT account_sid, dimension, value, day, \
+const BREAKDOWNS_SQL: &str = "SELECT account_sid, dimension, value, day, \
      calls_count, calls_usage, calls_price, messages_count, messages_usage, messages_price \
      FROM usage_breakdowns";
 
-pub const DROP_SQL: &str = "DROP TABLE usage_rows; DROP TABLE usage_breakdowns";
+const DROP_SQL: &str = "DROP TABLE usage_rows; DROP TABLE usage_breakdowns";
 
 /// One old `usage_rows` row as read.
-pub struct OldRow {
-    pub account: String,
-    pub period: String,
-    pub start: String,
-    pub price_unit: String,
+struct OldRow {
+    account: String,
+    period: String,
+    start: String,
+    price_unit: String,
     /// [`LEAF_COLUMNS`]' values.
-    pub values: Vec<i64>,
+    values: Vec<i64>,
 }
 
 /// One old `usage_breakdowns` row as read: key texts and the six tallies.
-pub struct OldBreakdown {
-    pub key: [String; 4],
-    pub values: [i64; 6],
+struct OldBreakdown {
+    key: [String; 4],
+    values: [i64; 6],
+}
+
+/// If the store has the old usage tables: adds what they hold into pages and
+/// drops them (inside the migration's transaction).
+pub(super) fn convert(c: &mut Conn) -> Result<()> {
+    let probe = match c {
+        Conn::Sqlite(_) => {
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'usage_rows'"
+        }
+        Conn::Postgres(_) => "SELECT to_regclass('usage_rows')::text",
+    };
+    let old = c.query(probe, &[])?;
+    if old.first().and_then(|r| r[0].opt_text()).is_none() {
+        return Ok(());
+    }
+    let rows: Vec<OldRow> = c
+        .query(ROWS_SQL.as_str(), &[])?
+        .iter()
+        .map(|r| OldRow {
+            account: r[0].text().to_owned(),
+            period: r[1].text().to_owned(),
+            start: r[2].text().to_owned(),
+            price_unit: r[3].text().to_owned(),
+            values: r[4..].iter().map(|v| v.int()).collect(),
+        })
+        .collect();
+    let breakdowns: Vec<OldBreakdown> = c
+        .query(BREAKDOWNS_SQL, &[])?
+        .iter()
+        .map(|r| OldBreakdown {
+            key: std::array::from_fn(|i| r[i].text().to_owned()),
+            values: std::array::from_fn(|i| r[4 + i].int()),
+        })
+        .collect();
+    let pages = to_pages(&rows, &breakdowns)?;
+    c.write_pages(&pages)?;
+    c.batch(DROP_SQL)
 }
 
 fn bad(what: &str, v: &str) -> Error {
@@ -79,7 +116,7 @@ fn tally(v: &[i64]) -> Tally {
 }
 
 /// The pages holding what the old rows held.
-pub fn to_pages(rows: &[OldRow], breakdowns: &[OldBreakdown]) -> Result<Vec<PageDelta>> {
+fn to_pages(rows: &[OldRow], breakdowns: &[OldBreakdown]) -> Result<Vec<PageDelta>> {
     let rows = rows
         .iter()
         .map(|r| {

@@ -1,31 +1,48 @@
-//! The store: SQLite (embedded default) or PostgreSQL, chosen by URL.
+//! The store: SQLite (embedded default) or PostgreSQL, chosen by URL — the one
+//! store layer the flusher, the consumers' loads, the HTTP API and the demo all
+//! go through.
 //!
-//! One flush is one transaction holding the counter deltas, the consumed offsets
-//! they came from and the newly seen dedup ids (DESIGN invariant 1). Offsets are
-//! advanced with a compare-and-set from the offset the batch started at, which makes
-//! a flush idempotent (a batch retried after an unknown commit outcome is detected
-//! as already applied) and fences a zombie instance whose partitions were taken over.
-//!
-//! `sqlite` and `pg` write a flush into each database; [`schema`] holds the
-//! tables both share, [`page`] how usage is laid out in them, [`legacy`] the
-//! conversion of older stores; [`checkpoint`] copies SQLite's WAL into the
-//! database file off the flush path.
+//! - [`Store`] is a cloneable handle: the parsed URL, a pool of idle
+//!   connections, the store's health. [`Store::migrate`] creates and upgrades the
+//!   tables once, at start; connections are opened the one way [`conn::Conn`]
+//!   does (one set of SQLite pragmas and timeouts, one PostgreSQL setup) and
+//!   never migrate.
+//! - [`Error`] is the one error type, and says what retrying can do
+//!   ([`ErrorKind`]): a connection refused or a serialization failure is
+//!   *retryable*; a page that does not decode or a violated constraint is
+//!   *permanent* (retrying the same write fails the same way); *fenced* means
+//!   another instance owns the partition.
+//! - [`flush`] is the flush transaction, written once for both databases: the
+//!   offsets' compare-and-set, the usage pages' read-modify-write, the dedup
+//!   ids, pruning, meta. [`sqlite`] and [`pg`] supply the few primitives that
+//!   differ (opening, bulk page reads and writes).
+//! - [`schema`] holds the tables, [`page`] how usage is laid out in them,
+//!   [`legacy`] the conversion of older stores, [`checkpoint`] the copying of
+//!   SQLite's WAL into the database file off the flush path.
 
 pub mod checkpoint;
+pub mod conn;
+pub mod flush;
 mod legacy;
 pub mod page;
 mod pg;
 pub mod schema;
 mod sqlite;
 
-pub use pg::migrate_postgres;
-pub use sqlite::migrate_sqlite;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use std::collections::HashMap;
+use parking_lot::Mutex;
+use tokio::sync::Semaphore;
 
-use crate::calendar::Day;
-use crate::counters::{BreakdownDelta, Leaves, RowKey};
-use page::{Page, PageError};
+pub use conn::{Conn, Param, Value};
+pub use flush::{
+    DedupRows, FlushBatch, FlushOutcome, OffsetAdvance, StoredBreakdown, StoredRecord,
+};
+
+use checkpoint::Checkpointer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -44,12 +61,14 @@ pub enum Error {
     Page {
         account: String,
         page: String,
-        reason: PageError,
+        reason: page::PageError,
     },
     #[error("cannot convert the store's old usage tables: {0}")]
     Legacy(String),
     #[error("gave up: {0}")]
     Cancelled(String),
+    #[error("store task failed: {0}")]
+    Task(String),
     #[error(
         "partition {topic}/{partition} was advanced by someone else (expected offset {expected:?}, found {found:?}); \
          this instance no longer owns it"
@@ -62,10 +81,96 @@ pub enum Error {
     },
 }
 
+/// What retrying an operation that failed with an [`Error`] can do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The store is down, busy or lost the connection: the same operation may
+    /// succeed later.
+    Retryable,
+    /// The same operation fails the same way whenever it is tried: data the
+    /// store holds or is given is wrong (a page that does not decode, a value
+    /// too large, a constraint violated), or the configuration is.
+    Permanent,
+    /// Another instance advanced the partition: this one no longer owns it.
+    Fenced,
+}
+
 impl Error {
-    /// Whether retrying the same batch can never succeed.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Fenced { .. } => ErrorKind::Fenced,
+            Error::BadUrl(_) | Error::Page { .. } | Error::Legacy(_) => ErrorKind::Permanent,
+            Error::Dir { .. } | Error::Cancelled(_) | Error::Task(_) => ErrorKind::Retryable,
+            Error::Sqlite(e) => sqlite_kind(e),
+            Error::Postgres(e) => pg_kind(e),
+        }
+    }
+
+    /// Whether retrying the same batch can never succeed because another
+    /// instance owns the partition.
     pub fn is_fenced(&self) -> bool {
-        matches!(self, Error::Fenced { .. })
+        self.kind() == ErrorKind::Fenced
+    }
+
+    pub fn is_permanent(&self) -> bool {
+        self.kind() == ErrorKind::Permanent
+    }
+
+    /// A short name of the error's cause for metric labels.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            Error::BadUrl(_) | Error::Dir { .. } => "config",
+            Error::Sqlite(_) => "sqlite",
+            Error::Postgres(_) => "postgres",
+            Error::Page { .. } => "page",
+            Error::Legacy(_) => "legacy",
+            Error::Cancelled(_) | Error::Task(_) => "cancelled",
+            Error::Fenced { .. } => "fenced",
+        }
+    }
+}
+
+fn sqlite_kind(e: &rusqlite::Error) -> ErrorKind {
+    use rusqlite::ErrorCode as C;
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) => match f.code {
+            C::ConstraintViolation
+            | C::TooBig
+            | C::TypeMismatch
+            | C::DatabaseCorrupt
+            | C::NotADatabase
+            | C::ApiMisuse
+            | C::ParameterOutOfRange => ErrorKind::Permanent,
+            _ => ErrorKind::Retryable,
+        },
+        // Conversion and usage errors: the data or the query is wrong.
+        _ => ErrorKind::Permanent,
+    }
+}
+
+fn pg_kind(e: &postgres::Error) -> ErrorKind {
+    let Some(db) = e.as_db_error() else {
+        // No answer from the server: a connection that failed or was closed.
+        // Values that do not convert are errors of the data.
+        let text = e.to_string();
+        return if text.contains("serializing") || text.contains("deserializing") {
+            ErrorKind::Permanent
+        } else {
+            ErrorKind::Retryable
+        };
+    };
+    let code = db.code().code();
+    // Connection exceptions, transaction rollbacks (serialization, deadlock),
+    // insufficient resources, operator intervention (shutdown, cancel), system
+    // errors, lock timeouts, objects in use.
+    let retryable = ["08", "40", "53", "57", "58"]
+        .iter()
+        .any(|class| code.starts_with(class))
+        || matches!(code, "55P03" | "55006");
+    if retryable {
+        ErrorKind::Retryable
+    } else {
+        ErrorKind::Permanent
     }
 }
 
@@ -79,344 +184,312 @@ fn pg_detail(e: &postgres::Error) -> String {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The delta of one stored row (account × period, all leaf categories) with the
-/// currency of its account's plan.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RowDelta {
-    pub key: RowKey,
-    pub leaves: Leaves,
-    pub price_unit: String,
+/// Where the store is.
+#[derive(Clone)]
+pub(crate) enum Backend {
+    Sqlite(PathBuf),
+    Postgres(Box<postgres::Config>),
 }
 
-/// A partition's consumed position moving from `from` (what the store held when the
-/// batch started; `None` if nothing) to `to` (the next offset to read).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OffsetAdvance {
-    pub topic: String,
-    pub partition: i32,
-    pub from: Option<i64>,
-    pub to: i64,
+/// Whether the store answers, for `/readyz` and `tallyd_store_up`.
+#[derive(Default)]
+pub struct StoreHealth {
+    up: AtomicBool,
+    /// Why the last operation failed, while the store is down.
+    last_error: Mutex<Option<String>>,
 }
 
-/// Dedup ids first seen on one partition since the last flush.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DedupRows {
-    pub topic: String,
-    pub partition: i32,
-    pub seen_day: Day,
-    /// The batch's first offset: the row's key.
-    pub first_offset: i64,
-    /// The id hashes, stored as one blob ([`crate::dedup::blob`]).
-    pub ids: Vec<u128>,
+impl StoreHealth {
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Why the store is down (`None` while it is up).
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().clone()
+    }
+
+    fn record<T>(&self, result: &Result<T>) {
+        match result {
+            Ok(_) => {
+                if !self.up.swap(true, Ordering::Relaxed) {
+                    *self.last_error.lock() = None;
+                    metrics::gauge!(crate::metrics::STORE_UP).set(1.0);
+                }
+            }
+            Err(e) => match e.kind() {
+                ErrorKind::Retryable => {
+                    self.up.store(false, Ordering::Relaxed);
+                    *self.last_error.lock() = Some(e.to_string());
+                    metrics::gauge!(crate::metrics::STORE_UP).set(0.0);
+                    metrics::counter!(crate::metrics::STORE_ERRORS_TOTAL).increment(1);
+                }
+                // The store answered: it is up, the data or the owner is wrong.
+                ErrorKind::Permanent => {
+                    tracing::error!(error = %e, "permanent store error");
+                    metrics::counter!(crate::metrics::STORE_PERMANENT_ERRORS_TOTAL, "cause" => e.cause())
+                        .increment(1);
+                }
+                ErrorKind::Fenced => {}
+            },
+        }
+    }
 }
 
-/// Everything one flush writes, in one transaction.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct FlushBatch {
-    /// RFC 3339 flush time, the records' `as_of`.
-    pub as_of: String,
-    pub rows: Vec<RowDelta>,
-    pub breakdowns: Vec<BreakdownDelta>,
-    pub offsets: Vec<OffsetAdvance>,
-    pub dedup: Vec<DedupRows>,
-    /// Dedup rows seen before this day are deleted.
-    pub prune_dedup_before: Option<Day>,
+/// A handle on the store: cheap to clone, shared by everything that reads or
+/// writes it.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FlushOutcome {
-    Applied,
-    /// The batch's offsets were already stored: an earlier attempt committed.
-    AlreadyApplied,
+struct Inner {
+    backend: Backend,
+    /// The URL with its password replaced, for logs and errors.
+    shown: String,
+    idle: Mutex<Vec<Conn>>,
+    /// Bounds concurrent queries of the async callers ([`Store::run`]).
+    permits: Semaphore,
+    health: Arc<StoreHealth>,
+    /// A SQLite store's WAL checkpoints (see [`checkpoint`]).
+    checkpointer: Option<Checkpointer>,
 }
 
-/// A stored UsageRecord: one category of one row.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct StoredRecord {
-    pub account_sid: String,
-    pub period: String,
-    pub start_date: String,
-    pub category: String,
-    pub count: i64,
-    pub usage: i64,
-    pub price: i64,
-    pub price_unit: String,
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Dropping a sync postgres client runs a small runtime of its own, which
+        // panics on a tokio worker; the last handle may well be dropped on one.
+        let conns = std::mem::take(self.idle.get_mut());
+        if !conns.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
+            let _ = std::thread::spawn(move || drop(conns)).join();
+        }
+    }
 }
 
-/// A stored by-number or by-agent row; `calls` and `messages` are
-/// (count, usage, price).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct StoredBreakdown {
-    pub account_sid: String,
-    pub dimension: String,
-    pub value: String,
-    pub day: String,
-    pub calls: [i64; 3],
-    pub messages: [i64; 3],
-}
+/// Idle connections kept per store (more may be open at once; the extra ones
+/// are closed when they come back).
+const MAX_IDLE: usize = 16;
 
-pub enum Store {
-    Sqlite(rusqlite::Connection),
-    Postgres(postgres::Client),
-}
-
-/// Whether `url` names a SQLite store, which has one writer: one flusher and one
-/// connection serve every consumer.
-pub fn is_sqlite_url(url: &str) -> bool {
-    url.starts_with("sqlite://")
+/// `url` with the password of `scheme://user:password@…` replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
 }
 
 impl Store {
-    /// Opens `sqlite://PATH` (creating the file and its directory) or `postgres://…`,
-    /// and runs the migrations.
-    pub fn open(url: &str) -> Result<Store> {
-        let mut store = if let Some(path) = url.strip_prefix("sqlite://") {
-            if let Some(dir) = std::path::Path::new(path)
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-            {
-                std::fs::create_dir_all(dir).map_err(|source| Error::Dir {
-                    path: path.into(),
-                    source,
-                })?;
+    /// Parses `sqlite://PATH` or `postgres://…` (also `postgresql://…`); opens
+    /// nothing. `pool_size` bounds the async callers' concurrent queries.
+    pub fn new(url: &str, pool_size: usize) -> Result<Store> {
+        let bad = || Error::BadUrl(redact_url(url));
+        let backend = if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(bad());
             }
-            let conn = rusqlite::Connection::open(path)?;
-            // Large pages for wide counter rows written in key order: a flush
-            // into a new store's tables took 153 ms instead of 183 ms (4 KiB
-            // pages), a drain's final flush 8% less. Takes effect when the file
-            // is created; an existing store keeps its page size.
-            conn.pragma_update(None, "page_size", 32768)?;
-            // WAL + NORMAL: a crash of the process loses nothing committed; a power
-            // loss may lose the last transactions, deltas and offsets together.
-            conn.pragma_update(None, "journal_mode", "WAL")?;
-            conn.pragma_update(None, "synchronous", "NORMAL")?;
-            conn.pragma_update(None, "cache_size", -65536)?;
-            conn.busy_timeout(std::time::Duration::from_secs(10))?;
-            Store::Sqlite(conn)
+            Backend::Sqlite(PathBuf::from(path))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let mut c = postgres::Client::connect(url, postgres::NoTls)?;
-            // Server NOTICEs ("relation … already exists, skipping" for the
-            // flush's temp tables) would be logged at INFO twice per flush.
-            c.batch_execute("SET client_min_messages = warning")?;
-            Store::Postgres(c)
+            let mut cfg = postgres::Config::from_str(url).map_err(|_| bad())?;
+            if cfg.get_connect_timeout().is_none() {
+                cfg.connect_timeout(std::time::Duration::from_secs(5));
+            }
+            Backend::Postgres(Box::new(cfg))
         } else {
-            return Err(Error::BadUrl(url.into()));
+            return Err(bad());
         };
+        let checkpointer = match &backend {
+            Backend::Sqlite(_) => Some(Checkpointer::start(backend.clone())?),
+            Backend::Postgres(_) => None,
+        };
+        Ok(Store {
+            inner: Arc::new(Inner {
+                backend,
+                shown: redact_url(url),
+                idle: Mutex::new(Vec::new()),
+                permits: Semaphore::new(pool_size.max(1)),
+                health: Arc::new(StoreHealth::default()),
+                checkpointer,
+            }),
+        })
+    }
+
+    /// [`Store::new`] and [`Store::migrate`]: for tools and tests that use a
+    /// store on their own.
+    pub fn open(url: &str) -> Result<Store> {
+        let store = Store::new(url, 4)?;
         store.migrate()?;
         Ok(store)
     }
 
-    fn migrate(&mut self) -> Result<()> {
-        match self {
-            Store::Sqlite(c) => migrate_sqlite(c),
-            Store::Postgres(c) => migrate_postgres(c),
-        }
+    /// Creates or upgrades the tables (idempotent; PostgreSQL instances starting
+    /// together take turns). Run once at start, before anything else uses the
+    /// store.
+    pub fn migrate(&self) -> Result<()> {
+        self.with_conn(schema::migrate)
     }
 
-    /// Leaves copying a SQLite store's WAL into its file to
-    /// [`checkpoint::Checkpointer`] instead of this connection's commits. (No-op
-    /// for PostgreSQL.)
-    pub fn defer_checkpoints(&mut self) -> Result<()> {
-        if let Store::Sqlite(c) = self {
-            c.pragma_update(None, "wal_autocheckpoint", 0)?;
-        }
-        Ok(())
+    /// The URL, password redacted.
+    pub fn url(&self) -> &str {
+        &self.inner.shown
     }
 
-    /// Copies what is committed in a SQLite store's WAL into its file, without
-    /// waiting for readers or the writer. (No-op for PostgreSQL.)
-    pub fn checkpoint(&mut self) -> Result<()> {
-        if let Store::Sqlite(c) = self {
-            c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
-        }
-        Ok(())
+    pub fn is_sqlite(&self) -> bool {
+        matches!(self.inner.backend, Backend::Sqlite(_))
     }
 
-    /// Writes one flush atomically. See the module doc for the offset protocol.
-    pub fn write_flush(&mut self, b: &FlushBatch) -> Result<FlushOutcome> {
-        let pages = page::pages_of(&b.rows, &b.breakdowns);
-        match self {
-            Store::Sqlite(c) => sqlite::flush(c, b, &pages),
-            Store::Postgres(c) => pg::flush(c, b, &pages),
+    pub fn health(&self) -> &Arc<StoreHealth> {
+        &self.inner.health
+    }
+
+    /// A new connection of its own (not from the pool).
+    pub fn connect(&self) -> Result<Conn> {
+        let c = Conn::open(&self.inner.backend);
+        if c.is_err() {
+            self.inner.health.record(&c);
         }
+        c
+    }
+
+    /// Runs `f` with a pooled connection, on this thread. A pooled PostgreSQL
+    /// connection is checked before it is handed out (one empty query): one
+    /// the server closed meanwhile (a restarted server, a killed backend) is
+    /// replaced by a new one instead of failing `f`.
+    pub fn with_conn<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
+        let mut conn = loop {
+            let Some(mut c) = self.inner.idle.lock().pop() else {
+                break self.connect()?;
+            };
+            if c.is_alive() {
+                break c;
+            }
+            tracing::info!("a pooled store connection was closed by the server; replacing it");
+        };
+        let out = f(&mut conn);
+        self.inner.health.record(&out);
+        // A connection that failed may be mid-transaction or dead: not reused.
+        if out.is_ok() && !conn.is_broken() {
+            let mut idle = self.inner.idle.lock();
+            if idle.len() < MAX_IDLE {
+                idle.push(conn);
+            }
+        }
+        out
+    }
+
+    /// Runs `f` on tokio's blocking pool once a connection permit is free.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Conn) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let _permit = self
+            .inner
+            .permits
+            .acquire()
+            .await
+            .map_err(|e| Error::Task(e.to_string()))?;
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.with_conn(f))
+            .await
+            .map_err(|e| Error::Task(e.to_string()))?
+    }
+
+    /// Writes one flush atomically (see [`flush`]).
+    pub fn write_flush(&self, b: &FlushBatch) -> Result<FlushOutcome> {
+        let out = self.with_conn(|c| c.write_flush(b));
+        if let (Ok(_), Some(c)) = (&out, &self.inner.checkpointer) {
+            c.request();
+        }
+        out
     }
 
     /// Next offset to read per partition of `topic`.
-    pub fn load_offsets(&mut self, topic: &str) -> Result<HashMap<i32, i64>> {
-        let sql = "SELECT partition, next_offset FROM consumer_offsets WHERE topic = $1";
-        Ok(match self {
-            Store::Sqlite(c) => {
-                let mut st = c.prepare(sql)?;
-                let rows =
-                    st.query_map([topic], |r| Ok((r.get::<_, i32>(0)?, r.get::<_, i64>(1)?)))?;
-                rows.collect::<Result<_, _>>()?
-            }
-            Store::Postgres(c) => c
-                .query(sql, &[&topic])?
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect(),
-        })
+    pub fn load_offsets(&self, topic: &str) -> Result<std::collections::HashMap<i32, i64>> {
+        self.with_conn(|c| c.load_offsets(topic))
     }
 
     /// Dedup blobs of one partition seen on or after `since`: (seen day, packed ids).
     pub fn load_dedup(
-        &mut self,
+        &self,
         topic: &str,
         partition: i32,
-        since: Day,
-    ) -> Result<Vec<(Day, Vec<u8>)>> {
-        let sql = "SELECT seen_day, ids FROM dedup_batches WHERE topic = $1 AND partition = $2 AND seen_day >= $3";
-        Ok(match self {
-            Store::Sqlite(c) => {
-                let mut st = c.prepare(sql)?;
-                let rows = st.query_map(rusqlite::params![topic, partition, since.0], |r| {
-                    Ok((Day(r.get(0)?), r.get::<_, Vec<u8>>(1)?))
-                })?;
-                rows.collect::<Result<_, _>>()?
-            }
-            Store::Postgres(c) => c
-                .query(sql, &[&topic, &partition, &since.0])?
-                .iter()
-                .map(|r| (Day(r.get(0)), r.get(1)))
-                .collect(),
-        })
+        since: crate::calendar::Day,
+    ) -> Result<Vec<(crate::calendar::Day, Vec<u8>)>> {
+        self.with_conn(|c| c.load_dedup(topic, partition, since))
     }
 
-    /// Every stored page, decoded: (account SID, page).
-    fn read_pages(&mut self) -> Result<Vec<(String, Page)>> {
-        let sql = "SELECT account_sid, page, data FROM usage_pages";
-        let raw: Vec<(String, String, Vec<u8>)> = match self {
-            Store::Sqlite(c) => {
-                let mut st = c.prepare(sql)?;
-                let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-                rows.collect::<Result<_, _>>()?
-            }
-            Store::Postgres(c) => c
-                .query(sql, &[])?
-                .iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2)))
-                .collect(),
-        };
-        raw.into_iter()
-            .map(|(account, page, data)| match Page::decode(&data) {
-                Ok(p) => Ok((account, p)),
-                Err(reason) => Err(Error::Page {
-                    account,
-                    page,
-                    reason,
-                }),
-            })
-            .collect()
-    }
-
-    /// All stored UsageRecords of one period kind (`day`, `month`, `year`, `all`):
-    /// every category with usage in each row, rollups summed from their leaves;
-    /// sorted.
-    pub fn read_records(&mut self, period: &str) -> Result<Vec<StoredRecord>> {
-        let mut out = Vec::new();
-        for (account_sid, page) in self.read_pages()? {
-            for (p, price_unit, leaves) in page.rows().filter(|r| r.0.kind() == period) {
-                let start_date = p.start().to_string();
-                out.extend(leaves.categories().map(|(c, t)| StoredRecord {
-                    account_sid: account_sid.clone(),
-                    period: period.to_owned(),
-                    start_date: start_date.clone(),
-                    category: c.name().to_owned(),
-                    count: t.count as i64,
-                    usage: t.usage as i64,
-                    price: t.price,
-                    price_unit: price_unit.to_owned(),
-                }));
-            }
-        }
-        out.sort();
-        Ok(out)
+    /// All stored UsageRecords of one period kind (`day`, `month`, `year`,
+    /// `all`), sorted (see [`Conn::read_records`]).
+    pub fn read_records(&self, period: &str) -> Result<Vec<StoredRecord>> {
+        self.with_conn(|c| c.read_records(period))
     }
 
     /// Every stored by-number and by-agent row, sorted.
-    pub fn read_breakdowns(&mut self) -> Result<Vec<StoredBreakdown>> {
-        let mut out = Vec::new();
-        for (account_sid, page) in self.read_pages()? {
-            out.extend(page.breakdowns().map(|b| {
-                let t = |t: crate::counters::Tally| [t.count as i64, t.usage as i64, t.price];
-                StoredBreakdown {
-                    account_sid: account_sid.clone(),
-                    dimension: b.dimension.as_str().to_owned(),
-                    value: b.value.to_owned(),
-                    day: b.day.to_string(),
-                    calls: t(b.calls),
-                    messages: t(b.messages),
-                }
-            }));
-        }
-        out.sort();
-        Ok(out)
+    pub fn read_breakdowns(&self) -> Result<Vec<StoredBreakdown>> {
+        self.with_conn(|c| c.read_breakdowns())
     }
 
     /// The `as_of` of the last flush, if any.
-    pub fn last_flush(&mut self) -> Result<Option<String>> {
-        let sql = "SELECT value FROM tallyd_meta WHERE key = 'last_flush'";
-        Ok(match self {
-            Store::Sqlite(c) => {
-                use rusqlite::OptionalExtension;
-                c.query_row(sql, [], |r| r.get(0)).optional()?
-            }
-            Store::Postgres(c) => c.query_opt(sql, &[])?.map(|r| r.get(0)),
-        })
+    pub fn last_flush(&self) -> Result<Option<String>> {
+        self.with_conn(|c| c.last_flush())
     }
 }
 
-const SET_LAST_FLUSH: &str =
-    "INSERT INTO tallyd_meta (key, value) VALUES ('last_flush', $1) ON CONFLICT (key) DO UPDATE SET value = excluded.value";
-
-/// Decides what an offset compare-and-set that moved nothing means: the whole batch
-/// committed before (only the first advance can see that — a batch is all or
-/// nothing), or someone else owns the partition.
-fn stale_advance(o: &OffsetAdvance, found: Option<i64>, first: bool) -> Result<FlushOutcome> {
-    if first && found == Some(o.to) {
-        Ok(FlushOutcome::AlreadyApplied)
-    } else {
-        Err(Error::Fenced {
-            topic: o.topic.clone(),
-            partition: o.partition,
-            expected: o.from,
-            found,
-        })
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Store").field(&self.inner.shown).finish()
     }
+}
+
+/// Whether `url` names a SQLite store, which has one writer: one flusher and
+/// one writer connection serve every consumer.
+pub fn is_sqlite_url(url: &str) -> bool {
+    url.starts_with("sqlite://")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::calendar::Period;
+    use crate::calendar::{Day, Period};
     use crate::category::Category;
     use crate::cdr::AccountSid;
-    use crate::counters::Tally;
+    use crate::counters::{BreakdownDelta, Leaves, RowKey, Tally};
+    use page::{pages_of, RowDelta};
 
     fn batch(from: Option<i64>, to: i64) -> FlushBatch {
         FlushBatch {
             as_of: "2025-01-10T00:00:00+00:00".into(),
-            rows: vec![RowDelta {
-                key: RowKey {
-                    account: AccountSid(7),
-                    period: Period::Day(Day(20_000)),
-                },
-                leaves: {
-                    let mut l = Leaves::default();
-                    l.add_leaf(
-                        Category::CallsOutbound,
-                        Tally {
-                            count: 2,
-                            usage: 90,
-                            price: 19_500,
-                        },
-                    );
-                    l
-                },
-                price_unit: "usd".into(),
-            }],
-            breakdowns: vec![],
+            pages: pages_of(
+                &[RowDelta {
+                    key: RowKey {
+                        account: AccountSid(7),
+                        period: Period::Day(Day(20_000)),
+                    },
+                    leaves: {
+                        let mut l = Leaves::default();
+                        l.add_leaf(
+                            Category::CallsOutbound,
+                            Tally {
+                                count: 2,
+                                usage: 90,
+                                price: 19_500,
+                            },
+                        );
+                        l
+                    },
+                    price_unit: "usd".into(),
+                }],
+                &[],
+            ),
             offsets: vec![OffsetAdvance {
                 topic: "cdrs".into(),
                 partition: 0,
@@ -467,10 +540,10 @@ mod tests {
     /// add to them.
     fn assert_old_tables_become_pages(url: &str) {
         for to in [10, 15] {
-            let mut s = Store::open(url).unwrap();
+            let s = Store::open(url).unwrap();
             s.write_flush(&batch((to > 10).then_some(10), to)).unwrap();
         }
-        let mut s = Store::open(url).unwrap();
+        let s = Store::open(url).unwrap();
         let day: Vec<(String, String, i64, i64, i64)> = s
             .read_records("day")
             .unwrap()
@@ -590,16 +663,17 @@ mod tests {
             let mut b = batch(from, to);
             b.offsets[0].partition = partition;
             b.dedup.clear();
-            b.rows = (0..n)
+            let rows: Vec<RowDelta> = (0..n)
                 .map(|a| RowDelta {
                     key: RowKey {
                         account: AccountSid(a + 1),
-                        ..one.rows[0].key
+                        period: Period::Day(Day(20_000)),
                     },
-                    ..one.rows[0].clone()
+                    leaves: one.pages[0].delta.rows().next().unwrap().2,
+                    price_unit: "usd".into(),
                 })
                 .collect();
-            b.breakdowns = (0..n)
+            let breakdowns: Vec<BreakdownDelta> = (0..n)
                 .map(|a| BreakdownDelta {
                     key: crate::counters::BreakdownKey {
                         account: AccountSid(a + 1),
@@ -615,6 +689,7 @@ mod tests {
                     messages: Tally::default(),
                 })
                 .collect();
+            b.pages = pages_of(&rows, &breakdowns);
             b
         };
         for url in [format!("sqlite://{}/t.db", dir.path().display()), pg] {
@@ -626,7 +701,7 @@ mod tests {
                     .map(|partition| {
                         let (url, b) = (url.clone(), on_partition(partition, from, to));
                         std::thread::spawn(move || {
-                            let mut s = Store::open(&url).unwrap();
+                            let s = Store::new(&url, 1).unwrap();
                             s.write_flush(&b).unwrap()
                         })
                     })
@@ -635,7 +710,7 @@ mod tests {
                     assert_eq!(w.join().unwrap(), FlushOutcome::Applied);
                 }
             }
-            let mut s = Store::open(&url).unwrap();
+            let s = Store::new(&url, 1).unwrap();
             let days = s.read_records("day").unwrap();
             let outbound: Vec<_> = days
                 .iter()
@@ -658,8 +733,10 @@ mod tests {
     #[test]
     fn a_new_sqlite_store_has_large_pages_and_wal() {
         let dir = tempfile::tempdir().unwrap();
-        let Store::Sqlite(c) =
-            Store::open(&format!("sqlite://{}/t.db", dir.path().display())).unwrap()
+        let Conn::Sqlite(c) = Store::open(&format!("sqlite://{}/t.db", dir.path().display()))
+            .unwrap()
+            .connect()
+            .unwrap()
         else {
             unreachable!()
         };
@@ -675,29 +752,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/t.db", dir.path().display());
         let size = |name: &str| std::fs::metadata(dir.path().join(name)).map_or(0, |m| m.len());
-        let mut s = Store::open(&url).unwrap();
-        s.defer_checkpoints().unwrap();
-        // A flush past SQLite's auto-checkpoint threshold (1000 pages = 32 MiB).
+        let s = Store::open(&url).unwrap();
+        // A flush past SQLite's auto-checkpoint threshold (1000 pages = 32 MiB),
+        // on a connection of its own: its commit leaves the WAL alone.
         let mut b = batch(None, 10);
         b.dedup[0].ids = vec![7; (40 << 20) / 16];
-        s.write_flush(&b).unwrap();
+        s.connect().unwrap().write_flush(&b).unwrap();
         assert!(size("t.db") < 1 << 20, "the commit checkpointed");
         assert!(size("t.db-wal") > 40 << 20);
-        let c = checkpoint::Checkpointer::start(&url).unwrap();
-        c.request();
-        drop(c);
+        // A flush through the store asks its checkpointer, which has copied
+        // the WAL by the time the store is closed.
+        s.write_flush(&batch(Some(10), 11)).unwrap();
+        assert_eq!(s.load_offsets("cdrs").unwrap()[&0], 11);
+        drop(s);
         assert!(
             size("t.db") > 40 << 20,
             "the checkpointer copied the WAL into the database file"
         );
-        assert_eq!(s.load_offsets("cdrs").unwrap()[&0], 10);
     }
 
     #[test]
     fn sqlite_flush_is_idempotent_and_fences() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/sub/t.db", dir.path().display());
-        let mut s = Store::open(&url).unwrap();
+        let s = Store::open(&url).unwrap();
         assert_eq!(
             s.write_flush(&batch(None, 10)).unwrap(),
             FlushOutcome::Applied

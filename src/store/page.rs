@@ -26,9 +26,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::calendar::{Day, Month, Period};
 use crate::cdr::AccountSid;
-use crate::counters::{BreakdownDelta, Dimension, Leaves, Tally};
+use crate::counters::{BreakdownDelta, Dimension, Leaves, RowKey, Tally};
 
-use super::RowDelta;
+/// The delta of one stored row (account × period, all leaf categories) with the
+/// currency of its account's plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowDelta {
+    pub key: RowKey,
+    pub leaves: Leaves,
+    pub price_unit: String,
+}
 
 /// The first byte of every encoded page.
 const FORMAT: u8 = 1;
@@ -246,6 +253,15 @@ impl Page {
         })
     }
 
+    /// Rows and breakdowns on the page.
+    pub fn len(&self) -> usize {
+        self.rows.len() + self.breakdowns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![FORMAT];
         postcard::to_io(self, &mut out).expect("a page encodes into memory");
@@ -261,6 +277,16 @@ impl Page {
             None => Err(PageError("empty".into())),
         }
     }
+}
+
+/// The stored page of `account` keyed `page`, decoded; an error that names
+/// both if it does not decode (a permanent store error).
+pub fn decode_stored(account: &str, page: &str, bytes: &[u8]) -> Result<Page, super::Error> {
+    Page::decode(bytes).map_err(|reason| super::Error::Page {
+        account: account.to_owned(),
+        page: page.to_owned(),
+        reason,
+    })
 }
 
 /// What one flush adds to one page of one account.
@@ -283,49 +309,78 @@ impl PageDelta {
         let Some(bytes) = stored else {
             return Ok(self.delta.encode());
         };
-        let mut sum = Page::decode(bytes).map_err(|reason| super::Error::Page {
-            account: self.account.to_string(),
-            page: self.page.text(),
-            reason,
-        })?;
+        let mut sum = decode_stored(&self.account.to_string(), &self.page.text(), bytes)?;
         sum.add_page(&self.delta);
         Ok(sum.encode())
     }
 }
 
-/// A flush's rows and breakdowns gathered into the pages they go to, in key
-/// order (account SID, then page text: the order of the store's primary key,
-/// and one lock order for every writer).
-pub fn pages_of(rows: &[RowDelta], breakdowns: &[BreakdownDelta]) -> Vec<PageDelta> {
-    let mut pages: BTreeMap<(AccountSid, PageId), Page> = BTreeMap::new();
-    for r in rows {
-        pages
-            .entry((r.key.account, PageId::of_period(r.key.period)))
+/// Page deltas being gathered, by account and page.
+#[derive(Debug, Default)]
+pub struct PageDeltas(BTreeMap<(AccountSid, PageId), Page>);
+
+impl PageDeltas {
+    /// Adds `leaves` to the row of `period` on its page.
+    pub fn add_row(
+        &mut self,
+        account: AccountSid,
+        period: Period,
+        price_unit: &str,
+        leaves: &Leaves,
+    ) {
+        self.0
+            .entry((account, PageId::of_period(period)))
             .or_default()
-            .add_row(r.key.period, &r.price_unit, &r.leaves);
+            .add_row(period, price_unit, leaves);
     }
-    for b in breakdowns {
+
+    /// Adds a by-number or by-agent entry on its page.
+    pub fn add_breakdown(&mut self, b: &BreakdownDelta) {
         let k = &b.key;
-        pages
+        self.0
             .entry((k.account, PageId::of_day(k.day)))
             .or_default()
             .add_breakdown(k.dimension, &k.value, k.day, b.calls, b.messages);
     }
-    pages
-        .into_iter()
-        .map(|((account, page), delta)| PageDelta {
-            account,
-            page,
-            delta,
-        })
-        .collect()
+
+    /// Adds everything `other` gathered.
+    pub fn merge(&mut self, other: PageDeltas) {
+        for (key, page) in other.0 {
+            self.0.entry(key).or_default().add_page(&page);
+        }
+    }
+
+    /// The page deltas in key order (account SID, then page text: the order of
+    /// the store's primary key, and one lock order for every writer).
+    pub fn into_vec(self) -> Vec<PageDelta> {
+        self.0
+            .into_iter()
+            .map(|((account, page), delta)| PageDelta {
+                account,
+                page,
+                delta,
+            })
+            .collect()
+    }
+}
+
+/// Rows and breakdowns gathered into the pages they go to, in key order.
+pub fn pages_of(rows: &[RowDelta], breakdowns: &[BreakdownDelta]) -> Vec<PageDelta> {
+    let mut pages = PageDeltas::default();
+    for r in rows {
+        pages.add_row(r.key.account, r.key.period, &r.price_unit, &r.leaves);
+    }
+    for b in breakdowns {
+        pages.add_breakdown(b);
+    }
+    pages.into_vec()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::category::Category;
-    use crate::counters::{BreakdownKey, RowKey};
+    use crate::counters::BreakdownKey;
 
     fn tally(count: u64, usage: u64, price: i64) -> Tally {
         Tally {

@@ -24,6 +24,8 @@
 //! - `api_keys`: AgentPhone Bearer keys, stored as SHA-256 hex only; `key_id` is the
 //!   public handle used to list and revoke a key.
 
+use super::{Conn, Result};
+
 /// `usage_pages` in PostgreSQL: keys compare bytewise (`COLLATE "C"`; keys are
 /// ASCII, so the order is the same as the default collation's, without a
 /// `strcoll` per comparison), and half of each heap page is left free so that a
@@ -97,3 +99,19 @@ const MIGRATIONS: &[&str] = &[
     )",
     "CREATE INDEX IF NOT EXISTS api_keys_by_account ON api_keys (account_sid)",
 ];
+
+/// Creates or updates the tables, converting the usage tables of an older
+/// store into pages; idempotent, in one transaction, and serialised between
+/// PostgreSQL instances that start at once.
+pub(super) fn migrate(c: &mut Conn) -> Result<()> {
+    let postgres = matches!(c, Conn::Postgres(_));
+    c.transaction(|c| {
+        if postgres {
+            c.execute("SELECT pg_advisory_xact_lock(7461726)", &[])?;
+        }
+        for m in migrations(postgres) {
+            c.batch(m)?;
+        }
+        super::legacy::convert(c)
+    })
+}

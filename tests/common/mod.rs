@@ -12,7 +12,7 @@ use tallyd::calendar::Day;
 use tallyd::config::Config;
 use tallyd::counters::UsageCounters;
 use tallyd::dedup::DedupWindow;
-use tallyd::flush::usage_of;
+use tallyd::flush::expand::pages;
 use tallyd::pipeline::{ingest, Outcome};
 use tallyd::rating::Tariff;
 use tallyd::store::{FlushBatch, FlushOutcome, Store};
@@ -199,14 +199,12 @@ pub fn flush_cdrs(url: &str, tariff: &Tariff, cdrs: &[String], as_of: &str) -> u
             Err(e) => panic!("test CDR rejected: {e:?}: {c}"),
         }
     }
-    let (rows, breakdowns) = usage_of(vec![counters.take()], tariff);
     let batch = FlushBatch {
         as_of: as_of.to_owned(),
-        rows,
-        breakdowns,
+        pages: pages(vec![counters.take()], tariff),
         ..FlushBatch::default()
     };
-    let mut store = Store::open(url).unwrap();
+    let store = Store::open(url).unwrap();
     assert_eq!(store.write_flush(&batch).unwrap(), FlushOutcome::Applied);
     counted
 }
@@ -364,7 +362,10 @@ pub const AS_OF: &str = "2025-02-03T04:05:06Z";
 /// the clock fixed at `now` (Unix seconds).
 pub fn scenario(store: &TestStore, now: i64) -> (Server, ApiState) {
     let (cfg, tariff) = config(&store.url());
-    let state = ApiState::new(&cfg, &tariff).unwrap().with_fixed_clock(now);
+    let handle = Store::open(&cfg.store.url).unwrap();
+    let state = ApiState::seeded(&cfg, &tariff, handle)
+        .unwrap()
+        .with_fixed_clock(now);
     let counted = flush_cdrs(&store.url(), &tariff, &scenario_cdrs(), AS_OF);
     assert_eq!(counted, 8, "the duplicate p1 is counted once");
     (serve(state.clone()), state)

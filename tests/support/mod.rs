@@ -544,7 +544,7 @@ pub fn wait_flushed(store_url: &str, topic: &str, total: u64, timeout: Duration,
     let deadline = Instant::now() + timeout;
     let mut consumed = 0;
     loop {
-        if let Ok(mut s) = Store::open(store_url) {
+        if let Ok(s) = Store::open(store_url) {
             if let Ok(o) = s.load_offsets(topic) {
                 consumed = o.values().sum::<i64>();
                 if consumed as u64 >= total {
@@ -581,7 +581,7 @@ pub fn assert_offsets(store_url: &str, topic: &str, total: u64) {
 pub fn wait_consuming(store_url: &str, topic: &str, timeout: Duration) {
     let started = Instant::now();
     loop {
-        let stored = Store::open(store_url).and_then(|mut s| s.load_offsets(topic));
+        let stored = Store::open(store_url).and_then(|s| s.load_offsets(topic));
         if stored.is_ok_and(|o| !o.is_empty()) {
             return;
         }
@@ -595,7 +595,7 @@ pub fn wait_consuming(store_url: &str, topic: &str, timeout: Duration) {
 
 /// Stored records of every period, sorted.
 pub fn stored(store_url: &str) -> Vec<StoredRecord> {
-    let mut s = Store::open(store_url).unwrap();
+    let s = Store::open(store_url).unwrap();
     let mut all = Vec::new();
     for p in ["day", "month", "year", "all"] {
         all.extend(s.read_records(p).unwrap());

@@ -1,46 +1,15 @@
-//! The API's own small store layer: a bounded pool of blocking SQLite or
-//! PostgreSQL connections opened from `store.url`, and the queries the handlers
-//! need. One SQL text serves both databases (`$n` placeholders in order of first
-//! use, `CAST(… AS BIGINT)` around aggregates), so every query is written once.
+//! One store connection, SQLite or PostgreSQL, and the one way to query it.
 //!
-//! Handlers call [`ApiStore::run`], which waits for a permit (the pool size bounds
-//! concurrent queries), then runs the closure on tokio's blocking pool.
+//! One SQL text serves both databases: `$n` placeholders numbered in order of
+//! first use (SQLite binds named parameters by first appearance), `CAST(… AS
+//! BIGINT)` around aggregates, `ON CONFLICT` upserts. What differs between the
+//! databases — opening a connection, bulk page writes, checkpoints — is in
+//! [`super::sqlite`] and [`super::pg`]; everything else is written once on top of
+//! [`Conn::query`], [`Conn::execute`] and [`Conn::transaction`].
 
-use std::path::PathBuf;
-use std::str::FromStr;
-use std::sync::Arc;
+use std::collections::HashMap;
 
-use parking_lot::Mutex;
-use tokio::sync::Semaphore;
-
-/// What went wrong talking to the store.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("store.url {url:?} is not sqlite://PATH or postgres://…")]
-    BadUrl { url: String },
-    #[error("sqlite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("postgres: {0}")]
-    Postgres(#[from] postgres::Error),
-    #[error("usage page {page:?} of {account}: {reason}")]
-    Page {
-        account: String,
-        page: String,
-        reason: crate::store::page::PageError,
-    },
-    #[error("migrating the store: {0}")]
-    Migrate(#[from] crate::store::Error),
-    #[error("store task failed: {0}")]
-    Task(String),
-}
-
-pub type Result<T, E = StoreError> = std::result::Result<T, E>;
-
-#[derive(Clone)]
-enum Backend {
-    Sqlite(PathBuf),
-    Postgres(Box<postgres::Config>),
-}
+use super::{Backend, Result};
 
 /// A bound query parameter.
 #[derive(Debug, Clone)]
@@ -48,6 +17,7 @@ pub enum Param<'a> {
     Text(&'a str),
     OptText(Option<&'a str>),
     Int(i64),
+    Bytes(&'a [u8]),
 }
 
 /// A value read from a row: text, integer, bytes or NULL.
@@ -79,6 +49,12 @@ impl Value {
             Value::Bytes(_) | Value::Null => 0,
         }
     }
+    pub fn opt_int(&self) -> Option<i64> {
+        match self {
+            Value::Null => None,
+            v => Some(v.int()),
+        }
+    }
     pub fn bytes(&self) -> &[u8] {
         match self {
             Value::Bytes(b) => b,
@@ -86,6 +62,21 @@ impl Value {
             _ => &[],
         }
     }
+    pub fn into_bytes(self) -> Vec<u8> {
+        match self {
+            Value::Bytes(b) => b,
+            Value::Text(s) => s.into_bytes(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// `$first, $first+1, …`: `n` placeholders for an `IN (…)` list.
+pub fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// One open connection.
@@ -97,8 +88,8 @@ pub enum Conn {
 /// A PostgreSQL client and the statements it has prepared, so a repeated query
 /// costs one round trip and no planning of its text.
 pub struct PgConn {
-    client: postgres::Client,
-    statements: std::collections::HashMap<String, postgres::Statement>,
+    pub(super) client: postgres::Client,
+    statements: HashMap<String, postgres::Statement>,
 }
 
 /// Distinct statements kept per connection (IN lists of different lengths are
@@ -106,6 +97,13 @@ pub struct PgConn {
 const STATEMENT_CACHE: usize = 256;
 
 impl PgConn {
+    pub(super) fn new(client: postgres::Client) -> PgConn {
+        PgConn {
+            client,
+            statements: HashMap::new(),
+        }
+    }
+
     fn statement(&mut self, sql: &str) -> Result<postgres::Statement> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
@@ -120,6 +118,18 @@ impl PgConn {
 }
 
 impl Conn {
+    /// Opens a connection the one way every part of tallyd does (see
+    /// [`super::sqlite::open`], [`super::pg::open`]). No migrations: they run
+    /// once, at start ([`super::Store::migrate`]).
+    pub(super) fn open(backend: &Backend) -> Result<Conn> {
+        match backend {
+            Backend::Sqlite(path) => super::sqlite::open(path).map(Conn::Sqlite),
+            Backend::Postgres(cfg) => {
+                super::pg::open(cfg).map(|c| Conn::Postgres(Box::new(PgConn::new(c))))
+            }
+        }
+    }
+
     /// Runs a statement returning rows.
     pub fn query(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Vec<Value>>> {
         match self {
@@ -147,11 +157,10 @@ impl Conn {
                 Ok(out)
             }
             Conn::Postgres(c) => {
-                let owned: Vec<Box<dyn postgres::types::ToSql + Sync>> =
-                    params.iter().map(pg).collect();
+                let stmt = c.statement(sql)?;
+                let owned = pg_params(params, stmt.params());
                 let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
                     owned.iter().map(|b| b.as_ref()).collect();
-                let stmt = c.statement(sql)?;
                 let rows = c.client.query(&stmt, &refs)?;
                 let mut out = Vec::with_capacity(rows.len());
                 for row in rows {
@@ -187,19 +196,23 @@ impl Conn {
                 Ok(stmt.execute(rusqlite::params_from_iter(params.iter().map(sq)))? as u64)
             }
             Conn::Postgres(c) => {
-                let owned: Vec<Box<dyn postgres::types::ToSql + Sync>> =
-                    params.iter().map(pg).collect();
+                let stmt = c.statement(sql)?;
+                let owned = pg_params(params, stmt.params());
                 let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
                     owned.iter().map(|b| b.as_ref()).collect();
-                let stmt = c.statement(sql)?;
                 Ok(c.client.execute(&stmt, &refs)?)
             }
         }
     }
 
-    /// Runs `f` in a transaction, committing if it returns `Ok`.
+    /// Runs `f` in a transaction, committing if it returns `Ok`. SQLite takes
+    /// the write lock at the start (`BEGIN IMMEDIATE`), so two writers queue on
+    /// the busy timeout instead of failing when a reader upgrades.
     pub fn transaction<T>(&mut self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
-        self.batch("BEGIN")?;
+        self.batch(match self {
+            Conn::Sqlite(_) => "BEGIN IMMEDIATE",
+            Conn::Postgres(_) => "BEGIN",
+        })?;
         match f(self) {
             Ok(v) => {
                 self.batch("COMMIT")?;
@@ -212,7 +225,8 @@ impl Conn {
         }
     }
 
-    fn batch(&mut self, sql: &str) -> Result<()> {
+    /// Runs statements without parameters or rows.
+    pub fn batch(&mut self, sql: &str) -> Result<()> {
         match self {
             Conn::Sqlite(c) => c.execute_batch(sql)?,
             Conn::Postgres(c) => c.client.batch_execute(sql)?,
@@ -220,11 +234,41 @@ impl Conn {
         Ok(())
     }
 
-    fn is_broken(&self) -> bool {
+    /// Whether the connection is known to be unusable (a PostgreSQL connection
+    /// the server closed).
+    pub fn is_broken(&self) -> bool {
         match self {
             Conn::Sqlite(_) => false,
             Conn::Postgres(c) => c.client.is_closed(),
         }
+    }
+
+    /// Whether the connection still works: a PostgreSQL connection answers an
+    /// empty query within a second.
+    pub fn is_alive(&mut self) -> bool {
+        match self {
+            Conn::Sqlite(_) => true,
+            Conn::Postgres(c) => c.client.is_valid(std::time::Duration::from_secs(1)).is_ok(),
+        }
+    }
+
+    /// Leaves copying a SQLite store's WAL into its file to
+    /// [`super::checkpoint::Checkpointer`] instead of this connection's commits.
+    /// (No-op for PostgreSQL.)
+    pub fn defer_checkpoints(&mut self) -> Result<()> {
+        if let Conn::Sqlite(c) = self {
+            c.pragma_update(None, "wal_autocheckpoint", 0)?;
+        }
+        Ok(())
+    }
+
+    /// Copies what is committed in a SQLite store's WAL into its file, without
+    /// waiting for readers or the writer. (No-op for PostgreSQL.)
+    pub fn checkpoint(&mut self) -> Result<()> {
+        if let Conn::Sqlite(c) = self {
+            c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+        }
+        Ok(())
     }
 }
 
@@ -235,124 +279,31 @@ fn sq<'a>(p: &'a Param<'a>) -> rusqlite::types::ToSqlOutput<'a> {
         Param::OptText(Some(s)) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
         Param::OptText(None) => ToSqlOutput::Borrowed(ValueRef::Null),
         Param::Int(i) => ToSqlOutput::Borrowed(ValueRef::Integer(*i)),
+        Param::Bytes(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
     }
 }
 
-fn pg(p: &Param<'_>) -> Box<dyn postgres::types::ToSql + Sync> {
-    match p {
-        Param::Text(s) => Box::new(s.to_string()),
-        Param::OptText(s) => Box::new(s.map(str::to_owned)),
-        Param::Int(i) => Box::new(*i),
-    }
-}
-
-/// A bounded pool of store connections for the HTTP API.
-#[derive(Clone)]
-pub struct ApiStore {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    backend: Backend,
-    idle: Mutex<Vec<Conn>>,
-    permits: Semaphore,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // Dropping a sync postgres client runs a small runtime of its own, which
-        // panics on a tokio worker; the last state may well be dropped on one.
-        let conns = std::mem::take(self.idle.get_mut());
-        if !conns.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
-            let _ = std::thread::spawn(move || drop(conns)).join();
-        }
-    }
-}
-
-impl ApiStore {
-    /// Parses `sqlite://PATH` or `postgres://…` (also `postgresql://…`); connects
-    /// lazily.
-    pub fn new(url: &str, pool_size: usize) -> Result<ApiStore> {
-        let backend = if let Some(path) = url.strip_prefix("sqlite://") {
-            if path.is_empty() {
-                return Err(StoreError::BadUrl { url: url.into() });
-            }
-            Backend::Sqlite(PathBuf::from(path))
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Backend::Postgres(Box::new(
-                postgres::Config::from_str(url)
-                    .map_err(|_| StoreError::BadUrl { url: url.into() })?,
-            ))
-        } else {
-            return Err(StoreError::BadUrl { url: url.into() });
-        };
-        Ok(ApiStore {
-            inner: Arc::new(Inner {
-                backend,
-                idle: Mutex::new(Vec::new()),
-                permits: Semaphore::new(pool_size.max(1)),
-            }),
-        })
-    }
-
-    fn connect(&self) -> Result<Conn> {
-        match &self.inner.backend {
-            Backend::Sqlite(path) => {
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    let _ = std::fs::create_dir_all(dir);
+/// The parameters as PostgreSQL takes them: an integer goes as the type the
+/// statement expects (`INTEGER` columns take an `i32`).
+fn pg_params(
+    params: &[Param<'_>],
+    types: &[postgres::types::Type],
+) -> Vec<Box<dyn postgres::types::ToSql + Sync>> {
+    use postgres::types::Type;
+    params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| -> Box<dyn postgres::types::ToSql + Sync> {
+            match p {
+                Param::Text(s) => Box::new(s.to_string()),
+                Param::OptText(s) => Box::new(s.map(str::to_owned)),
+                Param::Int(v) if types.get(i) == Some(&Type::INT4) => {
+                    // Partitions and days, which always fit.
+                    Box::new(i32::try_from(*v).unwrap_or(i32::MAX))
                 }
-                let c = rusqlite::Connection::open(path)?;
-                // WAL lets the flush writer and API readers work at once.
-                c.busy_timeout(std::time::Duration::from_secs(5))?;
-                c.pragma_update(None, "journal_mode", "WAL")?;
-                Ok(Conn::Sqlite(c))
+                Param::Int(v) => Box::new(*v),
+                Param::Bytes(b) => Box::new(b.to_vec()),
             }
-            Backend::Postgres(cfg) => Ok(Conn::Postgres(Box::new(PgConn {
-                client: cfg.connect(postgres::NoTls)?,
-                statements: Default::default(),
-            }))),
-        }
-    }
-
-    /// Runs `f` with a pooled connection, synchronously (for start-up and tests).
-    pub fn with_conn<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
-        let taken = self.inner.idle.lock().pop();
-        let mut conn = match taken {
-            Some(c) => c,
-            None => self.connect()?,
-        };
-        let out = f(&mut conn);
-        if !conn.is_broken() {
-            self.inner.idle.lock().push(conn);
-        }
-        out
-    }
-
-    /// Runs `f` on the blocking pool once a connection permit is free.
-    pub async fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Conn) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let _permit = self
-            .inner
-            .permits
-            .acquire()
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))?;
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || store.with_conn(f))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))?
-    }
-
-    /// Creates the tables if they do not exist (every migration is idempotent).
-    pub fn migrate(&self) -> Result<()> {
-        self.with_conn(|c| {
-            match c {
-                Conn::Sqlite(c) => crate::store::migrate_sqlite(c)?,
-                Conn::Postgres(c) => crate::store::migrate_postgres(&mut c.client)?,
-            }
-            Ok(())
         })
-    }
+        .collect()
 }

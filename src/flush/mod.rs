@@ -1,0 +1,83 @@
+//! The flusher: turns the consistent snapshots the consumers take into store
+//! transactions, off the hot path.
+//!
+//! - [`expand`] (pure): the snapshot's counter deltas become the usage pages
+//!   they add to, and its partitions are spread over the writer connections.
+//! - This module: the job protocol between a consumer and its flusher.
+//! - [`worker`]: the flusher thread — waits for dead letters to be safe, writes
+//!   each share in one transaction ([`crate::store::flush`]), retries what the
+//!   store may still take, hands back what it never will.
+
+pub mod expand;
+pub mod worker;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64};
+use std::sync::mpsc::SyncSender;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::calendar::Day;
+use crate::counters::Deltas;
+use crate::store::{self, DedupRows, FlushOutcome, OffsetAdvance};
+
+pub use worker::Flusher;
+
+/// One partition's share of a flush: the usage counted from its messages, the
+/// offsets those messages span and the ids first seen among them. It is always
+/// written whole, in one transaction.
+pub struct PartitionCut {
+    pub deltas: Deltas,
+    pub offset: OffsetAdvance,
+    pub dedup: Option<DedupRows>,
+}
+
+/// What the consumer hands over at a flush: a consistent cut.
+pub struct Snapshot {
+    pub parts: Vec<PartitionCut>,
+    pub prune_dedup_before: Option<Day>,
+}
+
+/// What the consumer loads on partition assignment.
+pub struct Loaded {
+    pub offsets: HashMap<i32, i64>,
+    /// partition → (seen day, packed ids) blobs.
+    pub dedup: HashMap<i32, Vec<(Day, Vec<u8>)>>,
+}
+
+/// A flush that landed: how, and how long the store took to write it (the batch's
+/// expansion and the successful attempt; retries and backoff excluded, so a store
+/// outage does not read as a slow store).
+pub struct Flushed {
+    pub outcome: FlushOutcome,
+    pub took: Duration,
+    /// Partitions whose cut failed with a permanent store error (see
+    /// [`crate::store::ErrorKind`]): nothing of theirs was written, and the
+    /// store still holds their previous offset; every other partition's cut
+    /// landed. The consumer re-reads them from the store's offset later.
+    pub stuck: Vec<(i32, store::Error)>,
+}
+
+pub type FlushResult = Result<Flushed, store::Error>;
+
+pub enum Job {
+    Flush {
+        snapshot: Box<Snapshot>,
+        cancel: Arc<AtomicBool>,
+        reply: SyncSender<FlushResult>,
+    },
+    Load {
+        topic: String,
+        partitions: Vec<i32>,
+        since: Day,
+        cancel: Arc<AtomicBool>,
+        reply: SyncSender<Option<Loaded>>,
+    },
+}
+
+/// Shared health of the flusher, read by `/readyz` and the metrics.
+#[derive(Default)]
+pub struct FlushHealth {
+    /// Unix seconds of the last successful flush (0 = never).
+    pub last_success: AtomicI64,
+}
