@@ -399,13 +399,13 @@ fn check_values(cfg: &Config) -> Result<(), String> {
         if let Err(e) = url.parse::<postgres::Config>() {
             return Err(format!(
                 "store.url = {:?}: not a PostgreSQL URL: {e}",
-                redact_password(url)
+                crate::store::redact_url(url)
             ));
         }
     } else {
         return Err(format!(
             "store.url = {:?}: must be sqlite://PATH or postgres://USER@HOST:PORT/DB",
-            redact_password(url)
+            crate::store::redact_url(url)
         ));
     }
     check_host_port("http.listen", &cfg.http.listen, true)?;
@@ -477,27 +477,6 @@ fn check_host_port(key: &str, value: &str, port_required: bool) -> Result<(), St
         }
         None if port_required => Err(bad("no port; expected HOST:PORT, e.g. 0.0.0.0:8080")),
         _ => Ok(()),
-    }
-}
-
-/// The URL with the password of its user info replaced by `***`.
-fn redact_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.into();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => {
-            let userinfo = &rest[..at];
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            let shown = if user.len() < userinfo.len() {
-                format!("{user}:***")
-            } else {
-                user.into()
-            };
-            format!("{scheme}://{shown}{}", &rest[at..])
-        }
-        None => url.into(),
     }
 }
 
