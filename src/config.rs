@@ -53,6 +53,12 @@ pub struct KafkaConfig {
     /// partitions the group gives it out among them.
     #[serde(default = "default_consumers")]
     pub consumers: usize,
+    /// The instance's static group membership id (`group.instance.id`): a
+    /// restarted instance that comes back with the same id gets its partitions
+    /// back without a rebalance. Unset or empty: dynamic membership. `auto`:
+    /// the host name and the HTTP listen port. Must be unique per instance.
+    #[serde(default)]
+    pub instance_id: Option<String>,
 }
 
 fn default_consumers() -> usize {
@@ -81,6 +87,7 @@ impl Default for KafkaConfig {
             dead_letter_topic: default_dead_letter_topic(),
             properties: BTreeMap::new(),
             consumers: default_consumers(),
+            instance_id: None,
         }
     }
 }

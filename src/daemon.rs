@@ -115,6 +115,8 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
     }
     let settings = IngestSettings {
         topic: cfg.kafka.topic.clone(),
+        store: store.clone(),
+        instance_id: crate::ingest::instance_id(cfg.kafka.instance_id.as_deref(), &cfg.http.listen),
         flush_interval: Duration::from_millis(cfg.flush.interval_ms.max(10)),
         max_busy_share: cfg.flush.max_busy_share,
         max_pending_cells: cfg.flush.max_pending_cells,

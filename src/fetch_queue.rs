@@ -14,57 +14,66 @@
 //! between two batches, never inside one, and messages fetched before a
 //! partition was re-assigned are discarded by librdkafka's version barriers.
 //!
-//! The queue holds a reference into the client: [`FetchQueue::close`] must run
-//! before the consumer is dropped (`Ingest`'s `Drop` does), or librdkafka's
-//! shutdown waits for it forever.
+//! [`BatchConsumer`] owns the consumer together with its queue and destroys the
+//! queue before the consumer (librdkafka's shutdown would wait for it forever
+//! otherwise); it is not `Sync`, so only the thread owning it can reach the
+//! queue, and nothing but its `Drop` closes it.
 
+use std::cell::RefCell;
 use std::ffi::CString;
+use std::marker::PhantomData;
 use std::ptr::NonNull;
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use rdkafka::bindings as rd;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::message::Message;
 use rdkafka::types::RDKafkaErrorCode;
 
-/// A queue of tallyd's own that assigned partitions' fetched messages are
-/// forwarded to.
-pub struct FetchQueue {
-    rk: *mut rd::rd_kafka_t,
+/// A consumer and a queue of tallyd's own that its assigned partitions'
+/// fetched messages are forwarded to.
+pub struct BatchConsumer<C: ConsumerContext + 'static> {
+    consumer: BaseConsumer<C>,
     topic: CString,
-    /// Null once closed.
-    queue: Mutex<*mut rd::rd_kafka_queue_t>,
+    queue: NonNull<rd::rd_kafka_queue_t>,
     /// Partitions whose fetch queue forwards here.
-    routed: Mutex<Vec<i32>>,
+    routed: RefCell<Vec<i32>>,
 }
 
-// SAFETY: librdkafka's client and queue handles may be used from any thread; the
-// queue pointer itself is only read or cleared under its mutex.
-unsafe impl Send for FetchQueue {}
-unsafe impl Sync for FetchQueue {}
+// SAFETY: librdkafka's client and queue handles may be used from any thread, so
+// the consumer may move to the thread that runs it. It is deliberately not
+// `Sync` (the raw queue pointer makes it so): only its owner reaches the queue.
+unsafe impl<C: ConsumerContext + 'static> Send for BatchConsumer<C> {}
 
-impl FetchQueue {
-    pub fn new<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str) -> FetchQueue {
+impl<C: ConsumerContext + 'static> BatchConsumer<C> {
+    pub fn new(consumer: BaseConsumer<C>, topic: &str) -> BatchConsumer<C> {
         let rk = consumer.client().native_ptr();
-        // SAFETY: `rk` is a live client; the queue is destroyed in `close`.
+        // SAFETY: `rk` is a live client, owned by `consumer`, which is dropped only
+        // after `Drop::drop` destroyed the queue.
         let queue = unsafe { rd::rd_kafka_queue_new(rk) };
-        FetchQueue {
-            rk,
+        BatchConsumer {
+            consumer,
             topic: CString::new(topic).expect("topic names have no NUL"),
-            queue: Mutex::new(queue),
-            routed: Mutex::new(Vec::new()),
+            queue: NonNull::new(queue).expect("librdkafka allocates queues or aborts"),
+            routed: RefCell::new(Vec::new()),
         }
+    }
+
+    pub fn consumer(&self) -> &BaseConsumer<C> {
+        &self.consumer
+    }
+
+    fn rk(&self) -> *mut rd::rd_kafka_t {
+        self.consumer.client().native_ptr()
     }
 
     /// Forwards `partition`'s fetched messages to `queue` (null: nowhere).
     fn forward(&self, partition: i32, queue: *mut rd::rd_kafka_queue_t) {
-        // SAFETY: `rk` is live while the consumer is (see the module doc);
-        // `get_partition` creates the partition's handle if the client has none
-        // yet and returns a reference that is released right after forwarding,
-        // which stays in place.
+        // SAFETY: the client is live (owned by `self`); `get_partition` creates the
+        // partition's handle if the client has none yet and returns a reference
+        // that is released right after forwarding, which stays in place.
         unsafe {
-            let pq = rd::rd_kafka_queue_get_partition(self.rk, self.topic.as_ptr(), partition);
+            let pq = rd::rd_kafka_queue_get_partition(self.rk(), self.topic.as_ptr(), partition);
             if pq.is_null() {
                 tracing::error!(partition, "no fetch queue for partition");
                 return;
@@ -78,11 +87,11 @@ impl FetchQueue {
     /// the client's cache (no broker request); `None` before the first.
     pub fn watermarks(&self, partition: i32) -> Option<(i64, i64)> {
         let (mut low, mut high) = (-1i64, -1i64);
-        // SAFETY: `rk` is live while the consumer is (see the module doc) and the
-        // topic is a NUL-terminated string; the call only reads cached offsets.
+        // SAFETY: the client is live (owned by `self`) and the topic is a
+        // NUL-terminated string; the call only reads cached offsets.
         let err = unsafe {
             rd::rd_kafka_get_watermark_offsets(
-                self.rk,
+                self.rk(),
                 self.topic.as_ptr(),
                 partition,
                 &mut low,
@@ -95,13 +104,9 @@ impl FetchQueue {
 
     /// Routes the fetched messages of `partitions` here. Call before assigning them.
     pub fn route(&self, partitions: &[i32]) {
-        let queue = self.queue.lock();
-        if queue.is_null() {
-            return;
-        }
-        let mut routed = self.routed.lock();
+        let mut routed = self.routed.borrow_mut();
         for &p in partitions {
-            self.forward(p, *queue);
+            self.forward(p, self.queue.as_ptr());
             if !routed.contains(&p) {
                 routed.push(p);
             }
@@ -109,21 +114,18 @@ impl FetchQueue {
     }
 
     /// Takes up to `out`'s spare capacity of messages and partition events,
-    /// waiting at most `timeout` for the first.
-    pub fn consume(&self, timeout: Duration, out: &mut Vec<Fetched>) {
-        let queue = *self.queue.lock();
-        if queue.is_null() {
-            return;
-        }
+    /// waiting at most `timeout` for the first. The messages borrow the
+    /// consumer: they cannot outlive the client they belong to.
+    pub fn consume<'a>(&'a self, timeout: Duration, out: &mut Vec<Fetched<'a>>) {
         let room = out.capacity() - out.len();
         let mut raw: [*mut rd::rd_kafka_message_t; 256] = [std::ptr::null_mut(); 256];
         let room = room.min(raw.len());
-        // SAFETY: the queue is open (it is closed only by the consumer thread,
-        // which is the one calling this) and `raw` has room for `room` pointers.
+        // SAFETY: the queue lives until `Drop::drop`, which cannot run while
+        // `self` is borrowed, and `raw` has room for `room` pointers.
         let got = unsafe {
             rd::rd_kafka_consume_batch_queue(
-                queue,
-                timeout.as_millis() as i32,
+                self.queue.as_ptr(),
+                timeout.as_millis().min(i32::MAX as u128) as i32,
                 raw.as_mut_ptr(),
                 room,
             )
@@ -133,36 +135,27 @@ impl FetchQueue {
             raw[..got]
                 .iter()
                 .filter_map(|&m| NonNull::new(m))
-                .map(Fetched),
+                .map(|m| Fetched(m, PhantomData)),
         );
-    }
-
-    /// Stops forwarding the routed partitions (what they fetch from now on
-    /// stays in their own queues) and destroys this one. Idempotent.
-    pub fn close(&self) {
-        let mut queue = self.queue.lock();
-        if queue.is_null() {
-            return;
-        }
-        for p in self.routed.lock().drain(..) {
-            self.forward(p, std::ptr::null_mut());
-        }
-        // SAFETY: created by `rd_kafka_queue_new`, destroyed once (then null).
-        unsafe { rd::rd_kafka_queue_destroy(*queue) };
-        *queue = std::ptr::null_mut();
     }
 }
 
-impl Drop for FetchQueue {
+impl<C: ConsumerContext + 'static> Drop for BatchConsumer<C> {
+    /// Stops forwarding the routed partitions and destroys the queue; the
+    /// consumer (a field) is dropped after this.
     fn drop(&mut self) {
-        self.close();
+        for p in self.routed.take() {
+            self.forward(p, std::ptr::null_mut());
+        }
+        // SAFETY: created by `rd_kafka_queue_new`, destroyed once, here.
+        unsafe { rd::rd_kafka_queue_destroy(self.queue.as_ptr()) };
     }
 }
 
 /// A message, or a partition event such as its end, taken from a [`FetchQueue`].
-pub struct Fetched(NonNull<rd::rd_kafka_message_t>);
+pub struct Fetched<'a>(NonNull<rd::rd_kafka_message_t>, PhantomData<&'a ()>);
 
-impl Fetched {
+impl Fetched<'_> {
     fn raw(&self) -> &rd::rd_kafka_message_t {
         // SAFETY: valid until destroyed in `drop`.
         unsafe { self.0.as_ref() }
@@ -184,7 +177,7 @@ pub trait Record {
     fn key(&self) -> Option<&[u8]>;
 }
 
-impl Record for Fetched {
+impl Record for Fetched<'_> {
     fn partition(&self) -> i32 {
         self.raw().partition
     }
@@ -220,7 +213,7 @@ fn bytes<'a>(ptr: *mut std::ffi::c_void, len: usize) -> Option<&'a [u8]> {
     (!ptr.is_null()).then(|| unsafe { std::slice::from_raw_parts(ptr as *const u8, len) })
 }
 
-impl Drop for Fetched {
+impl Drop for Fetched<'_> {
     fn drop(&mut self) {
         // SAFETY: each message taken from the queue is destroyed exactly once.
         unsafe { rd::rd_kafka_message_destroy(self.0.as_ptr()) }

@@ -66,6 +66,9 @@ pub const STORE_ERRORS_TOTAL: &str = "tallyd_store_errors_total";
 /// Counter `{cause}`: store operations that can never succeed (a page that does
 /// not decode, a value over a limit); the store is not down.
 pub const STORE_PERMANENT_ERRORS_TOTAL: &str = "tallyd_store_permanent_errors_total";
+/// Counter: partition assignments whose stored state took longer to load than
+/// the group allows for (the load goes on; the store is slow or down).
+pub const PARTITION_LOAD_OVERDUE_TOTAL: &str = "tallyd_partition_load_overdue_total";
 /// Counter: flushes refused because another instance owns the partition now.
 pub const FLUSH_FENCED_TOTAL: &str = "tallyd_flush_fenced_total";
 /// Counter: dead letters that could not be queued or delivered.
@@ -168,6 +171,8 @@ pub const CATALOGUE: &[Metric] = &[
         "Store operations that failed with a retryable error (store down or busy; flushes and loads are retried with backoff)."),
     metric(STORE_PERMANENT_ERRORS_TOTAL, Counter, None, &["cause"],
         "Store operations that can never succeed (cause: page, sqlite, postgres, ...): a partition whose flush failed so is re-read from its stored offset later; the store is not reported down."),
+    metric(PARTITION_LOAD_OVERDUE_TOTAL, Counter, None, &[],
+        "Partition assignments whose stored offsets and dedup ids took longer to load than a third of the group's session or poll timeout (the load goes on; the consumer keeps heartbeating)."),
     metric(FLUSH_FENCED_TOTAL, Counter, None, &[],
         "Flushes refused because another instance owns the partition now (its offsets moved)."),
     metric(DEAD_LETTER_FAILURES_TOTAL, Counter, None, &[],

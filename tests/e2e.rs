@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use support::*;
@@ -57,8 +57,7 @@ fn sqlite_exact_with_duplicates_and_dead_letters() {
         consumers.contains("tallyd-ingest-0") && consumers.contains("tallyd-ingest-1"),
         "both consumers must be assigned partitions; assigned: {consumers:?}"
     );
-    assert_exact(&url, &truth);
-    assert_offsets(&url, TOPIC, N);
+    check_exact(dir.path(), &t.brokers(), TOPIC, &url, &truth, N);
     // Every rejected message is in the dead-letter topic, unchanged, with its reason.
     let dl = dead_letters(&t.brokers(), DLQ, rejected);
     assert_eq!(dl.len(), rejected);
@@ -79,8 +78,7 @@ fn postgres_exact_with_duplicates() {
     let mut d = Daemon::spawn(&t.brokers(), &pg.url, "g-pg", &log);
     wait_flushed(&pg.url, TOPIC, N, Duration::from_secs(120), &log);
     d.stop();
-    assert_exact(&pg.url, &truth);
-    assert_offsets(&pg.url, TOPIC, N);
+    check_exact(dir.path(), &t.brokers(), TOPIC, &pg.url, &truth, N);
 }
 
 #[test]
@@ -107,8 +105,7 @@ fn exact_across_sigkill_restarts() {
     let mut d = Daemon::spawn(&t.brokers(), &url, "g-kill", &log);
     wait_flushed(&url, TOPIC, N, Duration::from_secs(180), &log);
     d.stop();
-    assert_exact(&url, &truth);
-    assert_offsets(&url, TOPIC, N);
+    check_exact(dir.path(), &t.brokers(), TOPIC, &url, &truth, N);
 }
 
 #[test]
@@ -128,8 +125,7 @@ fn exact_when_broker_freezes_mid_run() {
     t.thaw();
     wait_flushed(&pg.url, TOPIC, N, Duration::from_secs(240), &log);
     d.stop();
-    assert_exact(&pg.url, &truth);
-    assert_offsets(&pg.url, TOPIC, N);
+    check_exact(dir.path(), &t.brokers(), TOPIC, &pg.url, &truth, N);
 }
 
 #[test]
@@ -163,8 +159,7 @@ fn exact_when_broker_stops_and_restarts_mid_run() {
     t.restart();
     wait_flushed(&pg.url, TOPIC, N, Duration::from_secs(240), &log);
     d.stop();
-    assert_exact(&pg.url, &truth);
-    assert_offsets(&pg.url, TOPIC, N);
+    check_exact(dir.path(), &t.brokers(), TOPIC, &pg.url, &truth, N);
     // Dead letters queued while the broker was down were delivered after all (a
     // retried one may be there twice: at least once is the promise).
     let dl = dead_letters(&t.brokers(), DLQ, rejected);
@@ -191,16 +186,81 @@ fn two_instances_share_partitions_and_take_over() {
     let (truth, _) = ground_truth(&lines);
     let log_a = dir.path().join("a.log");
     let log_b = dir.path().join("b.log");
+    // Dynamic members: tansu never drops a static member that died.
     let mut a = Daemon::spawn(&t.brokers(), &pg.url, "g-two", &log_a);
     let mut b = Daemon::spawn(&t.brokers(), &pg.url, "g-two", &log_b);
     wait_consuming(&pg.url, TOPIC, Duration::from_secs(120));
-    std::thread::sleep(Duration::from_millis(300));
-    // One instance dies without a goodbye; the other must take its partitions over.
+    wait_assigned(&log_b, 0, 1, Duration::from_secs(60));
+    // One instance dies without a goodbye; the other must take its partitions
+    // over within 15 s (its session times out, the group rebalances).
+    let assigned_before = log_lines(&log_b, "partition assigned").len();
+    let killed = Instant::now();
     a.kill9();
+    wait_assigned(
+        &log_b,
+        assigned_before,
+        PARTITIONS as usize,
+        Duration::from_secs(120),
+    );
+    let took = killed.elapsed();
+    eprintln!("the survivor held every partition {took:?} after the kill");
     wait_flushed(&pg.url, TOPIC, N, Duration::from_secs(240), &log_b);
     b.stop();
-    assert_exact(&pg.url, &truth);
-    assert_offsets(&pg.url, TOPIC, N);
+    check_exact(dir.path(), &t.brokers(), TOPIC, &pg.url, &truth, N);
+    assert!(
+        took <= Duration::from_secs(15),
+        "the survivor took {took:?} to own every partition"
+    );
+}
+
+/// An instance SIGKILLed and restarted at once (same `kafka.instance_id`)
+/// consumes again within 10 s of its start: as a static member it gets its
+/// partitions back without waiting for its old session to time out.
+#[test]
+fn restart_after_kill_resumes_within_10_s() {
+    let dir = test_dir();
+    let t = broker();
+    const N: u64 = 60_000;
+    let lines = generate(&t.brokers(), TOPIC, N, 19, &dir.path().join("cdrs.jsonl"));
+    let (truth, _) = ground_truth(&lines);
+    let url = format!("sqlite://{}/tallyd.db", dir.path().display());
+    let log = dir.path().join("tallyd.log");
+    let id = [("TALLYD_KAFKA__INSTANCE_ID", "restarted")];
+    let mut d = Daemon::spawn_with(&t.brokers(), &url, "g-restart-fast", &log, &id);
+    wait_consuming(&url, TOPIC, Duration::from_secs(90));
+    d.kill9();
+    let assigned_before = log_lines(&log, "partition assigned").len();
+    let started = Instant::now();
+    let mut d = Daemon::spawn_with(&t.brokers(), &url, "g-restart-fast", &log, &id);
+    wait_assigned(
+        &log,
+        assigned_before,
+        PARTITIONS as usize,
+        Duration::from_secs(120),
+    );
+    let took = started.elapsed();
+    eprintln!("the restarted instance took its partitions {took:?} after its start");
+    wait_flushed(&url, TOPIC, N, Duration::from_secs(180), &log);
+    d.stop();
+    check_exact(dir.path(), &t.brokers(), TOPIC, &url, &truth, N);
+    assert!(
+        took <= Duration::from_secs(10),
+        "the restarted instance took {took:?} to consume again"
+    );
+}
+
+/// Waits until `log` shows `count` more partitions assigned than the `before`
+/// it had.
+fn wait_assigned(log: &std::path::Path, before: usize, count: usize, timeout: Duration) {
+    let started = Instant::now();
+    while log_lines(log, "partition assigned").len() < before + count {
+        assert!(
+            started.elapsed() < timeout,
+            "{count} partitions not assigned within {timeout:?} ({})",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -297,6 +357,59 @@ fn store_stall_pauses_consumption_then_catches_up_exactly() {
         "last flush at {last_flush:?}, store released at {released}"
     );
     d.stop();
-    assert_exact(&pg.url, &truth);
-    assert_offsets(&pg.url, TOPIC, N);
+    check_exact(dir.path(), &t.brokers(), TOPIC, &pg.url, &truth, N);
+}
+
+/// Two instances consume; the store goes down; one instance dies: the
+/// survivor's rebalance must not wait for the store inside librdkafka's poll
+/// (which would exceed `max.poll.interval.ms` and drop it from the group). It
+/// stays a member while the store is down, takes every partition once the
+/// store is back, and the totals are exact.
+#[test]
+fn rebalance_while_the_store_is_down_keeps_the_group() {
+    let dir = test_dir();
+    let pg = PgSchema::new("storedown");
+    let t = broker();
+    const N: u64 = 30_000;
+    let lines = generate(&t.brokers(), TOPIC, N, 18, &dir.path().join("cdrs.jsonl"));
+    let (truth, _) = ground_truth(&lines);
+    // Short group timeouts, so that the store stays down for longer than the
+    // poll interval.
+    const POLL_INTERVAL_MS: u64 = 10_000;
+    let config = config_with_kafka(
+        dir.path(),
+        &[
+            ("max.poll.interval.ms", &POLL_INTERVAL_MS.to_string()),
+            ("session.timeout.ms", "6000"),
+        ],
+    );
+    let (gate, url) = Gate::before(&pg.url);
+    let log_a = dir.path().join("a.log");
+    let log_b = dir.path().join("b.log");
+    let mut a = Daemon::spawn_config(&config, &t.brokers(), &url, "g-down", &log_a, &[]);
+    let mut b = Daemon::spawn_config(&config, &t.brokers(), &url, "g-down", &log_b, &[]);
+    wait_consuming(&pg.url, TOPIC, Duration::from_secs(90));
+    // Both hold partitions before the store goes down.
+    wait_assigned(&log_a, 0, 1, Duration::from_secs(60));
+    wait_assigned(&log_b, 0, 1, Duration::from_secs(60));
+    gate.shut();
+    let given_before = log_lines(&log_a, "partitions given").len();
+    b.kill9();
+    // Down for twice the poll interval, through the rebalance B's death causes
+    // (once its session times out).
+    std::thread::sleep(Duration::from_millis(2 * POLL_INTERVAL_MS));
+    let given_while_down = log_lines(&log_a, "partitions given").len() - given_before;
+    gate.open();
+    wait_flushed(&pg.url, TOPIC, N, Duration::from_secs(180), &log_a);
+    a.stop();
+    check_exact(dir.path(), &t.brokers(), TOPIC, &pg.url, &truth, N);
+    let exceeded = log_lines(&log_a, "maximum poll interval");
+    assert!(
+        exceeded.is_empty(),
+        "the survivor exceeded max.poll.interval.ms: {exceeded:?}"
+    );
+    assert!(
+        given_while_down > 0,
+        "the survivor was given no partitions while the store was down"
+    );
 }

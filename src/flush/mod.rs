@@ -6,12 +6,11 @@
 //! - This module: the job protocol between a consumer and its flusher.
 //! - [`worker`]: the flusher thread — waits for dead letters to be safe, writes
 //!   each share in one transaction ([`crate::store::flush`]), retries what the
-//!   store may still take, hands back what it never will.
+//!   store may still take, reports what it never will.
 
 pub mod expand;
 pub mod worker;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64};
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
@@ -38,13 +37,6 @@ pub struct Snapshot {
     pub prune_dedup_before: Option<Day>,
 }
 
-/// What the consumer loads on partition assignment.
-pub struct Loaded {
-    pub offsets: HashMap<i32, i64>,
-    /// partition → (seen day, packed ids) blobs.
-    pub dedup: HashMap<i32, Vec<(Day, Vec<u8>)>>,
-}
-
 /// A flush that landed: how, and how long the store took to write it (the batch's
 /// expansion and the successful attempt; retries and backoff excluded, so a store
 /// outage does not read as a slow store).
@@ -60,19 +52,13 @@ pub struct Flushed {
 
 pub type FlushResult = Result<Flushed, store::Error>;
 
-pub enum Job {
-    Flush {
-        snapshot: Box<Snapshot>,
-        cancel: Arc<AtomicBool>,
-        reply: SyncSender<FlushResult>,
-    },
-    Load {
-        topic: String,
-        partitions: Vec<i32>,
-        since: Day,
-        cancel: Arc<AtomicBool>,
-        reply: SyncSender<Option<Loaded>>,
-    },
+/// A consumer's snapshot handed to its flusher; the result comes back on
+/// `reply`. Setting `cancel` makes the flusher give up retrying (at shutdown or
+/// when a revocation cannot wait any longer).
+pub struct Job {
+    pub snapshot: Box<Snapshot>,
+    pub cancel: Arc<AtomicBool>,
+    pub reply: SyncSender<FlushResult>,
 }
 
 /// Shared health of the flusher, read by `/readyz` and the metrics.

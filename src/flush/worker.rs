@@ -9,10 +9,8 @@
 //! retryable error (the store down, a serialization failure) is retried with
 //! backoff until it lands, is fenced or is cancelled; meanwhile the consumer
 //! keeps counting until its bound of unflushed cells, then pauses
-//! (backpressure). It also serves the consumer's loads (offsets and dedup
-//! windows on partition assignment), in order with the flushes.
+//! (backpressure).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
@@ -24,7 +22,7 @@ use crate::rating::Tariff;
 use crate::store::{self, ErrorKind, FlushBatch, FlushOutcome, Store};
 
 use super::expand::{pages, spread};
-use super::{FlushHealth, FlushResult, Flushed, Job, Loaded, PartitionCut, Snapshot};
+use super::{FlushHealth, FlushResult, Flushed, Job, PartitionCut, Snapshot};
 
 pub struct Flusher {
     pub store: Store,
@@ -53,33 +51,13 @@ struct Written {
 impl Flusher {
     /// Runs until the job channel closes.
     pub fn run(self, jobs: Receiver<Job>) {
-        for job in jobs {
-            match job {
-                Job::Flush {
-                    snapshot,
-                    cancel,
-                    reply,
-                } => {
-                    let _ = reply.send(self.flush(*snapshot, &cancel));
-                }
-                Job::Load {
-                    topic,
-                    partitions,
-                    since,
-                    cancel,
-                    reply,
-                } => {
-                    let loaded = self.retry(&cancel, "load offsets", || {
-                        let offsets = self.store.load_offsets(&topic)?;
-                        let mut dedup = HashMap::new();
-                        for p in &partitions {
-                            dedup.insert(*p, self.store.load_dedup(&topic, *p, since)?);
-                        }
-                        Ok(Loaded { offsets, dedup })
-                    });
-                    let _ = reply.send(loaded.ok());
-                }
-            }
+        for Job {
+            snapshot,
+            cancel,
+            reply,
+        } in jobs
+        {
+            let _ = reply.send(self.flush(*snapshot, &cancel));
         }
     }
 

@@ -14,13 +14,14 @@
 //!
 //! Offsets are never taken from Kafka: on assignment the consumer loads the stored
 //! offsets and dedup windows and assigns at exactly those positions; on revocation
-//! it flushes what it has and drops all local state (DESIGN invariant 1). Offsets are
+//! it flushes what it has and drops all local state (DESIGN invariant 1). The
+//! load runs off the rebalance callback, which only starts it (see [`assign`]). Offsets are
 //! also committed to Kafka after each flush, but only so that lag tools work.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -36,14 +37,16 @@ use crate::cdr::RejectReason;
 use crate::counters::Deltas;
 use crate::dead_letter::{DeadLetters, Source};
 use crate::dedup::{unpack, DedupWindow};
-use crate::fetch_queue::{FetchQueue, Fetched, Record};
-use crate::flush::{FlushResult, Flushed, Job, Loaded, PartitionCut, Snapshot};
+use crate::fetch_queue::{BatchConsumer, Fetched, Record};
+use crate::flush::{FlushResult, Flushed, Job, PartitionCut, Snapshot};
 use crate::log_throttle::LogThrottle;
 use crate::pipeline::{ingest_batch, Outcome};
 use crate::rating::Tariff;
 use crate::store::{DedupRows, FlushOutcome, OffsetAdvance};
 
+mod assign;
 mod share;
+use assign::{LoadSettings, Loading, Stored};
 use share::Control;
 pub use share::{Crew, Seat};
 
@@ -51,13 +54,20 @@ pub use share::{Crew, Seat};
 #[derive(Debug, Clone)]
 pub struct IngestSettings {
     pub topic: String,
+    /// Where stored offsets and dedup windows are loaded from on assignment.
+    pub store: crate::store::Store,
+    /// The group member's static membership id (`group.instance.id`); see
+    /// [`instance_id`].
+    pub instance_id: Option<String>,
     pub flush_interval: Duration,
     /// The longest share of time the flusher may spend writing: after a flush
     /// that took D, the next one waits at least D / share (see [`FlushPacer`]).
     pub max_busy_share: f64,
     pub max_pending_cells: usize,
     pub dedup_window_days: u32,
-    /// How long a revocation waits for the last flush before dropping local state.
+    /// How long a revocation waits for the last flush before dropping local
+    /// state (at most half of `max.poll.interval.ms`: the revocation runs inside
+    /// librdkafka's poll).
     pub revoke_timeout: Duration,
 }
 
@@ -84,7 +94,7 @@ impl IngestHealth {
     /// publishes the instance's sum.
     fn set_assigned(&self, mine: &IngestHealth, n: usize) {
         let sum = move_sum(&self.assigned_partitions, &mine.assigned_partitions, n);
-        metrics::gauge!("tallyd_partitions_assigned").set(sum as f64);
+        metrics::gauge!(crate::metrics::PARTITIONS_ASSIGNED).set(sum as f64);
     }
 
     fn set_paused(&self, mine: &IngestHealth, paused: bool) {
@@ -93,12 +103,12 @@ impl IngestHealth {
             &mine.paused_consumers,
             paused as usize,
         );
-        metrics::gauge!("tallyd_consumer_paused").set(if sum > 0 { 1.0 } else { 0.0 });
+        metrics::gauge!(crate::metrics::CONSUMER_PAUSED).set(if sum > 0 { 1.0 } else { 0.0 });
     }
 
     fn set_pending(&self, mine: &IngestHealth, cells: usize) {
         let sum = move_sum(&self.pending_cells, &mine.pending_cells, cells);
-        metrics::gauge!("tallyd_pending_cells").set(sum as f64);
+        metrics::gauge!(crate::metrics::PENDING_CELLS).set(sum as f64);
     }
 }
 
@@ -136,6 +146,8 @@ struct Tallies {
 /// callback (run by rdkafka inside `poll`, on this same thread) needs it too.
 struct State {
     partitions: HashMap<i32, PartitionState>,
+    /// Partitions being taken: their stored state is being loaded (see [`assign`]).
+    loading: Option<Loading>,
     in_flight: Option<Receiver<FlushResult>>,
     in_flight_cancel: Arc<AtomicBool>,
     tallies: Tallies,
@@ -144,9 +156,7 @@ struct State {
 
 pub struct IngestContext {
     settings: IngestSettings,
-    /// Where assigned partitions' messages are routed (set once the consumer
-    /// exists; see [`crate::fetch_queue`]).
-    fetch_queue: OnceLock<FetchQueue>,
+    load: LoadSettings,
     /// Set at shutdown; also cancels a store load that is being retried.
     shutdown: Arc<AtomicBool>,
     state: Mutex<State>,
@@ -190,9 +200,20 @@ impl ConsumerContext for IngestContext {
                 for (helper, share) in self.helpers.iter().zip(shares) {
                     let _ = helper.send(Control::Assign(share));
                 }
-                self.on_assign(consumer, &mine);
+                if mine.is_empty() {
+                    // Nothing to load: complete the rebalance now.
+                    if let Err(e) = consumer.assign(&TopicPartitionList::new()) {
+                        tracing::error!(error = %e, "assign failed");
+                    }
+                } else {
+                    // Only starts loading the stored offsets: the consumer thread
+                    // assigns once they are there (see `assign`).
+                    self.begin_assign(mine);
+                }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                // A load still under way is called off: nothing was assigned.
+                self.state.lock().loading = None;
                 self.revoke_with_helpers();
                 if let Err(e) = consumer.unassign() {
                     tracing::error!(error = %e, "unassign failed");
@@ -200,6 +221,7 @@ impl ConsumerContext for IngestContext {
             }
             other => {
                 tracing::error!(error = ?other, "rebalance error; dropping assignment");
+                self.state.lock().loading = None;
                 self.revoke_with_helpers();
                 let _ = consumer.unassign();
             }
@@ -208,79 +230,56 @@ impl ConsumerContext for IngestContext {
 }
 
 impl IngestContext {
-    /// Loads `partitions`' stored offsets and dedup windows and assigns them at
-    /// those offsets.
-    fn on_assign(&self, consumer: &BaseConsumer<Self>, partitions: &[i32]) {
-        if partitions.is_empty() {
-            return;
-        }
+    /// Starts loading `partitions`' stored offsets and dedup windows; the
+    /// consumer thread assigns them once loaded ([`Ingest::take_loaded`]). Never
+    /// waits: called from the rebalance callback.
+    fn begin_assign(&self, partitions: Vec<i32>) {
+        tracing::info!(partitions = ?partitions, "partitions given; loading their stored offsets");
+        self.state.lock().loading = Some(Loading::start(&self.load, partitions));
+    }
+
+    /// Builds the state of partitions whose stored state was loaded; returns the
+    /// list to assign them at their stored offsets.
+    fn take_partitions(
+        &self,
+        st: &mut State,
+        loading: &Loading,
+        stored: Stored,
+    ) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
-        let today = Day::today();
-        let since = Day(today.0 - self.settings.dedup_window_days as i32);
-        let (reply_tx, reply_rx) = mpsc::sync_channel(1);
-        let job = Job::Load {
-            topic: self.settings.topic.clone(),
-            partitions: partitions.to_vec(),
-            since,
-            cancel: self.shutdown.clone(),
-            reply: reply_tx,
-        };
-        let loaded: Option<Loaded> = self
-            .jobs
-            .send(job)
-            .ok()
-            .and_then(|_| reply_rx.recv().ok().flatten());
-        let Some(loaded) = loaded else {
-            tracing::error!("cannot load stored offsets; not taking the assignment");
-            return;
-        };
-        // The rebalance callback runs on the consumer's own thread, named after
-        // the consumer.
+        let today = loading.today;
+        // The consumer's thread is named after the consumer.
         let thread = std::thread::current();
         let thread_name = thread.name().unwrap_or("?");
-        let mut st = self.state.lock();
         st.today = today;
-        for p in partitions {
-            let stored = loaded.offsets.get(p).copied();
+        for &p in &loading.partitions {
+            let stored_offset = stored.offsets.get(&p).copied();
             let mut window = DedupWindow::new(today);
             let mut ids = 0;
-            for (day, blob) in loaded
-                .dedup
-                .get(p)
-                .map(|v| v.as_slice())
-                .unwrap_or_default()
-            {
+            for (day, blob) in stored.dedup.get(&p).map(Vec::as_slice).unwrap_or_default() {
                 window.load(*day, unpack(blob));
                 ids += blob.len() / 16;
             }
-            let offset = match stored {
+            let offset = match stored_offset {
                 Some(o) => Offset::Offset(o),
                 None => Offset::Beginning,
             };
-            if let Err(e) = tpl.add_partition_offset(&self.settings.topic, *p, offset) {
+            if let Err(e) = tpl.add_partition_offset(&self.settings.topic, p, offset) {
                 tracing::error!(error = %e, partition = p, "cannot set start offset");
             }
-            tracing::info!(partition = p, offset = ?stored, dedup_ids = ids, consumer = thread_name, "partition assigned");
+            tracing::info!(partition = p, offset = ?stored_offset, dedup_ids = ids, consumer = thread_name, "partition assigned");
             st.partitions.insert(
-                *p,
+                p,
                 PartitionState {
-                    stored,
-                    next: stored.unwrap_or(-1),
+                    stored: stored_offset,
+                    next: stored_offset.unwrap_or(-1),
                     window,
                     deltas: Deltas::default(),
                     at_end: false,
                 },
             );
         }
-        let assigned = st.partitions.len();
-        drop(st);
-        if let Some(q) = self.fetch_queue.get() {
-            q.route(partitions);
-        }
-        if let Err(e) = consumer.assign(&tpl) {
-            tracing::error!(error = %e, "assign failed");
-        }
-        self.health.set_assigned(&self.my_health, assigned);
+        tpl
     }
 
     /// The group revoked the member's partitions: every helper flushes and drops
@@ -331,14 +330,18 @@ impl IngestContext {
         }
         for p in st.partitions.keys() {
             // Another member reports it from now on.
-            metrics::gauge!("tallyd_consumer_lag", "partition" => p.to_string()).set(0.0);
+            metrics::gauge!(crate::metrics::CONSUMER_LAG, "partition" => p.to_string()).set(0.0);
         }
         st.partitions.clear();
         self.health.set_assigned(&self.my_health, 0);
     }
 
-    /// Waits for the in-flight flush until `deadline`; cancels it after that.
-    /// Returns whether everything handed over has landed.
+    /// Waits for the in-flight flush until `deadline`; then calls it off and
+    /// gives it [`CANCEL_GRACE`] more to say so, and after that stops waiting
+    /// (a stalled store may hold a statement for good). Returns whether
+    /// everything handed over has landed. A flush abandoned here may still land
+    /// later: its offset compare-and-set fences the next owner's first flush,
+    /// which then reloads, so nothing counts twice.
     fn wait_in_flight(&self, st: &mut State, deadline: Instant) -> bool {
         let Some(rx) = st.in_flight.take() else {
             return true;
@@ -346,7 +349,7 @@ impl IngestContext {
         let left = deadline.saturating_duration_since(Instant::now());
         let res = rx.recv_timeout(left).or_else(|_| {
             st.in_flight_cancel.store(true, Ordering::Relaxed);
-            rx.recv()
+            rx.recv_timeout(CANCEL_GRACE)
         });
         matches!(res, Ok(Ok(_)))
     }
@@ -354,7 +357,7 @@ impl IngestContext {
     fn submit(&self, st: &mut State, snapshot: Snapshot) {
         let (tx, rx) = mpsc::sync_channel(1);
         let cancel = Arc::new(AtomicBool::new(false));
-        let job = Job::Flush {
+        let job = Job {
             snapshot: Box::new(snapshot),
             cancel: cancel.clone(),
             reply: tx,
@@ -362,7 +365,8 @@ impl IngestContext {
         match self.jobs.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(job)) => {
-                // The flusher is busy loading; this is rare and short.
+                // A shared (SQLite) flusher is writing another consumer's
+                // flush; this consumer has none out, so it waits for one.
                 if self.jobs.send(job).is_err() {
                     return;
                 }
@@ -382,13 +386,58 @@ impl IngestContext {
 /// learns it is at the end (and flushes) when an empty fetch returns, which
 /// after a backlog drain took 0.2–0.6 s with the default (ten fetches a second
 /// per idle broker connection instead of two is no load).
-const CONSUMER_DEFAULTS: [(&str, &str); 5] = [
+///
+/// And a short group session (librdkafka's default is 45 s) with a heartbeat
+/// every second: a dead instance's partitions move to the survivors about 10 s
+/// after its death instead of a minute, and a restarted one is back in about
+/// 11 s (6 s as a static member, `kafka.instance_id`); 6 s is the least a
+/// Kafka broker accepts by default (`group.min.session.timeout.ms`). Heartbeats
+/// come from librdkafka's own thread, so a busy consumer does not miss them; a
+/// broker or network stall longer than 6 s does cost a rebalance.
+const CONSUMER_DEFAULTS: [(&str, &str); 7] = [
+    ("session.timeout.ms", "6000"),
+    ("heartbeat.interval.ms", "1000"),
     ("max.partition.fetch.bytes", "16777216"),
     ("queued.min.messages", "1000000"),
     ("queued.max.messages.kbytes", "131072"),
     ("fetch.queue.backoff.ms", "20"),
     ("fetch.wait.max.ms", "100"),
 ];
+
+/// How long a revocation waits for a flush it called off to end.
+const CANCEL_GRACE: Duration = Duration::from_secs(1);
+
+/// The group member's static membership id (`kafka.instance_id`): none when
+/// unset or empty; for `auto`, the host name and the port of the HTTP listen
+/// address — unique on a host (two instances cannot listen on one port) and the
+/// same after a restart (none when the port is 0: chosen by the system, two
+/// instances would share the id and fence each other); else the id as given.
+pub fn instance_id(configured: Option<&str>, listen: &str) -> Option<String> {
+    match configured {
+        None | Some("") => None,
+        Some("auto") => {
+            let port: u16 = listen.rsplit(':').next()?.parse().ok()?;
+            if port == 0 {
+                return None;
+            }
+            Some(format!("{}:{port}", hostname()?))
+        }
+        Some(id) => Some(id.to_string()),
+    }
+}
+
+fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is writable for its length; the name is NUL-terminated
+    // unless truncated, which the search for NUL below tolerates.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if r != 0 {
+        return None;
+    }
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..len]).into_owned();
+    (!name.is_empty()).then_some(name)
+}
 
 /// Messages between looks at the clock, the flusher and the pending bound.
 const CHECK_EVERY: usize = 256;
@@ -465,7 +514,8 @@ impl FlushPacer {
     /// The flush handed over last landed; the store took `took` to write it.
     pub fn finished(&mut self, took: Duration) {
         self.cost_per_cell = took / self.last_cells.clamp(1, u32::MAX as usize) as u32;
-        metrics::gauge!("tallyd_flush_gap_seconds").set(self.gap(self.last_cells).as_secs_f64());
+        metrics::gauge!(crate::metrics::FLUSH_GAP_SECONDS)
+            .set(self.gap(self.last_cells).as_secs_f64());
     }
 }
 
@@ -500,6 +550,13 @@ fn take_snapshot(st: &mut State, settings: &IngestSettings) -> Option<Snapshot> 
         return None;
     }
     parts.sort_by_key(|c| c.offset.partition);
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let cuts: Vec<(i32, Option<i64>, i64)> = parts
+            .iter()
+            .map(|c| (c.offset.partition, c.offset.from, c.offset.to))
+            .collect();
+        tracing::debug!(?cuts, "flush handed over (partition, from, to)");
+    }
     let oldest_kept = Day(st.today.0 - settings.dedup_window_days as i32);
     Some(Snapshot {
         parts,
@@ -509,7 +566,8 @@ fn take_snapshot(st: &mut State, settings: &IngestSettings) -> Option<Snapshot> 
 
 /// The consumer thread.
 pub struct Ingest {
-    consumer: BaseConsumer<IngestContext>,
+    /// The consumer and the queue its partitions' messages are taken from.
+    consumer: BatchConsumer<IngestContext>,
     tariff: Arc<Tariff>,
     dead_letters: Arc<DeadLetters>,
     shutdown: Arc<AtomicBool>,
@@ -537,24 +595,6 @@ impl Ingest {
             Seat::Member(helpers) => (helpers, None),
             Seat::Helper(control) => (Vec::new(), Some(control)),
         };
-        let ctx = IngestContext {
-            helpers,
-            crew,
-            settings,
-            shutdown: shutdown.clone(),
-            state: Mutex::new(State {
-                partitions: HashMap::new(),
-                in_flight: None,
-                in_flight_cancel: Arc::new(AtomicBool::new(false)),
-                tallies: Tallies::default(),
-                today: Day::today(),
-            }),
-            jobs,
-            health,
-            my_health: IngestHealth::default(),
-            fetch_queue: OnceLock::new(),
-            log_throttle: LogThrottle::default(),
-        };
         let mut cfg = client.clone();
         // Prefetch deeply: librdkafka's defaults (1 MiB per partition and fetch,
         // 64 MiB queued) leave the consumer waiting on fetch round trips once it
@@ -566,22 +606,58 @@ impl Ingest {
                 cfg.set(key, value);
             }
         }
+        let millis = |key: &str, default: u64| {
+            Duration::from_millis(cfg.get(key).and_then(|v| v.parse().ok()).unwrap_or(default))
+        };
+        // librdkafka's defaults.
+        let session_timeout = millis("session.timeout.ms", 45_000);
+        let max_poll_interval = millis("max.poll.interval.ms", 300_000);
+        let mut settings = settings;
+        let instance_id = settings.instance_id.clone();
+        settings.revoke_timeout = settings.revoke_timeout.min(max_poll_interval / 2);
+        let load = LoadSettings {
+            store: settings.store.clone(),
+            topic: settings.topic.clone(),
+            dedup_window_days: settings.dedup_window_days,
+            deadline: assign::load_deadline(session_timeout, max_poll_interval),
+        };
+        let ctx = IngestContext {
+            helpers,
+            crew,
+            load,
+            settings,
+            shutdown: shutdown.clone(),
+            state: Mutex::new(State {
+                partitions: HashMap::new(),
+                loading: None,
+                in_flight: None,
+                in_flight_cancel: Arc::new(AtomicBool::new(false)),
+                tallies: Tallies::default(),
+                today: Day::today(),
+            }),
+            jobs,
+            health,
+            my_health: IngestHealth::default(),
+            log_throttle: LogThrottle::default(),
+        };
         cfg.set("enable.auto.commit", "false")
             // End-of-partition events tell the loop it has caught up (flush now).
             .set("enable.partition.eof", "true")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "range,roundrobin");
+        if let (Some(id), None) = (&instance_id, &control) {
+            // Only the member joins the group; helpers must not claim its id.
+            if cfg.get("group.instance.id").is_none() {
+                cfg.set("group.instance.id", id);
+            }
+        }
         let consumer: BaseConsumer<IngestContext> = cfg.create_with_context(ctx)?;
         if control.is_none() {
             consumer.subscribe(&[&topic])?;
         }
-        // After the last step that can fail: the queue must be closed before the
-        // consumer is dropped, which `Ingest`'s `Drop` does.
-        let fetch_queue = FetchQueue::new(&consumer, &topic);
-        let _ = consumer.context().fetch_queue.set(fetch_queue);
         Ok(Ingest {
-            consumer,
+            consumer: BatchConsumer::new(consumer, &topic),
             tariff,
             dead_letters,
             shutdown,
@@ -589,11 +665,44 @@ impl Ingest {
         })
     }
 
+    fn kafka(&self) -> &BaseConsumer<IngestContext> {
+        self.consumer.consumer()
+    }
+
+    /// Assigns the partitions whose stored state has loaded since the last
+    /// turn, at their stored offsets. Never waits for the load.
+    fn take_loaded(&self, ctx: &IngestContext) {
+        let mut st = ctx.state.lock();
+        let Some(loading) = st.loading.as_mut() else {
+            return;
+        };
+        let stored = match loading.poll() {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return,
+            Err(()) => {
+                // The load's thread is gone without a result: start another.
+                let partitions = loading.partitions.clone();
+                st.loading = Some(Loading::start(&ctx.load, partitions));
+                return;
+            }
+        };
+        let Some(loading) = st.loading.take() else {
+            return;
+        };
+        let tpl = ctx.take_partitions(&mut st, &loading, stored);
+        let assigned = st.partitions.len();
+        drop(st);
+        self.consumer.route(&loading.partitions);
+        if let Err(e) = self.kafka().assign(&tpl) {
+            tracing::error!(error = %e, "assign failed");
+        }
+        ctx.health.set_assigned(&ctx.my_health, assigned);
+    }
+
     /// Consumes until shutdown is requested, then flushes and returns.
     pub fn run(self) {
-        let ctx = self.consumer.context();
+        let ctx = self.kafka().context();
         let settings = ctx.settings.clone();
-        let fetch_queue = ctx.fetch_queue.get().expect("set in Ingest::new");
         let mut pacer = FlushPacer::new(&settings, Instant::now());
         let mut paused = false;
         let mut since_check = 0usize;
@@ -612,16 +721,17 @@ impl Ingest {
             // member's orders instead.
             let idle_unassigned = got_nothing && ctx.my_health.assigned_partitions() == 0;
             self.obey_member(idle_unassigned);
-            let mut event = self.consumer.poll(Duration::ZERO);
+            self.take_loaded(ctx);
+            let mut event = self.kafka().poll(Duration::ZERO);
             let mut wait = Duration::ZERO;
             if got_nothing && event.is_none() {
                 if !idle_unassigned {
                     wait = IDLE_WAIT;
                 } else if self.control.is_none() {
-                    event = self.consumer.poll(IDLE_WAIT);
+                    event = self.kafka().poll(IDLE_WAIT);
                 }
             }
-            fetch_queue.consume(wait, &mut batch);
+            self.consumer.consume(wait, &mut batch);
             got_nothing = batch.is_empty() && event.is_none();
             let polled = batch.len();
             let mut st = ctx.state.lock();
@@ -665,7 +775,7 @@ impl Ingest {
             if self.control.is_none() {
                 self.serve_helpers(ctx);
             }
-            publish_lag(&st, fetch_queue);
+            publish_lag(&st, &self.consumer);
             let now = Instant::now();
             let pending: usize = st
                 .partitions
@@ -725,7 +835,7 @@ impl Ingest {
                 Err(_) => return,
             }
         };
-        let ctx = self.consumer.context();
+        let ctx = self.kafka().context();
         match order {
             Control::Assign(partitions) => {
                 // Not expected (a revocation comes first), but a share held
@@ -733,11 +843,14 @@ impl Ingest {
                 if ctx.my_health.assigned_partitions() > 0 {
                     ctx.on_revoke();
                 }
-                ctx.on_assign(&self.consumer, &partitions);
+                if !partitions.is_empty() {
+                    ctx.begin_assign(partitions);
+                }
             }
             Control::Revoke(ack) => {
+                ctx.state.lock().loading = None;
                 ctx.on_revoke();
-                if let Err(e) = self.consumer.unassign() {
+                if let Err(e) = self.kafka().unassign() {
                     tracing::error!(error = %e, "unassign failed");
                 }
                 let _ = ack.send(());
@@ -761,32 +874,32 @@ impl Ingest {
         if offsets.is_empty() {
             return;
         }
-        let topic = &self.consumer.context().settings.topic;
+        let topic = &self.kafka().context().settings.topic;
         let last: HashMap<i32, i64> = offsets.into_iter().collect();
         let mut tpl = TopicPartitionList::new();
         for (p, o) in last {
             let _ = tpl.add_partition_offset(topic, p, Offset::Offset(o));
         }
-        let _ = self.consumer.commit(&tpl, CommitMode::Async);
+        let _ = self.kafka().commit(&tpl, CommitMode::Async);
     }
 
     /// Leaves the group and joins it again: the rebalance reloads every
     /// partition of the instance from the store.
     fn rejoin(&self, ctx: &IngestContext) {
-        self.consumer.unsubscribe();
-        if let Err(e) = self.consumer.subscribe(&[&ctx.settings.topic]) {
+        self.kafka().unsubscribe();
+        if let Err(e) = self.kafka().subscribe(&[&ctx.settings.topic]) {
             tracing::error!(error = %e, "cannot subscribe again");
         }
     }
 
     fn set_paused(&self, pause: bool) {
-        let Ok(assignment) = self.consumer.assignment() else {
+        let Ok(assignment) = self.kafka().assignment() else {
             return;
         };
         let r = if pause {
-            self.consumer.pause(&assignment)
+            self.kafka().pause(&assignment)
         } else {
-            self.consumer.resume(&assignment)
+            self.kafka().resume(&assignment)
         };
         if let Err(e) = r {
             tracing::warn!(error = %e, pause, "cannot change consumption state");
@@ -796,7 +909,7 @@ impl Ingest {
         } else {
             tracing::info!("consumption resumed");
         }
-        let ctx = self.consumer.context();
+        let ctx = self.kafka().context();
         ctx.health.set_paused(&ctx.my_health, pause);
     }
 
@@ -848,7 +961,7 @@ impl Ingest {
             }
             Err(e) => {
                 tracing::error!(error = %e, "flush failed for good; dropping local state and rejoining the group");
-                metrics::counter!("tallyd_flush_fenced_total").increment(1);
+                metrics::counter!(crate::metrics::FLUSH_FENCED_TOTAL).increment(1);
                 self.reload_from_store(ctx, st);
                 None
             }
@@ -860,7 +973,7 @@ impl Ingest {
     fn reload_from_store(&self, ctx: &IngestContext, st: &mut State) {
         st.partitions.clear();
         if self.control.is_some() {
-            if let Err(e) = self.consumer.unassign() {
+            if let Err(e) = self.kafka().unassign() {
                 tracing::error!(error = %e, "unassign failed");
             }
             ctx.crew.ask_rejoin();
@@ -925,9 +1038,9 @@ impl Ingest {
 /// partition is read to and its end as of the last fetch (librdkafka's cached
 /// high watermark, so no broker request; while paused, the end as of the last
 /// fetch before the pause).
-fn publish_lag(st: &State, fetch_queue: &FetchQueue) {
+fn publish_lag(st: &State, consumer: &BatchConsumer<IngestContext>) {
     for (p, ps) in &st.partitions {
-        let Some((low, high)) = fetch_queue.watermarks(*p) else {
+        let Some((low, high)) = consumer.watermarks(*p) else {
             continue;
         };
         // Nothing read since the assignment: from the stored offset, or from the
@@ -937,7 +1050,7 @@ fn publish_lag(st: &State, fetch_queue: &FetchQueue) {
         } else {
             ps.stored.unwrap_or(low)
         };
-        metrics::gauge!("tallyd_consumer_lag", "partition" => p.to_string())
+        metrics::gauge!(crate::metrics::CONSUMER_LAG, "partition" => p.to_string())
             .set((high - position).max(0) as f64);
     }
 }
@@ -953,7 +1066,7 @@ fn at_end(st: &mut State, p: i32) -> bool {
 
 /// A consumer error: counted, and logged unless it keeps recurring.
 fn on_error(ctx: &IngestContext, e: KafkaError) {
-    metrics::counter!("tallyd_kafka_errors_total").increment(1);
+    metrics::counter!(crate::metrics::KAFKA_ERRORS_TOTAL).increment(1);
     if let Some(repeats) = ctx.log_throttle.admit_error(&e) {
         tracing::warn!(error = %e, repeats_not_logged = repeats, "kafka consumer error");
     }
@@ -975,7 +1088,7 @@ fn continue_from<M: Record>(next: i64, run: &[M], partition: i32) -> &[M] {
         return run;
     }
     if first.offset() > next {
-        metrics::counter!("tallyd_offset_gaps_total").increment(1);
+        metrics::counter!(crate::metrics::OFFSET_GAPS_TOTAL).increment(1);
         tracing::warn!(
             partition,
             expected = next,
@@ -985,7 +1098,7 @@ fn continue_from<M: Record>(next: i64, run: &[M], partition: i32) -> &[M] {
         return run;
     }
     let skip = run.partition_point(|m| m.offset() < next);
-    metrics::counter!("tallyd_replayed_messages_total").increment(skip as u64);
+    metrics::counter!(crate::metrics::REPLAYED_MESSAGES_TOTAL).increment(skip as u64);
     tracing::warn!(
         partition,
         expected = next,
@@ -997,26 +1110,17 @@ fn continue_from<M: Record>(next: i64, run: &[M], partition: i32) -> &[M] {
     &run[skip..]
 }
 
-impl Drop for Ingest {
-    /// The fetch queue goes before the consumer: librdkafka's shutdown would
-    /// wait for it forever.
-    fn drop(&mut self) {
-        if let Some(q) = self.consumer.context().fetch_queue.get() {
-            q.close();
-        }
-    }
-}
-
 fn publish(t: &mut Tallies) {
-    metrics::counter!("tallyd_cdrs_total", "outcome" => "counted")
+    metrics::counter!(crate::metrics::CDRS_TOTAL, "outcome" => "counted")
         .increment(std::mem::take(&mut t.counted));
-    metrics::counter!("tallyd_cdrs_total", "outcome" => "duplicate")
+    metrics::counter!(crate::metrics::CDRS_TOTAL, "outcome" => "duplicate")
         .increment(std::mem::take(&mut t.duplicates));
     for r in RejectReason::ALL {
         let n = std::mem::take(&mut t.rejected[r as usize]);
         if n > 0 {
-            metrics::counter!("tallyd_cdrs_total", "outcome" => "rejected").increment(n);
-            metrics::counter!("tallyd_cdrs_rejected_total", "reason" => r.as_str()).increment(n);
+            metrics::counter!(crate::metrics::CDRS_TOTAL, "outcome" => "rejected").increment(n);
+            metrics::counter!(crate::metrics::CDRS_REJECTED_TOTAL, "reason" => r.as_str())
+                .increment(n);
         }
     }
 }
@@ -1029,6 +1133,8 @@ mod tests {
         FlushPacer::new(
             &IngestSettings {
                 topic: "cdrs".into(),
+                store: crate::store::Store::new("sqlite://unused.db", 1).unwrap(),
+                instance_id: None,
                 flush_interval: Duration::from_millis(interval_ms),
                 max_busy_share: share,
                 max_pending_cells: 1,
@@ -1037,6 +1143,21 @@ mod tests {
             },
             t0,
         )
+    }
+
+    #[test]
+    fn the_static_member_id_is_off_given_or_host_and_port() {
+        assert_eq!(instance_id(None, "0.0.0.0:8080"), None);
+        assert_eq!(instance_id(Some(""), "0.0.0.0:8080"), None);
+        assert_eq!(
+            instance_id(Some("a-1"), "0.0.0.0:8080").as_deref(),
+            Some("a-1")
+        );
+        assert_eq!(instance_id(Some("auto"), "127.0.0.1:0"), None);
+        assert_eq!(instance_id(Some("auto"), "nonsense"), None);
+        let id = instance_id(Some("auto"), "[::]:8081").expect("this host has a name");
+        assert!(id.ends_with(":8081") && id.len() > 5, "{id}");
+        assert_eq!(instance_id(Some("auto"), "[::]:8081"), Some(id), "stable");
     }
 
     #[test]

