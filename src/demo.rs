@@ -153,5 +153,11 @@ fn print_summary(store: &Store) -> anyhow::Result<()> {
             );
         }
     }
+    // Latency quantiles over the last 5 minutes (the summaries of crate::metrics).
+    let latency = crate::metrics::latency_report();
+    println!(
+        "  {}",
+        latency.as_deref().unwrap_or("latency: none recorded yet")
+    );
     Ok(())
 }

@@ -27,6 +27,7 @@ struct Cli {
     #[arg(
         long,
         value_enum,
+        ignore_case = true,
         global = true,
         default_value_t = LogFormat::Text,
         env = "TALLYD_LOG_FORMAT"
