@@ -46,7 +46,7 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
         ) {
             return Err(e).context("store.url");
         }
-        tracing::warn!(error = %e, url = %cfg.store.url, "store not reachable at start; will keep retrying");
+        tracing::warn!(error = %e, url = %crate::config::redact_url(&cfg.store.url), "store not reachable at start; will keep retrying");
     }
     let api = crate::api::ApiState::new(&cfg, &tariff).context("starting the usage API")?;
     let tariff = Arc::new(tariff);
@@ -132,6 +132,7 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
         .enable_all()
         .build()?;
     let listen = cfg.http.listen.clone();
+    let limits = http::ServerLimits::from(&cfg.http);
     let app = http::router(Probes {
         metrics,
         ingest: ingest_health,
@@ -145,13 +146,12 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
             .with_context(|| format!("binding http.listen {listen}"))?;
         tracing::info!(addr = %listener.local_addr()?, "HTTP listening");
         let handle = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    while !stop.load(Ordering::Relaxed) {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                })
-                .await
+            http::serve(listener, app, limits, async move {
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+            .await
         });
         anyhow::Ok(handle)
     });

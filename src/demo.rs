@@ -43,12 +43,12 @@ pub fn run(mut cfg: Config, tariff: Tariff, opts: DemoOptions) -> anyhow::Result
     // A readable demo account: the generator's first account (on the CallingBox plan).
     cfg.api.accounts.push(crate::config::AccountConfig {
         sid: DEMO_SID.into(),
-        auth_token: DEMO_TOKEN.into(),
+        auth_token: crate::config::Secret::new(DEMO_TOKEN),
         parent_sid: None,
         friendly_name: Some("demo".into()),
         plan: None,
         limits: None,
-        api_keys: vec![DEMO_API_KEY.into()],
+        api_keys: vec![crate::config::Secret::new(DEMO_API_KEY)],
     });
     let shutdown = Arc::new(AtomicBool::new(false));
     crate::daemon::stop_on_signals(shutdown.clone());

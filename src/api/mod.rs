@@ -13,10 +13,12 @@
 pub mod accounts;
 pub mod admin;
 pub mod agentphone;
+pub mod auth;
 pub mod error;
 pub mod records;
 pub mod store;
 pub mod twilio;
+pub mod twilio_categories;
 
 use std::sync::Arc;
 
@@ -56,6 +58,7 @@ struct Shared {
     tariff: Tariff,
     admin_token: Option<String>,
     default_limits: PlanLimits,
+    throttle: Arc<auth::AuthThrottle>,
     /// A fixed clock (Unix seconds) for tests; `None` reads the system clock.
     now: Option<i64>,
 }
@@ -84,8 +87,14 @@ impl ApiState {
             inner: Arc::new(Shared {
                 store,
                 tariff: tariff.clone(),
-                admin_token: cfg.api.admin_token.clone().filter(|t| !t.is_empty()),
+                admin_token: cfg
+                    .api
+                    .admin_token
+                    .as_ref()
+                    .map(|t| t.expose().to_owned())
+                    .filter(|t| !t.is_empty()),
                 default_limits: cfg.api.default_limits,
+                throttle: Arc::new(auth::AuthThrottle::new(cfg.api.auth_failures_per_minute)),
                 now: None,
             }),
         })
@@ -100,6 +109,7 @@ impl ApiState {
                 tariff: s.tariff.clone(),
                 admin_token: s.admin_token.clone(),
                 default_limits: s.default_limits,
+                throttle: s.throttle.clone(),
                 now: Some(unix_seconds),
             }),
         }
@@ -117,6 +127,11 @@ impl ApiState {
 
     pub fn today(&self) -> Day {
         Day::from_unix(self.now())
+    }
+
+    /// Failed authentications per client address.
+    pub fn throttle(&self) -> &auth::AuthThrottle {
+        &self.inner.throttle
     }
 
     fn admin_token(&self) -> Option<&str> {

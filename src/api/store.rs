@@ -275,16 +275,21 @@ impl ApiStore {
     pub fn new(url: &str, pool_size: usize) -> Result<ApiStore> {
         let backend = if let Some(path) = url.strip_prefix("sqlite://") {
             if path.is_empty() {
-                return Err(StoreError::BadUrl { url: url.into() });
+                return Err(StoreError::BadUrl {
+                    url: crate::config::redact_url(url),
+                });
             }
             Backend::Sqlite(PathBuf::from(path))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Backend::Postgres(Box::new(
-                postgres::Config::from_str(url)
-                    .map_err(|_| StoreError::BadUrl { url: url.into() })?,
-            ))
+            Backend::Postgres(Box::new(postgres::Config::from_str(url).map_err(|_| {
+                StoreError::BadUrl {
+                    url: crate::config::redact_url(url),
+                }
+            })?))
         } else {
-            return Err(StoreError::BadUrl { url: url.into() });
+            return Err(StoreError::BadUrl {
+                url: crate::config::redact_url(url),
+            });
         };
         Ok(ApiStore {
             inner: Arc::new(Inner {

@@ -200,7 +200,7 @@ impl Store {
             c.batch_execute("SET client_min_messages = warning")?;
             Store::Postgres(c)
         } else {
-            return Err(Error::BadUrl(url.into()));
+            return Err(Error::BadUrl(crate::config::redact_url(url)));
         };
         store.migrate()?;
         Ok(store)
