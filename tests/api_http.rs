@@ -582,3 +582,56 @@ fn openapi_document_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The scenario plus SMS from more numbers than a page keeps apart (item 9).
+fn many_numbers(store: &TestStore) -> Server {
+    let server = served(store);
+    let (_, tariff) = config(&store.url());
+    let n = tallyd::store::page::MAX_BREAKDOWN_ENTRIES + 2;
+    let cdrs: Vec<String> = (0..n)
+        .map(|i| {
+            let number = format!("+1999{i:07}");
+            sms(
+                &format!("many{i}"),
+                PARENT,
+                "2025-02-02T10:00:00Z",
+                "outbound",
+                1,
+                Some(&number),
+                None,
+            )
+        })
+        .collect();
+    assert_eq!(flush_cdrs(&store.url(), &tariff, &cdrs, AS_OF), n);
+    server
+}
+
+both_stores!(
+    numbers_past_the_page_bound_are_counted_as_other,
+    many_numbers,
+    |s: &Server| {
+        let max = tallyd::store::page::MAX_BREAKDOWN_ENTRIES;
+        let (st, numbers) = json_of(get_bearer(
+            &format!("{}/v1/usage/by-number", s.base),
+            PARENT_KEY,
+        ));
+        assert_eq!(st, 200);
+        let data = numbers["data"].as_array().unwrap();
+        assert_eq!(data.len(), max + 1, "the bound, and one entry for the rest");
+        let other: Vec<&Value> = data.iter().filter(|d| d["numberId"] == "other").collect();
+        assert_eq!(other.len(), 1);
+        assert_eq!(other[0]["phoneNumber"], Value::Null);
+        // The scenario's 2 numbers and max - 2 new ones fit; 4 new ones did not.
+        assert_eq!(other[0]["messages"], 4);
+        let messages: i64 = data.iter().map(|d| d["messages"].as_i64().unwrap()).sum();
+        assert_eq!(
+            messages,
+            (max + 2) as i64 + 2,
+            "every message is still counted"
+        );
+        let (_, usage) = json_of(get_bearer(&format!("{}/v1/usage", s.base), PARENT_KEY));
+        assert_eq!(usage["numbers"]["used"], max);
+        assert_eq!(usage["numbers"]["active"], max);
+        assert_eq!(usage["stats"]["totalMessages"], (max + 2) as i64 + 2);
+    }
+);

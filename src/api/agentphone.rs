@@ -26,7 +26,7 @@ use super::ApiState;
 use crate::calendar::{Day, Month};
 use crate::category::Category;
 use crate::counters::{Dimension, Leaves, Tally};
-use crate::store::page::{month_pages, PageId};
+use crate::store::page::{month_pages, PageId, OTHER};
 
 const MESSAGE_CATEGORIES: [Category; 2] = [Category::Sms, Category::Mms];
 const CALL_CATEGORIES: [Category; 3] = [Category::Calls, Category::CallsSip, Category::CallsClient];
@@ -149,7 +149,10 @@ pub async fn usage(
     let today = state.today();
     let st = state.clone();
     with_account(&state, &headers, peer, move |c, a| {
-        let used = breakdown(c, &a.sid, Dimension::Number, None)?.len() as i64;
+        let used = breakdown(c, &a.sid, Dimension::Number, None)?
+            .keys()
+            .filter(|n| n.as_str() != OTHER)
+            .count() as i64;
         let all = counts_by_start(c, &a.sid, RowKind::All, Day(0), Day(0))?;
         let (total_messages, total_calls) = all.values().copied().next().unwrap_or_default();
         let days = counts_by_start(c, &a.sid, RowKind::Day, Day(today.0 - 29), today)?;
@@ -296,9 +299,15 @@ pub async fn by_number(
         let data: Vec<Json_> = breakdown(c, &a.sid, Dimension::Number, None)?
             .into_iter()
             .map(|(number, (messages, calls, _))| {
+                // Usage of numbers past the page bound is listed as one entry.
+                let (id, phone) = if number == OTHER {
+                    (json!("other"), Json_::Null)
+                } else {
+                    (json!(number), json!(number))
+                };
                 json!({
-                    "numberId": number,
-                    "phoneNumber": number,
+                    "numberId": id,
+                    "phoneNumber": phone,
                     "country": null,
                     "status": "active",
                     "messages": messages,
@@ -375,9 +384,14 @@ pub async fn by_agent(
             msgs -= m;
             calls -= cl;
             secs -= s;
+            let (id, name) = if agent == OTHER {
+                (Json_::Null, json!("Other agents"))
+            } else {
+                (json!(agent), json!(agent))
+            };
             data.push(json!({
-                "agentId": agent,
-                "agentName": agent,
+                "agentId": id,
+                "agentName": name,
                 "messages": m,
                 "calls": cl,
                 "totalSeconds": s,

@@ -811,7 +811,7 @@ mod tests {
             b[i] = if b[i] == b'A' { b'B' } else { b'A' };
             let edited = String::from_utf8(b).unwrap();
             assert!(
-                PageToken::decode(&edited).is_none_or(|e| !e.is_for(listing, 100)),
+                !PageToken::decode(&edited).is_some_and(|e| e.is_for(listing, 100)),
                 "{edited}"
             );
         }
