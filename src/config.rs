@@ -94,7 +94,62 @@ impl Default for KafkaConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// A credential from the config: deserialized as a plain string, never shown
+/// by `Debug` (so a logged config or account does not leak it).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+    /// The credential itself, for comparing, hashing or storing it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// `url` with its password replaced by `***` — the `user:password@` of a
+/// URL and any `password=` parameter — for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(scheme_end) = out.find("://") {
+        let auth_start = scheme_end + 3;
+        let auth_end = out[auth_start..]
+            .find(['/', '?', '#'])
+            .map_or(out.len(), |i| auth_start + i);
+        if let Some(at) = out[auth_start..auth_end].rfind('@') {
+            let userinfo = auth_start..auth_start + at;
+            if let Some(colon) = out[userinfo.clone()].find(':') {
+                out.replace_range(auth_start + colon + 1..userinfo.end, "***");
+            }
+        }
+    }
+    let mut from = 0;
+    while let Some(i) = out[from..].find("password=") {
+        let start = from + i + "password=".len();
+        let before = out[..from + i].chars().last();
+        let end = out[start..]
+            .find(['&', ' ', '#'])
+            .map_or(out.len(), |j| start + j);
+        if matches!(before, None | Some('?' | '&' | ' ')) {
+            out.replace_range(start..end, "***");
+            from = start + 3;
+        } else {
+            from = start;
+        }
+    }
+    out
+}
+
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// `sqlite://PATH` or `postgres://…`.
@@ -104,6 +159,14 @@ pub struct StoreConfig {
 
 fn default_store_url() -> String {
     "sqlite://data/tallyd.db".into()
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("url", &redact_url(&self.url))
+            .finish()
+    }
 }
 
 impl Default for StoreConfig {
@@ -183,16 +246,40 @@ pub struct HttpConfig {
     /// Address the HTTP API, /metrics and /healthz listen on.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Open client connections at most; past it, the longest-idle one is
+    /// closed for a new one. Lowered to fit the open-file limit.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers, counted from when the
+    /// connection opens or the previous response was sent (so also the idle
+    /// keep-alive timeout).
+    #[serde(default = "default_header_read_timeout_secs")]
+    pub header_read_timeout_secs: u64,
+    /// Seconds to read a request's body and answer it before a 408.
+    #[serde(default = "default_request_timeout_secs")]
+    pub request_timeout_secs: u64,
 }
 
 fn default_listen() -> String {
     "127.0.0.1:8080".into()
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_header_read_timeout_secs() -> u64 {
+    10
+}
+fn default_request_timeout_secs() -> u64 {
+    30
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: default_listen(),
+            max_connections: default_max_connections(),
+            header_read_timeout_secs: default_header_read_timeout_secs(),
+            request_timeout_secs: default_request_timeout_secs(),
         }
     }
 }
@@ -202,13 +289,17 @@ impl Default for HttpConfig {
 pub struct ApiConfig {
     /// Bearer token for `/admin/…`; the admin API is disabled while it is unset.
     #[serde(default)]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     /// Store connections the API keeps for reads (and the most it uses at once).
     #[serde(default = "default_api_pool_size")]
     pub pool_size: usize,
     /// Limits given to accounts that do not set their own.
     #[serde(default)]
     pub default_limits: PlanLimits,
+    /// Failed authentications a client address may make per minute (a burst of
+    /// as many); past them it is answered 429 until the quota refills.
+    #[serde(default = "default_auth_failures_per_minute")]
+    pub auth_failures_per_minute: u32,
     /// Accounts written to the store at start (config wins over the admin API for
     /// the fields it sets).
     #[serde(default)]
@@ -218,6 +309,9 @@ pub struct ApiConfig {
 fn default_api_pool_size() -> usize {
     8
 }
+fn default_auth_failures_per_minute() -> u32 {
+    30
+}
 
 impl Default for ApiConfig {
     fn default() -> Self {
@@ -225,6 +319,7 @@ impl Default for ApiConfig {
             admin_token: None,
             pool_size: default_api_pool_size(),
             default_limits: PlanLimits::default(),
+            auth_failures_per_minute: default_auth_failures_per_minute(),
             accounts: Vec::new(),
         }
     }
@@ -237,7 +332,7 @@ pub struct AccountConfig {
     /// `AC` + 32 lowercase hex digits.
     pub sid: String,
     /// Password of HTTP Basic auth on the Twilio paths.
-    pub auth_token: String,
+    pub auth_token: Secret,
     /// The parent account's SID, for a subaccount.
     #[serde(default)]
     pub parent_sid: Option<String>,
@@ -252,7 +347,7 @@ pub struct AccountConfig {
     pub limits: Option<PlanLimits>,
     /// AgentPhone API keys (Bearer tokens) of this account.
     #[serde(default)]
-    pub api_keys: Vec<String>,
+    pub api_keys: Vec<Secret>,
 }
 
 /// AgentPhone plan limits (`plan.limits` of `GET /v1/usage`).
@@ -290,6 +385,21 @@ fn default_max_call_duration_minutes() -> i64 {
 }
 fn default_concurrent_calls() -> i64 {
     5
+}
+
+impl PlanLimits {
+    /// The first limit below zero, by its key name.
+    pub fn negative(&self) -> Option<(&'static str, i64)> {
+        [
+            ("numbers", self.numbers),
+            ("messages_per_month", self.messages_per_month),
+            ("voice_minutes_per_month", self.voice_minutes_per_month),
+            ("max_call_duration_minutes", self.max_call_duration_minutes),
+            ("concurrent_calls", self.concurrent_calls),
+        ]
+        .into_iter()
+        .find(|(_, v)| *v < 0)
+    }
 }
 
 impl Default for PlanLimits {
@@ -377,6 +487,22 @@ impl Config {
                 "flush.parallel_writers = {}: must be 1 to 64 connections",
                 cfg.flush.parallel_writers
             )));
+        }
+        for (key, v) in [
+            ("http.max_connections", cfg.http.max_connections as u64),
+            (
+                "http.header_read_timeout_secs",
+                cfg.http.header_read_timeout_secs,
+            ),
+            ("http.request_timeout_secs", cfg.http.request_timeout_secs),
+            (
+                "api.auth_failures_per_minute",
+                u64::from(cfg.api.auth_failures_per_minute),
+            ),
+        ] {
+            if v == 0 {
+                return Err(parse_err(format!("{key} = 0: must be at least 1")));
+            }
         }
         if !(1..=64).contains(&cfg.kafka.consumers) {
             return Err(parse_err(format!(
@@ -533,6 +659,41 @@ mod tests {
         let (cfg, tariff) = Config::from_toml(&text, &path, []).unwrap();
         assert_eq!(cfg.kafka.topic, "cdrs");
         assert!(tariff.plans().len() >= 2);
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug() {
+        let text = format!(
+            "{MIN}[store]\nurl = \"postgres://tallyd:hunter2@db:5432/t?sslmode=require&password=hunter3\"\n\
+             [api]\nadmin_token = \"admin-hunter4\"\n[[api.accounts]]\nsid = \"AC00000000000000000000000000000a01\"\n\
+             auth_token = \"token-hunter5\"\napi_keys = [\"key-hunter6\"]\n"
+        );
+        let (cfg, _) = Config::from_toml(&text, Path::new("x.toml"), []).unwrap();
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("hunter"), "{shown}");
+        assert!(shown.contains("postgres://tallyd:***@db:5432/t"), "{shown}");
+        assert_eq!(cfg.api.accounts[0].auth_token.expose(), "token-hunter5");
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        for (url, want) in [
+            ("postgres://u:pw@h:5432/db", "postgres://u:***@h:5432/db"),
+            ("postgresql://u:p@ss@h/db", "postgresql://u:***@h/db"),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+            (
+                "postgres://h/db?user=u&password=pw&x=1",
+                "postgres://h/db?user=u&password=***&x=1",
+            ),
+            (
+                "postgres://h/db?application_password=x",
+                "postgres://h/db?application_password=x",
+            ),
+            ("sqlite://data/tallyd.db", "sqlite://data/tallyd.db"),
+            ("host=h password=pw user=u", "host=h password=*** user=u"),
+        ] {
+            assert_eq!(redact_url(url), want, "{url}");
+        }
     }
 
     #[test]

@@ -48,6 +48,7 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
         .enable_all()
         .build()?;
     let listen = cfg.http.listen.clone();
+    let limits = http::ServerLimits::from(&cfg.http);
     let flush_health = Arc::new(FlushHealth::default());
     let ingest_health = Arc::new(IngestHealth::default());
     let app = http::router(Probes {
@@ -65,13 +66,12 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
             .with_context(|| format!("binding http.listen {listen}"))?;
         tracing::info!(addr = %listener.local_addr()?, "HTTP listening");
         let handle = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    while !stop.load(Ordering::Relaxed) {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                })
-                .await
+            http::serve(listener, app, limits, async move {
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+            .await
         });
         anyhow::Ok(handle)
     })?;

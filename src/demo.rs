@@ -1,6 +1,13 @@
 //! `tallyd demo`: the whole main job on one machine with nothing installed — an
 //! in-process Kafka (librdkafka's mock cluster) fed with generated CDR traffic,
-//! the daemon consuming it into SQLite under `./data`, and the HTTP endpoints.
+//! the daemon consuming it into a SQLite store of its own, and the HTTP
+//! endpoints.
+//!
+//! The demo never touches real data: it ignores `store.url` and the configured
+//! accounts and admin token, and keeps its store in its own directory
+//! (`--dir`, default `./tallyd-demo`). The store is marked as the demo's when it
+//! is made; a later demo replaces only a store with that mark, and refuses any
+//! other file in its place.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,7 +17,9 @@ use anyhow::Context;
 use rdkafka::config::ClientConfig;
 use rdkafka::mocking::MockCluster;
 
-use crate::config::Config;
+use std::path::{Path, PathBuf};
+
+use crate::config::{Config, Secret};
 use crate::generate::{produce, Generator, GeneratorSettings};
 use crate::rating::{price_to_decimal, Tariff};
 use crate::store::Store;
@@ -18,6 +27,64 @@ use crate::store::Store;
 const DEMO_SID: &str = "AC00000000000000000000000000000c11";
 const DEMO_TOKEN: &str = "demo-auth-token";
 const DEMO_API_KEY: &str = "demo-api-key";
+const DEMO_ADMIN_TOKEN: &str = "demo-admin-token";
+/// The `tallyd_meta` key marking a store as made by the demo.
+const DEMO_MARK: &str = "demo_store";
+
+/// The demo store's file in `dir`.
+pub fn store_path(dir: &Path) -> PathBuf {
+    dir.join("tallyd.db")
+}
+
+/// Makes a fresh demo store at `path`: replaces one the demo made before,
+/// refuses anything else there.
+fn fresh_store(path: &Path) -> anyhow::Result<String> {
+    if path.exists() {
+        // Read as immutable: no lock, journal or shared-memory file is made
+        // beside a store that may not be ours.
+        const IN_URI: &percent_encoding::AsciiSet =
+            &percent_encoding::CONTROLS.add(b'?').add(b'#').add(b'%');
+        let uri = format!(
+            "file:{}?immutable=1",
+            percent_encoding::utf8_percent_encode(&path.to_string_lossy(), IN_URI)
+        );
+        let ours = rusqlite::Connection::open_with_flags(
+            uri,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+        )
+        .and_then(|c| {
+            c.query_row(
+                "SELECT value FROM tallyd_meta WHERE key = ?1",
+                [DEMO_MARK],
+                |r| r.get::<_, String>(0),
+            )
+        })
+        .is_ok();
+        anyhow::ensure!(
+            ours,
+            "{} exists and was not made by tallyd demo; the demo will not touch it: \
+             remove it yourself or give the demo another --dir",
+            path.display()
+        );
+        // The mock cluster lives in this process only: the stored offsets of a
+        // previous demo would not match its fresh topic.
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let url = format!("sqlite://{}", path.display());
+    drop(Store::open(&url)?);
+    rusqlite::Connection::open(path)?.execute(
+        "INSERT INTO tallyd_meta (key, value) VALUES (?1, 'made by tallyd demo')",
+        [DEMO_MARK],
+    )?;
+    Ok(url)
+}
 
 pub struct DemoOptions {
     /// CDRs per second produced into the mock broker.
@@ -26,6 +93,8 @@ pub struct DemoOptions {
     pub duration: u64,
     pub accounts: usize,
     pub seed: u64,
+    /// Directory of the demo's own store.
+    pub dir: PathBuf,
 }
 
 pub fn run(mut cfg: Config, tariff: Tariff, opts: DemoOptions) -> anyhow::Result<()> {
@@ -33,23 +102,20 @@ pub fn run(mut cfg: Config, tariff: Tariff, opts: DemoOptions) -> anyhow::Result
     mock.create_topic(&cfg.kafka.topic, 4, 1)?;
     mock.create_topic(&cfg.kafka.dead_letter_topic, 1, 1)?;
     cfg.kafka.brokers = mock.bootstrap_servers();
-    // The mock cluster lives in this process only: start from an empty store so the
-    // stored offsets match the fresh topic.
-    if let Some(path) = cfg.store.url.strip_prefix("sqlite://") {
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{path}{suffix}"));
-        }
-    }
+    // Real data stays out of reach: the demo's own store, its own account
+    // and admin token, nothing of the configured ones.
+    cfg.store.url = fresh_store(&store_path(&opts.dir))?;
+    cfg.api.admin_token = Some(Secret::new(DEMO_ADMIN_TOKEN));
     // A readable demo account: the generator's first account (on the CallingBox plan).
-    cfg.api.accounts.push(crate::config::AccountConfig {
+    cfg.api.accounts = vec![crate::config::AccountConfig {
         sid: DEMO_SID.into(),
-        auth_token: DEMO_TOKEN.into(),
+        auth_token: Secret::new(DEMO_TOKEN),
         parent_sid: None,
         friendly_name: Some("demo".into()),
         plan: None,
         limits: None,
-        api_keys: vec![DEMO_API_KEY.into()],
-    });
+        api_keys: vec![Secret::new(DEMO_API_KEY)],
+    }];
     let shutdown = Arc::new(AtomicBool::new(false));
     crate::daemon::stop_on_signals(shutdown.clone());
 
@@ -68,13 +134,14 @@ pub fn run(mut cfg: Config, tariff: Tariff, opts: DemoOptions) -> anyhow::Result
     let http = cfg.http.listen.clone();
     let store_url = cfg.store.url.clone();
     println!(
-        "tallyd demo: {} CDRs/s into an in-process Kafka, store {store_url}",
+        "tallyd demo: {} CDRs/s into an in-process Kafka, store {store_url} (the demo's own)",
         opts.rate
     );
     println!("  metrics:  http://{http}/metrics");
     println!("  health:   http://{http}/healthz   http://{http}/readyz");
     println!("  Twilio:   curl -u {DEMO_SID}:{DEMO_TOKEN} 'http://{http}/2010-04-01/Accounts/{DEMO_SID}/Usage/Records/Daily.json?Category=calls'");
     println!("  AgentPhone: curl -H 'Authorization: Bearer {DEMO_API_KEY}' http://{http}/v1/usage/daily?days=7");
+    println!("  admin:    curl -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' http://{http}/admin/accounts");
     println!("  OpenAPI:  http://{http}/openapi.yaml");
     println!("  Ctrl-C stops it (final flush, then exit).");
 

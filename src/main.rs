@@ -47,12 +47,14 @@ enum LogFormat {
 enum Command {
     /// Run the daemon: consume CDRs, rate, flush UsageRecords, serve HTTP.
     Run {
-        /// Config file.
+        /// Config file (every key documented in it; TALLYD_SECTION__KEY
+        /// environment variables override keys).
         #[arg(long, default_value = "config/tallyd.toml")]
         config: PathBuf,
     },
     /// Run the whole main job in one process: in-process Kafka, generated traffic,
-    /// SQLite under ./data, HTTP metrics and APIs.
+    /// a SQLite store of its own, HTTP metrics and APIs. Never touches the
+    /// configured store, accounts or admin token.
     Demo {
         /// Config file [default: config/tallyd.toml if there is one here, else
         /// the shipped one built into the binary].
@@ -67,8 +69,13 @@ enum Command {
         /// Number of distinct accounts in the generated traffic.
         #[arg(long, default_value_t = 200)]
         accounts: usize,
+        /// Seed of the generated traffic (the same seed, the same CDRs).
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Directory of the demo's own SQLite store (made if missing). A store
+        /// an earlier demo made there is replaced; any other file is refused.
+        #[arg(long, default_value = "tallyd-demo")]
+        dir: PathBuf,
     },
     /// Check a config file and the TALLYD_SECTION__KEY overrides in the
     /// environment without starting anything: keys, values, tariffs, accounts,
@@ -84,13 +91,16 @@ enum Command {
         /// Bootstrap servers (omit with --no-kafka).
         #[arg(long, default_value = "127.0.0.1:9092")]
         brokers: String,
+        /// Topic to produce to.
         #[arg(long, default_value = "cdrs")]
         topic: String,
         /// Number of messages.
         #[arg(long, default_value_t = 100_000)]
         count: u64,
+        /// Seed (the same seed, the same messages).
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Number of distinct accounts.
         #[arg(long, default_value_t = 1000)]
         accounts: usize,
         /// Share of messages that re-send an earlier CDR (0–1).
@@ -167,6 +177,7 @@ fn main() -> anyhow::Result<()> {
             duration,
             accounts,
             seed,
+            dir,
         } => {
             let default = Path::new("config/tallyd.toml");
             let (cfg, tariff) = match config {
@@ -185,6 +196,7 @@ fn main() -> anyhow::Result<()> {
                     duration,
                     accounts,
                     seed,
+                    dir,
                 },
             )
         }

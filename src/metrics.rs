@@ -98,6 +98,16 @@ pub const HOLDS_TOTAL: &str = "tallyd_holds_total";
 pub const WALLETS_PAUSED: &str = "tallyd_wallets_paused";
 /// Gauge: wallets of this instance's accounts where fewer than two holds fit.
 pub const WALLETS_LOW: &str = "tallyd_wallets_low";
+/// Counter `{api}`: requests whose credentials were refused.
+pub const HTTP_AUTH_FAILURES_TOTAL: &str = "tallyd_http_auth_failures_total";
+/// Counter `{api}`: requests refused (429) because their client failed too often.
+pub const HTTP_AUTH_THROTTLED_TOTAL: &str = "tallyd_http_auth_throttled_total";
+/// Gauge: open HTTP connections.
+pub const HTTP_CONNECTIONS: &str = "tallyd_http_connections";
+/// Counter: connections closed at accept because every open one was serving.
+pub const HTTP_CONNECTIONS_REFUSED_TOTAL: &str = "tallyd_http_connections_refused_total";
+/// Counter: idle connections closed to make room for a new one at the cap.
+pub const HTTP_CONNECTIONS_EVICTED_TOTAL: &str = "tallyd_http_connections_evicted_total";
 /// Counter: top-ups credited.
 pub const WALLET_CREDITS_TOTAL: &str = "tallyd_wallet_credits_total";
 /// Counter `{outcome = delivered | retried | failed}`: webhook delivery attempts.
@@ -197,6 +207,16 @@ pub const CATALOGUE: &[Metric] = &[
         "Holds by outcome: granted, repeated (same call_id again), refused (402 calls_paused), limited (429 concurrent calls), settled (its call's CDR charged), released (unanswered call or DELETE) or expired (no CDR within the maximum duration plus grace)."),
     metric(WALLETS_PAUSED, Gauge, None, &[],
         "Wallets owned by this instance whose available balance does not fit one more hold (status paused)."),
+    metric(HTTP_AUTH_FAILURES_TOTAL, Counter, None, &["api"],
+        "Requests whose credentials were refused, by API (twilio, agentphone, admin)."),
+    metric(HTTP_AUTH_THROTTLED_TOTAL, Counter, None, &["api"],
+        "Requests answered 429 because their client address failed authentication too often (api.auth_failures_per_minute)."),
+    metric(HTTP_CONNECTIONS, Gauge, None, &[],
+        "Open HTTP connections (at most http.max_connections)."),
+    metric(HTTP_CONNECTIONS_REFUSED_TOTAL, Counter, None, &[],
+        "Connections closed at accept because http.max_connections were open and every one was serving a request."),
+    metric(HTTP_CONNECTIONS_EVICTED_TOTAL, Counter, None, &[],
+        "Idle connections closed to make room for a new one at http.max_connections."),
     metric(WALLET_CREDITS_TOTAL, Counter, None, &[],
         "Top-ups credited (POST /admin/accounts/{sid}/credits; a repeated idempotency key is not counted again)."),
 ];

@@ -126,6 +126,25 @@ fn expectations() -> Value {
             "records": [rec("sms", "2025-02-01", "2025-02-01", Some("1"), "3", "0.06")]
         },
         {
+            // The client sends PageSize=5000; it is served as 1000 per page,
+            // and the client follows next_page_uri to its limit.
+            "name": "list(limit=5000) over 9975 daily records",
+            "subresource": "daily",
+            "params": {"start_date": "2024-01-01", "end_date": "2025-02-02", "limit": 5000},
+            "total": 5000,
+            "records": [rec("calls", "2024-01-01", "2024-01-01", Some("0"), "0", "0")]
+        },
+        {
+            "name": "a Twilio category tallyd does not count",
+            "subresource": "daily",
+            "params": {"category": "phonenumbers", "start_date": "2025-01-30", "end_date": "2025-01-31"},
+            "total": 2,
+            "records": [
+                rec("phonenumbers", "2025-01-30", "2025-01-30", Some("0"), "0", "0"),
+                rec("phonenumbers", "2025-01-31", "2025-01-31", Some("0"), "0", "0"),
+            ]
+        },
+        {
             "name": "last month",
             "subresource": "last_month",
             "params": {"category": "totalprice"},

@@ -1,20 +1,32 @@
 //! Accounts that may read usage: SID, auth token, optional parent (a subaccount),
-//! plan name and limits, and AgentPhone API keys. They come from `[[api.accounts]]`
-//! in config and from the admin API, and live in the store (`api_accounts`,
-//! `api_keys`), so every daemon instance sees the same set.
+//! plan name and limits, and AgentPhone API keys. They live in the store
+//! (`api_accounts`, `api_keys`), so every daemon instance sees the same set.
+//!
+//! The store is the source of truth. `[[api.accounts]]` in config only seeds
+//! accounts the store does not have yet (with their keys); an account that
+//! exists is left as it is, so a token rotated or a key revoked through the
+//! admin API stays so across restarts. A config entry that differs from its
+//! stored account is reported at start ([`seed_from_config`]).
+//!
+//! Auth tokens are kept as given, because Twilio's request signatures
+//! (`X-Twilio-Signature` on callbacks) are computed with the token itself; they
+//! are shown once (when an account is created or its token rotated), never
+//! listed, and redacted from `Debug`. API keys are kept only as SHA-256
+//! hashes: a key is shown once, when it is registered.
 
 use rand::RngCore;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::config::{AccountConfig, PlanLimits};
+use crate::config::{AccountConfig, PlanLimits, Secret};
 use crate::store::{Conn, Param, Result, Value};
 
-/// One account as stored.
+/// One account as stored. Serialized without its auth token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Account {
     pub sid: String,
-    pub auth_token: String,
+    #[serde(skip_serializing)]
+    pub auth_token: Secret,
     pub parent_sid: Option<String>,
     pub friendly_name: String,
     /// Plan name shown by `/v1/usage`; `None` means the account's rating plan.
@@ -91,7 +103,7 @@ const COLUMNS: &str = "account_sid, auth_token, parent_sid, friendly_name, plan_
 fn from_row(r: &[Value]) -> Account {
     Account {
         sid: r[0].text().to_owned(),
-        auth_token: r[1].text().to_owned(),
+        auth_token: Secret::new(r[1].text()),
         parent_sid: r[2].opt_text().map(str::to_owned),
         friendly_name: r[3].text().to_owned(),
         plan: r[4].opt_text().map(str::to_owned),
@@ -207,7 +219,7 @@ pub fn upsert(c: &mut Conn, a: &Account) -> Result<()> {
         &sql,
         &[
             Param::Text(&a.sid),
-            Param::Text(&a.auth_token),
+            Param::Text(a.auth_token.expose()),
             Param::OptText(a.parent_sid.as_deref()),
             Param::Text(&a.friendly_name),
             Param::OptText(a.plan.as_deref()),
@@ -245,13 +257,14 @@ pub struct ApiKeyInfo {
     pub created_at: String,
 }
 
-/// Stores a key (idempotent); returns its id.
-pub fn add_api_key(c: &mut Conn, sid: &str, key: &str) -> Result<String> {
+/// Registers a key for `sid`; returns its id, or `None` if the key is already
+/// registered (to this account or another: a key names one account).
+pub fn add_api_key(c: &mut Conn, sid: &str, key: &str) -> Result<Option<String>> {
     let hash = key_hash(key);
     let id = key_id(&hash);
-    c.execute(
+    let added = c.execute(
         "INSERT INTO api_keys (key_hash, key_id, account_sid, created_at) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (key_hash) DO UPDATE SET account_sid = excluded.account_sid",
+         ON CONFLICT (key_hash) DO NOTHING",
         &[
             Param::Text(&hash),
             Param::Text(&id),
@@ -259,7 +272,17 @@ pub fn add_api_key(c: &mut Conn, sid: &str, key: &str) -> Result<String> {
             Param::Text(&now_rfc3339()),
         ],
     )?;
-    Ok(id)
+    Ok((added > 0).then_some(id))
+}
+
+/// Whether `key` is registered to `sid`.
+pub fn has_api_key(c: &mut Conn, sid: &str, key: &str) -> Result<bool> {
+    Ok(!c
+        .query(
+            "SELECT 1 FROM api_keys WHERE key_hash = $1 AND account_sid = $2",
+            &[Param::Text(&key_hash(key)), Param::Text(sid)],
+        )?
+        .is_empty())
 }
 
 pub fn api_keys(c: &mut Conn, sid: &str) -> Result<Vec<ApiKeyInfo>> {
@@ -292,79 +315,169 @@ pub struct AccountConfigError {
     pub message: String,
 }
 
+/// Why a credential cannot be used, or `None`: `min`–`max` visible ASCII
+/// characters (no spaces or control characters, so it travels in a header
+/// unchanged and reaches no query with a NUL).
+pub fn credential_problem(value: &str, min: usize, max: usize) -> Option<String> {
+    if value.len() < min || value.len() > max {
+        Some(format!(
+            "must be {min} to {max} characters, got {}",
+            value.chars().count()
+        ))
+    } else if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        Some("must be visible ASCII characters only (no spaces or control characters)".into())
+    } else {
+        None
+    }
+}
+
+/// Auth tokens: Twilio's are 32 hex digits; any 8 to 128 visible ASCII
+/// characters are accepted.
+pub const TOKEN_CHARS: (usize, usize) = (8, 128);
+/// API keys: 8 to 256 visible ASCII characters.
+pub const KEY_CHARS: (usize, usize) = (8, 256);
+
 /// Checks `[[api.accounts]]`: SIDs well-formed and unique, parents declared or
-/// already known (checked at seeding), no empty tokens.
+/// already known (checked at seeding), tokens and keys usable, no key twice.
 pub fn validate_config(accounts: &[AccountConfig]) -> Result<(), AccountConfigError> {
     let err = |index, key, message: String| AccountConfigError {
         index,
         key,
         message,
     };
+    let mut keys = std::collections::HashSet::new();
     for (i, a) in accounts.iter().enumerate() {
         if !is_account_sid(&a.sid) {
             return Err(err(
                 i,
                 "sid",
                 format!(
-                    "{:?} is not an account SID (AC followed by 32 lowercase hex digits)",
-                    a.sid
+                    "{} is not an account SID (AC followed by 32 lowercase hex digits)",
+                    super::error::shown(&a.sid)
                 ),
             ));
         }
         if accounts[..i].iter().any(|b| b.sid == a.sid) {
             return Err(err(i, "sid", format!("{} is declared twice", a.sid)));
         }
-        if a.auth_token.is_empty() {
-            return Err(err(i, "auth_token", "must not be empty".into()));
+        if let Some(p) = credential_problem(a.auth_token.expose(), TOKEN_CHARS.0, TOKEN_CHARS.1) {
+            return Err(err(i, "auth_token", p));
         }
         if let Some(p) = &a.parent_sid {
             if !is_account_sid(p) || *p == a.sid {
                 return Err(err(
                     i,
                     "parent_sid",
-                    format!("{p:?} is not another account's SID"),
+                    format!("{} is not another account's SID", super::error::shown(p)),
                 ));
             }
         }
-        if a.api_keys.iter().any(|k| k.len() < 8) {
-            return Err(err(
-                i,
-                "api_keys",
-                "every key needs at least 8 characters".into(),
-            ));
+        for (k, key) in a.api_keys.iter().enumerate() {
+            if let Some(p) = credential_problem(key.expose(), KEY_CHARS.0, KEY_CHARS.1) {
+                return Err(err(i, "api_keys", format!("key {k}: {p}")));
+            }
+            if !keys.insert(key.expose()) {
+                return Err(err(
+                    i,
+                    "api_keys",
+                    format!("key {k} is declared twice: a key names one account"),
+                ));
+            }
+        }
+        if let Some(l) = &a.limits {
+            if let Some((field, v)) = l.negative() {
+                return Err(err(
+                    i,
+                    "limits",
+                    format!("{field} = {v}: must not be negative"),
+                ));
+            }
         }
     }
     Ok(())
 }
 
-/// Writes the config's accounts and keys into the store (config wins for the
-/// fields it sets; `created_at` of an existing account is kept).
+/// What seeding did with one config entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seeded {
+    /// The store did not have the account: created with its token and keys.
+    Created,
+    /// The store has it: left as it is. The fields say what differs from the
+    /// config entry (the admin API changed them, or the config did since).
+    Kept {
+        token_differs: bool,
+        /// Keys of the entry the account does not have (revoked, or added to
+        /// the config later; either way not re-added).
+        missing_keys: usize,
+    },
+}
+
+/// Creates the config's accounts that the store does not have, with their
+/// keys; accounts that exist are not touched (see the module doc). Returns
+/// what happened to each entry, in order, and logs entries that differ.
 pub fn seed_from_config(
     c: &mut Conn,
     accounts: &[AccountConfig],
     default_limits: PlanLimits,
-) -> Result<()> {
-    c.transaction(|c| {
+) -> Result<Vec<Seeded>> {
+    let seeded = c.transaction(|c| {
         let now = now_rfc3339();
+        let mut out = Vec::with_capacity(accounts.len());
         for a in accounts {
-            let existing = get(c, &a.sid)?;
-            let account = Account {
-                sid: a.sid.clone(),
-                auth_token: a.auth_token.clone(),
-                parent_sid: a.parent_sid.clone(),
-                friendly_name: a.friendly_name.clone().unwrap_or_else(|| a.sid.clone()),
-                plan: a.plan.clone(),
-                limits: a.limits.unwrap_or(default_limits),
-                created_at: existing.map_or_else(|| now.clone(), |e| e.created_at),
-                updated_at: now.clone(),
-            };
-            upsert(c, &account)?;
+            if let Some(existing) = get(c, &a.sid)? {
+                let mut missing_keys = 0;
+                for k in &a.api_keys {
+                    if !has_api_key(c, &a.sid, k.expose())? {
+                        missing_keys += 1;
+                    }
+                }
+                out.push(Seeded::Kept {
+                    token_differs: existing.auth_token != a.auth_token,
+                    missing_keys,
+                });
+                continue;
+            }
+            upsert(
+                c,
+                &Account {
+                    sid: a.sid.clone(),
+                    auth_token: a.auth_token.clone(),
+                    parent_sid: a.parent_sid.clone(),
+                    friendly_name: a.friendly_name.clone().unwrap_or_else(|| a.sid.clone()),
+                    plan: a.plan.clone(),
+                    limits: a.limits.unwrap_or(default_limits),
+                    created_at: now.clone(),
+                    updated_at: now.clone(),
+                },
+            )?;
             for k in &a.api_keys {
-                add_api_key(c, &a.sid, k)?;
+                // A key another account holds stays with it; the entry is
+                // created without it.
+                add_api_key(c, &a.sid, k.expose())?;
+            }
+            out.push(Seeded::Created);
+        }
+        Ok(out)
+    })?;
+    for (index, (a, s)) in accounts.iter().zip(&seeded).enumerate() {
+        if let Seeded::Kept {
+            token_differs,
+            missing_keys,
+        } = s
+        {
+            if *token_differs || *missing_keys > 0 {
+                tracing::warn!(
+                    entry = %format!("api.accounts[{index}]"),
+                    sid = %a.sid,
+                    token_differs,
+                    missing_keys,
+                    "account exists in the store and differs from its config entry; the store is kept \
+                     (config only seeds new accounts: change it through the admin API)"
+                );
             }
         }
-        Ok(())
-    })
+    }
+    Ok(seeded)
 }
 
 #[cfg(test)]
@@ -399,7 +512,7 @@ mod tests {
     fn config_errors_name_the_entry_and_key() {
         let mut a = AccountConfig {
             sid: "ACnope".into(),
-            auth_token: "t".into(),
+            auth_token: Secret::new("token-123456"),
             parent_sid: None,
             friendly_name: None,
             plan: None,
@@ -410,7 +523,41 @@ mod tests {
         assert_eq!(e.to_string().split(':').next(), Some("api.accounts[0].sid"));
         a.sid = format!("AC{}", "0".repeat(32));
         a.parent_sid = Some(a.sid.clone());
-        let e = validate_config(&[a]).unwrap_err().to_string();
+        let e = validate_config(std::slice::from_ref(&a))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("api.accounts[0].parent_sid"), "{e}");
+        a.parent_sid = None;
+        a.auth_token = Secret::new("short");
+        let e = validate_config(std::slice::from_ref(&a))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("api.accounts[0].auth_token"), "{e}");
+        a.auth_token = Secret::new("token with spaces");
+        let e = validate_config(std::slice::from_ref(&a))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("api.accounts[0].auth_token"), "{e}");
+        a.auth_token = Secret::new("token-123456");
+        a.api_keys = vec![Secret::new("key-123456"), Secret::new("key-123456")];
+        let e = validate_config(std::slice::from_ref(&a))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("api.accounts[0].api_keys") && e.contains("twice"),
+            "{e}"
+        );
+        let mut b = a.clone();
+        a.api_keys = vec![Secret::new("key-123456")];
+        b.sid = format!("AC{}", "1".repeat(32));
+        b.api_keys = vec![Secret::new("key-123456")];
+        let e = validate_config(&[a.clone(), b]).unwrap_err().to_string();
+        assert!(e.starts_with("api.accounts[1].api_keys"), "{e}");
+        a.limits = Some(PlanLimits {
+            numbers: -1,
+            ..PlanLimits::default()
+        });
+        let e = validate_config(&[a]).unwrap_err().to_string();
+        assert!(e.contains("limits") && e.contains("numbers = -1"), "{e}");
     }
 }

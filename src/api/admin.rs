@@ -1,47 +1,90 @@
 //! The admin API: accounts, subaccounts and AgentPhone API keys, behind
 //! `Authorization: Bearer <api.admin_token>`. Disabled while no token is set.
+//!
+//! Every field is checked before it reaches the store, and a refusal is a 400
+//! naming the field: SIDs have their shape, names are bounded and have no
+//! control characters, limits are not negative, credentials are visible ASCII.
+//! An account's auth token is returned when it is created or rotated, never
+//! listed; an API key is returned when it is registered, and a key already
+//! registered (to any account) is refused with 409 rather than moved.
+
+use std::net::SocketAddr;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::accounts::{self, constant_time_eq, is_account_sid, Account};
-use super::error::ApiError;
+use super::accounts::{
+    self, constant_time_eq, credential_problem, is_account_sid, Account, KEY_CHARS, TOKEN_CHARS,
+};
+use super::auth::{self, AuthThrottle};
+use super::error::{shown, throttled, ApiError};
 use super::ApiState;
-use crate::config::PlanLimits;
+use crate::config::{PlanLimits, Secret};
 
-pub(super) fn check_admin(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = state.admin_token() else {
-        return Err(ApiError::not_found(
-            "the admin API is disabled: set api.admin_token (TALLYD_API__ADMIN_TOKEN)",
-        ));
-    };
-    let given = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if constant_time_eq(given.trim(), expected) {
-        Ok(())
-    } else {
-        Err(ApiError::unauthorized(
-            "send the admin token as Authorization: Bearer <api.admin_token>",
-        ))
+/// Longest `friendly_name`, in characters.
+pub const MAX_NAME_CHARS: usize = 256;
+/// Longest `plan`, in characters.
+pub const MAX_PLAN_CHARS: usize = 64;
+/// Largest value of a plan limit.
+pub const MAX_LIMIT: i64 = 1_000_000_000_000;
+
+/// A request carrying the admin token (an extractor: a handler that takes it
+/// runs only for the admin). Failures are throttled per client like any other.
+pub struct Admin;
+
+#[axum::async_trait]
+impl FromRequestParts<ApiState> for Admin {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Admin, Response> {
+        let Some(expected) = state.admin_token() else {
+            return Err(ApiError::not_found(
+                "the admin API is disabled: set api.admin_token (TALLYD_API__ADMIN_TOKEN)",
+            )
+            .into_response());
+        };
+        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().cloned();
+        let client = auth::client_of(peer);
+        if let Err(wait) = state.throttle().check(client) {
+            AuthThrottle::throttled("admin");
+            return Err(throttled(false, wait));
+        }
+        match auth::bearer(&parts.headers) {
+            Some(given) if constant_time_eq(given, expected) => Ok(Admin),
+            _ => Err(match state.throttle().failed(client, "admin") {
+                Ok(()) => ApiError::unauthorized(
+                    "send the admin token as Authorization: Bearer <api.admin_token>",
+                )
+                .into_response(),
+                Err(wait) => throttled(false, wait),
+            }),
+        }
     }
 }
 
+/// Parses a JSON body (empty = `{}`); an error names the field at fault.
 pub(super) fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
     let text: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
         body
     };
-    serde_json::from_slice(text).map_err(|e| {
-        ApiError::invalid_parameter("body", format!("the JSON body is not valid: {e}"))
+    let mut de = serde_json::Deserializer::from_slice(text);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let (param, at) = if path == "." || path.is_empty() {
+            ("body".to_owned(), String::new())
+        } else {
+            (path.clone(), format!("{path}: "))
+        };
+        ApiError::invalid_parameter(&param, format!("the JSON body is not valid: {at}{inner}"))
     })
 }
 
@@ -50,7 +93,7 @@ pub(super) fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T
 #[serde(deny_unknown_fields)]
 pub struct NewAccount {
     pub sid: Option<String>,
-    pub auth_token: Option<String>,
+    pub auth_token: Option<Secret>,
     pub parent_sid: Option<String>,
     pub friendly_name: Option<String>,
     pub plan: Option<String>,
@@ -61,7 +104,7 @@ pub struct NewAccount {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccountUpdate {
-    pub auth_token: Option<String>,
+    pub auth_token: Option<Secret>,
     pub friendly_name: Option<String>,
     pub plan: Option<String>,
     pub limits: Option<PlanLimits>,
@@ -74,40 +117,114 @@ pub(super) fn check_sid(param: &str, sid: &str) -> Result<(), ApiError> {
         Err(ApiError::invalid_parameter(
             param,
             format!(
-                "{param} {sid:?} is not an account SID (AC followed by 32 lowercase hex digits)"
+                "{param} {} is not an account SID (AC followed by 32 lowercase hex digits)",
+                shown(sid)
             ),
         ))
     }
 }
 
-fn check_token(token: &str) -> Result<(), ApiError> {
-    if token.len() < 8 {
+fn check_credential(
+    param: &str,
+    value: &Secret,
+    (min, max): (usize, usize),
+) -> Result<(), ApiError> {
+    match credential_problem(value.expose(), min, max) {
+        None => Ok(()),
+        Some(p) => Err(ApiError::invalid_parameter(param, format!("{param} {p}"))),
+    }
+}
+
+/// A name shown to people: 1 to `max` characters, no control characters.
+fn check_text(param: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    let chars = value.chars().count();
+    if chars == 0 || chars > max {
         return Err(ApiError::invalid_parameter(
-            "auth_token",
-            "auth_token needs at least 8 characters",
+            param,
+            format!("{param} must be 1 to {max} characters, got {chars}"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::invalid_parameter(
+            param,
+            format!("{param} must not contain control characters (such as NUL or newlines)"),
         ));
     }
     Ok(())
 }
 
+fn check_limits(limits: &PlanLimits) -> Result<(), ApiError> {
+    let fields = [
+        ("numbers", limits.numbers),
+        ("messages_per_month", limits.messages_per_month),
+        ("voice_minutes_per_month", limits.voice_minutes_per_month),
+        (
+            "max_call_duration_minutes",
+            limits.max_call_duration_minutes,
+        ),
+        ("concurrent_calls", limits.concurrent_calls),
+    ];
+    for (field, v) in fields {
+        if !(0..=MAX_LIMIT).contains(&v) {
+            let param = format!("limits.{field}");
+            return Err(ApiError::invalid_parameter(
+                &param,
+                format!("{param} = {v}: must be from 0 to {MAX_LIMIT}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The account named by a path: an account SID, or a 404 (nothing else reaches
+/// the store).
+fn path_sid(sid: Option<Path<String>>) -> Result<String, ApiError> {
+    match sid {
+        Some(Path(s)) if is_account_sid(&s) => Ok(s),
+        Some(Path(s)) => Err(unknown(&s)),
+        None => Err(ApiError::not_found(
+            "the account SID in the path does not decode",
+        )),
+    }
+}
+
 fn unknown(sid: &str) -> ApiError {
-    ApiError::not_found(format!("account {sid} does not exist"))
+    ApiError::not_found(format!("account {} does not exist", shown(sid)))
+}
+
+/// An account as the admin API shows it: without its token, unless `token` is
+/// given (the one time it is shown).
+fn shown_account(a: &Account, token: Option<&Secret>) -> serde_json::Value {
+    let mut v = serde_json::to_value(a).unwrap_or_default();
+    if let Some(t) = token {
+        v["auth_token"] = t.expose().into();
+    }
+    v
 }
 
 pub async fn create_account(
     State(state): State<ApiState>,
-    headers: HeaderMap,
+    _: Admin,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    check_admin(&state, &headers)?;
     let new: NewAccount = parse_body(&body)?;
     let sid = new.sid.unwrap_or_else(accounts::new_account_sid);
     check_sid("sid", &sid)?;
     if let Some(p) = &new.parent_sid {
         check_sid("parent_sid", p)?;
     }
-    let auth_token = new.auth_token.unwrap_or_else(accounts::new_auth_token);
-    check_token(&auth_token)?;
+    let auth_token = new
+        .auth_token
+        .unwrap_or_else(|| Secret::new(accounts::new_auth_token()));
+    check_credential("auth_token", &auth_token, TOKEN_CHARS)?;
+    if let Some(n) = &new.friendly_name {
+        check_text("friendly_name", n, MAX_NAME_CHARS)?;
+    }
+    if let Some(p) = &new.plan {
+        check_text("plan", p, MAX_PLAN_CHARS)?;
+    }
+    let limits = new.limits.unwrap_or(state.default_limits());
+    check_limits(&limits)?;
     let now = accounts::now_rfc3339();
     let account = Account {
         friendly_name: new.friendly_name.unwrap_or_else(|| sid.clone()),
@@ -115,7 +232,7 @@ pub async fn create_account(
         auth_token,
         parent_sid: new.parent_sid,
         plan: new.plan,
-        limits: new.limits.unwrap_or(state.default_limits()),
+        limits,
         created_at: now.clone(),
         updated_at: now,
     };
@@ -138,27 +255,24 @@ pub async fn create_account(
                     }
                 }
                 accounts::upsert(c, &account)?;
-                Ok(Ok((StatusCode::CREATED, Json(account)).into_response()))
+                let body = shown_account(&account, Some(&account.auth_token));
+                Ok(Ok((StatusCode::CREATED, Json(body)).into_response()))
             }))
         })
         .await??
 }
 
-pub async fn list_accounts(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    check_admin(&state, &headers)?;
+pub async fn list_accounts(State(state): State<ApiState>, _: Admin) -> Result<Response, ApiError> {
     let list = state.store().run(accounts::list).await?;
     Ok(Json(json!({ "accounts": list })).into_response())
 }
 
 pub async fn get_account(
     State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(sid): Path<String>,
+    _: Admin,
+    sid: Option<Path<String>>,
 ) -> Result<Response, ApiError> {
-    check_admin(&state, &headers)?;
+    let sid = path_sid(sid)?;
     let s = sid.clone();
     match state.store().run(move |c| accounts::get(c, &s)).await? {
         Some(a) => Ok(Json(a).into_response()),
@@ -168,14 +282,23 @@ pub async fn get_account(
 
 pub async fn update_account(
     State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(sid): Path<String>,
+    _: Admin,
+    sid: Option<Path<String>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    check_admin(&state, &headers)?;
+    let sid = path_sid(sid)?;
     let upd: AccountUpdate = parse_body(&body)?;
     if let Some(t) = &upd.auth_token {
-        check_token(t)?;
+        check_credential("auth_token", t, TOKEN_CHARS)?;
+    }
+    if let Some(n) = &upd.friendly_name {
+        check_text("friendly_name", n, MAX_NAME_CHARS)?;
+    }
+    if let Some(p) = &upd.plan {
+        check_text("plan", p, MAX_PLAN_CHARS)?;
+    }
+    if let Some(l) = &upd.limits {
+        check_limits(l)?;
     }
     state
         .store()
@@ -184,6 +307,7 @@ pub async fn update_account(
                 let Some(mut a) = accounts::get(c, &sid)? else {
                     return Ok(Err(unknown(&sid)));
                 };
+                let rotated = upd.auth_token.is_some();
                 if let Some(t) = upd.auth_token {
                     a.auth_token = t;
                 }
@@ -198,7 +322,8 @@ pub async fn update_account(
                 }
                 a.updated_at = accounts::now_rfc3339();
                 accounts::upsert(c, &a)?;
-                Ok(Ok(Json(a).into_response()))
+                let body = shown_account(&a, rotated.then_some(&a.auth_token));
+                Ok(Ok(Json(body).into_response()))
             }))
         })
         .await??
@@ -206,10 +331,10 @@ pub async fn update_account(
 
 pub async fn delete_account(
     State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(sid): Path<String>,
+    _: Admin,
+    sid: Option<Path<String>>,
 ) -> Result<Response, ApiError> {
-    check_admin(&state, &headers)?;
+    let sid = path_sid(sid)?;
     state
         .store()
         .run(move |c| {
@@ -234,35 +359,36 @@ pub async fn delete_account(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewKey {
-    pub key: Option<String>,
+    pub key: Option<Secret>,
 }
 
 pub async fn create_api_key(
     State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(sid): Path<String>,
+    _: Admin,
+    sid: Option<Path<String>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    check_admin(&state, &headers)?;
+    let sid = path_sid(sid)?;
     let new: NewKey = parse_body(&body)?;
-    let key = new.key.unwrap_or_else(accounts::new_api_key);
-    if key.len() < 8 {
-        return Err(ApiError::invalid_parameter(
-            "key",
-            "key needs at least 8 characters",
-        ));
-    }
+    let key = new
+        .key
+        .unwrap_or_else(|| Secret::new(accounts::new_api_key()));
+    check_credential("key", &key, KEY_CHARS)?;
     state
         .store()
         .run(move |c| {
             if accounts::get(c, &sid)?.is_none() {
                 return Ok(Err(unknown(&sid)));
             }
-            let key_id = accounts::add_api_key(c, &sid, &key)?;
+            let Some(key_id) = accounts::add_api_key(c, &sid, key.expose())? else {
+                return Ok(Err(ApiError::conflict(
+                    "this key is already registered; a key names one account: revoke it there first, or register another",
+                )));
+            };
             // The key itself is shown this once; the store keeps only its hash.
             Ok(Ok((
                 StatusCode::CREATED,
-                Json(json!({ "key": key, "key_id": key_id, "account_sid": sid })),
+                Json(json!({ "key": key.expose(), "key_id": key_id, "account_sid": sid })),
             )
                 .into_response()))
         })
@@ -271,10 +397,10 @@ pub async fn create_api_key(
 
 pub async fn list_api_keys(
     State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(sid): Path<String>,
+    _: Admin,
+    sid: Option<Path<String>>,
 ) -> Result<Response, ApiError> {
-    check_admin(&state, &headers)?;
+    let sid = path_sid(sid)?;
     state
         .store()
         .run(move |c| {
@@ -287,22 +413,31 @@ pub async fn list_api_keys(
         .await?
 }
 
+/// Whether `id` has the shape of a key id (`key_` + 16 hex digits).
+fn is_key_id(id: &str) -> bool {
+    id.strip_prefix("key_")
+        .is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 pub async fn delete_api_key(
     State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path((sid, key_id)): Path<(String, String)>,
+    _: Admin,
+    params: Option<Path<(String, String)>>,
 ) -> Result<Response, ApiError> {
-    check_admin(&state, &headers)?;
-    state
+    let Some(Path((sid, key_id))) = params else {
+        return Err(ApiError::not_found("the path does not decode"));
+    };
+    let sid = path_sid(Some(Path(sid)))?;
+    let missing = ApiError::not_found(format!("account {sid} has no API key {}", shown(&key_id)));
+    if !is_key_id(&key_id) {
+        return Err(missing);
+    }
+    match state
         .store()
-        .run(move |c| {
-            Ok(if accounts::delete_api_key(c, &sid, &key_id)? {
-                Ok(StatusCode::NO_CONTENT.into_response())
-            } else {
-                Err(ApiError::not_found(format!(
-                    "account {sid} has no API key {key_id}"
-                )))
-            })
-        })
+        .run(move |c| accounts::delete_api_key(c, &sid, &key_id))
         .await?
+    {
+        true => Ok(StatusCode::NO_CONTENT.into_response()),
+        false => Err(missing),
+    }
 }

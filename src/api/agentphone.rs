@@ -9,42 +9,66 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{RawQuery, State};
-use axum::http::HeaderMap;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value as Json_};
 
 use super::accounts::{self, Account};
-use super::error::ApiError;
+use super::auth::{self, AuthThrottle};
+use super::error::{shown, throttled, ApiError};
 use super::records::{read_rows, RowKind};
 use super::ApiState;
 use crate::calendar::{Day, Month};
 use crate::category::Category;
 use crate::counters::{Dimension, Leaves, Tally};
-use crate::store::page::{month_pages, PageId};
+use crate::store::page::{month_pages, PageId, OTHER};
 use crate::store::Conn;
 
 const MESSAGE_CATEGORIES: [Category; 2] = [Category::Sms, Category::Mms];
 const CALL_CATEGORIES: [Category; 3] = [Category::Calls, Category::CallsSip, Category::CallsClient];
 
-pub(super) fn bearer(headers: &HeaderMap) -> Option<String> {
-    let v = headers
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim().to_owned())
-        .filter(|t| !t.is_empty())
-}
-
-pub(super) fn authenticate(c: &mut Conn, key: Option<String>) -> Result<Account, ApiError> {
+fn authenticate(c: &mut Conn, key: Option<String>) -> Result<Account, ApiError> {
     let key = key.ok_or_else(|| {
         ApiError::unauthorized("send your API key as Authorization: Bearer <key>")
     })?;
     accounts::by_api_key(c, &key)?
         .ok_or_else(|| ApiError::unauthorized("the API key is not valid (unknown or revoked)"))
+}
+
+/// Runs `f` on the store with the account of the request's API key. Failed
+/// authentications are throttled per client address, and `f` (which reads the
+/// query parameters) runs only once the key is known to be good.
+pub(super) async fn with_account<T: Send + 'static>(
+    state: &ApiState,
+    headers: &HeaderMap,
+    peer: Option<ConnectInfo<SocketAddr>>,
+    f: impl FnOnce(&mut Conn, Account) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, Response> {
+    let client = auth::client_of(peer);
+    if let Err(wait) = state.throttle().check(client) {
+        AuthThrottle::throttled("agentphone");
+        return Err(throttled(false, wait));
+    }
+    let key = auth::bearer(headers).map(str::to_owned);
+    let result = state
+        .store()
+        .run(move |c| Ok(authenticate(c, key).and_then(|a| f(c, a))))
+        .await
+        .map_err(|e| ApiError::from(e).into_response())?;
+    match result {
+        Ok(v) => Ok(v),
+        Err(e) if e.status == StatusCode::UNAUTHORIZED => {
+            match state.throttle().failed(client, "agentphone") {
+                Ok(()) => Err(e.into_response()),
+                Err(wait) => Err(throttled(false, wait)),
+            }
+        }
+        Err(e) => Err(e.into_response()),
+    }
 }
 
 /// Reads an optional integer query parameter in `[min, max]`.
@@ -67,7 +91,10 @@ pub fn int_param(
             .ok_or_else(|| {
                 ApiError::invalid_parameter(
                     name,
-                    format!("{name} must be an integer from {min} to {max}; got {v:?}"),
+                    format!(
+                        "{name} must be an integer from {min} to {max}; got {}",
+                        shown(v)
+                    ),
                 )
             }),
     }
@@ -117,65 +144,63 @@ fn rfc3339_day(d: Day) -> String {
 pub async fn usage(
     State(state): State<ApiState>,
     headers: HeaderMap,
-) -> Result<Json<Json_>, ApiError> {
-    let key = bearer(&headers);
+    peer: Option<ConnectInfo<SocketAddr>>,
+) -> Result<Json<Json_>, Response> {
     let today = state.today();
     let st = state.clone();
-    state
-        .store()
-        .run(move |c| {
-            Ok((|| {
-                let a = authenticate(c, key)?;
-                let used = breakdown(c, &a.sid, Dimension::Number, None)?.len() as i64;
-                let all = counts_by_start(c, &a.sid, RowKind::All, Day(0), Day(0))?;
-                let (total_messages, total_calls) =
-                    all.values().copied().next().unwrap_or_default();
-                let days = counts_by_start(c, &a.sid, RowKind::Day, Day(today.0 - 29), today)?;
-                let window = |n: i32| {
-                    let from = Day(today.0 - (n - 1)).to_string();
-                    days.range(from..)
-                        .fold((0, 0), |acc, (_, v)| (acc.0 + v.0, acc.1 + v.1))
-                };
-                let (m1, c1) = window(1);
-                let (m7, c7) = window(7);
-                let (m30, c30) = window(30);
-                let month = today.month();
-                let limit = a.limits.numbers;
-                Ok(Json(json!({
-                    "plan": {
-                        "name": a.plan.clone().unwrap_or_else(|| st.rating_plan_name(&a.sid)),
-                        "limits": {
-                            "numbers": a.limits.numbers,
-                            "messagesPerMonth": a.limits.messages_per_month,
-                            "voiceMinutesPerMonth": a.limits.voice_minutes_per_month,
-                            "maxCallDurationMinutes": a.limits.max_call_duration_minutes,
-                            "concurrentCalls": a.limits.concurrent_calls,
-                        }
-                    },
-                    "numbers": {
-                        "used": used,
-                        "limit": limit,
-                        "remaining": (limit - used).max(0),
-                    },
-                    "stats": {
-                        "totalMessages": total_messages,
-                        "messagesLast24h": m1,
-                        "messagesLast7d": m7,
-                        "messagesLast30d": m30,
-                        "totalCalls": total_calls,
-                        "callsLast24h": c1,
-                        "callsLast7d": c7,
-                        "callsLast30d": c30,
-                        "totalWebhookDeliveries": 0,
-                        "successfulWebhookDeliveries": 0,
-                        "failedWebhookDeliveries": 0,
-                    },
-                    "periodStart": rfc3339_day(month.first_day()),
-                    "periodEnd": rfc3339_day(Month(month.0 + 1).first_day()),
-                })))
-            })())
-        })
-        .await?
+    with_account(&state, &headers, peer, move |c, a| {
+        let used = breakdown(c, &a.sid, Dimension::Number, None)?
+            .keys()
+            .filter(|n| n.as_str() != OTHER)
+            .count() as i64;
+        let all = counts_by_start(c, &a.sid, RowKind::All, Day(0), Day(0))?;
+        let (total_messages, total_calls) = all.values().copied().next().unwrap_or_default();
+        let days = counts_by_start(c, &a.sid, RowKind::Day, Day(today.0 - 29), today)?;
+        let window = |n: i32| {
+            let from = Day(today.0 - (n - 1)).to_string();
+            days.range(from..)
+                .fold((0, 0), |acc, (_, v)| (acc.0 + v.0, acc.1 + v.1))
+        };
+        let (m1, c1) = window(1);
+        let (m7, c7) = window(7);
+        let (m30, c30) = window(30);
+        let month = today.month();
+        let limit = a.limits.numbers;
+        Ok(Json(json!({
+            "plan": {
+                "name": a.plan.clone().unwrap_or_else(|| st.rating_plan_name(&a.sid)),
+                "limits": {
+                    "numbers": a.limits.numbers,
+                    "messagesPerMonth": a.limits.messages_per_month,
+                    "voiceMinutesPerMonth": a.limits.voice_minutes_per_month,
+                    "maxCallDurationMinutes": a.limits.max_call_duration_minutes,
+                    "concurrentCalls": a.limits.concurrent_calls,
+                }
+            },
+            "numbers": {
+                "used": used,
+                "active": used,
+                "limit": limit,
+                "remaining": (limit - used).max(0),
+            },
+            "stats": {
+                "totalMessages": total_messages,
+                "messagesLast24h": m1,
+                "messagesLast7d": m7,
+                "messagesLast30d": m30,
+                "totalCalls": total_calls,
+                "callsLast24h": c1,
+                "callsLast7d": c7,
+                "callsLast30d": c30,
+                "totalWebhookDeliveries": 0,
+                "successfulWebhookDeliveries": 0,
+                "failedWebhookDeliveries": 0,
+            },
+            "periodStart": rfc3339_day(month.first_day()),
+            "periodEnd": rfc3339_day(Month(month.0 + 1).first_day()),
+        })))
+    })
+    .await
 }
 
 /// `GET /v1/usage/daily?days=N` (1–365, default 30): oldest day first, ending today.
@@ -183,28 +208,23 @@ pub async fn daily(
     State(state): State<ApiState>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
-) -> Result<Json<Json_>, ApiError> {
-    let days = int_param(raw.as_deref(), "days", 30, 1, 365)? as i32;
-    let key = bearer(&headers);
+    peer: Option<ConnectInfo<SocketAddr>>,
+) -> Result<Json<Json_>, Response> {
     let today = state.today();
-    state
-        .store()
-        .run(move |c| {
-            Ok((|| {
-                let a = authenticate(c, key)?;
-                let from = Day(today.0 - (days - 1));
-                let counts = counts_by_start(c, &a.sid, RowKind::Day, from, today)?;
-                let data: Vec<Json_> = (from.0..=today.0)
-                    .map(|d| {
-                        let date = Day(d).to_string();
-                        let (m, calls) = counts.get(&date).copied().unwrap_or_default();
-                        json!({"date": date, "messages": m, "calls": calls, "webhooks": 0})
-                    })
-                    .collect();
-                Ok(Json(json!({"data": data, "days": days})))
-            })())
-        })
-        .await?
+    with_account(&state, &headers, peer, move |c, a| {
+        let days = int_param(raw.as_deref(), "days", 30, 1, 365)? as i32;
+        let from = Day(today.0 - (days - 1));
+        let counts = counts_by_start(c, &a.sid, RowKind::Day, from, today)?;
+        let data: Vec<Json_> = (from.0..=today.0)
+            .map(|d| {
+                let date = Day(d).to_string();
+                let (m, calls) = counts.get(&date).copied().unwrap_or_default();
+                json!({"date": date, "messages": m, "calls": calls, "webhooks": 0})
+            })
+            .collect();
+        Ok(Json(json!({"data": data, "days": days})))
+    })
+    .await
 }
 
 /// `GET /v1/usage/monthly?months=N` (1–24, default 6): oldest month first, ending
@@ -213,32 +233,32 @@ pub async fn monthly(
     State(state): State<ApiState>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
-) -> Result<Json<Json_>, ApiError> {
-    let months = int_param(raw.as_deref(), "months", 6, 1, 24)? as i32;
-    let key = bearer(&headers);
+    peer: Option<ConnectInfo<SocketAddr>>,
+) -> Result<Json<Json_>, Response> {
     let this = state.today().month();
-    state
-        .store()
-        .run(move |c| {
-            Ok((|| {
-                let a = authenticate(c, key)?;
-                let first = Month(this.0 - (months - 1));
-                let counts =
-                    counts_by_start(c, &a.sid, RowKind::Month, first.first_day(), this.first_day())?;
-                let data: Vec<Json_> = (first.0..=this.0)
-                    .map(|m| {
-                        let month = Month(m);
-                        let (msgs, calls) = counts
-                            .get(&month.first_day().to_string())
-                            .copied()
-                            .unwrap_or_default();
-                        json!({"month": month.to_string(), "messages": msgs, "calls": calls, "webhooks": 0})
-                    })
-                    .collect();
-                Ok(Json(json!({"data": data, "months": months})))
-            })())
-        })
-        .await?
+    with_account(&state, &headers, peer, move |c, a| {
+        let months = int_param(raw.as_deref(), "months", 6, 1, 24)? as i32;
+        let first = Month(this.0 - (months - 1));
+        let counts = counts_by_start(
+            c,
+            &a.sid,
+            RowKind::Month,
+            first.first_day(),
+            this.first_day(),
+        )?;
+        let data: Vec<Json_> = (first.0..=this.0)
+            .map(|m| {
+                let month = Month(m);
+                let (msgs, calls) = counts
+                    .get(&month.first_day().to_string())
+                    .copied()
+                    .unwrap_or_default();
+                json!({"month": month.to_string(), "messages": msgs, "calls": calls, "webhooks": 0})
+            })
+            .collect();
+        Ok(Json(json!({"data": data, "months": months})))
+    })
+    .await
 }
 
 /// Per value of a breakdown dimension: (messages, calls, call seconds).
@@ -273,32 +293,33 @@ fn breakdown(
 pub async fn by_number(
     State(state): State<ApiState>,
     headers: HeaderMap,
-) -> Result<Json<Json_>, ApiError> {
-    let key = bearer(&headers);
-    state
-        .store()
-        .run(move |c| {
-            Ok((|| {
-                let a = authenticate(c, key)?;
-                let data: Vec<Json_> = breakdown(c, &a.sid, Dimension::Number, None)?
-                    .into_iter()
-                    .map(|(number, (messages, calls, _))| {
-                        json!({
-                            "numberId": number,
-                            "phoneNumber": number,
-                            "country": null,
-                            "status": "active",
-                            "messages": messages,
-                            "calls": calls,
-                            "agentId": null,
-                            "agentName": null,
-                        })
-                    })
-                    .collect();
-                Ok(Json(json!({ "data": data })))
-            })())
-        })
-        .await?
+    peer: Option<ConnectInfo<SocketAddr>>,
+) -> Result<Json<Json_>, Response> {
+    with_account(&state, &headers, peer, move |c, a| {
+        let data: Vec<Json_> = breakdown(c, &a.sid, Dimension::Number, None)?
+            .into_iter()
+            .map(|(number, (messages, calls, _))| {
+                // Usage of numbers past the page bound is listed as one entry.
+                let (id, phone) = if number == OTHER {
+                    (json!("other"), Json_::Null)
+                } else {
+                    (json!(number), json!(number))
+                };
+                json!({
+                    "numberId": id,
+                    "phoneNumber": phone,
+                    "country": null,
+                    "status": "active",
+                    "messages": messages,
+                    "calls": calls,
+                    "agentId": null,
+                    "agentName": null,
+                })
+            })
+            .collect();
+        Ok(Json(json!({ "data": data })))
+    })
+    .await
 }
 
 /// The current UTC week (from Monday), month or year containing `today`, as
@@ -325,73 +346,76 @@ pub async fn by_agent(
     State(state): State<ApiState>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
-) -> Result<Json<Json_>, ApiError> {
+    peer: Option<ConnectInfo<SocketAddr>>,
+) -> Result<Json<Json_>, Response> {
     let today = state.today();
-    let period = str_param(raw.as_deref(), "period").ok_or_else(|| {
-        ApiError::invalid_parameter("period", "period is required: one of week, month, year")
-    })?;
-    let (first, last) = calendar_period(&period, today).ok_or_else(|| {
-        ApiError::invalid_parameter(
-            "period",
-            format!("period must be one of week, month, year; got {period:?}"),
-        )
-    })?;
-    if let Some(tz) = str_param(raw.as_deref(), "tz").filter(|t| !t.is_empty()) {
-        if !matches!(tz.as_str(), "UTC" | "Etc/UTC" | "GMT") {
-            return Err(ApiError::invalid_parameter(
-                "tz",
-                format!("tz {tz:?} is not supported: usage is kept per UTC day, so only UTC is accepted"),
-            ));
+    with_account(&state, &headers, peer, move |c, a| {
+        let period = str_param(raw.as_deref(), "period").ok_or_else(|| {
+            ApiError::invalid_parameter("period", "period is required: one of week, month, year")
+        })?;
+        let (first, last) = calendar_period(&period, today).ok_or_else(|| {
+            ApiError::invalid_parameter(
+                "period",
+                format!("period must be one of week, month, year; got {}", shown(&period)),
+            )
+        })?;
+        if let Some(tz) = str_param(raw.as_deref(), "tz").filter(|t| !t.is_empty()) {
+            if !matches!(tz.as_str(), "UTC" | "Etc/UTC" | "GMT") {
+                return Err(ApiError::invalid_parameter(
+                    "tz",
+                    format!(
+                        "tz {} is not supported: usage is kept per UTC day, so only UTC is accepted",
+                        shown(&tz)
+                    ),
+                ));
+            }
         }
-    }
-    let key = bearer(&headers);
-    state
-        .store()
-        .run(move |c| {
-            Ok((|| {
-                let a = authenticate(c, key)?;
-                let agents = breakdown(c, &a.sid, Dimension::Agent, Some((first, last)))?;
-                // Everything in the period, to find what no agent handled.
-                let (mut msgs, mut calls, mut secs) = (0, 0, 0);
-                for r in read_rows(c, std::slice::from_ref(&a.sid), RowKind::Day, first, last)? {
-                    let (m, cl, s) = messages_calls_seconds(&r.leaves);
-                    msgs += m;
-                    calls += cl;
-                    secs += s;
-                }
-                let mut data: Vec<Json_> = Vec::new();
-                for (agent, (m, cl, s)) in &agents {
-                    msgs -= m;
-                    calls -= cl;
-                    secs -= s;
-                    data.push(json!({
-                        "agentId": agent,
-                        "agentName": agent,
-                        "messages": m,
-                        "calls": cl,
-                        "totalSeconds": s,
-                        "isOrphan": false,
-                    }));
-                }
-                if msgs > 0 || calls > 0 {
-                    data.push(json!({
-                        "agentId": null,
-                        "agentName": "Unassigned",
-                        "messages": msgs.max(0),
-                        "calls": calls.max(0),
-                        "totalSeconds": secs.max(0),
-                        "isOrphan": true,
-                    }));
-                }
-                Ok(Json(json!({
-                    "data": data,
-                    "period": period,
-                    "periodStart": rfc3339_day(first),
-                    "periodEnd": rfc3339_day(Day(last.0 + 1)),
-                })))
-            })())
-        })
-        .await?
+        let agents = breakdown(c, &a.sid, Dimension::Agent, Some((first, last)))?;
+        // Everything in the period, to find what no agent handled.
+        let (mut msgs, mut calls, mut secs) = (0, 0, 0);
+        for r in read_rows(c, std::slice::from_ref(&a.sid), RowKind::Day, first, last)? {
+            let (m, cl, s) = messages_calls_seconds(&r.leaves);
+            msgs += m;
+            calls += cl;
+            secs += s;
+        }
+        let mut data: Vec<Json_> = Vec::new();
+        for (agent, (m, cl, s)) in &agents {
+            msgs -= m;
+            calls -= cl;
+            secs -= s;
+            let (id, name) = if agent == OTHER {
+                (Json_::Null, json!("Other agents"))
+            } else {
+                (json!(agent), json!(agent))
+            };
+            data.push(json!({
+                "agentId": id,
+                "agentName": name,
+                "messages": m,
+                "calls": cl,
+                "totalSeconds": s,
+                "isOrphan": false,
+            }));
+        }
+        if msgs > 0 || calls > 0 {
+            data.push(json!({
+                "agentId": null,
+                "agentName": "Unassigned",
+                "messages": msgs.max(0),
+                "calls": calls.max(0),
+                "totalSeconds": secs.max(0),
+                "isOrphan": true,
+            }));
+        }
+        Ok(Json(json!({
+            "data": data,
+            "period": period,
+            "periodStart": rfc3339_day(first),
+            "periodEnd": rfc3339_day(Day(last.0 + 1)),
+        })))
+    })
+    .await
 }
 
 #[cfg(test)]

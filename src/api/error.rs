@@ -1,12 +1,33 @@
-//! Error bodies: Twilio-shaped on the Twilio paths, AgentPhone-shaped on `/v1`
-//! and `/admin`. Every message a client can act on names the parameter and value.
+//! Error bodies: AgentPhone-shaped on `/v1` and `/admin`, Twilio-shaped everywhere
+//! else. Every message a client can act on names the parameter and value; a
+//! value is echoed at most [`SHOWN_CHARS`] characters long ([`shown`]).
+//!
+//! [`json_errors`] (a middleware the server puts around every route) gives the
+//! errors that do not come from a handler — 404 of an unknown path, 405, 408,
+//! 413, a path that does not decode — the same JSON bodies, and answers a URI
+//! over [`MAX_URI_BYTES`] with 414 and headers over [`MAX_HEADER_BYTES`] with 431.
 
+use axum::extract::Request;
 use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::http::{MAX_HEADER_BYTES, MAX_URI_BYTES};
 use crate::store::Error as StoreError;
+
+/// The most characters of a client's value an error message repeats.
+pub const SHOWN_CHARS: usize = 64;
+
+/// `s` as an error message may quote it: Rust's debug quoting (control
+/// characters escaped), cut at [`SHOWN_CHARS`] characters with `…`.
+pub fn shown(s: &str) -> String {
+    match s.char_indices().nth(SHOWN_CHARS) {
+        None => format!("{s:?}"),
+        Some((cut, _)) => format!("{:?}…", &s[..cut]),
+    }
+}
 
 /// A Twilio REST error: `{"code", "message", "more_info", "status"}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,12 +62,42 @@ impl TwilioError {
             message: message.into(),
         }
     }
-    /// 404, Twilio 20404.
+    /// 404, Twilio 20404: also what an account gets for another tenant's
+    /// resource, so that it cannot tell which accounts exist.
     pub fn not_found(path: &str) -> TwilioError {
+        let path = match path.char_indices().nth(4 * SHOWN_CHARS) {
+            Some((cut, _)) => format!("{}…", &path[..cut]),
+            None => path.to_owned(),
+        };
         TwilioError {
             status: StatusCode::NOT_FOUND,
             code: 20404,
             message: format!("The requested resource {path} was not found"),
+        }
+    }
+    /// 429, Twilio 20429: too many failed authentications from this client.
+    pub fn too_many_requests(retry_after_secs: u64) -> TwilioError {
+        TwilioError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: 20429,
+            message: format!(
+                "Too Many Requests: too many failed authentications from this address; retry in {retry_after_secs} s"
+            ),
+        }
+    }
+    /// Any other status, for errors that come from the HTTP layer: Twilio's
+    /// code where it has one (405 is 20004), else 20000 + the status.
+    pub fn for_status(status: StatusCode, message: impl Into<String>) -> TwilioError {
+        let code = match status.as_u16() {
+            400 => 20001,
+            401 => 20003,
+            405 => 20004,
+            s => 20000 + u32::from(s),
+        };
+        TwilioError {
+            status,
+            code,
+            message: message.into(),
         }
     }
     /// 500, Twilio 20500.
@@ -128,6 +179,37 @@ impl ApiError {
             param: None,
         }
     }
+    /// 429: too many failed authentications from this client.
+    pub fn too_many_requests(retry_after_secs: u64) -> ApiError {
+        ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: "rate_limited",
+            message: format!(
+                "too many failed authentications from this address; retry in {retry_after_secs} s"
+            ),
+            param: None,
+        }
+    }
+    /// Any other status, for errors that come from the HTTP layer.
+    pub fn for_status(status: StatusCode, message: impl Into<String>) -> ApiError {
+        let code = match status.as_u16() {
+            400 => "invalid_request",
+            404 => "not_found",
+            405 => "method_not_allowed",
+            408 => "request_timeout",
+            413 => "payload_too_large",
+            414 => "uri_too_long",
+            431 => "headers_too_large",
+            _ if status.is_server_error() => "internal",
+            _ => "invalid_request",
+        };
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            param: None,
+        }
+    }
     pub fn internal(e: impl std::fmt::Display) -> ApiError {
         tracing::error!(error = %e, "API request failed");
         ApiError {
@@ -166,5 +248,134 @@ impl IntoResponse for ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         r
+    }
+}
+
+/// The 429 of a client over its quota of failed authentications, in the shape
+/// of `twilio` or not, with `Retry-After`.
+pub fn throttled(twilio: bool, wait: std::time::Duration) -> Response {
+    let secs = crate::api::auth::retry_after_secs(wait);
+    let mut r = if twilio {
+        TwilioError::too_many_requests(secs).into_response()
+    } else {
+        ApiError::too_many_requests(secs).into_response()
+    };
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    r
+}
+
+/// Whether `path` is on the AgentPhone-shaped side (`/v1`, `/admin`).
+fn agentphone_shaped(path: &str) -> bool {
+    ["/v1", "/admin"].iter().any(|p| {
+        path.strip_prefix(p)
+            .is_some_and(|r| r.is_empty() || r.starts_with('/'))
+    })
+}
+
+/// An error response in the shape `path` calls for.
+pub fn error_for(path: &str, status: StatusCode, message: String) -> Response {
+    if agentphone_shaped(path) {
+        ApiError::for_status(status, message).into_response()
+    } else {
+        TwilioError::for_status(status, message).into_response()
+    }
+}
+
+/// What a framework error says, for a status that has no message of its own.
+fn default_message(status: StatusCode, path: &str, method: &str) -> String {
+    match status {
+        StatusCode::NOT_FOUND => TwilioError::not_found(path).message,
+        StatusCode::METHOD_NOT_ALLOWED => format!("Method {method} is not allowed on this resource"),
+        StatusCode::REQUEST_TIMEOUT => {
+            "Request Timeout: the request was not read and answered within http.request_timeout_secs".into()
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => "Request Entity Too Large: the request body is too large".into(),
+        s => s.canonical_reason().unwrap_or("error").to_owned(),
+    }
+}
+
+/// Middleware: refuses over-long URIs (414) and headers (431), and turns every
+/// error response that is not JSON yet into the JSON error of its path's API.
+pub async fn json_errors(req: Request, next: Next) -> Response {
+    let uri_len = req.uri().to_string().len();
+    let header_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    let path = req.uri().path().to_owned();
+    if uri_len > MAX_URI_BYTES {
+        return error_for(
+            &path,
+            StatusCode::URI_TOO_LONG,
+            format!("URI Too Long: {uri_len} bytes, at most {MAX_URI_BYTES}"),
+        );
+    }
+    if header_bytes > MAX_HEADER_BYTES {
+        return error_for(
+            &path,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!(
+                "Request Header Fields Too Large: {header_bytes} bytes of headers, at most {MAX_HEADER_BYTES}"
+            ),
+        );
+    }
+    let method = req.method().clone();
+    let response = next.run(req).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    // A framework rejection says what was wrong in a short text body
+    // ("Invalid URL: …", "Failed to buffer the request body: length limit
+    // exceeded"); keep it.
+    let text = axum::body::to_bytes(body, 1024).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let message = if text.trim().is_empty() {
+        default_message(status, &path, method.as_str())
+    } else {
+        format!(
+            "{}: {}",
+            status.canonical_reason().unwrap_or("error"),
+            text.trim()
+        )
+    };
+    let mut shaped = error_for(&path, status, message);
+    for name in [header::ALLOW, header::RETRY_AFTER] {
+        if let Some(v) = parts.headers.get(&name) {
+            shaped.headers_mut().insert(name, v.clone());
+        }
+    }
+    shaped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shown_values_are_bounded_and_quoted() {
+        assert_eq!(shown("abc"), "\"abc\"");
+        assert_eq!(shown("a\0b"), "\"a\\0b\"");
+        let long = "x".repeat(300_000);
+        let s = shown(&long);
+        assert!(s.len() < SHOWN_CHARS + 8, "{}", s.len());
+        assert!(s.ends_with('…'));
+    }
+
+    #[test]
+    fn shapes_follow_the_prefix() {
+        assert!(agentphone_shaped("/v1/usage"));
+        assert!(agentphone_shaped("/admin"));
+        assert!(!agentphone_shaped("/v10/usage"));
+        assert!(!agentphone_shaped("/2010-04-01/Accounts"));
+        assert!(!agentphone_shaped("/administrator"));
     }
 }

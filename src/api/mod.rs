@@ -13,9 +13,11 @@
 pub mod accounts;
 pub mod admin;
 pub mod agentphone;
+pub mod auth;
 pub mod error;
 pub mod records;
 pub mod twilio;
+pub mod twilio_categories;
 pub mod wallet;
 
 use std::sync::Arc;
@@ -66,6 +68,7 @@ struct Shared {
     /// endpoints answer 503 (a decision on a wallet not yet loaded would use
     /// the starting credit instead of the balance).
     wallets_loaded: Arc<std::sync::atomic::AtomicBool>,
+    throttle: Arc<auth::AuthThrottle>,
     /// A fixed clock (Unix seconds) for tests; `None` reads the system clock.
     now: Option<i64>,
 }
@@ -84,8 +87,14 @@ impl ApiState {
             inner: Arc::new(Shared {
                 store,
                 tariff: tariff.clone(),
-                admin_token: cfg.api.admin_token.clone().filter(|t| !t.is_empty()),
+                admin_token: cfg
+                    .api
+                    .admin_token
+                    .as_ref()
+                    .map(|t| t.expose().to_owned())
+                    .filter(|t| !t.is_empty()),
                 default_limits: cfg.api.default_limits,
+                throttle: Arc::new(auth::AuthThrottle::new(cfg.api.auth_failures_per_minute)),
                 wallets: Arc::new(
                     crate::wallet::Wallets::new(starting)
                         .with_low_balance(cfg.wallet.low_balance().map_err(ApiInitError::Wallet)?),
@@ -137,6 +146,7 @@ impl ApiState {
                 wallets: s.wallets.clone(),
                 hold_grace: s.hold_grace,
                 wallets_loaded: s.wallets_loaded.clone(),
+                throttle: s.throttle.clone(),
                 now: Some(unix_seconds),
             }),
         }
@@ -170,6 +180,11 @@ impl ApiState {
 
     pub fn today(&self) -> Day {
         Day::from_unix(self.now())
+    }
+
+    /// Failed authentications per client address.
+    pub fn throttle(&self) -> &auth::AuthThrottle {
+        &self.inner.throttle
     }
 
     fn admin_token(&self) -> Option<&str> {

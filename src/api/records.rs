@@ -13,6 +13,7 @@
 
 use rust_decimal::prelude::*;
 
+use super::twilio_categories::ZERO_CATEGORIES;
 use crate::calendar::{Day, Month};
 use crate::category::{Category, Unit};
 use crate::counters::Leaves;
@@ -289,14 +290,67 @@ pub fn tile(intervals: &[Interval]) -> Vec<RowRange> {
     out
 }
 
-/// Every category, in the order records are listed (alphabetical, as Twilio).
-pub fn listed_categories(filter: Option<Category>) -> Vec<Category> {
+/// A category a listing shows: one tallyd counts, or one of Twilio's that it
+/// does not ([`ZERO_CATEGORIES`]), whose records are always zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listed {
+    Counted(Category),
+    /// An index into [`ZERO_CATEGORIES`].
+    Zero(usize),
+}
+
+impl Listed {
+    /// A Twilio category name.
+    pub fn parse(s: &str) -> Option<Listed> {
+        if let Ok(c) = s.parse::<Category>() {
+            return Some(Listed::Counted(c));
+        }
+        ZERO_CATEGORIES
+            .binary_search_by(|z| z.0.cmp(s))
+            .ok()
+            .map(Listed::Zero)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Listed::Counted(c) => c.name(),
+            Listed::Zero(i) => ZERO_CATEGORIES[i].0,
+        }
+    }
+    pub fn count_unit(self) -> &'static str {
+        match self {
+            Listed::Counted(c) => c.count_unit(),
+            Listed::Zero(i) => ZERO_CATEGORIES[i].1,
+        }
+    }
+    pub fn usage_unit(self, currency: &str) -> String {
+        match self {
+            Listed::Counted(c) => c.usage_unit(currency),
+            Listed::Zero(i) => ZERO_CATEGORIES[i].2.to_owned(),
+        }
+    }
+    pub fn description(self) -> &'static str {
+        match self {
+            Listed::Counted(c) => c.description(),
+            Listed::Zero(i) => ZERO_CATEGORIES[i].3,
+        }
+    }
+}
+
+impl std::fmt::Display for Listed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The categories a listing shows, in the order records are listed: the one
+/// asked for, or every category tallyd counts (alphabetical, as Twilio).
+pub fn listed_categories(filter: Option<Listed>) -> Vec<Listed> {
     match filter {
         Some(c) => vec![c],
         None => {
             let mut all = Category::ALL.to_vec();
             all.sort_by_key(|c| c.name());
-            all
+            all.into_iter().map(Listed::Counted).collect()
         }
     }
 }
@@ -334,7 +388,10 @@ pub fn minutes_string(seconds: i64) -> String {
 
 /// `count` and `usage` of a record as JSON values (strings; `count` null for
 /// `totalprice`).
-pub fn count_and_usage(category: Category, t: Totals) -> (serde_json::Value, String) {
+pub fn count_and_usage(category: Listed, t: Totals) -> (serde_json::Value, String) {
+    let Listed::Counted(category) = category else {
+        return ("0".into(), "0".into());
+    };
     match category.unit() {
         Unit::Calls => (t.count.to_string().into(), minutes_string(t.usage)),
         Unit::Messages => (t.count.to_string().into(), t.usage.to_string()),
@@ -441,7 +498,7 @@ mod tests {
         assert_eq!(minutes_string(3), "0.05");
         assert_eq!(minutes_string(0), "0");
         let (c, u) = count_and_usage(
-            Category::TotalPrice,
+            Listed::Counted(Category::TotalPrice),
             Totals {
                 count: 3,
                 usage: 0,
@@ -466,7 +523,34 @@ mod tests {
     fn categories_are_alphabetical() {
         let all = listed_categories(None);
         assert_eq!(all.len(), Category::COUNT);
-        assert_eq!(all[0], Category::Calls);
-        assert_eq!(*all.last().unwrap(), Category::TotalPrice);
+        assert_eq!(all[0], Listed::Counted(Category::Calls));
+        assert_eq!(*all.last().unwrap(), Listed::Counted(Category::TotalPrice));
+    }
+
+    #[test]
+    fn every_twilio_category_parses_and_zero_ones_are_sorted() {
+        assert!(ZERO_CATEGORIES.windows(2).all(|w| w[0].0 < w[1].0));
+        for (name, _, _, _) in ZERO_CATEGORIES {
+            let l = Listed::parse(name).unwrap();
+            assert_eq!(l.name(), *name);
+            assert!(
+                name.parse::<Category>().is_err(),
+                "{name} is counted by tallyd and listed as zero"
+            );
+            assert_eq!(
+                count_and_usage(l, Totals::default()),
+                ("0".into(), "0".into())
+            );
+        }
+        let p = Listed::parse("phonenumbers").unwrap();
+        assert_eq!(
+            (p.count_unit(), p.usage_unit("usd")),
+            ("numbers", "numbers".into())
+        );
+        assert_eq!(
+            Listed::parse("calls"),
+            Some(Listed::Counted(Category::Calls))
+        );
+        assert_eq!(Listed::parse("calls-teleport"), None);
     }
 }

@@ -1,8 +1,10 @@
 //! `GET /2010-04-01/Accounts/{AccountSid}/Usage/Records[/{Subresource}][.json]`:
 //! HTTP Basic auth, query parameters, paging, and the JSON of seed `003_…`.
 
-use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, Uri};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
 
@@ -11,14 +13,14 @@ use base64::Engine;
 use serde::Serialize;
 
 use super::accounts::{self, constant_time_eq};
-use super::error::TwilioError;
+use super::auth::{self, AuthThrottle};
+use super::error::{shown, throttled, TwilioError};
 use super::records::{
     count_and_usage, fixed_interval, in_list, intervals, listed_categories, parse_date, tile,
-    Buckets, Interval, RowKind, Subresource, Totals, SUBRESOURCE_URIS,
+    Buckets, Interval, Listed, RowKind, Subresource, Totals, SUBRESOURCE_URIS,
 };
 use super::ApiState;
 use crate::calendar::{parse_rfc3339, Day};
-use crate::category::Category;
 use crate::store::{Conn, Param};
 
 pub const API_VERSION: &str = "2010-04-01";
@@ -28,7 +30,7 @@ const MAX_PAGE_SIZE: u32 = 1000;
 /// The query parameters of a list request, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListQuery {
-    pub category: Option<Category>,
+    pub category: Option<Listed>,
     pub start: Option<Day>,
     pub end: Option<Day>,
     pub include_subaccounts: bool,
@@ -36,12 +38,19 @@ pub struct ListQuery {
     pub include_given: bool,
     pub page_size: u32,
     pub page: Option<u64>,
-    /// Offset of the first record, from `PageToken`.
-    pub token_offset: Option<u64>,
+    /// `PageToken`, decoded; checked against the listing it is used on by
+    /// [`list_records`].
+    pub token: Option<PageToken>,
+}
+
+/// The first and last day a date parameter may name.
+fn date_range() -> (Day, Day) {
+    (Day::from_ymd(1, 1, 1), Day::from_ymd(9999, 12, 31))
 }
 
 /// Parses the query string; the first occurrence of a parameter wins, unknown
-/// parameters are ignored (as Twilio does).
+/// parameters are ignored (as Twilio does). Dates are checked on every
+/// subresource, also on those with a fixed period that do not use them.
 pub fn parse_query(raw: Option<&str>, today: Day) -> Result<ListQuery, TwilioError> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or(""))
         .map_err(|e| TwilioError::invalid_parameter(format!("malformed query string: {e}")))?;
@@ -53,9 +62,10 @@ pub fn parse_query(raw: Option<&str>, today: Day) -> Result<ListQuery, TwilioErr
     };
     let category = match get("Category") {
         None => None,
-        Some(c) => Some(c.parse::<Category>().map_err(|_| {
+        Some(c) => Some(Listed::parse(c).ok_or_else(|| {
             TwilioError::invalid_parameter(format!(
-                "Category {c:?} is not a usage category of this account; valid categories: {}",
+                "Category {} is not a Twilio usage category; tallyd counts: {}",
+                shown(c),
                 listed_categories(None)
                     .iter()
                     .map(|c| c.name())
@@ -64,23 +74,35 @@ pub fn parse_query(raw: Option<&str>, today: Day) -> Result<ListQuery, TwilioErr
             ))
         })?),
     };
+    let (first, last) = date_range();
     let date = |name: &str| -> Result<Option<Day>, TwilioError> {
         match get(name) {
             None => Ok(None),
             // An unencoded `+30days` arrives as ` 30days` (form decoding).
-            Some(s) => parse_date(&s.replacen(' ', "+", 1), today).map(Some).ok_or_else(|| {
-                TwilioError::invalid_parameter(format!(
-                    "{name} {s:?} is not a date: use YYYY-MM-DD or an offset such as -30days or +30days"
-                ))
-            }),
+            Some(s) => parse_date(&s.replacen(' ', "+", 1), today)
+                .filter(|d| (first..=last).contains(d))
+                .map(Some)
+                .ok_or_else(|| {
+                    TwilioError::invalid_parameter(format!(
+                        "{name} {} is not a date from 0001-01-01 to 9999-12-31: use YYYY-MM-DD or an offset such as -30days or +30days",
+                        shown(s)
+                    ))
+                }),
         }
     };
     let start = date("StartDate")?;
     let end = date("EndDate")?;
-    if let (Some(s), Some(e)) = (start, end) {
+    // Without EndDate a listing ends today.
+    if let Some(s) = start {
+        let e = end.unwrap_or(today);
         if s > e {
+            let which = if end.is_some() {
+                ""
+            } else {
+                " (today: EndDate was not given)"
+            };
             return Err(TwilioError::invalid_parameter(format!(
-                "StartDate {s} is after EndDate {e}"
+                "StartDate {s} is after EndDate {e}{which}"
             )));
         }
     }
@@ -90,19 +112,25 @@ pub fn parse_query(raw: Option<&str>, today: Day) -> Result<ListQuery, TwilioErr
         Some(v) if v.eq_ignore_ascii_case("false") => false,
         Some(v) => {
             return Err(TwilioError::invalid_parameter(format!(
-                "IncludeSubaccounts {v:?} is not a boolean: use true or false"
+                "IncludeSubaccounts {} is not a boolean: use true or false",
+                shown(v)
             )))
         }
     };
+    // Twilio serves a PageSize above the maximum as the maximum (the official
+    // clients send `list(limit=5000)` as PageSize=5000).
     let page_size = match get("PageSize") {
         None => DEFAULT_PAGE_SIZE,
-        Some(v) => v
-            .parse::<u32>()
-            .ok()
-            .filter(|n| (1..=MAX_PAGE_SIZE).contains(n))
+        Some(v) => Some(v)
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            // Digits too many for a u64 are a size above the maximum too.
+            .map(|v| v.parse::<u64>().unwrap_or(u64::MAX))
+            .filter(|n| *n >= 1)
+            .map(|n| n.min(u64::from(MAX_PAGE_SIZE)) as u32)
             .ok_or_else(|| {
                 TwilioError::invalid_parameter(format!(
-                    "PageSize {v:?} is out of range: use an integer from 1 to {MAX_PAGE_SIZE}"
+                    "PageSize {} is not a page size: use an integer from 1 (at most {MAX_PAGE_SIZE} are served)",
+                    shown(v)
                 ))
             })?,
     };
@@ -114,23 +142,15 @@ pub fn parse_query(raw: Option<&str>, today: Day) -> Result<ListQuery, TwilioErr
                 .filter(|p| *p < 1 << 40)
                 .ok_or_else(|| {
                     TwilioError::invalid_parameter(format!(
-                        "Page {v:?} is not a page number: use an integer from 0"
+                        "Page {} is not a page number: use an integer from 0",
+                        shown(v)
                     ))
                 })?,
         ),
     };
-    let token_offset = match get("PageToken") {
+    let token = match get("PageToken") {
         None => None,
-        Some(t) => Some(
-            t.strip_prefix("PA")
-                .and_then(|n| n.parse::<u64>().ok())
-                .filter(|o| *o < 1 << 50)
-                .ok_or_else(|| {
-                    TwilioError::invalid_parameter(format!(
-                        "PageToken {t:?} was not issued by this API: follow next_page_uri or use Page"
-                    ))
-                })?,
-        ),
+        Some(t) => Some(PageToken::decode(t).ok_or_else(|| bad_token(t))?),
     };
     Ok(ListQuery {
         category,
@@ -140,26 +160,78 @@ pub fn parse_query(raw: Option<&str>, today: Day) -> Result<ListQuery, TwilioErr
         include_given: get("IncludeSubaccounts").is_some(),
         page_size,
         page,
-        token_offset,
+        token,
     })
 }
 
-/// The credentials of an `Authorization: Basic` header.
-pub fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
-    let value = headers
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
-    let (scheme, b64) = value.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
+fn bad_token(t: &str) -> TwilioError {
+    TwilioError::invalid_parameter(format!(
+        "PageToken {} was not issued for this listing: follow next_page_uri or previous_page_uri, or use Page",
+        shown(t)
+    ))
+}
+
+/// An opaque `PageToken`: `PA` + base64url of the first record's offset, the
+/// page size and a check over both and the listing (path and filters), so a
+/// token edited by hand, or used on another listing or page size, is refused.
+/// The check is a checksum, not a secret: a token only says where a page
+/// starts, which `Page` says too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageToken {
+    pub offset: u64,
+    pub page_size: u32,
+    check: u32,
+}
+
+impl PageToken {
+    fn check(listing: &str, offset: u64, page_size: u32) -> u32 {
+        let mut bytes = listing.as_bytes().to_vec();
+        bytes.extend_from_slice(&offset.to_le_bytes());
+        bytes.extend_from_slice(&page_size.to_le_bytes());
+        xxhash_rust::xxh3::xxh3_64(&bytes) as u32
     }
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .ok()?;
-    let text = String::from_utf8(raw).ok()?;
-    let (user, pass) = text.split_once(':')?;
-    Some((user.to_owned(), pass.to_owned()))
+
+    pub fn new(listing: &str, offset: u64, page_size: u32) -> PageToken {
+        PageToken {
+            offset,
+            page_size,
+            check: Self::check(listing, offset, page_size),
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.offset.to_le_bytes());
+        b[8..12].copy_from_slice(&self.page_size.to_le_bytes());
+        b[12..].copy_from_slice(&self.check.to_le_bytes());
+        format!(
+            "PA{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+        )
+    }
+
+    pub fn decode(t: &str) -> Option<PageToken> {
+        let b = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(t.strip_prefix("PA")?)
+            .ok()?;
+        if b.len() != 16 {
+            return None;
+        }
+        let (offset, rest) = b.split_at(8);
+        let (page_size, check) = rest.split_at(4);
+        Some(PageToken {
+            offset: u64::from_le_bytes(offset.try_into().ok()?),
+            page_size: u32::from_le_bytes(page_size.try_into().ok()?),
+            check: u32::from_le_bytes(check.try_into().ok()?),
+        })
+    }
+
+    /// Whether the token was issued for `listing` at `page_size`.
+    pub fn is_for(&self, listing: &str, page_size: u32) -> bool {
+        self.page_size == page_size
+            && self.offset < 1 << 50
+            && self.check == Self::check(listing, self.offset, self.page_size)
+    }
 }
 
 /// The account a listing is for, as [`authorize`] found it.
@@ -171,7 +243,9 @@ pub struct Target {
 }
 
 /// Checks `AccountSid:AuthToken` and that it may read `target`; one store
-/// round trip when an account reads itself.
+/// round trip when an account reads itself. Nothing a client sends reaches a
+/// query before it has the shape of an account SID. Another tenant's account
+/// is answered as if it did not exist (404), so SIDs cannot be probed.
 pub fn authorize(
     c: &mut Conn,
     creds: Option<(String, String)>,
@@ -183,29 +257,32 @@ pub fn authorize(
             "Authenticate: send HTTP Basic auth with AccountSid:AuthToken",
         ));
     };
+    let refused = || {
+        TwilioError::authenticate(
+            "Authenticate: the AccountSid and AuthToken given do not match an account",
+        )
+    };
+    if !accounts::is_account_sid(&user) {
+        return Err(refused());
+    }
     let found = |(account, has_subaccounts, last_flush)| Target {
         account,
         has_subaccounts,
         last_flush,
     };
     let caller = accounts::get_for_listing(c, &user)?
-        .filter(|(a, _, _)| constant_time_eq(&a.auth_token, &token))
-        .ok_or_else(|| {
-            TwilioError::authenticate(format!(
-                "Authenticate: the AccountSid {user:?} and AuthToken given do not match an account"
-            ))
-        })?;
+        .filter(|(a, _, _)| constant_time_eq(a.auth_token.expose(), &token))
+        .ok_or_else(refused)?;
     if caller.0.sid == target {
         return Ok(found(caller));
     }
+    if !accounts::is_account_sid(target)
+        || !accounts::is_self_or_ancestor(c, &caller.0.sid, target)?
+    {
+        return Err(TwilioError::not_found(path));
+    }
     let account =
         accounts::get_for_listing(c, target)?.ok_or_else(|| TwilioError::not_found(path))?;
-    if !accounts::is_self_or_ancestor(c, &caller.0.sid, target)? {
-        return Err(TwilioError::forbidden(format!(
-            "Account {} may read only itself and its subaccounts, not {target}",
-            caller.0.sid
-        )));
-    }
     Ok(found(account))
 }
 
@@ -293,7 +370,7 @@ fn read_rows(
     to: Day,
     starts: &[Day],
     cells: &mut [Totals],
-    categories: &[Category],
+    categories: &[Listed],
     price_unit: &mut Option<String>,
 ) -> Result<(), TwilioError> {
     for row in super::records::read_rows(c, accounts, kind, from, to)? {
@@ -305,6 +382,7 @@ fn read_rows(
             },
         };
         for (ci, cat) in categories.iter().enumerate() {
+            let Listed::Counted(cat) = cat else { continue };
             let t = row.leaves.get(*cat);
             cells[bucket * categories.len() + ci].add(Totals {
                 count: t.count as i64,
@@ -362,12 +440,36 @@ pub fn list_records(c: &mut Conn, req: RecordsRequest) -> Result<RecordsPage, Tw
         }
     };
 
+    // Filters are carried into every paging link; date offsets are resolved so
+    // the pages of one listing agree even across midnight.
+    let mut filters: Vec<(&str, String)> = Vec::new();
+    if let Some(c) = q.category {
+        filters.push(("Category", c.name().to_owned()));
+    }
+    if req.sub.takes_dates() {
+        if let Some(s) = q.start {
+            filters.push(("StartDate", s.to_string()));
+        }
+        if let Some(e) = q.end {
+            filters.push(("EndDate", e.to_string()));
+        }
+    }
+    if q.include_given {
+        filters.push(("IncludeSubaccounts", q.include_subaccounts.to_string()));
+    }
+    let listing = with_query(&req.base_path, &query_string(&filters));
+
     let categories = listed_categories(q.category);
     let per_bucket = categories.len() as u64;
     let total = buckets.len() as u64 * per_bucket;
     let size = q.page_size as u64;
-    let start = q.token_offset.unwrap_or_else(|| q.page.unwrap_or(0) * size);
-    let page = q.page.unwrap_or(start / size);
+    // A PageToken says where its page starts; the page number follows from it.
+    let start = match q.token {
+        Some(t) if t.is_for(&listing, q.page_size) => t.offset,
+        Some(t) => return Err(bad_token(&t.encode())),
+        None => q.page.unwrap_or(0) * size,
+    };
+    let page = start / size;
     let end_excl = (start + size).min(total);
 
     let mut records = Vec::new();
@@ -456,50 +558,34 @@ pub fn list_records(c: &mut Conn, req: RecordsRequest) -> Result<RecordsPage, Tw
         }
     }
 
-    // Filters are carried into every paging link; date offsets are resolved so
-    // the pages of one listing agree even across midnight.
-    let mut filters: Vec<(&str, String)> = Vec::new();
-    if let Some(c) = q.category {
-        filters.push(("Category", c.name().to_owned()));
-    }
-    if req.sub.takes_dates() {
-        if let Some(s) = q.start {
-            filters.push(("StartDate", s.to_string()));
-        }
-        if let Some(e) = q.end {
-            filters.push(("EndDate", e.to_string()));
-        }
-    }
-    if q.include_given {
-        filters.push(("IncludeSubaccounts", q.include_subaccounts.to_string()));
-    }
     let link = |page: u64, offset: Option<u64>| {
         let mut p = filters.clone();
         p.push(("Page", page.to_string()));
         p.push(("PageSize", size.to_string()));
         if let Some(o) = offset {
-            p.push(("PageToken", format!("PA{o}")));
+            p.push((
+                "PageToken",
+                PageToken::new(&listing, o, q.page_size).encode(),
+            ));
         }
         with_query(&req.base_path, &query_string(&p))
     };
     let num_pages = total.div_ceil(size).max(1);
+    // `end` is the index of the page's last record, so `end - start + 1` is
+    // always its length: a page past the end has `end = start - 1`, and its
+    // previous page is the one before it, as for any other page.
     Ok(RecordsPage {
-        end: if end_excl > start {
-            end_excl - 1
-        } else {
-            start
-        },
+        end: (start + records.len() as u64).saturating_sub(1),
         first_page_uri: link(0, None),
         last_page_uri: link(num_pages - 1, None),
         next_page_uri: (end_excl < total).then(|| link(page + 1, Some(end_excl))),
         num_pages,
         page,
         page_size: q.page_size,
-        previous_page_uri: (start > 0)
-            .then(|| link(page.saturating_sub(1), Some(start.saturating_sub(size)))),
+        previous_page_uri: (page > 0).then(|| link(page - 1, Some((page - 1) * size))),
         start,
         total,
-        uri: with_query(&req.base_path, &query_string(&filters)),
+        uri: listing,
         usage_records: records,
     })
 }
@@ -549,46 +635,61 @@ fn first_day(c: &mut Conn, accounts: &[String], fallback: Day) -> Result<Day, Tw
 /// `…/Usage/Records` and `…/Usage/Records.json`.
 pub async fn records_root(
     State(state): State<ApiState>,
-    Path(sid): Path<String>,
+    sid: Option<Path<String>>,
     uri: Uri,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
+    peer: Option<ConnectInfo<SocketAddr>>,
 ) -> Response {
-    serve(state, sid, Subresource::Root, uri, raw, headers)
+    let sid = sid.map(|Path(s)| s);
+    serve(state, sid, Some(Subresource::Root), uri, raw, headers, peer)
         .await
-        .into_response()
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 /// `…/Usage/Records/{Subresource}[.json]`.
 pub async fn records_sub(
     State(state): State<ApiState>,
-    Path((sid, segment)): Path<(String, String)>,
+    params: Option<Path<(String, String)>>,
     uri: Uri,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
+    peer: Option<ConnectInfo<SocketAddr>>,
 ) -> Response {
-    let Some(sub) = Subresource::parse(&segment) else {
-        return TwilioError::not_found(uri.path()).into_response();
+    let (sid, sub) = match params {
+        Some(Path((sid, segment))) => (Some(sid), Subresource::parse(&segment)),
+        None => (None, None),
     };
-    serve(state, sid, sub, uri, raw, headers)
+    serve(state, sid, sub, uri, raw, headers, peer)
         .await
-        .into_response()
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
+/// Authenticates (throttling failures per client), then reads the query and
+/// builds the page: a client without valid credentials learns nothing about
+/// parameters, paths or accounts. `sid` is `None` when the path did not
+/// decode, `sub` when it names no subresource: both are 404s once the caller
+/// is known.
 async fn serve(
     state: ApiState,
-    sid: String,
-    sub: Subresource,
+    sid: Option<String>,
+    sub: Option<Subresource>,
     uri: Uri,
     raw: Option<String>,
     headers: HeaderMap,
-) -> Result<Response, TwilioError> {
+    peer: Option<ConnectInfo<SocketAddr>>,
+) -> Result<Response, Response> {
+    let client = auth::client_of(peer);
+    if let Err(wait) = state.throttle().check(client) {
+        AuthThrottle::throttled("twilio");
+        return Err(throttled(true, wait));
+    }
     let now = state.now();
     let today = Day::from_unix(now);
     let path = uri.path().to_owned();
-    let query = parse_query(raw.as_deref(), today)?;
-    let creds = basic_credentials(&headers);
+    let creds = auth::basic(&headers);
     let base_path = path.strip_suffix(".json").unwrap_or(&path).to_owned();
+    let sid = sid.unwrap_or_default();
     let currency = state.currency_of(&sid);
     // The page is serialized on the blocking pool too: a 1000-record page is
     // about a megabyte of JSON.
@@ -596,6 +697,8 @@ async fn serve(
         .store()
         .run(move |c| {
             Ok(authorize(c, creds, &sid, &path).and_then(|target| {
+                let sub = sub.ok_or_else(|| TwilioError::not_found(&path))?;
+                let query = parse_query(raw.as_deref(), today)?;
                 let page = list_records(
                     c,
                     RecordsRequest {
@@ -611,8 +714,18 @@ async fn serve(
                 serde_json::to_vec(&page).map_err(TwilioError::internal)
             }))
         })
-        .await??;
-    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+        .await
+        .map_err(|e| TwilioError::from(e).into_response())?;
+    match body {
+        Ok(body) => Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response()),
+        Err(e) if e.status == StatusCode::UNAUTHORIZED => {
+            match state.throttle().failed(client, "twilio") {
+                Ok(()) => Err(e.into_response()),
+                Err(wait) => Err(throttled(true, wait)),
+            }
+        }
+        Err(e) => Err(e.into_response()),
+    }
 }
 
 /// Any other path under `/2010-04-01`: a Twilio 20404.
@@ -640,8 +753,14 @@ mod tests {
     fn query_errors_name_parameter_and_value() {
         for (raw, want) in [
             ("PageSize=0", "PageSize \"0\""),
-            ("PageSize=1001", "PageSize \"1001\""),
+            ("PageSize=-5", "PageSize \"-5\""),
             ("PageSize=ten", "PageSize \"ten\""),
+            ("StartDate=0000-12-31", "StartDate \"0000-12-31\""),
+            ("StartDate=-999999days", "StartDate \"-999999days\""),
+            (
+                "StartDate=2025-03-05",
+                "StartDate 2025-03-05 is after EndDate 2025-03-04 (today",
+            ),
             ("Category=calls-bogus", "Category \"calls-bogus\""),
             ("StartDate=2025-02-30", "StartDate \"2025-02-30\""),
             ("EndDate=tomorrow", "EndDate \"tomorrow\""),
@@ -660,6 +779,47 @@ mod tests {
     }
 
     #[test]
+    fn page_sizes_above_the_maximum_are_served_as_the_maximum() {
+        for (raw, size) in [
+            ("PageSize=1000", 1000),
+            ("PageSize=1001", 1000),
+            ("PageSize=5000", 1000),
+            ("PageSize=99999999999999999999", 1000),
+            ("PageSize=1", 1),
+        ] {
+            assert_eq!(
+                parse_query(Some(raw), today()).unwrap().page_size,
+                size,
+                "{raw}"
+            );
+        }
+    }
+
+    #[test]
+    fn page_tokens_are_opaque_and_bound_to_their_listing() {
+        let listing = "/2010-04-01/Accounts/AC/Usage/Records/Daily?Category=calls";
+        let t = PageToken::new(listing, 200, 100);
+        let text = t.encode();
+        assert!(text.starts_with("PA") && !text.contains("200"), "{text}");
+        let back = PageToken::decode(&text).unwrap();
+        assert_eq!(back, t);
+        assert!(back.is_for(listing, 100));
+        assert!(!back.is_for(listing, 50), "another page size");
+        assert!(!back.is_for("/2010-04-01/Accounts/AC/Usage/Records/Daily", 100));
+        // Any edit of a character is noticed.
+        for i in 2..text.len() {
+            let mut b = text.clone().into_bytes();
+            b[i] = if b[i] == b'A' { b'B' } else { b'A' };
+            let edited = String::from_utf8(b).unwrap();
+            assert!(
+                !PageToken::decode(&edited).is_some_and(|e| e.is_for(listing, 100)),
+                "{edited}"
+            );
+        }
+        assert!(PageToken::decode("PA100").is_none());
+    }
+
+    #[test]
     fn offsets_resolve_against_today() {
         let q = parse_query(Some("StartDate=-30days&EndDate=%2B1days"), today()).unwrap();
         assert_eq!(q.start.unwrap().to_string(), "2025-02-02");
@@ -675,18 +835,5 @@ mod tests {
             "2019-06-24T22:32:49+00:00"
         );
         assert_eq!(as_of(None, 0), "1970-01-01T00:00:00+00:00");
-    }
-
-    #[test]
-    fn basic_auth_is_decoded() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            axum::http::header::AUTHORIZATION,
-            "Basic QUNhYmM6dG9rZW4=".parse().unwrap(),
-        );
-        assert_eq!(
-            basic_credentials(&h),
-            Some(("ACabc".to_owned(), "token".to_owned()))
-        );
     }
 }

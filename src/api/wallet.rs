@@ -9,8 +9,11 @@
 //! a granted hold, a release and a top-up are written to the store before the
 //! answer leaves.
 
+use std::net::SocketAddr;
+
 use crate::metrics as m;
 use axum::body::Bytes;
+use axum::extract::ConnectInfo;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -19,8 +22,8 @@ use serde::Deserialize;
 use serde_json::{json, Value as Json_};
 
 use super::accounts::{self, Account};
-use super::admin::{check_admin, check_sid, parse_body};
-use super::agentphone::{authenticate, bearer};
+use super::admin::{check_sid, parse_body, Admin};
+use super::agentphone::with_account;
 use super::error::ApiError;
 use super::ApiState;
 use crate::cdr::{AccountSid, CallNumberType, Mode};
@@ -86,10 +89,15 @@ fn sid_of(a: &Account) -> Result<AccountSid, ApiError> {
     AccountSid::parse(&a.sid).ok_or_else(|| ApiError::internal("stored account SID is malformed"))
 }
 
-async fn account(state: &ApiState, headers: &HeaderMap) -> Result<Account, ApiError> {
-    check_loaded(state)?;
-    let key = bearer(headers);
-    state.store().run(move |c| Ok(authenticate(c, key))).await?
+/// The account of the request's API key (failures throttled per client, as
+/// every API's are).
+async fn account(
+    state: &ApiState,
+    headers: &HeaderMap,
+    peer: Option<ConnectInfo<SocketAddr>>,
+) -> Result<Account, Response> {
+    check_loaded(state).map_err(IntoResponse::into_response)?;
+    with_account(state, headers, peer, |_, a| Ok(a)).await
 }
 
 fn rfc3339(unix: i64) -> String {
@@ -194,10 +202,17 @@ fn store_unavailable(e: StoreError) -> ApiError {
 pub async fn create_hold(
     State(state): State<ApiState>,
     headers: HeaderMap,
+    peer: Option<ConnectInfo<SocketAddr>>,
     body: Bytes,
-) -> Result<Response, ApiError> {
+) -> Response {
+    match account(&state, &headers, peer).await {
+        Ok(a) => create_hold_for(state, a, body).await.into_response(),
+        Err(refused) => refused,
+    }
+}
+
+async fn create_hold_for(state: ApiState, a: Account, body: Bytes) -> Result<Response, ApiError> {
     let started = std::time::Instant::now();
-    let a = account(&state, &headers).await?;
     let req: NewHold = parse_body(&body)?;
     check_call_id(&req.call_id)?;
     let mode = match req.mode.as_deref() {
@@ -316,9 +331,20 @@ fn no_hold(call_id: &str) -> ApiError {
 pub async fn release_hold(
     State(state): State<ApiState>,
     headers: HeaderMap,
+    peer: Option<ConnectInfo<SocketAddr>>,
     Path(call_id): Path<String>,
+) -> Response {
+    match account(&state, &headers, peer).await {
+        Ok(a) => release_hold_for(state, a, call_id).await.into_response(),
+        Err(refused) => refused,
+    }
+}
+
+async fn release_hold_for(
+    state: ApiState,
+    a: Account,
+    call_id: String,
 ) -> Result<Response, ApiError> {
-    let a = account(&state, &headers).await?;
     check_call_id(&call_id)?;
     let account = sid_of(&a)?;
     let wallets = state.wallets().clone();
@@ -362,9 +388,20 @@ fn finished(h: &StoredHold) -> Result<Response, ApiError> {
 pub async fn call_billing(
     State(state): State<ApiState>,
     headers: HeaderMap,
+    peer: Option<ConnectInfo<SocketAddr>>,
     Path(call_id): Path<String>,
+) -> Response {
+    match account(&state, &headers, peer).await {
+        Ok(a) => call_billing_for(state, a, call_id).await.into_response(),
+        Err(refused) => refused,
+    }
+}
+
+async fn call_billing_for(
+    state: ApiState,
+    a: Account,
+    call_id: String,
 ) -> Result<Json<Json_>, ApiError> {
-    let a = account(&state, &headers).await?;
     check_call_id(&call_id)?;
     let h = find_hold(&state, sid_of(&a)?, &call_id)
         .await?
@@ -384,8 +421,15 @@ pub async fn call_billing(
 pub async fn wallet(
     State(state): State<ApiState>,
     headers: HeaderMap,
-) -> Result<Json<Json_>, ApiError> {
-    let a = account(&state, &headers).await?;
+    peer: Option<ConnectInfo<SocketAddr>>,
+) -> Response {
+    match account(&state, &headers, peer).await {
+        Ok(a) => wallet_for(state, a).await.into_response(),
+        Err(refused) => refused,
+    }
+}
+
+async fn wallet_for(state: ApiState, a: Account) -> Result<Json<Json_>, ApiError> {
     let wallet = state.wallets().wallet(sid_of(&a)?);
     let sid = a.sid.clone();
     let own = state
@@ -427,11 +471,10 @@ fn amount_param(param: &str, v: Option<&str>) -> Result<Option<Money>, ApiError>
 /// `wallet.low_balance` instead of `wallet.recharge_requested`).
 pub async fn set_auto_recharge(
     State(state): State<ApiState>,
-    headers: HeaderMap,
+    _admin: Admin,
     Path(sid): Path<String>,
     body: Bytes,
 ) -> Result<Json<Json_>, ApiError> {
-    check_admin(&state, &headers)?;
     check_sid("sid", &sid)?;
     let req: AutoRecharge = parse_body(&body)?;
     let threshold = amount_param("threshold", req.threshold.as_deref())?;
@@ -463,10 +506,9 @@ pub async fn set_auto_recharge(
 /// events, oldest first.
 pub async fn list_events(
     State(state): State<ApiState>,
-    headers: HeaderMap,
+    _admin: Admin,
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
 ) -> Result<Json<Json_>, ApiError> {
-    check_admin(&state, &headers)?;
     let limit = super::agentphone::int_param(raw.as_deref(), "limit", 1000, 1, 10_000)?;
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
         .map_err(|e| {
@@ -503,11 +545,10 @@ pub struct NewCredit {
 /// idempotency key, durable before the `201`.
 pub async fn create_credit(
     State(state): State<ApiState>,
-    headers: HeaderMap,
+    _admin: Admin,
     Path(sid): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    check_admin(&state, &headers)?;
     check_loaded(&state)?;
     check_sid("sid", &sid)?;
     let req: NewCredit = parse_body(&body)?;

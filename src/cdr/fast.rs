@@ -178,6 +178,14 @@ impl<'a> Fields<'a> {
                 }
             }
         };
+        // Bounded fields out of bounds are for the serde path to name.
+        if self
+            .phone_number
+            .is_some_and(|p| !super::is_phone_number(p))
+            || self.agent_id.is_some_and(|a| !super::is_agent_id(a))
+        {
+            return None;
+        }
         Some(Cdr {
             id: Cow::Borrowed(id),
             account: self.account?,

@@ -256,10 +256,12 @@ pub enum RejectReason {
     ValueTooLarge,
     BillsecExceedsDuration,
     BadSegments,
+    BadPhoneNumber,
+    BadAgentId,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 17] = [
+    pub const ALL: [RejectReason; 19] = [
         RejectReason::InvalidJson,
         RejectReason::NotAnObject,
         RejectReason::DuplicateField,
@@ -277,6 +279,8 @@ impl RejectReason {
         RejectReason::ValueTooLarge,
         RejectReason::BillsecExceedsDuration,
         RejectReason::BadSegments,
+        RejectReason::BadPhoneNumber,
+        RejectReason::BadAgentId,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -299,6 +303,8 @@ impl RejectReason {
             ValueTooLarge => "value_too_large",
             BillsecExceedsDuration => "billsec_exceeds_duration",
             BadSegments => "bad_segments",
+            BadPhoneNumber => "bad_phone_number",
+            BadAgentId => "bad_agent_id",
         }
     }
 }
@@ -640,6 +646,39 @@ fn bad_value(reason: RejectReason, name: &'static str, value: &str, allowed: &st
     )
 }
 
+/// Longest `phone_number` that is a `sip:`, `sips:` or `client:` address, in
+/// bytes (visible ASCII).
+pub const MAX_ADDRESS_BYTES: usize = 128;
+/// Longest `agent_id`, in characters.
+pub const MAX_AGENT_ID_CHARS: usize = 128;
+
+/// Whether `s` may be a CDR's `phone_number`: E.164 (`+`, then 1 to 15 digits,
+/// the first not 0), or a `sip:`, `sips:` or `client:` address (the account's
+/// own SIP endpoint or client name) of at most [`MAX_ADDRESS_BYTES`] visible
+/// ASCII characters. Bounded so that what a CDR brings into the by-number
+/// breakdown and the stored pages is bounded too.
+pub fn is_phone_number(s: &str) -> bool {
+    if let Some(digits) = s.strip_prefix('+') {
+        return (1..=15).contains(&digits.len())
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && !digits.starts_with('0');
+    }
+    ["sip:", "sips:", "client:"]
+        .iter()
+        .any(|scheme| s.len() > scheme.len() && s.starts_with(scheme))
+        && s.len() <= MAX_ADDRESS_BYTES
+        && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Whether `s` may be a CDR's `agent_id`: 1 to [`MAX_AGENT_ID_CHARS`]
+/// characters, none a control character.
+pub fn is_agent_id(s: &str) -> bool {
+    // Up to MAX bytes is up to MAX characters; only longer ids need counting.
+    !s.is_empty()
+        && (s.len() <= MAX_AGENT_ID_CHARS || s.chars().count() <= MAX_AGENT_ID_CHARS)
+        && !s.chars().any(char::is_control)
+}
+
 /// Decodes and validates one message. Never panics on any input.
 pub fn decode(bytes: &[u8]) -> Result<Cdr<'_>, Rejection> {
     match fast::decode(bytes) {
@@ -733,7 +772,28 @@ fn validate<'a>(raw: &mut RawFields<'a>) -> Result<Cdr<'a>, Rejection> {
         }
     };
     let phone_number = raw.optional_str("phone_number")?;
+    if let Some(p) = phone_number.as_deref().filter(|p| !is_phone_number(p)) {
+        return Err(Rejection::new(
+            RejectReason::BadPhoneNumber,
+            "phone_number",
+            format!(
+                "field `phone_number` = {:?} is neither an E.164 number (+ and 1 to 15 digits) \
+                 nor a sip:, sips: or client: address of at most {MAX_ADDRESS_BYTES} visible ASCII characters",
+                truncate(p)
+            ),
+        ));
+    }
     let agent_id = raw.optional_str("agent_id")?;
+    if let Some(a) = agent_id.as_deref().filter(|a| !is_agent_id(a)) {
+        return Err(Rejection::new(
+            RejectReason::BadAgentId,
+            "agent_id",
+            format!(
+                "field `agent_id` = {:?} must be 1 to {MAX_AGENT_ID_CHARS} characters without control characters",
+                truncate(a)
+            ),
+        ));
+    }
 
     let usage = match &*kind {
         "call" => decode_call(raw)?,
@@ -924,6 +984,69 @@ mod tests {
             let sid = AccountSid(v);
             assert_eq!(sid.write_text(&mut [0; 34]), sid.to_string());
             assert_eq!(AccountSid::parse(sid.write_text(&mut [0; 34])), Some(sid));
+        }
+    }
+
+    #[test]
+    fn phone_numbers_and_agents_are_bounded() {
+        use RejectReason::*;
+        for good in [
+            "+14155550100",
+            "+1",
+            "+123456789012345",
+            "sip:alice@example.com",
+            "client:bob",
+            "sips:x",
+        ] {
+            let s = call(&format!(r#","phone_number":"{good}""#));
+            let cdr = decode(s.as_bytes()).unwrap();
+            assert_eq!(cdr.phone_number.as_deref(), Some(good));
+        }
+        let long_uri = format!("sip:{}", "a".repeat(MAX_ADDRESS_BYTES));
+        for bad in [
+            "",
+            "+",
+            "14155550100",
+            "+0155550100",
+            "+1234567890123456",
+            "+1 415",
+            "tel:+1415",
+            "sip:",
+            "sip:a b",
+            "client:\\u0000x",
+            &long_uri,
+            &"9".repeat(300_000),
+        ] {
+            let s = call(&format!(r#","phone_number":"{bad}""#));
+            let (r, f, m) = reason(&s);
+            assert_eq!(
+                (r, f),
+                (BadPhoneNumber, Some("phone_number")),
+                "{bad:?}: {m}"
+            );
+            assert!(m.len() < 400, "{}", m.len());
+            assert_eq!(
+                decode_with_serde_json(s.as_bytes()).unwrap_err().reason,
+                BadPhoneNumber
+            );
+        }
+        let longest = "é".repeat(MAX_AGENT_ID_CHARS);
+        for good in ["agt_1", "Agent Smith", longest.as_str()] {
+            let s = call(&format!(r#","agent_id":"{good}""#));
+            let cdr = decode(s.as_bytes()).unwrap();
+            assert_eq!(cdr.agent_id.as_deref(), Some(good));
+        }
+        let too_long = "é".repeat(MAX_AGENT_ID_CHARS + 1);
+        for bad in [
+            "",
+            "a\\u0000b",
+            "line\\nbreak",
+            too_long.as_str(),
+            &"x".repeat(300_000),
+        ] {
+            let (r, f, m) = reason(&call(&format!(r#","agent_id":"{bad}""#)));
+            assert_eq!((r, f), (BadAgentId, Some("agent_id")), "{bad:?}: {m}");
+            assert!(m.len() < 400, "{}", m.len());
         }
     }
 

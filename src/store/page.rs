@@ -40,6 +40,18 @@ pub struct RowDelta {
 /// The first byte of every encoded page.
 const FORMAT: u8 = 1;
 
+/// Most breakdown entries of one dimension a page holds: numbers on an
+/// account's `all` page, agent-days on a month page. A flush rewrites every page
+/// it touches, so an account with ever more numbers or agents must not grow its
+/// pages without bound. Usage of a value that does not fit is added to the
+/// [`OTHER`] entry of its day instead: it is still in the account's rows (and
+/// every UsageRecord), only not broken down by that value.
+pub const MAX_BREAKDOWN_ENTRIES: usize = 2048;
+
+/// The value of the entry that takes usage beyond [`MAX_BREAKDOWN_ENTRIES`]:
+/// empty, which no CDR's `phone_number` or `agent_id` can be.
+pub const OTHER: &str = "";
+
 /// The page of an account that a row or breakdown is kept on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PageId {
@@ -213,6 +225,9 @@ impl Page {
                 self.breakdowns[i].calls.add(calls);
                 self.breakdowns[i].messages.add(messages);
             }
+            Err(_) if value != OTHER && self.entries_of(dimension) >= MAX_BREAKDOWN_ENTRIES => {
+                self.add_breakdown(dimension, OTHER, day, calls, messages)
+            }
             Err(i) => self.breakdowns.insert(
                 i,
                 Breakdown {
@@ -224,6 +239,20 @@ impl Page {
                 },
             ),
         }
+    }
+
+    /// Breakdown entries of `dimension` other than [`OTHER`]: the entries are
+    /// sorted by dimension, then value, so a dimension's are contiguous and its
+    /// `OTHER` ones (the empty value) come first.
+    fn entries_of(&self, dimension: Dimension) -> usize {
+        let key = |b: &Breakdown| (b.dimension, !b.value.is_empty());
+        let start = self
+            .breakdowns
+            .partition_point(|b| key(b) < (dimension, true));
+        let end = self
+            .breakdowns
+            .partition_point(|b| b.dimension <= dimension);
+        end - start
     }
 
     /// Adds every row and breakdown of `other`.
@@ -380,6 +409,81 @@ pub fn pages_of(rows: &[RowDelta], breakdowns: &[BreakdownDelta]) -> Vec<PageDel
 mod tests {
     use super::*;
     use crate::category::Category;
+
+    #[test]
+    fn breakdowns_past_the_bound_go_to_other() {
+        let all = Period::AllTime.start();
+        let one = Tally {
+            count: 1,
+            usage: 60,
+            price: 100,
+        };
+        let mut stored = Page::default();
+        for n in 0..MAX_BREAKDOWN_ENTRIES + 500 {
+            stored.add_breakdown(
+                Dimension::Number,
+                &format!("+1555{n:07}"),
+                all,
+                one,
+                Tally::default(),
+            );
+        }
+        // Agents are bounded apart from numbers.
+        stored.add_breakdown(Dimension::Agent, "agt", Day(20_000), one, Tally::default());
+        let numbers: Vec<_> = stored
+            .breakdowns()
+            .filter(|b| b.dimension == Dimension::Number)
+            .collect();
+        assert_eq!(
+            numbers.len(),
+            MAX_BREAKDOWN_ENTRIES + 1,
+            "the bound and `other`"
+        );
+        let other = numbers.iter().find(|b| b.value == OTHER).unwrap();
+        assert_eq!(other.calls.count, 500);
+        let total: u64 = numbers.iter().map(|b| b.calls.count).sum();
+        assert_eq!(
+            total,
+            (MAX_BREAKDOWN_ENTRIES + 500) as u64,
+            "no usage is lost"
+        );
+        // A number already on the page keeps counting under its own name; a
+        // new one goes to `other`, also when a flush's delta is added.
+        let mut delta = Page::default();
+        delta.add_breakdown(
+            Dimension::Number,
+            "+15550000001",
+            all,
+            one,
+            Tally::default(),
+        );
+        delta.add_breakdown(
+            Dimension::Number,
+            "+19999999999",
+            all,
+            one,
+            Tally::default(),
+        );
+        stored.add_page(&delta);
+        let get = |v: &str| {
+            stored
+                .breakdowns()
+                .find(|b| b.value == v)
+                .map(|b| b.calls.count)
+        };
+        assert_eq!(get("+15550000001"), Some(2));
+        assert_eq!(get("+19999999999"), None);
+        assert_eq!(get(OTHER), Some(501));
+        assert_eq!(
+            stored
+                .breakdowns()
+                .filter(|b| b.dimension == Dimension::Agent)
+                .count(),
+            1
+        );
+        let size = stored.encode().len();
+        assert!(size < 64 * 1024, "a full page is {size} bytes");
+    }
     use crate::counters::BreakdownKey;
 
     fn tally(count: u64, usage: u64, price: i64) -> Tally {

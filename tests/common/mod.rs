@@ -6,7 +6,9 @@
 
 use std::path::Path;
 
-use serde_json::json;
+use reqwest::blocking::{Client, Response};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
 use tallyd::api::{router, ApiState};
 use tallyd::calendar::Day;
 use tallyd::config::Config;
@@ -25,6 +27,33 @@ pub const OTHER: &str = "AC0000000000000000000000000000c003";
 pub const OTHER_TOKEN: &str = "other-token-0123456789abcdef";
 pub const PARENT_KEY: &str = "ap_test_parent_key_0001";
 pub const ADMIN_TOKEN: &str = "admin-secret-for-tests";
+
+/// Declares `NAME::sqlite` and `NAME::postgres`: each makes a store of its kind,
+/// turns it into the test's argument with `setup(&TestStore)`, and runs
+/// `body(&argument)`. The PostgreSQL one is skipped with
+/// `TALLYD_TEST_POSTGRES=skip`.
+#[macro_export]
+macro_rules! both_stores {
+    ($name:ident, $setup:expr, $body:expr) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn sqlite() {
+                let store = TestStore::sqlite();
+                let arg = ($setup)(&store);
+                ($body)(&arg);
+            }
+            #[test]
+            fn postgres() {
+                if let Some(base) = postgres_base() {
+                    let store = TestStore::postgres(&base);
+                    let arg = ($setup)(&store);
+                    ($body)(&arg);
+                }
+            }
+        }
+    };
+}
 
 /// Where a test's store lives; dropped at the end of the test.
 pub enum TestStore {
@@ -99,8 +128,8 @@ impl Drop for TestStore {
     }
 }
 
-/// The shipped config with this store and the test accounts.
-pub fn config(url: &str) -> (Config, Tariff) {
+/// The shipped config file's text with the test accounts added.
+pub fn config_text() -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tallyd.toml");
     let mut text = std::fs::read_to_string(&path).unwrap();
     text.push_str(&format!(
@@ -123,6 +152,13 @@ plan = "pro"
 limits = {{ numbers = 3, messages_per_month = 100, voice_minutes_per_month = 50, max_call_duration_minutes = 30, concurrent_calls = 2 }}
 "#
     ));
+    text
+}
+
+/// The shipped config with this store and the test accounts.
+pub fn config(url: &str) -> (Config, Tariff) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tallyd.toml");
+    let text = config_text();
     let env = [
         ("TALLYD_STORE__URL".to_string(), url.to_string()),
         (
@@ -225,7 +261,13 @@ pub fn serve(state: ApiState) -> Server {
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
     let addr = listener.local_addr().unwrap();
-    rt.spawn(async move { axum::serve(listener, router(state)).await });
+    let limits = tallyd::http::ServerLimits::from(&tallyd::config::HttpConfig::default());
+    rt.spawn(tallyd::http::serve(
+        listener,
+        router(state),
+        limits,
+        std::future::pending(),
+    ));
     Server {
         base: format!("http://{addr}"),
         _rt: rt,
@@ -396,4 +438,199 @@ pub fn ensure_python_requirements(module: &str) {
         ok && has(),
         "python3 needs {module}: python3 -m pip install -r {req}"
     );
+}
+
+/// The real `tallyd run` binary serving the API over `store_url`, with the test
+/// accounts and admin token, and Kafka pointed at a port where nothing listens
+/// (the HTTP side does not need the broker). `TALLYD_TEST_BIN` runs another
+/// build of the binary instead (e.g. an older one, to see a test fail there).
+pub struct Tallyd {
+    pub child: std::process::Child,
+    pub base: String,
+    pub port: u16,
+    pub log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Tallyd {
+    pub fn start(store_url: &str, env: &[(&str, &str)]) -> Tallyd {
+        Tallyd::start_limited(store_url, env, None)
+    }
+
+    /// As [`Tallyd::start`], with the process's open-file limit (soft and hard)
+    /// set to `open_files`.
+    pub fn start_limited(store_url: &str, env: &[(&str, &str)], open_files: Option<u64>) -> Tallyd {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("tallyd.toml");
+        std::fs::write(&config, config_text()).unwrap();
+        let log = dir.path().join("tallyd.log");
+        let port = free_port();
+        let bin = std::env::var("TALLYD_TEST_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_tallyd").to_owned());
+        let mut cmd = std::process::Command::new(bin);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env("TALLYD_STORE__URL", store_url)
+            .env("TALLYD_API__ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("TALLYD_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+            .env("TALLYD_KAFKA__BROKERS", format!("127.0.0.1:{}", free_port()))
+            .env(
+                "RUST_LOG",
+                "info,librdkafka=off,rdkafka=off,tallyd::ingest=off,tallyd::dead_letter=off,postgres=warn",
+            )
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        if let Some(n) = open_files {
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs here.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let l = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!(
+                    "tallyd exited with {st} before serving:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            let ok = reqwest::blocking::Client::new()
+                .get(format!("{base}/healthz"))
+                .timeout(std::time::Duration::from_secs(2))
+                .send()
+                .is_ok_and(|r| r.status() == 200);
+            if ok {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tallyd did not serve /healthz within 60 s:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Tallyd {
+            child,
+            base,
+            port,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// SIGTERM, and waits for a clean exit.
+    pub fn stop(mut self) -> String {
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("tallyd did not stop within 60 s of SIGTERM");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        assert!(status.success(), "tallyd exited with {status}:\n{log}");
+        log
+    }
+}
+
+impl Drop for Tallyd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP client with a timeout, so a server that hangs fails the test.
+pub fn client() -> Client {
+    Client::builder()
+        .timeout(std::time::Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+pub fn records_url(base: &str, sid: &str, rest: &str) -> String {
+    format!("{base}/2010-04-01/Accounts/{sid}/Usage/Records{rest}")
+}
+
+pub fn get_basic(url: &str, user: &str, pass: &str) -> Response {
+    client()
+        .get(url)
+        .basic_auth(user, Some(pass))
+        .send()
+        .unwrap()
+}
+
+pub fn get_bearer(url: &str, key: &str) -> Response {
+    client().get(url).bearer_auth(key).send().unwrap()
+}
+
+/// A request to `/admin{path}` with the admin token.
+pub fn admin(base: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Response {
+    let mut r = client()
+        .request(method, format!("{base}/admin{path}"))
+        .bearer_auth(ADMIN_TOKEN);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    r.send().unwrap()
+}
+
+/// The status and JSON body of a response (which must be JSON).
+pub fn json_of(r: Response) -> (StatusCode, Value) {
+    let status = r.status();
+    let text = r.text().unwrap();
+    let body = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{status}: body is not JSON ({e}): {text:?}"));
+    (status, body)
+}
+
+/// Asserts a Twilio error body of `status` and `code`; returns its message.
+pub fn twilio_error(r: Response, status: u16, code: u64) -> String {
+    let (st, body) = json_of(r);
+    assert_eq!(st.as_u16(), status, "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], status, "{body}");
+    assert_eq!(
+        body["more_info"],
+        format!("https://www.twilio.com/docs/errors/{code}")
+    );
+    body["message"].as_str().unwrap().to_owned()
+}
+
+/// Asserts an AgentPhone-shaped error body of `status`; returns its `error`.
+pub fn api_error(r: Response, status: u16) -> Value {
+    let (st, body) = json_of(r);
+    assert_eq!(st.as_u16(), status, "{body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
+    body["error"].clone()
 }
