@@ -134,8 +134,6 @@ struct PartitionState {
     deltas: Deltas,
     /// Wallet debits and hold settlements since the last flush.
     ledger: crate::wallet::Ledger,
-    /// Whether the last event of this partition was "end of partition".
-    at_end: bool,
 }
 
 /// Per-message tallies, published to `metrics` at every tick (not per message).
@@ -280,7 +278,6 @@ impl IngestContext {
                     window,
                     deltas: Deltas::default(),
                     ledger: crate::wallet::Ledger::new(self.settings.wallets.clone()),
-                    at_end: false,
                 },
             );
         }
@@ -445,6 +442,21 @@ fn hostname() -> Option<String> {
     let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     let name = String::from_utf8_lossy(&buf[..len]).into_owned();
     (!name.is_empty()).then_some(name)
+}
+
+/// Consumer settings tallyd does not let `[kafka.properties]` change.
+fn fixed_settings(cfg: &mut ClientConfig) {
+    // Offsets come from the store, never from Kafka (commits are for lag tools
+    // only). No end-of-partition events: librdkafka's batch consume counts one
+    // as consumed up to one past the end, and a pause (backpressure) then
+    // resumes from there, skipping the next message (see the test
+    // `a_pause_after_the_partition_end_skips_no_message`). The loop tells it
+    // has caught up from the partitions' high watermarks instead.
+    cfg.set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "range,roundrobin");
 }
 
 /// Messages between looks at the clock, the flusher and the pending bound.
@@ -659,12 +671,7 @@ impl Ingest {
             my_health: IngestHealth::default(),
             log_throttle: LogThrottle::default(),
         };
-        cfg.set("enable.auto.commit", "false")
-            // End-of-partition events tell the loop it has caught up (flush now).
-            .set("enable.partition.eof", "true")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("partition.assignment.strategy", "range,roundrobin");
+        fixed_settings(&mut cfg);
         if let (Some(id), None) = (&instance_id, &control) {
             // Only the member joins the group; helpers must not claim its id.
             if cfg.get("group.instance.id").is_none() {
@@ -754,7 +761,6 @@ impl Ingest {
             got_nothing = batch.is_empty() && event.is_none();
             let polled = batch.len();
             let mut st = ctx.state.lock();
-            let mut reached_end = false;
             match event {
                 None => {}
                 // A partition whose messages were not routed to the fetch queue
@@ -762,7 +768,6 @@ impl Ingest {
                 Some(Ok(msg)) => {
                     self.handle_run(&mut st, std::slice::from_ref(&msg), &settings.topic)
                 }
-                Some(Err(KafkaError::PartitionEOF(p))) => reached_end |= at_end(&mut st, p),
                 Some(Err(e)) => on_error(ctx, e),
             }
             for run in batch.chunk_by(|a, b| {
@@ -770,17 +775,12 @@ impl Ingest {
             }) {
                 match run[0].error() {
                     None => self.handle_run(&mut st, run, &settings.topic),
-                    Some(RDKafkaErrorCode::PartitionEOF) => {
-                        reached_end |= at_end(&mut st, run[0].partition())
-                    }
                     Some(code) => on_error(ctx, KafkaError::MessageConsumption(code)),
                 }
             }
             batch.clear();
-            // Caught up: every assigned partition is at its end.
-            let idle = (got_nothing || reached_end)
-                && !st.partitions.is_empty()
-                && st.partitions.values().all(|ps| ps.at_end);
+            // Caught up: every assigned partition is read to its end.
+            let idle = got_nothing && all_at_end(&st, &self.consumer);
             // Clocks, flush results and the pending bound are looked at every few
             // hundred messages, and whenever the consumer is idle or paused.
             since_check += polled.max(1);
@@ -1017,7 +1017,6 @@ impl Ingest {
             // Messages of a partition revoked while they were in flight.
             return;
         };
-        ps.at_end = false;
         let run = continue_from(ps.next, run, partition);
         let Some(last) = run.last() else {
             return;
@@ -1064,25 +1063,33 @@ fn publish_lag(st: &State, consumer: &BatchConsumer<IngestContext>) {
         let Some((low, high)) = consumer.watermarks(*p) else {
             continue;
         };
-        // Nothing read since the assignment: from the stored offset, or from the
-        // start of the partition.
-        let position = if ps.next >= 0 {
-            ps.next
-        } else {
-            ps.stored.unwrap_or(low)
-        };
         metrics::gauge!(crate::metrics::CONSUMER_LAG, "partition" => p.to_string())
-            .set((high - position).max(0) as f64);
+            .set((high - ps.position(low)).max(0) as f64);
     }
 }
 
-/// Partition `p` reached its end; returns whether it is one of ours.
-fn at_end(st: &mut State, p: i32) -> bool {
-    let Some(ps) = st.partitions.get_mut(&p) else {
-        return false;
-    };
-    ps.at_end = true;
-    true
+/// Caught up: every assigned partition is read to its end as of its last
+/// fetch (librdkafka's cached high watermark, so no broker request).
+fn all_at_end(st: &State, consumer: &BatchConsumer<IngestContext>) -> bool {
+    !st.partitions.is_empty()
+        && st.partitions.iter().all(|(p, ps)| {
+            consumer
+                .watermarks(*p)
+                .is_some_and(|(low, high)| ps.position(low) >= high)
+        })
+}
+
+impl PartitionState {
+    /// Where the partition is read to: the next offset to read, or before
+    /// anything was read since the assignment, the stored offset or the
+    /// start of the partition (`low`).
+    fn position(&self, low: i64) -> i64 {
+        if self.next >= 0 {
+            self.next
+        } else {
+            self.stored.unwrap_or(low)
+        }
+    }
 }
 
 /// A consumer error: counted, and logged unless it keeps recurring.
@@ -1245,5 +1252,75 @@ mod tests {
         assert!(continue_from(14, &run, 3).is_empty());
         // A gap is read past.
         assert_eq!(offsets(continue_from(7, &run, 3)), [10, 11, 12, 13]);
+    }
+
+    /// Takes from `q` until `done` says so (or `max` passed); returns what
+    /// came: each message's offset, or -1 for an event such as the
+    /// partition's end.
+    fn take(
+        q: &BatchConsumer<rdkafka::consumer::DefaultConsumerContext>,
+        max: Duration,
+        mut done: impl FnMut(&[i64]) -> bool,
+    ) -> Vec<i64> {
+        let mut seen = Vec::new();
+        let mut batch = Vec::with_capacity(64);
+        let deadline = Instant::now() + max;
+        while !done(&seen) && Instant::now() < deadline {
+            q.consume(Duration::from_millis(100), &mut batch);
+            seen.extend(
+                batch
+                    .drain(..)
+                    .map(|m| if m.error().is_some() { -1 } else { m.offset() }),
+            );
+        }
+        seen
+    }
+
+    /// librdkafka's batch consume counts a partition-end event as consumed up
+    /// to one past the end; a pause and resume (backpressure) then resumes
+    /// fetching from there, and the first message produced after the end was
+    /// never delivered: with end events on, the message after the pause is 6,
+    /// not 5 (one CDR lost, with every offset stored). tallyd's consumers take
+    /// no end events.
+    #[test]
+    fn a_pause_after_the_partition_end_skips_no_message() {
+        use rdkafka::mocking::MockCluster;
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("t", 1, 1).unwrap();
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("group.id", "g");
+        let producer: BaseProducer = client.create().unwrap();
+        let send = |n: std::ops::Range<u32>| {
+            for i in n {
+                let payload = format!("m{i}");
+                producer
+                    .send(BaseRecord::<(), _>::to("t").payload(&payload))
+                    .unwrap();
+            }
+            producer.flush(Duration::from_secs(10)).unwrap();
+        };
+        send(0..5);
+        let mut cfg = client.clone();
+        fixed_settings(&mut cfg);
+        let q = BatchConsumer::new(cfg.create().unwrap(), "t");
+        q.route(&[0]);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("t", 0, Offset::Offset(0)).unwrap();
+        q.consumer().assign(&tpl).unwrap();
+        let ten = Duration::from_secs(10);
+        let first = take(&q, ten, |s| s.iter().filter(|&&o| o >= 0).count() == 5);
+        assert_eq!(first.iter().filter(|&&o| o >= 0).count(), 5, "{first:?}");
+        // Caught up: whatever the fetcher reports at the end is taken.
+        take(&q, Duration::from_millis(500), |_| false);
+        q.consumer().pause(&tpl).unwrap();
+        send(5..7);
+        std::thread::sleep(Duration::from_millis(200));
+        q.consumer().resume(&tpl).unwrap();
+        let after = take(&q, ten, |s| s.iter().any(|&o| o >= 0));
+        let next = after.iter().find(|&&o| o >= 0);
+        assert_eq!(next, Some(&5), "after the pause: {after:?}");
     }
 }
