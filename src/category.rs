@@ -1,5 +1,5 @@
 //! Twilio usage categories: the leaves a CDR lands in, their rollups, units and
-//! descriptions (CONTRACT §2, seed `003_…`).
+//! descriptions (docs/contract.md §2, Twilio's Usage Records categories).
 //!
 //! A category is a `u8`-sized enum so the hot path can index arrays with it; the
 //! rollup tree is a static parent table, so "every ancestor" is a short walk.
@@ -132,7 +132,7 @@ impl Category {
         }
     }
 
-    /// Twilio's description of the category (seed `003_…`).
+    /// Twilio's description of the category.
     pub fn description(self) -> &'static str {
         use Category::*;
         match self {

@@ -1,5 +1,5 @@
 //! Dead letters: every rejected message is produced, unchanged, to the dead-letter
-//! topic with headers naming the reason and where it came from (DESIGN invariant 6).
+//! topic with headers naming the reason and where it came from (docs/design.md, invariant 6).
 //!
 //! The producer retries forever (`message.timeout.ms = 0`) and the flusher waits for
 //! outstanding dead letters before it stores the offsets past them, so a rejected

@@ -1,4 +1,4 @@
-//! The durable, bounded dedup window (DESIGN invariant 2).
+//! The durable, bounded dedup window (docs/design.md, invariant 2).
 //!
 //! A CDR id is hashed to 128 bits (xxh3) — collision odds are ~2⁻⁶⁴ even at billions
 //! of ids — and remembered per partition (an account always lands on one partition,

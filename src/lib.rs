@@ -2,7 +2,7 @@
 //!
 //! The modules follow one CDR from Kafka to a UsageRecord:
 //!
-//! - [`cdr`] decodes and validates a message (CONTRACT §1); bad input becomes a
+//! - [`cdr`] decodes and validates a message (docs/contract.md §1); bad input becomes a
 //!   [`cdr::Rejection`] with a machine-readable reason.
 //! - [`calendar`] buckets the event time into its UTC day, month and year.
 //! - [`category`] maps a CDR to its Twilio leaf category and knows the rollup tree.

@@ -1,4 +1,4 @@
-//! Rating: from a validated CDR to its exact price (CONTRACT §3).
+//! Rating: from a validated CDR to its exact price (docs/contract.md §3).
 //!
 //! Tariffs are written in the config as decimals (`rust_decimal`) and compiled once
 //! at start into integers at a fixed scale of 10⁻¹⁰ of the currency unit, so the

@@ -2,7 +2,7 @@
 //!
 //! Random but well-formed CDR sets are serialised to JSON and run through
 //! `pipeline::ingest`, as the consumer does; the deltas are then taken and expanded
-//! as the flusher does. The records must agree with the rollup tree (CONTRACT §2),
+//! as the flusher does. The records must agree with the rollup tree (docs/contract.md §2),
 //! with the period tree (day ⊂ month ⊂ year ⊂ all-time) and with a model computed
 //! straight from the generated CDRs, and must not depend on CDR order, shard count
 //! or concurrent writers. The compiled integer rating must equal the `Decimal`
@@ -182,7 +182,7 @@ impl GenCdr {
         serde_json::to_vec(&Value::Object(m)).unwrap()
     }
 
-    /// The leaf, computed from CONTRACT §2 independently of `Cdr::leaf`.
+    /// The leaf, computed from docs/contract.md §2 independently of `Cdr::leaf`.
     fn leaf(&self) -> Category {
         use Category::*;
         match &self.usage {

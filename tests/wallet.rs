@@ -1,4 +1,4 @@
-//! Wallets, holds and top-ups (CONTRACT §4): over HTTP against the API with a
+//! Wallets, holds and top-ups (docs/contract.md §4): over HTTP against the API with a
 //! real store (SQLite and PostgreSQL), and end to end with a real tansu broker
 //! and the real binary killed with SIGKILL mid-run.
 

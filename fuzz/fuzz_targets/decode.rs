@@ -1,4 +1,4 @@
-//! `cdr::decode` on arbitrary bytes: it must answer with a CDR that keeps CONTRACT §1
+//! `cdr::decode` on arbitrary bytes: it must answer with a CDR that keeps docs/contract.md §1
 //! or a rejection that names a reason (and the field at fault, in its message),
 //! never panic or overflow, and its fast path must agree with the serde_json path
 //! on every input (same CDR, or same reason, field and message).

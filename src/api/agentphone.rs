@@ -1,4 +1,4 @@
-//! AgentPhone-compatible usage endpoints (seeds `000_…`, `001_…`), Bearer API key:
+//! AgentPhone-compatible usage endpoints (docs/contract.md §5), Bearer API key:
 //! `GET /v1/usage`, `/v1/usage/daily`, `/v1/usage/monthly`, `/v1/usage/by-number`,
 //! `/v1/usage/by-agent`.
 //!

@@ -1,4 +1,4 @@
-//! Usage Records as Twilio serves them (seed `003_…`), computed from the stored
+//! Usage Records as Twilio serves them (docs/contract.md §5), computed from the stored
 //! per-period rows: which intervals a request lists, which stored rows answer
 //! each interval, and how a record's values are written.
 //!

@@ -1,5 +1,6 @@
 //! `GET /2010-04-01/Accounts/{AccountSid}/Usage/Records[/{Subresource}][.json]`:
-//! HTTP Basic auth, query parameters, paging, and the JSON of seed `003_…`.
+//! HTTP Basic auth, query parameters, paging, and the JSON of Twilio's
+//! UsageRecords resource (docs/contract.md §5).
 
 use std::net::SocketAddr;
 

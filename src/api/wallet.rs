@@ -1,4 +1,4 @@
-//! Wallets, per-call holds and top-ups over HTTP (CONTRACT §4; CallingBox and
+//! Wallets, per-call holds and top-ups over HTTP (docs/contract.md §4; CallingBox and
 //! AgentPhone semantics):
 //!
 //! - `POST /v1/holds`, `DELETE /v1/holds/{call_id}`,

@@ -131,7 +131,7 @@ impl<'a> Fields<'a> {
         (self.seen & b == 0).then(|| self.seen |= b)
     }
 
-    /// The CDR, if every rule of CONTRACT §1 holds; the serde path says why not.
+    /// The CDR, if every rule of docs/contract.md §1 holds; the serde path says why not.
     fn finish(self) -> Option<Cdr<'a>> {
         let id = self.id?;
         // ASCII, so bytes are characters.

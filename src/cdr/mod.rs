@@ -1,4 +1,4 @@
-//! CDR decoding and validation (CONTRACT §1).
+//! CDR decoding and validation (docs/contract.md §1).
 //!
 //! One JSON object per Kafka message, decoded in one of two ways:
 //!
@@ -199,7 +199,7 @@ impl Cdr<'_> {
         Day::from_unix(self.timestamp)
     }
 
-    /// The leaf category this CDR lands in (CONTRACT §2).
+    /// The leaf category this CDR lands in (docs/contract.md §2).
     pub fn leaf(&self) -> Category {
         use Category::*;
         match (&self.usage, self.direction) {
@@ -218,7 +218,7 @@ impl Cdr<'_> {
                 },
                 dir,
             ) => {
-                // Toll-free messages count as longcode (CONTRACT §2).
+                // Toll-free messages count as longcode (docs/contract.md §2).
                 let short = *number_type == MessageNumberType::Shortcode;
                 match (kind, dir, short) {
                     (MessageKind::Sms, Direction::Inbound, false) => SmsInboundLongcode,
@@ -1111,7 +1111,7 @@ mod tests {
         assert_eq!(reason("").0, InvalidJson);
     }
 
-    /// A CDR is UTF-8 (CONTRACT §1) in every byte, also in fields tallyd ignores,
+    /// A CDR is UTF-8 (docs/contract.md §1) in every byte, also in fields tallyd ignores,
     /// whose strings serde_json skips without checking (found by the fuzzer).
     #[test]
     fn invalid_utf8_is_rejected_even_where_ignored() {

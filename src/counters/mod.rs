@@ -826,7 +826,7 @@ mod tests {
 
     #[test]
     fn live_state_sizes_match_the_docs() {
-        // README "Memory" and config flush.max_pending_cells quote these.
+        // docs/design.md "Memory" and config flush.max_pending_cells quote these.
         let cell = std::mem::size_of::<(AccountDay, Leaves)>();
         let entry = std::mem::size_of::<(BreakdownId, Breakdown)>();
         eprintln!("account-day cell {cell} B, breakdown entry {entry} B + string");

@@ -1,7 +1,7 @@
 //! Taking partitions without blocking librdkafka.
 //!
 //! An assignment must start at the offsets the store holds, with the partitions'
-//! dedup windows loaded (offsets are never taken from Kafka; DESIGN invariant 1).
+//! dedup windows loaded (offsets are never taken from Kafka; docs/design.md, invariant 1).
 //! Reading them may take long: the store may be down, or stalled. The rebalance
 //! callback (and a helper's order from its member) therefore only starts a
 //! [`Loading`] and returns: the load runs on a thread of its own over a store

@@ -14,7 +14,7 @@
 //!
 //! Offsets are never taken from Kafka: on assignment the consumer loads the stored
 //! offsets and dedup windows and assigns at exactly those positions; on revocation
-//! it flushes what it has and drops all local state (DESIGN invariant 1). The
+//! it flushes what it has and drops all local state (docs/design.md, invariant 1). The
 //! load runs off the rebalance callback, which only starts it (see [`assign`]). Offsets are
 //! also committed to Kafka after each flush, but only so that lag tools work.
 

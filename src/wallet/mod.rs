@@ -1,4 +1,4 @@
-//! Prepaid wallets, per-call holds and top-ups (CONTRACT §4): pure, synchronous
+//! Prepaid wallets, per-call holds and top-ups (docs/contract.md §4): pure, synchronous
 //! and lock-free on the hot paths.
 //!
 //! Money is integer [`Money`] in 10⁻⁵ of the currency (a milli-cent for USD),
@@ -630,7 +630,7 @@ pub fn decimal(m: Money) -> String {
     crate::rating::price_to_decimal(m).to_string()
 }
 
-/// The CallingBox refusal text (CONTRACT §4): available balance, hold and
+/// The CallingBox refusal text (docs/contract.md §4): available balance, hold and
 /// shortfall, in dollars with 2 decimals.
 pub fn refusal_message(available: Money, amount: Money) -> String {
     format!(
