@@ -19,7 +19,9 @@
 #   BENCH_COMPARE=BIN also runs another tallyd binary (say, a release build of an
 #                 earlier commit) after this one in each round, against the same
 #                 bare run, labelled "before-<store>": a before/after comparison
-#                 measured in one run.
+#                 measured in one run. BENCH_COMPARE_CONFIG=FILE is the config that
+#                 build reads (an older build rejects keys added since; e.g.
+#                 `git show REV:config/tallyd.toml > old.toml`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-2000000}
@@ -57,11 +59,11 @@ echo "filling topic with $N CDRs over $ACCOUNTS accounts…" >&2
 
 tansu_cpu() { awk '{print ($14 + $15) / '"$(getconf CLK_TCK)"'}' /proc/$TANSU_PID/stat; }
 
-run_tallyd() { # $1 = label, $2 = store url, $3 = group, $4 = binary (default $BIN)
-  local label=$1 url=$2 group=$3 bin=${4:-$BIN}
+run_tallyd() { # $1 = label, $2 = store url, $3 = group, $4 = binary (default $BIN), $5 = config
+  local label=$1 url=$2 group=$3 bin=${4:-$BIN} config=${5:-config/tallyd.toml}
   TALLYD_KAFKA__BROKERS=127.0.0.1:$PORT TALLYD_KAFKA__GROUP_ID=$group TALLYD_STORE__URL=$url \
   TALLYD_HTTP__LISTEN=127.0.0.1:0 TALLYD_FLUSH__INTERVAL_MS=1000 RUST_LOG=${BENCH_LOG:-warn} \
-    "$bin" run --config config/tallyd.toml 2>"$WORK/$label.log" &
+    "$bin" run --config "$config" 2>"$WORK/$label.log" &
   TALLYD_PID=$!
   TANSU_PID=$TANSU_PID python3 scripts/bench_watch.py "$label" "$url" "$N" "$TALLYD_PID" "$BARE_RATE" \
     | tee -a "$WORK/results.txt"
@@ -82,7 +84,7 @@ for round in $(seq 1 "$RUNS"); do
     run_tallyd sqlite "sqlite://$WORK/bench.db" bench-sqlite-$round
     if [ -n "${BENCH_COMPARE:-}" ]; then
       rm -f "$WORK"/bench.db*
-      run_tallyd before-sqlite "sqlite://$WORK/bench.db" bench-before-sqlite-$round "$BENCH_COMPARE"
+      run_tallyd before-sqlite "sqlite://$WORK/bench.db" bench-before-sqlite-$round "$BENCH_COMPARE" "${BENCH_COMPARE_CONFIG:-}"
     fi
   fi
   if [ "${BENCH_STORES:-postgres}" = postgres ]; then
@@ -92,7 +94,7 @@ for round in $(seq 1 "$RUNS"); do
     PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
     if [ -n "${BENCH_COMPARE:-}" ]; then
       PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "CREATE SCHEMA $SCHEMA" >/dev/null
-      run_tallyd before-postgres "$PG?options=-csearch_path%3D$SCHEMA" bench-before-pg-$round "$BENCH_COMPARE"
+      run_tallyd before-postgres "$PG?options=-csearch_path%3D$SCHEMA" bench-before-pg-$round "$BENCH_COMPARE" "${BENCH_COMPARE_CONFIG:-}"
       PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
     fi
   fi
