@@ -12,15 +12,22 @@
 //!   into day, month, year and all-time rows at flush time. Rollups are sums of
 //!   leaves, computed when read.
 //! - [`pipeline`] is the hot path that strings the above together for a batch of
-//!   messages.
+//!   messages, debiting each rated CDR from its account's [`wallet`] (prepaid
+//!   balances and per-call holds in atomics, lock-free).
 //! - [`dedup`] remembers CDR ids per partition for the dedup window.
 //! - [`ingest`] is a Kafka consumer thread running the hot path (the daemon runs
-//!   `kafka.consumers` of them, each a group member), taking messages in batches
-//!   from a [`fetch_queue`]; rejected messages go to
+//!   `kafka.consumers` of them; the first is the instance's group member and
+//!   deals its partitions out to the others), taking messages in batches from a
+//!   [`fetch_queue`]; the rebalance callback only posts the event, and stored
+//!   offsets are loaded off the callback; rejected messages go to
 //!   [`dead_letter`]. Recurring client errors (a broker that is down) are logged
 //!   once a [`log_throttle`] window.
-//! - [`flush`] writes consistent snapshots (deltas + offsets + dedup ids) to the
-//!   [`store`] (SQLite or PostgreSQL) in one transaction each.
+//! - [`flush`] turns consistent snapshots (deltas, offsets, dedup ids, wallet
+//!   debits) into usage pages ([`flush::expand`], pure) and writes each
+//!   partition's cut in one transaction ([`flush::worker`]).
+//! - [`store`] is the one store layer (SQLite or PostgreSQL): a handle with
+//!   pooled connections, one error type that says what retrying can do, and the
+//!   flush transaction written once for both databases.
 //! - [`api`] serves the stored records over HTTP: Twilio Usage Records, AgentPhone
 //!   `/v1/usage`, and the accounts that may read them; [`http`] adds `/metrics`,
 //!   `/healthz`, `/readyz`; [`metrics`] is the catalogue of everything
