@@ -371,18 +371,25 @@ both_stores!(secrets_are_not_listed_or_moved, filled, |url: &str| {
 
 #[test]
 fn the_store_password_stays_out_of_logs() {
-    for url in [
-        // Unreachable: the start fails, saying why.
-        format!("postgres://tallyd:hunter2@127.0.0.1:{}/test", free_port()),
-        // Not a URL the store can use.
-        "postgres://tallyd:hunter2@127.0.0.1:notaport/test".to_owned(),
+    for (url, exits) in [
+        // Unreachable: the daemon waits for it, saying why (until killed).
+        (
+            format!("postgres://tallyd:hunter2@127.0.0.1:{}/test", free_port()),
+            false,
+        ),
+        // Not a URL the store can use: the start fails, saying why.
+        (
+            "postgres://tallyd:hunter2@127.0.0.1:notaport/test".to_owned(),
+            true,
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let bin = std::env::var("TALLYD_TEST_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_tallyd").to_owned());
         let config = dir.path().join("tallyd.toml");
         std::fs::write(&config, config_text()).unwrap();
-        let out = std::process::Command::new(bin)
+        let log = dir.path().join("tallyd.log");
+        let mut child = std::process::Command::new(bin)
             .args(["run", "--config"])
             .arg(&config)
             .env("TALLYD_STORE__URL", &url)
@@ -392,14 +399,33 @@ fn the_store_password_stays_out_of_logs() {
                 format!("127.0.0.1:{}", free_port()),
             )
             .env("RUST_LOG", "debug,librdkafka=off")
-            .output()
+            .stdout(std::fs::File::create(dir.path().join("out")).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
             .unwrap();
-        let all = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(!out.status.success(), "{all}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break Some(st);
+            }
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if !exits && text.contains("tallyd:***@") {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            assert!(Instant::now() < deadline, "{url}: nothing logged:\n{text}");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let all = std::fs::read_to_string(&log).unwrap();
+        if exits {
+            assert!(!status.unwrap().success(), "{all}");
+        } else {
+            assert!(
+                status.is_none(),
+                "a store that is down is waited for:\n{all}"
+            );
+        }
         assert!(
             all.contains("tallyd:***@"),
             "the URL is shown, redacted:\n{all}"
