@@ -41,7 +41,15 @@ const EXPECTED_LATER: &[&str] = &[
 
 /// Catalogued metrics labelled by what went wrong, which appear with their
 /// first error (a clean run has none).
-const APPEAR_ON_ERROR: &[&str] = &["tallyd_store_permanent_errors_total"];
+const APPEAR_ON_ERROR: &[&str] = &[
+    "tallyd_store_permanent_errors_total",
+    "tallyd_partition_load_overdue_total",
+    "tallyd_http_auth_failures_total",
+    "tallyd_http_auth_throttled_total",
+    "tallyd_http_connections_refused_total",
+    "tallyd_http_connections_evicted_total",
+    "tallyd_wallet_credits_total",
+];
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

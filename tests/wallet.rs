@@ -234,7 +234,7 @@ fn holds_and_top_ups_over_http(store: &TestStore) {
             json!({"call_id": "CA9", "number_type": "pigeon"}),
             "number_type",
         ),
-        (json!({"call_id": 7}), "body"),
+        (json!({"call_id": 7}), "call_id"),
     ] {
         let (s, e) = api.call("POST", "/v1/holds", CB_KEY, Some(body));
         assert_eq!(
