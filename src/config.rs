@@ -30,6 +30,8 @@ pub struct Config {
     pub rating: RatingConfig,
     #[serde(default)]
     pub wallet: crate::wallet::WalletConfig,
+    #[serde(default)]
+    pub webhooks: crate::webhooks::WebhooksConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]

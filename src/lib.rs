@@ -55,6 +55,8 @@ pub mod metrics;
 pub mod pipeline;
 pub mod rating;
 pub mod store;
+pub mod triggers;
 pub mod wallet;
+pub mod webhooks;
 
 pub mod api;

@@ -69,6 +69,10 @@ struct Shared {
     /// the starting credit instead of the balance).
     wallets_loaded: Arc<std::sync::atomic::AtomicBool>,
     throttle: Arc<auth::AuthThrottle>,
+    /// Usage triggers in memory, shared with the flusher that evaluates them.
+    triggers: crate::triggers::TriggerBook,
+    /// Which callback URLs are accepted.
+    url_policy: crate::webhooks::url::UrlPolicy,
     /// A fixed clock (Unix seconds) for tests; `None` reads the system clock.
     now: Option<i64>,
 }
@@ -101,6 +105,8 @@ impl ApiState {
                 ),
                 hold_grace: cfg.wallet.hold_grace_seconds.into(),
                 wallets_loaded: Default::default(),
+                triggers: crate::triggers::TriggerBook::new(),
+                url_policy: cfg.webhooks.url_policy(),
                 now: None,
             }),
         })
@@ -147,6 +153,8 @@ impl ApiState {
                 hold_grace: s.hold_grace,
                 wallets_loaded: s.wallets_loaded.clone(),
                 throttle: s.throttle.clone(),
+                triggers: s.triggers.clone(),
+                url_policy: s.url_policy,
                 now: Some(unix_seconds),
             }),
         }
@@ -183,6 +191,16 @@ impl ApiState {
     }
 
     /// Failed authentications per client address.
+    /// The usage triggers the flusher evaluates (the API keeps it in step
+    /// with the store).
+    pub fn triggers(&self) -> &crate::triggers::TriggerBook {
+        &self.inner.triggers
+    }
+
+    pub fn url_policy(&self) -> crate::webhooks::url::UrlPolicy {
+        self.inner.url_policy
+    }
+
     pub fn throttle(&self) -> &auth::AuthThrottle {
         &self.inner.throttle
     }

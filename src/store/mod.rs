@@ -24,6 +24,7 @@ pub mod checkpoint;
 pub mod conn;
 pub mod flush;
 mod legacy;
+pub mod outbox;
 pub mod page;
 mod pg;
 pub mod schema;

@@ -39,6 +39,17 @@
 //! - `wallet_events`: the outbox of wallet events (`wallet.low_balance`,
 //!   `wallet.recharge_requested`), each written in the transaction of the
 //!   balance change that caused it; `payload` is the event's JSON body.
+//! - `usage_triggers`: Twilio usage triggers ([`crate::triggers`]);
+//!   `trigger_value` and `fired_value` are decimal strings, `fired_period` the
+//!   period key (`YYYY-MM-DD`, `YYYY-MM`, `YYYY`, `all`) of the last firing,
+//!   written in the flush transaction that fired it.
+//! - `account_webhooks`: where an account's wallet events are sent and the
+//!   secret their HMAC-SHA256 signature is made with.
+//! - `webhook_outbox`: callbacks to send (trigger firings, wallet events), each
+//!   written in the transaction that caused it; `id` is the idempotency token
+//!   (the same across replays and retries), `body` the form-encoded parameters
+//!   or JSON, `status` `pending` → `delivered` | `failed`, times in Unix ms,
+//!   `day` the UTC day (days since 1970) it was created, for the delivery stats.
 
 use super::{Conn, Result};
 
@@ -151,6 +162,47 @@ const MIGRATIONS: &[&str] = &[
         created_at TEXT NOT NULL
     )",
     "CREATE INDEX IF NOT EXISTS wallet_events_by_account ON wallet_events (account_sid, created_at)",
+    "CREATE TABLE IF NOT EXISTS usage_triggers (
+        sid TEXT PRIMARY KEY,
+        account_sid TEXT NOT NULL,
+        friendly_name TEXT NOT NULL,
+        usage_category TEXT NOT NULL,
+        trigger_by TEXT NOT NULL,
+        trigger_value TEXT NOT NULL,
+        recurring TEXT NOT NULL,
+        callback_url TEXT NOT NULL,
+        callback_method TEXT NOT NULL,
+        date_created TEXT NOT NULL,
+        date_updated TEXT NOT NULL,
+        date_fired TEXT,
+        fired_period TEXT,
+        fired_value TEXT
+    )",
+    "CREATE INDEX IF NOT EXISTS usage_triggers_by_account ON usage_triggers (account_sid, date_created)",
+    "CREATE TABLE IF NOT EXISTS account_webhooks (
+        account_sid TEXT PRIMARY KEY,
+        url TEXT NOT NULL,
+        secret TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    )",
+    "CREATE TABLE IF NOT EXISTS webhook_outbox (
+        id TEXT PRIMARY KEY,
+        account_sid TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        source_sid TEXT NOT NULL,
+        url TEXT NOT NULL,
+        method TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        day BIGINT NOT NULL,
+        status TEXT NOT NULL,
+        attempts BIGINT NOT NULL DEFAULT 0,
+        next_attempt_at BIGINT NOT NULL,
+        last_error TEXT,
+        finished_at BIGINT
+    )",
+    "CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (status, next_attempt_at)",
+    "CREATE INDEX IF NOT EXISTS webhook_outbox_by_account ON webhook_outbox (account_sid, day)",
 ];
 
 /// Creates or updates the tables, converting the usage tables of an older

@@ -1,0 +1,294 @@
+//! Usage triggers (Twilio's Usage Triggers): the model, the in-memory book the
+//! flusher evaluates against, and the evaluation itself.
+//!
+//! A trigger watches one account's value of one category — `count`, `usage`
+//! (as the UsageRecord shows it: minutes for calls, segments for messages) or
+//! `price` — in the current UTC period of its recurrence (`daily`, `monthly`,
+//! `yearly`, `alltime`, or once). It fires when that value reaches its
+//! `trigger_value`: once per period when recurring, once ever when not.
+//!
+//! Evaluation happens in the flush transaction ([`crate::store::flush`]): the
+//! flush already reads and rewrites every page its CDRs touched, so the new
+//! values of a partition's accounts are at hand without any further read. A
+//! crossing marks the trigger fired for that period (a conditional update:
+//! a period is fired at most once whatever the in-memory book believed) and
+//! writes its callback into the webhook outbox, in the same transaction as the
+//! offsets of the CDRs that crossed it: a crash before the commit replays the
+//! CDRs and fires again once; after it, the replay starts past them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use rust_decimal::Decimal;
+
+use crate::calendar::{Day, Period};
+use crate::category::Category;
+use crate::counters::Leaves;
+
+/// What a trigger's value measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TriggerBy {
+    Count,
+    Usage,
+    Price,
+}
+
+impl TriggerBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TriggerBy::Count => "count",
+            TriggerBy::Usage => "usage",
+            TriggerBy::Price => "price",
+        }
+    }
+    pub fn parse(s: &str) -> Option<TriggerBy> {
+        Some(match s {
+            "count" => TriggerBy::Count,
+            "usage" => TriggerBy::Usage,
+            "price" => TriggerBy::Price,
+            _ => return None,
+        })
+    }
+}
+
+/// How often a trigger can fire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Recurring {
+    Daily,
+    Monthly,
+    Yearly,
+    AllTime,
+    /// Fires once ever (Twilio's empty `recurring`).
+    Once,
+}
+
+impl Recurring {
+    /// Twilio's `recurring` value (`""` for once).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Recurring::Daily => "daily",
+            Recurring::Monthly => "monthly",
+            Recurring::Yearly => "yearly",
+            Recurring::AllTime => "alltime",
+            Recurring::Once => "",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Recurring> {
+        Some(match s {
+            "daily" => Recurring::Daily,
+            "monthly" => Recurring::Monthly,
+            "yearly" => Recurring::Yearly,
+            "alltime" => Recurring::AllTime,
+            "" => Recurring::Once,
+            _ => return None,
+        })
+    }
+
+    /// The period of this recurrence that `day` lies in.
+    pub fn period_of(self, day: Day) -> Period {
+        match self {
+            Recurring::Daily => Period::Day(day),
+            Recurring::Monthly => Period::Month(day.month()),
+            Recurring::Yearly => Period::Year(day.year()),
+            Recurring::AllTime | Recurring::Once => Period::AllTime,
+        }
+    }
+
+    /// Whether a stored row of `period` is one this recurrence is measured on.
+    pub fn measures(self, period: Period) -> bool {
+        matches!(
+            (self, period),
+            (Recurring::Daily, Period::Day(_))
+                | (Recurring::Monthly, Period::Month(_))
+                | (Recurring::Yearly, Period::Year(_))
+                | (Recurring::AllTime | Recurring::Once, Period::AllTime)
+        )
+    }
+}
+
+/// The key a firing is recorded under: `YYYY-MM-DD`, `YYYY-MM`, `YYYY` or
+/// `all`. Keys of one recurrence sort in time order, so "fired for a later
+/// period" is a string comparison in SQL.
+pub fn period_key(p: Period) -> String {
+    match p {
+        Period::Day(d) => d.to_string(),
+        Period::Month(m) => m.to_string(),
+        Period::Year(y) => format!("{y:04}"),
+        Period::AllTime => "all".to_owned(),
+    }
+}
+
+/// `GET` or `POST`, the method a callback is sent with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CallbackMethod {
+    Get,
+    Post,
+}
+
+impl CallbackMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallbackMethod::Get => "GET",
+            CallbackMethod::Post => "POST",
+        }
+    }
+    /// Case-insensitive, as Twilio accepts it.
+    pub fn parse(s: &str) -> Option<CallbackMethod> {
+        if s.eq_ignore_ascii_case("GET") {
+            Some(CallbackMethod::Get)
+        } else if s.eq_ignore_ascii_case("POST") {
+            Some(CallbackMethod::Post)
+        } else {
+            None
+        }
+    }
+}
+
+/// One usage trigger, as stored (`usage_triggers`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trigger {
+    /// `UT` + 32 hex digits.
+    pub sid: String,
+    pub account_sid: String,
+    pub friendly_name: String,
+    /// The Twilio category name (`calls`, `sms-outbound`, `totalprice`, …;
+    /// Twilio's categories tallyd does not count are accepted and never fire).
+    pub usage_category: String,
+    pub trigger_by: TriggerBy,
+    /// Absolute (a relative `+N` was resolved when the trigger was created).
+    pub trigger_value: Decimal,
+    pub recurring: Recurring,
+    pub callback_url: String,
+    pub callback_method: CallbackMethod,
+    /// RFC 3339 UTC.
+    pub date_created: String,
+    pub date_updated: String,
+    /// RFC 3339 UTC of the last firing.
+    pub date_fired: Option<String>,
+    /// [`period_key`] of the period it last fired for.
+    pub fired_period: Option<String>,
+    /// The value that made it fire last (Twilio's `current_value` between
+    /// evaluations).
+    pub fired_value: Option<Decimal>,
+}
+
+impl Trigger {
+    /// The counted category, `None` for one of Twilio's tallyd has no usage in.
+    pub fn category(&self) -> Option<Category> {
+        self.usage_category.parse().ok()
+    }
+
+    /// The day the trigger was created (periods ending before it never fire).
+    pub fn created_day(&self) -> Day {
+        crate::calendar::parse_rfc3339(&self.date_created)
+            .map(Day::from_unix)
+            .unwrap_or(Day(0))
+    }
+
+    /// Whether it may still fire for `period` (not yet fired for it or a later
+    /// one; once-only triggers never again after their first firing).
+    pub fn may_fire_for(&self, period: Period) -> bool {
+        match (&self.fired_period, self.recurring) {
+            (None, _) => true,
+            (Some(_), Recurring::Once | Recurring::AllTime) => false,
+            (Some(f), _) => period_key(period).as_str() > f.as_str(),
+        }
+    }
+}
+
+/// The value of `category` measured `by` in a stored row: count, usage as
+/// the UsageRecord shows it (calls in minutes, exact; messages in segments)
+/// or price in the currency unit (10⁻⁵ exact).
+pub fn value_of(leaves: &Leaves, category: Category, by: TriggerBy) -> Decimal {
+    let t = leaves.get(category);
+    match by {
+        TriggerBy::Count => Decimal::from(t.count),
+        TriggerBy::Usage => match category.unit() {
+            crate::category::Unit::Calls => Decimal::from(t.usage) / Decimal::from(60),
+            crate::category::Unit::Price => Decimal::new(t.price, 5),
+            crate::category::Unit::Messages => Decimal::from(t.usage),
+        },
+        TriggerBy::Price => Decimal::new(t.price, 5),
+    }
+}
+
+/// Every trigger by account, in memory, so that the flusher knows which of a
+/// cut's accounts to evaluate without reading the store. Loaded at start,
+/// changed by this instance's API as it changes the store, and reloaded
+/// every few seconds to see changes made through other instances.
+#[derive(Debug, Clone, Default)]
+pub struct TriggerBook {
+    inner: Arc<RwLock<HashMap<String, Vec<Trigger>>>>,
+}
+
+impl TriggerBook {
+    pub fn new() -> TriggerBook {
+        TriggerBook::default()
+    }
+
+    /// Replaces every trigger with `all` (a reload from the store).
+    pub fn replace_all(&self, all: Vec<Trigger>) {
+        let mut by_account: HashMap<String, Vec<Trigger>> = HashMap::new();
+        for t in all {
+            by_account.entry(t.account_sid.clone()).or_default().push(t);
+        }
+        *self.inner.write() = by_account;
+    }
+
+    /// Adds or replaces one trigger (by SID).
+    pub fn upsert(&self, t: Trigger) {
+        let mut map = self.inner.write();
+        let list = map.entry(t.account_sid.clone()).or_default();
+        match list.iter_mut().find(|x| x.sid == t.sid) {
+            Some(slot) => *slot = t,
+            None => list.push(t),
+        }
+    }
+
+    /// Removes one trigger.
+    pub fn remove(&self, account_sid: &str, sid: &str) {
+        let mut map = self.inner.write();
+        if let Some(list) = map.get_mut(account_sid) {
+            list.retain(|t| t.sid != sid);
+            if list.is_empty() {
+                map.remove(account_sid);
+            }
+        }
+    }
+
+    /// Records a firing that committed.
+    pub fn fired(&self, account_sid: &str, sid: &str, period: &str, at: &str, value: Decimal) {
+        let mut map = self.inner.write();
+        if let Some(t) = map
+            .get_mut(account_sid)
+            .and_then(|l| l.iter_mut().find(|t| t.sid == sid))
+        {
+            t.fired_period = Some(period.to_owned());
+            t.date_fired = Some(at.to_owned());
+            t.fired_value = Some(value);
+        }
+    }
+
+    /// The triggers of `account_sid` (empty if none).
+    pub fn of(&self, account_sid: &str) -> Vec<Trigger> {
+        self.inner
+            .read()
+            .get(account_sid)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn has(&self, account_sid: &str) -> bool {
+        self.inner.read().contains_key(account_sid)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.read().is_empty()
+    }
+
+    /// Number of triggers.
+    pub fn len(&self) -> usize {
+        self.inner.read().values().map(Vec::len).sum()
+    }
+}
