@@ -80,6 +80,13 @@ pub const OFFSET_GAPS_TOTAL: &str = "tallyd_offset_gaps_total";
 /// Counter: messages before a partition's position that came again (skipped).
 pub const REPLAYED_MESSAGES_TOTAL: &str = "tallyd_replayed_messages_total";
 
+/// Gauge: webhook callbacks still to be delivered (pending outbox rows).
+pub const WEBHOOK_OUTBOX_PENDING: &str = "tallyd_webhook_outbox_pending";
+/// Gauge: webhook callbacks being sent now.
+pub const WEBHOOKS_IN_FLIGHT: &str = "tallyd_webhooks_in_flight";
+/// Counter `{outcome = delivered | retried | failed}`: webhook delivery attempts.
+pub const WEBHOOK_DELIVERIES_TOTAL: &str = "tallyd_webhook_deliveries_total";
+
 /// Summary: a CDR's event time (`timestamp`) to when it was counted.
 pub const CDR_EVENT_TO_COUNTED_SECONDS: &str = "tallyd_cdr_event_to_counted_seconds";
 /// Summary: a CDR consumed from Kafka to its flush landing in the store.
@@ -110,8 +117,6 @@ pub const HTTP_CONNECTIONS_REFUSED_TOTAL: &str = "tallyd_http_connections_refuse
 pub const HTTP_CONNECTIONS_EVICTED_TOTAL: &str = "tallyd_http_connections_evicted_total";
 /// Counter: top-ups credited.
 pub const WALLET_CREDITS_TOTAL: &str = "tallyd_wallet_credits_total";
-/// Counter `{outcome = delivered | retried | failed}`: webhook delivery attempts.
-pub const WEBHOOK_DELIVERIES_TOTAL: &str = "tallyd_webhook_deliveries_total";
 
 // --- The catalogue --------------------------------------------------------------
 
@@ -219,17 +224,24 @@ pub const CATALOGUE: &[Metric] = &[
         "Idle connections closed to make room for a new one at http.max_connections."),
     metric(WALLET_CREDITS_TOTAL, Counter, None, &[],
         "Top-ups credited (POST /admin/accounts/{sid}/credits; a repeated idempotency key is not counted again)."),
+    metric(WEBHOOK_DELIVERIES_TOTAL, Counter, None, &["outcome"],
+        "Webhook delivery attempts by outcome: delivered, retried (will be tried again) or failed (given up after the retry period)."),
+    metric(WEBHOOK_OUTBOX_PENDING, Gauge, None, &[],
+        "Webhook callbacks (usage triggers, wallet events) in the store's outbox still to be delivered, over all instances; read every second by the dispatcher."),
+    metric(WEBHOOKS_IN_FLIGHT, Gauge, None, &[],
+        "Webhook callbacks this instance is sending now (at most webhooks.max_in_flight)."),
 ];
 
 /// Metrics the wallet, hold and webhook work will emit, named now so that the
 /// alert rules and the dashboard can use them. Not described (nothing emits
 /// them yet); move an entry to [`CATALOGUE`] when wiring it.
-pub const PLANNED: &[Metric] = &[
-    metric(WALLETS_LOW, Gauge, None, &[],
-        "Wallets owned by this instance where fewer than two more holds fit (status low)."),
-    metric(WEBHOOK_DELIVERIES_TOTAL, Counter, None, &["outcome"],
-        "Webhook delivery attempts by outcome: delivered, retried (will be tried again) or failed (given up after the retry period)."),
-];
+pub const PLANNED: &[Metric] = &[metric(
+    WALLETS_LOW,
+    Gauge,
+    None,
+    &[],
+    "Wallets owned by this instance where fewer than two more holds fit (status low).",
+)];
 
 /// A summary's help: what it measures, then what its values cover ([`WINDOW`]).
 macro_rules! summary_help {
@@ -357,7 +369,12 @@ fn describe() {
 /// whose value at start is known (an alert on "no partitions assigned" needs
 /// the series before the first assignment).
 fn start_at_zero() {
-    for g in [PARTITIONS_ASSIGNED, CONSUMER_PAUSED, PENDING_CELLS] {
+    for g in [
+        PARTITIONS_ASSIGNED,
+        CONSUMER_PAUSED,
+        PENDING_CELLS,
+        WEBHOOKS_IN_FLIGHT,
+    ] {
         metrics::gauge!(g).set(0.0);
     }
     for m in CATALOGUE {
@@ -367,6 +384,9 @@ fn start_at_zero() {
     }
     for outcome in ["counted", "duplicate", "rejected"] {
         metrics::counter!(CDRS_TOTAL, "outcome" => outcome).absolute(0);
+    }
+    for outcome in ["delivered", "retried", "failed"] {
+        metrics::counter!(WEBHOOK_DELIVERIES_TOTAL, "outcome" => outcome).absolute(0);
     }
     for r in RejectReason::ALL {
         metrics::counter!(CDRS_REJECTED_TOTAL, "reason" => r.as_str()).absolute(0);

@@ -180,8 +180,8 @@ impl Conn {
     }
 
     /// Records a downward crossing of the low-balance threshold: disarms the
-    /// account and writes one event to the outbox, in the caller's
-    /// transaction.
+    /// account and writes one event to `wallet_events` and, for an account
+    /// with a webhook, to `webhook_outbox`, in the caller's transaction.
     fn low_balance_crossed(&mut self, sid: &str, a: &After, at: &str) -> Result<()> {
         let n = a.crossings + 1;
         self.execute(
@@ -215,6 +215,10 @@ impl Conn {
                 Param::Text(at),
             ],
         )?;
+        // Sent to the account's webhook, if it has one, by the dispatcher.
+        let created_ms = crate::calendar::parse_rfc3339(at)
+            .map_or_else(|| chrono::Utc::now().timestamp_millis(), |s| s * 1000);
+        self.insert_wallet_event_outbox(&id, sid, kind, &payload, created_ms)?;
         Ok(())
     }
 
