@@ -3,7 +3,8 @@
 //! - [`twilio`]: Twilio Usage Records (`/2010-04-01/Accounts/{Sid}/Usage/Records…`),
 //!   HTTP Basic `AccountSid:AuthToken`, computed by [`records`].
 //! - [`agentphone`]: AgentPhone `/v1/usage…`, Bearer API key.
-//! - [`admin`]: accounts, subaccounts and API keys, Bearer admin token.
+//! - [`admin`]: accounts, subaccounts and API keys, Bearer admin token;
+//!   [`webhooks`]: an account's wallet-event webhook, same token.
 //! - [`accounts`]: the account model and its tables. Handlers read through the
 //!   pooled connections of the one store layer ([`crate::store::Store::run`]).
 //! - `GET /openapi.yaml`: the OpenAPI 3 document of all of the above.
@@ -19,6 +20,7 @@ pub mod records;
 pub mod twilio;
 pub mod twilio_categories;
 pub mod wallet;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -281,6 +283,12 @@ pub fn router(state: ApiState) -> Router {
             axum::routing::put(wallet::set_auto_recharge),
         )
         .route("/admin/wallet-events", get(wallet::list_events))
+        .route(
+            "/admin/accounts/:sid/webhook",
+            get(webhooks::get_webhook)
+                .put(webhooks::set_webhook)
+                .delete(webhooks::delete_webhook),
+        )
         .route("/openapi.yaml", get(openapi))
         .with_state(state)
 }
