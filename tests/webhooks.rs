@@ -886,3 +886,30 @@ fn internal_addresses_are_refused_at_send() {
     });
     assert!(deliveries("failed") > failed_before);
 }
+
+/// A store that cannot be reached: the dispatcher keeps polling (logging,
+/// not panicking) and stops when told.
+#[test]
+fn an_unreachable_store_is_waited_out() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Port 1: nothing listens; the connection is refused at once.
+    let store = Store::new("postgres://postgres@127.0.0.1:1/none", 2).unwrap();
+    rt.block_on(async {
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = Dispatcher::start(store.clone(), Default::default(), stop.clone()).unwrap();
+        for _ in 0..3 {
+            handle.wake();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert_eq!(handle.in_flight(), 0);
+        assert!(!store.health().is_up());
+        stop.store(true, Ordering::Relaxed);
+        tokio::time::timeout(Duration::from_secs(5), handle.join())
+            .await
+            .expect("the dispatcher stops");
+    });
+}

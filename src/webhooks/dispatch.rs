@@ -619,6 +619,38 @@ mod tests {
         }
     }
 
+    /// The resolver keeps only allowed addresses and names the refused one.
+    #[tokio::test]
+    async fn resolution_to_a_refused_address_fails_by_name() {
+        use reqwest::dns::Resolve;
+        use std::str::FromStr;
+        let name = || reqwest::dns::Name::from_str("localhost").unwrap();
+        let strict = CheckedResolver {
+            policy: UrlPolicy::default(),
+        };
+        let e = match strict.resolve(name()).await {
+            Ok(_) => panic!("localhost resolved under a policy refusing loopback"),
+            Err(e) => e,
+        };
+        let text = e.to_string();
+        assert!(
+            text.starts_with("localhost resolves to a loopback address"),
+            "{text}"
+        );
+        assert!(text.contains(REFUSED_MARK));
+        let lenient = CheckedResolver {
+            policy: UrlPolicy {
+                allow_loopback: true,
+                allow_private: false,
+            },
+        };
+        let addrs: Vec<SocketAddr> = match lenient.resolve(name()).await {
+            Ok(a) => a.collect(),
+            Err(e) => panic!("{e}"),
+        };
+        assert!(!addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback()));
+    }
+
     fn row(kind: &str, method: &str, url: &str, body: &str) -> crate::store::outbox::OutboxRow {
         crate::store::outbox::OutboxRow {
             id: "tok1".into(),
