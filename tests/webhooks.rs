@@ -798,10 +798,8 @@ both_stores!(restart, |s: &TestStore| s.url(), |url: &String| {
     a_restart_takes_over_and_sends_once_more(url)
 });
 
-#[test]
-fn a_hanging_receiver_holds_up_only_its_account() {
-    let ts = TestStore::sqlite();
-    let f = fixture(&ts.url(), |c| {
+fn a_hanging_receiver_holds_up_only_its_account(url: &str) {
+    let f = fixture(url, |c| {
         c.webhooks.max_in_flight = 4;
         c.webhooks.per_account_in_flight = 2;
         c.webhooks.timeout_ms = 4_000;
@@ -842,6 +840,10 @@ fn a_hanging_receiver_holds_up_only_its_account() {
         running.stop().await;
     });
 }
+
+both_stores!(hanging_receiver, |s: &TestStore| s.url(), |url: &String| {
+    a_hanging_receiver_holds_up_only_its_account(url)
+});
 
 #[test]
 fn internal_addresses_are_refused_at_send() {

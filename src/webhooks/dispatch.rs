@@ -176,6 +176,7 @@ impl Dispatcher {
         let mut depth_at: Option<Instant> = None;
         while !shutdown.load(Ordering::Relaxed) {
             self.dispatch_due().await;
+            metrics::gauge!(m::WEBHOOKS_IN_FLIGHT).set(self.in_flight() as f64);
             if depth_at.map_or(true, |t| t.elapsed() >= POLL_INTERVAL) {
                 self.report_depth().await;
                 depth_at = Some(Instant::now());
