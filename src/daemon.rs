@@ -115,6 +115,8 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
             dead_letters: Some(dead_letters.clone()),
             health: flush_health.clone(),
             writers: cfg.flush.parallel_writers,
+            triggers: api.triggers().clone(),
+            on_fired: None,
         };
         job_queues.push(jobs_tx);
         flush_threads.push(

@@ -145,6 +145,7 @@ pub(super) mod tests {
             },
             dedup: None,
             wallet: Default::default(),
+            consumed: Default::default(),
         }
     }
 

@@ -134,6 +134,8 @@ struct PartitionState {
     deltas: Deltas,
     /// Wallet debits and hold settlements since the last flush.
     ledger: crate::wallet::Ledger,
+    /// When the messages since the last flush were consumed.
+    consumed: crate::metrics::ConsumedAt,
 }
 
 /// Per-message tallies, published to `metrics` at every tick (not per message).
@@ -278,6 +280,7 @@ impl IngestContext {
                     window,
                     deltas: Deltas::default(),
                     ledger: crate::wallet::Ledger::new(self.settings.wallets.clone()),
+                    consumed: Default::default(),
                 },
             );
         }
@@ -567,6 +570,7 @@ fn take_snapshot(st: &mut State, settings: &IngestSettings) -> Option<Snapshot> 
         parts.push(PartitionCut {
             deltas: ps.deltas.take(),
             wallet: ps.ledger.take(),
+            consumed: std::mem::take(&mut ps.consumed),
             offset: OffsetAdvance {
                 topic: settings.topic.clone(),
                 partition: *p,
@@ -1051,6 +1055,7 @@ impl Ingest {
             },
         );
         ps.next = last.offset() + 1;
+        ps.consumed.push(Instant::now(), run.len() as u64);
     }
 }
 

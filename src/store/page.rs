@@ -333,6 +333,16 @@ impl PageDelta {
         (sid, self.page.text())
     }
 
+    /// The stored page (if any) with this delta added, decoded.
+    pub fn sum(&self, stored: Option<&[u8]>) -> Result<Page, super::Error> {
+        let Some(bytes) = stored else {
+            return Ok(self.delta.clone());
+        };
+        let mut sum = decode_stored(&self.account.to_string(), &self.page.text(), bytes)?;
+        sum.add_page(&self.delta);
+        Ok(sum)
+    }
+
     /// The page to store: the stored one (if any) with this delta added.
     pub fn onto(&self, stored: Option<&[u8]>) -> Result<Vec<u8>, super::Error> {
         let Some(bytes) = stored else {

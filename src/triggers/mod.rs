@@ -213,6 +213,65 @@ pub fn value_of(leaves: &Leaves, category: Category, by: TriggerBy) -> Decimal {
     }
 }
 
+/// The last day of `p` (`AllTime` never ends).
+fn last_day(p: Period) -> Day {
+    match p {
+        Period::Day(d) => d,
+        Period::Month(m) => m.last_day(),
+        Period::Year(y) => Day::from_ymd(y, 12, 31),
+        Period::AllTime => Day(i32::MAX),
+    }
+}
+
+/// A trigger whose value reached its `trigger_value` in a period a flush
+/// touched; it fires if the store agrees it has not fired for that period.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Crossing {
+    pub sid: String,
+    pub account_sid: String,
+    pub period: Period,
+    pub value: Decimal,
+}
+
+/// The crossings among `triggers` (all of one account) given the periods a
+/// flush added usage to and each one's value after it: `touched` yields
+/// (period, stored row after the flush). Periods ending before a trigger was
+/// created, and periods it already fired for, are skipped; a trigger that
+/// crosses in several touched periods (CDRs of two days in one flush) crosses
+/// in each, oldest first.
+pub fn crossings(triggers: &[Trigger], touched: &[(Period, Leaves)]) -> Vec<Crossing> {
+    let mut out = Vec::new();
+    for t in triggers {
+        let Some(category) = t.category() else {
+            continue;
+        };
+        let created = t.created_day();
+        let mut periods: Vec<&(Period, Leaves)> = touched
+            .iter()
+            .filter(|(p, _)| t.recurring.measures(*p) && last_day(*p) >= created)
+            .collect();
+        periods.sort_by_key(|(p, _)| *p);
+        let mut fired: Option<Period> = None;
+        for (period, leaves) in periods {
+            let once = matches!(t.recurring, Recurring::Once | Recurring::AllTime);
+            if !t.may_fire_for(*period) || (once && fired.is_some()) {
+                continue;
+            }
+            let value = value_of(leaves, category, t.trigger_by);
+            if value >= t.trigger_value {
+                fired = Some(*period);
+                out.push(Crossing {
+                    sid: t.sid.clone(),
+                    account_sid: t.account_sid.clone(),
+                    period: *period,
+                    value,
+                });
+            }
+        }
+    }
+    out
+}
+
 /// Every trigger by account, in memory, so that the flusher knows which of a
 /// cut's accounts to evaluate without reading the store. Loaded at start,
 /// changed by this instance's API as it changes the store, and reloaded
@@ -290,5 +349,119 @@ impl TriggerBook {
     /// Number of triggers.
     pub fn len(&self) -> usize {
         self.inner.read().values().map(Vec::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::counters::Tally;
+    use rust_decimal_macros::dec;
+
+    fn trigger(category: &str, by: TriggerBy, value: Decimal, recurring: Recurring) -> Trigger {
+        Trigger {
+            sid: "UT00000000000000000000000000000001".into(),
+            account_sid: "AC00000000000000000000000000000001".into(),
+            friendly_name: String::new(),
+            usage_category: category.into(),
+            trigger_by: by,
+            trigger_value: value,
+            recurring,
+            callback_url: "https://example.com/hook".into(),
+            callback_method: CallbackMethod::Post,
+            date_created: "2026-01-01T00:00:00Z".into(),
+            date_updated: "2026-01-01T00:00:00Z".into(),
+            date_fired: None,
+            fired_period: None,
+            fired_value: None,
+        }
+    }
+
+    fn leaves(leaf: Category, count: u64, usage: u64, price: i64) -> Leaves {
+        let mut l = Leaves::default();
+        l.add_leaf(
+            leaf,
+            Tally {
+                count,
+                usage,
+                price,
+            },
+        );
+        l
+    }
+
+    fn day(d: u32) -> Day {
+        Day::from_ymd(2026, 3, d)
+    }
+
+    #[test]
+    fn a_rollup_crosses_by_count_usage_and_price() {
+        let row = leaves(Category::CallsOutbound, 3, 150, 450_000);
+        let touched = [(Period::Day(day(2)), row)];
+        // calls rolls up calls-outbound: 3 calls, 2.5 minutes, $4.50.
+        for (by, at, below) in [
+            (TriggerBy::Count, dec!(3), dec!(4)),
+            (TriggerBy::Usage, dec!(2.5), dec!(2.51)),
+            (TriggerBy::Price, dec!(4.5), dec!(4.50001)),
+        ] {
+            let t = trigger("calls", by, at, Recurring::Daily);
+            assert_eq!(crossings(&[t], &touched).len(), 1, "{by:?} at {at}");
+            let t = trigger("calls", by, below, Recurring::Daily);
+            assert!(crossings(&[t], &touched).is_empty(), "{by:?} below {below}");
+        }
+        // A sibling category is not affected.
+        let t = trigger("sms", TriggerBy::Count, dec!(1), Recurring::Daily);
+        assert!(crossings(&[t], &touched).is_empty());
+        // Twilio's categories tallyd does not count never fire.
+        let t = trigger("recordings", TriggerBy::Count, dec!(0), Recurring::Daily);
+        assert!(crossings(&[t], &touched).is_empty());
+    }
+
+    #[test]
+    fn once_per_period_and_once_ever() {
+        let row = leaves(Category::SmsOutboundLongcode, 5, 5, 0);
+        let touched = [
+            (Period::Day(day(3)), row),
+            (Period::Day(day(2)), row),
+            (Period::Month(day(2).month()), row),
+            (Period::AllTime, row),
+        ];
+        let mut t = trigger("sms", TriggerBy::Count, dec!(5), Recurring::Daily);
+        let c = crossings(std::slice::from_ref(&t), &touched);
+        assert_eq!(
+            c.iter().map(|c| c.period).collect::<Vec<_>>(),
+            [Period::Day(day(2)), Period::Day(day(3))],
+            "both days, oldest first; only day rows"
+        );
+        t.fired_period = Some(period_key(Period::Day(day(2))));
+        let c = crossings(std::slice::from_ref(&t), &touched);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].period, Period::Day(day(3)));
+        t.fired_period = Some(period_key(Period::Day(day(3))));
+        assert!(crossings(std::slice::from_ref(&t), &touched).is_empty());
+
+        let mut once = trigger("sms", TriggerBy::Count, dec!(5), Recurring::Once);
+        assert_eq!(crossings(std::slice::from_ref(&once), &touched).len(), 1);
+        once.fired_period = Some("all".into());
+        assert!(crossings(&[once], &touched).is_empty());
+    }
+
+    #[test]
+    fn periods_over_before_the_trigger_was_made_never_fire() {
+        let row = leaves(Category::SmsOutboundLongcode, 5, 5, 0);
+        let mut t = trigger("sms", TriggerBy::Count, dec!(1), Recurring::Daily);
+        t.date_created = "2026-03-03T10:00:00Z".into();
+        let touched = [(Period::Day(day(2)), row), (Period::Day(day(3)), row)];
+        let c = crossings(&[t], &touched);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].period, Period::Day(day(3)));
+    }
+
+    #[test]
+    fn period_keys_sort_in_time_order() {
+        assert_eq!(period_key(Period::Day(day(2))), "2026-03-02");
+        assert_eq!(period_key(Period::Month(day(2).month())), "2026-03");
+        assert_eq!(period_key(Period::Year(2026)), "2026");
+        assert!(period_key(Period::Day(day(9))) < period_key(Period::Day(day(10))));
     }
 }
