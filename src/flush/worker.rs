@@ -206,8 +206,9 @@ impl Flusher {
             if result.is_ok() {
                 m::CDR_CONSUMED_TO_FLUSHED.record_consumed(&cut.consumed, Instant::now());
             }
-            let result = result.map(|(outcome, fired)| {
-                self.fired(&fired);
+            let result = result.map(|(outcome, report)| {
+                self.triggers.observed(&report.observed);
+                self.fired(&report.fired);
                 outcome
             });
             tracing::debug!(

@@ -11,6 +11,7 @@ use super::flush::Touched;
 use super::outbox::{OutboxRow, KIND_USAGE_TRIGGER};
 use super::{Conn, Param, Result};
 use crate::calendar::{Day, Period};
+use crate::counters::Tally;
 use crate::triggers::{crossings, period_key, Trigger};
 
 /// A trigger fired by a flush, for the in-memory book once it committed.
@@ -21,6 +22,15 @@ pub struct Firing {
     pub period: String,
     pub date_fired: String,
     pub value: Decimal,
+}
+
+/// What a flush did to the usage triggers of its accounts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TriggerReport {
+    pub fired: Vec<Firing>,
+    /// By trigger SID: the latest period of its recurrence the flush wrote,
+    /// and its category's tally there as stored.
+    pub observed: Vec<(String, Period, Tally)>,
 }
 
 /// Marks the trigger fired for `period` unless it already fired for it (or,
@@ -56,20 +66,35 @@ impl Conn {
         triggers: &[Trigger],
         touched: &[Touched],
         consumed_at_ms: i64,
-    ) -> Result<Vec<Firing>> {
+    ) -> Result<TriggerReport> {
+        let mut report = TriggerReport::default();
         if triggers.is_empty() {
-            return Ok(Vec::new());
+            return Ok(report);
         }
         let now = chrono::Utc::now();
         let date_fired = now.format("%Y-%m-%dT%H:%M:%SZ").to_string();
         let date_fired_2822 = now.format("%a, %d %b %Y %H:%M:%S +0000").to_string();
-        let mut fired = Vec::new();
         for page in touched {
             let mine: Vec<Trigger> = triggers
                 .iter()
                 .filter(|t| t.account_sid == page.account_sid)
                 .cloned()
                 .collect();
+            for t in &mine {
+                let Some(category) = t.category() else {
+                    continue;
+                };
+                if let Some((p, leaves)) = page
+                    .rows
+                    .iter()
+                    .filter(|(p, _)| t.recurring.measures(*p))
+                    .max_by_key(|(p, _)| *p)
+                {
+                    report
+                        .observed
+                        .push((t.sid.clone(), *p, leaves.get(category)));
+                }
+            }
             for c in crossings(&mine, &page.rows) {
                 let key = period_key(c.period);
                 let value = c.value.normalize().to_string();
@@ -121,7 +146,7 @@ impl Conn {
                     body,
                     created_at: consumed_at_ms,
                 })?;
-                fired.push(Firing {
+                report.fired.push(Firing {
                     account_sid: c.account_sid,
                     sid: c.sid,
                     period: key,
@@ -130,7 +155,7 @@ impl Conn {
                 });
             }
         }
-        Ok(fired)
+        Ok(report)
     }
 }
 
@@ -190,7 +215,7 @@ mod tests {
             consumed_at_ms: 1_000,
             ..FlushBatch::default()
         };
-        store.write_flush_firing(&b).unwrap().1
+        store.write_flush_firing(&b).unwrap().1.fired
     }
 
     fn insert(store: &Store, t: &Trigger) {

@@ -20,7 +20,7 @@ use crate::counters::Tally;
 use crate::dedup::blob;
 use crate::triggers::Trigger;
 
-use super::firing::Firing;
+use super::firing::TriggerReport;
 use super::page::{decode_stored, Page, PageDelta};
 use super::wallet::WalletRows;
 use super::{Conn, Error, Param, Result};
@@ -144,7 +144,7 @@ impl Conn {
     }
 
     /// [`Self::write_flush`], also returning the usage triggers it fired.
-    pub fn write_flush_firing(&mut self, b: &FlushBatch) -> Result<(FlushOutcome, Vec<Firing>)> {
+    pub fn write_flush_firing(&mut self, b: &FlushBatch) -> Result<(FlushOutcome, TriggerReport)> {
         self.transaction(|c| {
             for (i, o) in b.offsets.iter().enumerate() {
                 if !c.advance_offset(o)? {
@@ -152,7 +152,7 @@ impl Conn {
                     // Only the first advance can find the batch applied: a
                     // batch is all or nothing.
                     if i == 0 && found == Some(o.to) {
-                        return Ok((FlushOutcome::AlreadyApplied, Vec::new()));
+                        return Ok((FlushOutcome::AlreadyApplied, TriggerReport::default()));
                     }
                     return Err(Error::Fenced {
                         topic: o.topic.clone(),
@@ -193,7 +193,7 @@ impl Conn {
                 pages = b.pages.len(),
                 pages_ms = pages_done.as_millis() as u64,
                 dedup_ms = (started.elapsed() - pages_done).as_millis() as u64,
-                fired = fired.len(),
+                fired = fired.fired.len(),
                 "flush written"
             );
             Ok((FlushOutcome::Applied, fired))

@@ -415,7 +415,7 @@ impl Store {
     pub fn write_flush_firing(
         &self,
         b: &FlushBatch,
-    ) -> Result<(FlushOutcome, Vec<firing::Firing>)> {
+    ) -> Result<(FlushOutcome, firing::TriggerReport)> {
         let out = self.with_conn(|c| c.write_flush_firing(b));
         if let (Ok(_), Some(c)) = (&out, &self.inner.checkpointer) {
             c.request();

@@ -16,7 +16,10 @@
 //! offsets of the CDRs that crossed it: a crash before the commit replays the
 //! CDRs and fires again once; after it, the replay starts past them.
 
+pub mod watch;
+
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -24,7 +27,8 @@ use rust_decimal::Decimal;
 
 use crate::calendar::{Day, Period};
 use crate::category::Category;
-use crate::counters::Leaves;
+use crate::counters::{Leaves, Tally};
+use watch::Watches;
 
 /// What a trigger's value measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -273,12 +277,33 @@ pub fn crossings(triggers: &[Trigger], touched: &[(Period, Leaves)]) -> Vec<Cros
 }
 
 /// Every trigger by account, in memory, so that the flusher knows which of a
-/// cut's accounts to evaluate without reading the store. Loaded at start,
-/// changed by this instance's API as it changes the store, and reloaded
-/// every few seconds to see changes made through other instances.
+/// cut's accounts to evaluate without reading the store, and the consumers
+/// know which CDRs may cross one ([`watch`]). Loaded at start, changed by
+/// this instance's API as it changes the store, and reloaded every few
+/// seconds to see changes made through other instances.
 #[derive(Debug, Clone, Default)]
 pub struct TriggerBook {
-    inner: Arc<RwLock<HashMap<String, Vec<Trigger>>>>,
+    inner: Arc<RwLock<Inner>>,
+    /// Bumped at every change, so a consumer takes a new [`Watches`] only
+    /// when there is one.
+    version: Arc<AtomicU64>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    by_account: HashMap<String, Vec<Trigger>>,
+    /// By trigger SID: the latest period a flush wrote, and its category's
+    /// tally there.
+    known: HashMap<String, (Period, Tally)>,
+    /// Built on demand from the two above.
+    watches: Option<Arc<Watches>>,
+}
+
+impl Inner {
+    fn changed(&mut self, version: &AtomicU64) {
+        self.watches = None;
+        version.fetch_add(1, Ordering::Release);
+    }
 }
 
 impl TriggerBook {
@@ -292,34 +317,42 @@ impl TriggerBook {
         for t in all {
             by_account.entry(t.account_sid.clone()).or_default().push(t);
         }
-        *self.inner.write() = by_account;
+        let mut inner = self.inner.write();
+        if inner.by_account != by_account {
+            inner.by_account = by_account;
+            inner.changed(&self.version);
+        }
     }
 
     /// Adds or replaces one trigger (by SID).
     pub fn upsert(&self, t: Trigger) {
-        let mut map = self.inner.write();
-        let list = map.entry(t.account_sid.clone()).or_default();
+        let mut inner = self.inner.write();
+        let list = inner.by_account.entry(t.account_sid.clone()).or_default();
         match list.iter_mut().find(|x| x.sid == t.sid) {
             Some(slot) => *slot = t,
             None => list.push(t),
         }
+        inner.changed(&self.version);
     }
 
     /// Removes one trigger.
     pub fn remove(&self, account_sid: &str, sid: &str) {
-        let mut map = self.inner.write();
-        if let Some(list) = map.get_mut(account_sid) {
+        let mut inner = self.inner.write();
+        if let Some(list) = inner.by_account.get_mut(account_sid) {
             list.retain(|t| t.sid != sid);
             if list.is_empty() {
-                map.remove(account_sid);
+                inner.by_account.remove(account_sid);
             }
         }
+        inner.known.remove(sid);
+        inner.changed(&self.version);
     }
 
     /// Records a firing that committed.
     pub fn fired(&self, account_sid: &str, sid: &str, period: &str, at: &str, value: Decimal) {
-        let mut map = self.inner.write();
-        if let Some(t) = map
+        let mut inner = self.inner.write();
+        if let Some(t) = inner
+            .by_account
             .get_mut(account_sid)
             .and_then(|l| l.iter_mut().find(|t| t.sid == sid))
         {
@@ -327,28 +360,68 @@ impl TriggerBook {
             t.date_fired = Some(at.to_owned());
             t.fired_value = Some(value);
         }
+        inner.changed(&self.version);
+    }
+
+    /// Records the values a committed flush left in the store: by trigger
+    /// SID, the latest period it wrote and the category's tally there.
+    pub fn observed(&self, values: &[(String, Period, Tally)]) {
+        if values.is_empty() {
+            return;
+        }
+        let mut inner = self.inner.write();
+        for (sid, period, tally) in values {
+            match inner.known.get(sid) {
+                Some((p, _)) if p > period => {}
+                _ => {
+                    inner.known.insert(sid.clone(), (*period, *tally));
+                }
+            }
+        }
+        inner.changed(&self.version);
+    }
+
+    /// The current [`Watches`] if the book changed since `seen` (updated).
+    pub fn watches_since(&self, seen: &mut u64) -> Option<Arc<Watches>> {
+        let now = self.version.load(Ordering::Acquire);
+        if now == *seen {
+            return None;
+        }
+        *seen = now;
+        let inner = self.inner.upgradable_read();
+        if let Some(w) = &inner.watches {
+            return Some(w.clone());
+        }
+        let mut inner = parking_lot::RwLockUpgradableReadGuard::upgrade(inner);
+        let built = Arc::new(Watches::build(
+            inner.by_account.values().flatten(),
+            &inner.known,
+        ));
+        inner.watches = Some(built.clone());
+        Some(built)
     }
 
     /// The triggers of `account_sid` (empty if none).
     pub fn of(&self, account_sid: &str) -> Vec<Trigger> {
         self.inner
             .read()
+            .by_account
             .get(account_sid)
             .cloned()
             .unwrap_or_default()
     }
 
     pub fn has(&self, account_sid: &str) -> bool {
-        self.inner.read().contains_key(account_sid)
+        self.inner.read().by_account.contains_key(account_sid)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.inner.read().is_empty()
+        self.inner.read().by_account.is_empty()
     }
 
     /// Number of triggers.
     pub fn len(&self) -> usize {
-        self.inner.read().values().map(Vec::len).sum()
+        self.inner.read().by_account.values().map(Vec::len).sum()
     }
 }
 
