@@ -26,15 +26,13 @@
 //! [`Deltas::prefetch`] and [`Deltas::record_at`] in three waves so that the cache
 //! misses of a whole batch overlap ([`crate::pipeline::ingest_batch`]).
 //!
-//! [`UsageCounters`] shards deltas by account behind mutexes for callers with
-//! several writer threads; [`UsageCounters::take`] swaps each shard's tables for
-//! empty ones, so writers are held only for a swap per shard.
+//! Each consumer thread owns the deltas of its partitions (one writer, no
+//! lock); a flush takes them ([`Deltas::take`]) and merges what several
+//! consumers hand over ([`Deltas::merge`]).
 
 pub mod table;
 
-use crossbeam_utils::CachePadded;
 use hashbrown::HashMap;
-use parking_lot::Mutex;
 use rustc_hash::FxBuildHasher;
 
 use crate::calendar::{Day, Period};
@@ -560,61 +558,6 @@ impl Deltas {
     }
 }
 
-/// Deltas sharded by account so concurrent writers rarely meet on a lock.
-pub struct UsageCounters {
-    shards: Box<[CachePadded<Mutex<Deltas>>]>,
-    mask: usize,
-}
-
-impl UsageCounters {
-    /// `shards` is rounded up to a power of two.
-    pub fn new(shards: usize) -> UsageCounters {
-        let n = shards.max(1).next_power_of_two();
-        UsageCounters {
-            shards: (0..n)
-                .map(|_| CachePadded::new(Mutex::new(Deltas::default())))
-                .collect(),
-            mask: n - 1,
-        }
-    }
-
-    #[inline]
-    fn shard(&self, account: AccountSid) -> &Mutex<Deltas> {
-        // The SID's low bits are uniformly random hex.
-        &self.shards[(account.0 as usize) & self.mask]
-    }
-
-    /// Adds one rated CDR.
-    #[inline]
-    pub fn record(
-        &self,
-        key: LeafDay,
-        t: Tally,
-        phone_number: Option<&str>,
-        agent_id: Option<&str>,
-    ) {
-        self.shard(key.account)
-            .lock()
-            .record(key, t, phone_number, agent_id);
-    }
-
-    /// Takes every delta recorded since the last take, leaving the counters empty.
-    pub fn take(&self) -> Deltas {
-        let mut all = Deltas::default();
-        for shard in self.shards.iter() {
-            let taken = shard.lock().take();
-            all.merge(taken);
-        }
-        all
-    }
-
-    /// Live account-day cells plus breakdown entries (for the gauge and
-    /// backpressure).
-    pub fn live_cells(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().live_cells()).sum()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -690,7 +633,7 @@ mod tests {
 
     #[test]
     fn take_empties_and_keeps_breakdowns() {
-        let c = UsageCounters::new(4);
+        let mut c = Deltas::default();
         let sms = |n| Tally {
             count: 1,
             usage: n,
