@@ -29,6 +29,7 @@ pub mod page;
 mod pg;
 pub mod schema;
 mod sqlite;
+pub mod triggers;
 pub mod wallet;
 
 use std::path::PathBuf;
@@ -67,6 +68,13 @@ pub enum Error {
     },
     #[error("cannot convert the store's old usage tables: {0}")]
     Legacy(String),
+    /// A stored row that does not decode (a value no version of tallyd writes).
+    #[error("{table} row {key:?}: {reason}")]
+    BadRow {
+        table: &'static str,
+        key: String,
+        reason: String,
+    },
     #[error("gave up: {0}")]
     Cancelled(String),
     #[error("store task failed: {0}")]
@@ -101,7 +109,9 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Fenced { .. } => ErrorKind::Fenced,
-            Error::BadUrl(_) | Error::Page { .. } | Error::Legacy(_) => ErrorKind::Permanent,
+            Error::BadUrl(_) | Error::Page { .. } | Error::Legacy(_) | Error::BadRow { .. } => {
+                ErrorKind::Permanent
+            }
             Error::Dir { .. } | Error::Cancelled(_) | Error::Task(_) => ErrorKind::Retryable,
             Error::Sqlite(e) => sqlite_kind(e),
             Error::Postgres(e) => pg_kind(e),
@@ -126,6 +136,7 @@ impl Error {
             Error::Postgres(_) => "postgres",
             Error::Page { .. } => "page",
             Error::Legacy(_) => "legacy",
+            Error::BadRow { .. } => "row",
             Error::Cancelled(_) | Error::Task(_) => "cancelled",
             Error::Fenced { .. } => "fenced",
         }
