@@ -812,3 +812,46 @@ fn twilio_client_manages_triggers_postgres() {
         run_twilio_client(TestStore::postgres(&base));
     }
 }
+
+#[test]
+fn openapi_documents_the_five_operations() {
+    let doc: serde_yaml::Value = serde_yaml::from_str(tallyd::api::OPENAPI_YAML).unwrap();
+    let paths = &doc["paths"];
+    let list = &paths["/2010-04-01/Accounts/{AccountSid}/Usage/Triggers.json"];
+    let one = &paths["/2010-04-01/Accounts/{AccountSid}/Usage/Triggers/{UsageTriggerSid}.json"];
+    for (path, method, id) in [
+        (list, "get", "listUsageTriggers"),
+        (list, "post", "createUsageTrigger"),
+        (one, "get", "fetchUsageTrigger"),
+        (one, "post", "updateUsageTrigger"),
+        (one, "delete", "deleteUsageTrigger"),
+    ] {
+        assert_eq!(
+            path[method]["operationId"].as_str(),
+            Some(id),
+            "{method} {id}"
+        );
+    }
+    // Every field the API sends is documented.
+    let fields = &doc["components"]["schemas"]["UsageTrigger"]["properties"];
+    for f in [
+        "account_sid",
+        "api_version",
+        "callback_method",
+        "callback_url",
+        "current_value",
+        "date_created",
+        "date_fired",
+        "date_updated",
+        "friendly_name",
+        "recurring",
+        "sid",
+        "trigger_by",
+        "trigger_value",
+        "uri",
+        "usage_category",
+        "usage_record_uri",
+    ] {
+        assert!(!fields[f].is_null(), "{f} is not documented");
+    }
+}
