@@ -41,7 +41,7 @@ use crate::counters::Leaves;
 use crate::store::triggers::TriggerFilter;
 use crate::store::{Conn, Error as StoreError, ErrorKind, Param};
 use crate::triggers::{value_of, CallbackMethod, Recurring, Trigger, TriggerBy};
-use crate::webhooks::url::check_callback_url;
+use crate::webhooks::url::{check_callback_url, UrlPolicy};
 
 /// The most triggers one account may have.
 pub const MAX_TRIGGERS_PER_ACCOUNT: u64 = 1000;
@@ -182,8 +182,8 @@ fn parse_method(v: &str) -> Result<CallbackMethod, TwilioError> {
     })
 }
 
-fn check_url(state_policy: crate::webhooks::url::UrlPolicy, v: &str) -> Result<(), TwilioError> {
-    check_callback_url(v, state_policy)
+fn check_url(policy: UrlPolicy, v: &str) -> Result<(), TwilioError> {
+    check_callback_url(v, policy)
         .map(|_| ())
         .map_err(|why| TwilioError::invalid_parameter(format!("CallbackUrl {} {why}", shown(v))))
 }
@@ -218,10 +218,7 @@ pub struct NewTrigger {
 }
 
 /// Reads and checks the form of a create request.
-pub fn parse_create(
-    body: &[u8],
-    policy: crate::webhooks::url::UrlPolicy,
-) -> Result<NewTrigger, TwilioError> {
+pub fn parse_create(body: &[u8], policy: UrlPolicy) -> Result<NewTrigger, TwilioError> {
     let p = Params::parse(body, "form body")?;
     let required = |name: &str| {
         p.given(name).ok_or_else(|| {
@@ -271,10 +268,7 @@ pub struct TriggerUpdate {
 }
 
 /// Reads and checks the form of an update request.
-pub fn parse_update(
-    body: &[u8],
-    policy: crate::webhooks::url::UrlPolicy,
-) -> Result<TriggerUpdate, TwilioError> {
+pub fn parse_update(body: &[u8], policy: UrlPolicy) -> Result<TriggerUpdate, TwilioError> {
     let p = Params::parse(body, "form body")?;
     let callback_url = match p.get("CallbackUrl") {
         None => None,
@@ -535,7 +529,7 @@ fn store_failed(e: StoreError) -> TwilioError {
 /// What a request changed, applied to the book once the store has it.
 enum BookChange {
     None,
-    Upsert(Trigger),
+    Upsert(Box<Trigger>),
     Remove { account: String, sid: String },
 }
 
@@ -560,11 +554,12 @@ impl Answer {
     }
 }
 
-/// What every handler shares: the request's parts the closure needs.
-struct Request {
+/// What a handler's store closure needs of the request besides its own
+/// parameters.
+struct Context {
     now: i64,
     path: String,
-    policy: crate::webhooks::url::UrlPolicy,
+    policy: UrlPolicy,
 }
 
 /// Authenticates (failures throttled per client, as Usage Records), then runs
@@ -577,14 +572,14 @@ async fn serve(
     uri: Uri,
     headers: HeaderMap,
     peer: Option<ConnectInfo<SocketAddr>>,
-    f: impl FnOnce(&mut Conn, Target, Request) -> Result<Answer, TwilioError> + Send + 'static,
+    f: impl FnOnce(&mut Conn, Target, Context) -> Result<Answer, TwilioError> + Send + 'static,
 ) -> Response {
     let client = auth::client_of(peer);
     if let Err(wait) = state.throttle().check(client) {
         AuthThrottle::throttled("twilio");
         return throttled(true, wait);
     }
-    let req = Request {
+    let req = Context {
         now: state.now(),
         path: uri.path().to_owned(),
         policy: state.url_policy(),
@@ -622,7 +617,7 @@ async fn serve(
                     t.fired_value = old.fired_value;
                 }
             }
-            book.upsert(t);
+            book.upsert(*t);
         }
         BookChange::Remove { account, sid } => book.remove(&account, &sid),
     }
@@ -712,7 +707,7 @@ pub async fn create(
             )));
         }
         let json = json_of(c, &t, &mut now)?;
-        Answer::json(StatusCode::CREATED, &json, BookChange::Upsert(t))
+        Answer::json(StatusCode::CREATED, &json, BookChange::Upsert(Box::new(t)))
     })
     .await
 }
@@ -842,7 +837,7 @@ pub async fn update(
             .ok_or_else(not_found)?;
         let mut now = CurrentValues::new(&account, Day::from_unix(req.now));
         let json = json_of(c, &t, &mut now)?;
-        Answer::json(StatusCode::OK, &json, BookChange::Upsert(t))
+        Answer::json(StatusCode::OK, &json, BookChange::Upsert(Box::new(t)))
     })
     .await
 }
@@ -884,7 +879,6 @@ fn split(params: Option<Path<(String, String)>>) -> (Option<String>, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::webhooks::url::UrlPolicy;
 
     const STRICT: UrlPolicy = UrlPolicy {
         allow_loopback: false,

@@ -16,6 +16,8 @@
 //!   offsets' compare-and-set, the usage pages' read-modify-write, the dedup
 //!   ids, pruning, meta. [`sqlite`] and [`pg`] supply the few primitives that
 //!   differ (opening, bulk page reads and writes).
+//! - [`triggers`] holds the usage triggers' rows (the Usage Triggers API's,
+//!   and what the flusher's trigger book is loaded from).
 //! - [`schema`] holds the tables, [`page`] how usage is laid out in them,
 //!   [`legacy`] the conversion of older stores, [`checkpoint`] the copying of
 //!   SQLite's WAL into the database file off the flush path.

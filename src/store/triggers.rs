@@ -195,7 +195,6 @@ impl Conn {
     /// Changes what the API may change of a trigger (`None` keeps a value)
     /// and sets `date_updated`; returns the trigger as it is now, `None` if
     /// the account has no trigger `sid`.
-    #[allow(clippy::too_many_arguments)]
     pub fn update_trigger(
         &mut self,
         account_sid: &str,
