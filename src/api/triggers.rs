@@ -136,7 +136,12 @@ pub fn parse_trigger_value(raw: &str) -> Result<(bool, Decimal), TwilioError> {
     if raw.len() > MAX_TRIGGER_VALUE_CHARS || !digits(int) || !digits(frac) {
         return Err(bad());
     }
-    let value = Decimal::from_str(number).map_err(|_| bad())?;
+    let value = Decimal::from_str(number).map_err(|_| {
+        TwilioError::invalid_parameter(format!(
+            "TriggerValue {} has more digits than a decimal of 28 significant digits holds",
+            shown(raw)
+        ))
+    })?;
     Ok((relative, value.normalize()))
 }
 
@@ -934,6 +939,10 @@ mod tests {
             (("TriggerValue", "1.2.3"), "TriggerValue \"1.2.3\""),
             (("TriggerValue", "+"), "TriggerValue \"+\""),
             (("TriggerValue", "1."), "TriggerValue \"1.\""),
+            (
+                ("TriggerValue", "123456789012345678901234567890"),
+                "28 significant digits",
+            ),
             (("UsageCategory", "minutes"), "UsageCategory \"minutes\""),
             (("Recurring", "weekly"), "Recurring \"weekly\""),
             (("TriggerBy", "seconds"), "TriggerBy \"seconds\""),
