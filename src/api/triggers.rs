@@ -40,7 +40,7 @@ use crate::calendar::{parse_rfc3339, Day, Period};
 use crate::counters::Leaves;
 use crate::store::triggers::TriggerFilter;
 use crate::store::{Conn, Error as StoreError, ErrorKind, Param};
-use crate::triggers::{value_of, CallbackMethod, Recurring, Trigger, TriggerBy};
+use crate::triggers::{value_of, CallbackMethod, Recurring, Trigger, TriggerBook, TriggerBy};
 use crate::webhooks::url::{check_callback_url, UrlPolicy};
 
 /// The most triggers one account may have.
@@ -568,7 +568,7 @@ struct Context {
 }
 
 /// Authenticates (failures throttled per client, as Usage Records), then runs
-/// `f` on the store with the account the path names, then applies the change
+/// `f` on the store with the account the path names, then applies its change
 /// to the trigger book. `sid` is `None` when the path did not decode (a 404
 /// once the caller is known).
 async fn serve(
@@ -592,13 +592,22 @@ async fn serve(
     let creds = auth::basic(&headers);
     let sid = sid.unwrap_or_default();
     let path = req.path.clone();
+    let book = state.triggers().clone();
+    // The book is changed in the same blocking task as the store, right
+    // after it: a client that hangs up once the store has the change cannot
+    // leave the book without it.
     let result = state
         .store()
         .run(move |c| {
-            Ok(twilio::authorize(c, creds, &sid, &path).and_then(|target| f(c, target, req)))
+            Ok(twilio::authorize(c, creds, &sid, &path)
+                .and_then(|target| f(c, target, req))
+                .map(|answer| {
+                    apply(&book, answer.change);
+                    (answer.status, answer.body)
+                }))
         })
         .await;
-    let answer = match result {
+    let (status, body) = match result {
         Err(e) => return TwilioError::from(e).into_response(),
         Ok(Ok(a)) => a,
         Ok(Err(e)) if e.status == StatusCode::UNAUTHORIZED => {
@@ -609,8 +618,15 @@ async fn serve(
         }
         Ok(Err(e)) => return e.into_response(),
     };
-    let book = state.triggers();
-    match answer.change {
+    match body {
+        Some(body) => (status, [(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        None => status.into_response(),
+    }
+}
+
+/// Applies a change the store has taken to the trigger book.
+fn apply(book: &TriggerBook, change: BookChange) {
+    match change {
         BookChange::None => {}
         BookChange::Upsert(mut t) => {
             // A firing the flusher recorded in the book meanwhile is kept:
@@ -625,15 +641,6 @@ async fn serve(
             book.upsert(*t);
         }
         BookChange::Remove { account, sid } => book.remove(&account, &sid),
-    }
-    match answer.body {
-        Some(body) => (
-            answer.status,
-            [(header::CONTENT_TYPE, "application/json")],
-            body,
-        )
-            .into_response(),
-        None => answer.status.into_response(),
     }
 }
 
