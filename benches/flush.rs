@@ -63,6 +63,8 @@ fn flush_batch(tariff: &Tariff) -> FlushBatch {
         dedup: Vec::new(),
         prune_dedup_before: None,
         wallet: Default::default(),
+        triggers: Vec::new(),
+        consumed_at_ms: 0,
     }
 }
 

@@ -155,6 +155,7 @@ fn bench_stages(c: &mut Criterion) {
                     account: cdr.account,
                     day: cdr.day(),
                     leaf,
+                    hour: 0,
                 };
                 (key, Tally::one(tariff.rate(cdr, leaf)), cdr)
             })
@@ -271,6 +272,7 @@ fn rated_cells(tariff: &Tariff, accounts: u64) -> Vec<(LeafDay, Tally)> {
                 account: cdr.account,
                 day: cdr.day(),
                 leaf,
+                hour: 0,
             };
             (key, Tally::one(tariff.rate(&cdr, leaf)))
         })

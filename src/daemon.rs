@@ -115,6 +115,8 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
             dead_letters: Some(dead_letters.clone()),
             health: flush_health.clone(),
             writers: cfg.flush.parallel_writers,
+            triggers: api.triggers().clone(),
+            on_fired: None,
         };
         job_queues.push(jobs_tx);
         flush_threads.push(
@@ -133,6 +135,7 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
         dedup_window_days: cfg.dedup.window_days,
         revoke_timeout: Duration::from_secs(30),
         wallets: api.wallets().clone(),
+        triggers: api.triggers().clone(),
     };
     // `kafka.consumers` consumers, each on its own thread: librdkafka keeps one
     // fetch in flight per broker connection, so a single consumer and the broker

@@ -43,6 +43,8 @@ pub const CDRS_TOTAL: &str = "tallyd_cdrs_total";
 pub const CDRS_REJECTED_TOTAL: &str = "tallyd_cdrs_rejected_total";
 /// Counter: flushes that landed in the store.
 pub const FLUSHES_TOTAL: &str = "tallyd_flushes_total";
+/// Counter: usage triggers fired (each once per period, in the flush that crossed it).
+pub const TRIGGERS_FIRED_TOTAL: &str = "tallyd_triggers_fired_total";
 /// Histogram: how long a flush took, from hand-over to commit.
 pub const FLUSH_DURATION_SECONDS: &str = "tallyd_flush_duration_seconds";
 /// Counter: usage rows and breakdowns written by flushes.
@@ -159,6 +161,8 @@ pub const CATALOGUE: &[Metric] = &[
         "CDRs consumed, by outcome: counted, duplicate (id seen before, not counted again) or rejected (sent to the dead-letter topic)."),
     metric(CDRS_REJECTED_TOTAL, Counter, None, &["reason"],
         "Rejected CDRs by reason (the tallyd-reason header of the dead letter)."),
+    metric(TRIGGERS_FIRED_TOTAL, Counter, None, &[],
+        "Usage triggers fired: written to the webhook outbox in the flush transaction that crossed them, once per period."),
     metric(FLUSHES_TOTAL, Counter, None, &[],
         "Flushes that landed in the store (counter deltas, offsets and dedup ids in one transaction)."),
     metric(FLUSH_DURATION_SECONDS, Hist, Some(Unit::Seconds), &[],
@@ -661,6 +665,11 @@ impl ConsumedAt {
             }
             _ => self.batches.push((at, n)),
         }
+    }
+
+    /// When the first message recorded was consumed.
+    pub fn first(&self) -> Option<Instant> {
+        self.batches.first().map(|&(at, _)| at)
     }
 
     /// Messages recorded.

@@ -67,6 +67,7 @@ fn leaf_day(cdr: &Cdr<'_>) -> LeafDay {
         account: cdr.account,
         day: cdr.day(),
         leaf: cdr.leaf(),
+        hour: (cdr.timestamp.rem_euclid(86_400) / 3_600) as u8,
     }
 }
 

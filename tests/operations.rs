@@ -29,8 +29,6 @@ const PARTITIONS: u32 = 3;
 /// and the wallet, hold and webhook metrics. Shrink it as they come: the
 /// metrics test fails when a listed metric shows up.
 const EXPECTED_LATER: &[&str] = &[
-    "tallyd_cdr_event_to_counted_seconds",
-    "tallyd_cdr_consumed_to_flushed_seconds",
     "tallyd_hold_request_to_answer_seconds",
     "tallyd_trigger_crossing_to_callback_seconds",
     "tallyd_holds_total",

@@ -31,6 +31,9 @@ pub struct PartitionCut {
     pub dedup: Option<DedupRows>,
     /// Wallet debits and hold settlements of its CDRs.
     pub wallet: crate::wallet::WalletCut,
+    /// When its messages were consumed (`tallyd_cdr_consumed_to_flushed_seconds`,
+    /// and the time a usage trigger's crossing is counted from).
+    pub consumed: crate::metrics::ConsumedAt,
 }
 
 /// What the consumer hands over at a flush: a consistent cut.

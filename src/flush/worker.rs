@@ -20,6 +20,7 @@ use crate::dead_letter::DeadLetters;
 use crate::metrics as m;
 use crate::rating::Tariff;
 use crate::store::{self, ErrorKind, FlushBatch, FlushOutcome, Store};
+use crate::triggers::{Trigger, TriggerBook};
 
 use super::expand::{pages, spread};
 use super::{FlushHealth, FlushResult, Flushed, Job, PartitionCut, Snapshot};
@@ -32,9 +33,27 @@ pub struct Flusher {
     /// PostgreSQL connections a flush is written over in parallel
     /// (`flush.parallel_writers`); SQLite has one writer.
     pub writers: usize,
+    /// Usage triggers, evaluated in each partition's flush transaction.
+    pub triggers: TriggerBook,
+    /// Called after a flush that fired triggers committed (wakes the webhook
+    /// dispatcher, so the callback leaves now rather than at its next poll).
+    pub on_fired: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Unix ms when the first of `consumed` was consumed (`now` if none): the
+/// time a usage trigger's crossing in this cut is counted from, at the
+/// latest.
+fn consumed_at_ms(consumed: &crate::metrics::ConsumedAt, now: Instant) -> i64 {
+    let ago = consumed
+        .first()
+        .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    wall.saturating_sub(ago).as_millis() as i64
+}
 
 /// One lane's partitions as written.
 #[derive(Default)]
@@ -165,9 +184,12 @@ impl Flusher {
         for cut in lane {
             let expanding = Instant::now();
             let partition = cut.offset.partition;
+            let pages = pages(vec![cut.deltas], &self.tariff);
             let batch = FlushBatch {
                 as_of: as_of.to_owned(),
-                pages: pages(vec![cut.deltas], &self.tariff),
+                triggers: self.triggers_of(&pages),
+                consumed_at_ms: consumed_at_ms(&cut.consumed, expanding),
+                pages,
                 offsets: vec![cut.offset],
                 dedup: cut.dedup.into_iter().collect(),
                 prune_dedup_before: prune_dedup_before.take(),
@@ -177,9 +199,17 @@ impl Flusher {
             let mut attempt = Duration::ZERO;
             let result = self.retry(cancel, "flush", || {
                 let t = Instant::now();
-                let r = self.store.write_flush(&batch);
+                let r = self.store.write_flush_firing(&batch);
                 attempt = t.elapsed();
                 r
+            });
+            if result.is_ok() {
+                m::CDR_CONSUMED_TO_FLUSHED.record_consumed(&cut.consumed, Instant::now());
+            }
+            let result = result.map(|(outcome, report)| {
+                self.triggers.observed(&report.observed);
+                self.fired(&report.fired);
+                outcome
             });
             tracing::debug!(
                 partition,
@@ -209,6 +239,42 @@ impl Flusher {
             }
         }
         w
+    }
+
+    /// The triggers of the accounts whose pages a cut writes.
+    fn triggers_of(&self, pages: &[store::page::PageDelta]) -> Vec<Trigger> {
+        if self.triggers.is_empty() {
+            return Vec::new();
+        }
+        let mut buf = [0u8; 34];
+        let mut last = None;
+        let mut out = Vec::new();
+        for p in pages {
+            if last == Some(p.account) {
+                continue;
+            }
+            last = Some(p.account);
+            out.extend(self.triggers.of(p.account.write_text(&mut buf)));
+        }
+        out
+    }
+
+    /// Records firings that committed: the book (so the next flush does not
+    /// try them again), the counter, and a wake-up for the dispatcher.
+    fn fired(&self, fired: &[store::firing::Firing]) {
+        if fired.is_empty() {
+            return;
+        }
+        for f in fired {
+            self.triggers
+                .fired(&f.account_sid, &f.sid, &f.period, &f.date_fired, f.value);
+            tracing::info!(account = %f.account_sid, trigger = %f.sid, period = %f.period,
+                value = %f.value, "usage trigger fired");
+        }
+        metrics::counter!(m::TRIGGERS_FIRED_TOTAL).increment(fired.len() as u64);
+        if let Some(wake) = &self.on_fired {
+            wake();
+        }
     }
 
     /// Runs `op` until it succeeds, fails for good (fenced, permanent) or is
@@ -266,6 +332,8 @@ mod tests {
             dead_letters: None,
             health: Arc::default(),
             writers: 1,
+            triggers: Default::default(),
+            on_fired: None,
         };
         let snapshot = Snapshot {
             parts: [(0, 1, 5), (1, 2, 7)]

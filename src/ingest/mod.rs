@@ -40,9 +40,12 @@ use crate::dedup::{unpack, DedupWindow};
 use crate::fetch_queue::{BatchConsumer, Fetched, Record};
 use crate::flush::{FlushResult, Flushed, Job, PartitionCut, Snapshot};
 use crate::log_throttle::LogThrottle;
+use crate::metrics::LocalSummary;
+use crate::pipeline::Debit;
 use crate::pipeline::{ingest_batch, Outcome};
 use crate::rating::Tariff;
 use crate::store::{DedupRows, FlushOutcome, OffsetAdvance};
+use crate::triggers::watch::{Gains, Watches};
 
 mod assign;
 mod share;
@@ -71,6 +74,8 @@ pub struct IngestSettings {
     pub revoke_timeout: Duration,
     /// The instance's wallets, debited by every counted CDR.
     pub wallets: Arc<crate::wallet::Wallets>,
+    /// Usage triggers: a CDR that may cross one asks for an early flush.
+    pub triggers: crate::triggers::TriggerBook,
 }
 
 /// Live state shared with `/readyz` and the metrics: sums over the instance's
@@ -134,6 +139,10 @@ struct PartitionState {
     deltas: Deltas,
     /// Wallet debits and hold settlements since the last flush.
     ledger: crate::wallet::Ledger,
+    /// When the messages since the last flush were consumed.
+    consumed: crate::metrics::ConsumedAt,
+    /// What watched triggers gained since the last cut.
+    gains: Gains,
 }
 
 /// Per-message tallies, published to `metrics` at every tick (not per message).
@@ -154,6 +163,11 @@ struct State {
     in_flight_cancel: Arc<AtomicBool>,
     tallies: Tallies,
     today: Day,
+    /// The triggers' watches as of the book's version `watch_version`.
+    watches: Arc<Watches>,
+    watch_version: u64,
+    /// CDR event time → counted, buffered for `tallyd_cdr_event_to_counted_seconds`.
+    event_ages: LocalSummary<'static>,
 }
 
 pub struct IngestContext {
@@ -278,6 +292,8 @@ impl IngestContext {
                     window,
                     deltas: Deltas::default(),
                     ledger: crate::wallet::Ledger::new(self.settings.wallets.clone()),
+                    consumed: Default::default(),
+                    gains: Default::default(),
                 },
             );
         }
@@ -472,6 +488,10 @@ const IDLE_WAIT: Duration = Duration::from_millis(50);
 /// store can never take.
 const STUCK_PAUSE: Duration = Duration::from_secs(1);
 
+/// The least time between two flushes when a CDR may have crossed a usage
+/// trigger (its callback should leave within a second of the CDR).
+const EARLY_FLUSH_GAP: Duration = Duration::from_millis(100);
+
 /// The least time between two flushes when the consumer has caught up.
 const IDLE_FLUSH_GAP: Duration = Duration::from_millis(200);
 
@@ -525,6 +545,17 @@ impl FlushPacer {
         since >= self.gap(pending) || (idle && since >= IDLE_FLUSH_GAP.min(self.interval))
     }
 
+    /// Whether a flush may start early for a likely trigger crossing: as
+    /// soon as the busy share allows, and at least [`EARLY_FLUSH_GAP`] after
+    /// the last.
+    pub fn due_early(&self, now: Instant, pending: usize) -> bool {
+        let expected = self
+            .cost_per_cell
+            .saturating_mul(pending.min(u32::MAX as usize) as u32);
+        let gap = EARLY_FLUSH_GAP.max(expected.div_f64(self.busy_share));
+        now.saturating_duration_since(self.last_start) >= gap
+    }
+
     /// A flush of `cells` cells was handed over at `now`.
     pub fn started(&mut self, now: Instant, cells: usize) {
         self.last_start = now;
@@ -567,6 +598,7 @@ fn take_snapshot(st: &mut State, settings: &IngestSettings) -> Option<Snapshot> 
         parts.push(PartitionCut {
             deltas: ps.deltas.take(),
             wallet: ps.ledger.take(),
+            consumed: std::mem::take(&mut ps.consumed),
             offset: OffsetAdvance {
                 topic: settings.topic.clone(),
                 partition: *p,
@@ -576,6 +608,7 @@ fn take_snapshot(st: &mut State, settings: &IngestSettings) -> Option<Snapshot> 
             dedup,
         });
         ps.stored = Some(ps.next);
+        ps.gains.cut();
     }
     if parts.is_empty() {
         return None;
@@ -665,6 +698,9 @@ impl Ingest {
                 in_flight_cancel: Arc::new(AtomicBool::new(false)),
                 tallies: Tallies::default(),
                 today: Day::today(),
+                watches: Default::default(),
+                watch_version: u64::MAX,
+                event_ages: crate::metrics::CDR_EVENT_TO_COUNTED.local(),
             }),
             jobs,
             health,
@@ -803,7 +839,13 @@ impl Ingest {
                 .sum();
             ctx.health.set_pending(&ctx.my_health, pending);
             let over = pending >= settings.max_pending_cells;
-            if st.in_flight.is_none() && (over || pacer.due(now, idle, pending)) {
+            let crossed = st.partitions.values().any(|ps| ps.gains.crossed);
+            st.event_ages.publish();
+            if st.in_flight.is_none()
+                && (over
+                    || pacer.due(now, idle, pending)
+                    || (crossed && pacer.due_early(now, pending)))
+            {
                 let today = Day::today();
                 st.today = today;
                 for ps in st.partitions.values_mut() {
@@ -1011,8 +1053,20 @@ impl Ingest {
         let State {
             partitions,
             tallies,
+            watches,
+            watch_version,
+            event_ages,
             ..
         } = st;
+        if let Some(w) = self
+            .kafka()
+            .context()
+            .settings
+            .triggers
+            .watches_since(watch_version)
+        {
+            *watches = w;
+        }
         let Some(ps) = partitions.get_mut(&partition) else {
             // Messages of a partition revoked while they were in flight.
             return;
@@ -1030,7 +1084,13 @@ impl Ingest {
             &self.tariff,
             &mut ps.deltas,
             &mut ps.window,
-            &mut ps.ledger,
+            &mut Tap {
+                ledger: &mut ps.ledger,
+                gains: &mut ps.gains,
+                watches,
+                ages: event_ages,
+                now: std::time::SystemTime::now(),
+            },
             |i, result| match result {
                 Ok(Outcome::Counted(_)) => tallies.counted += 1,
                 Ok(Outcome::Duplicate) => tallies.duplicates += 1,
@@ -1051,6 +1111,29 @@ impl Ingest {
             },
         );
         ps.next = last.offset() + 1;
+        ps.consumed.push(Instant::now(), run.len() as u64);
+    }
+}
+
+/// What each counted CDR also goes to besides the counters: the partition's
+/// wallet ledger, the trigger watch ([`Gains`]) and the event-age summary.
+struct Tap<'a> {
+    ledger: &'a mut crate::wallet::Ledger,
+    gains: &'a mut Gains,
+    watches: &'a Watches,
+    ages: &'a mut LocalSummary<'static>,
+    now: std::time::SystemTime,
+}
+
+impl Debit for Tap<'_> {
+    #[inline]
+    fn debit(&mut self, cdr: &crate::cdr::Cdr<'_>, charge: crate::rating::Charge) {
+        self.ledger.debit(cdr, charge);
+        self.ages
+            .record(crate::metrics::unix_age(cdr.timestamp, self.now));
+        if !self.watches.is_empty() {
+            self.gains.add(self.watches, cdr, charge);
+        }
     }
 }
 
@@ -1169,6 +1252,7 @@ mod tests {
                 dedup_window_days: 7,
                 revoke_timeout: Duration::from_secs(1),
                 wallets: Arc::new(crate::wallet::Wallets::new(Box::new(|_| 0))),
+                triggers: Default::default(),
             },
             t0,
         )

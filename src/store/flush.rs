@@ -18,7 +18,9 @@ use std::collections::{HashMap, HashSet};
 use crate::calendar::Day;
 use crate::counters::Tally;
 use crate::dedup::blob;
+use crate::triggers::Trigger;
 
+use super::firing::TriggerReport;
 use super::page::{decode_stored, Page, PageDelta};
 use super::wallet::WalletRows;
 use super::{Conn, Error, Param, Result};
@@ -58,6 +60,12 @@ pub struct FlushBatch {
     pub prune_dedup_before: Option<Day>,
     /// Wallet debits and hold settlements of the flushed CDRs.
     pub wallet: WalletRows,
+    /// The usage triggers of the batch's accounts that have any, evaluated
+    /// against the pages as this flush leaves them ([`super::firing`]).
+    pub triggers: Vec<Trigger>,
+    /// Unix ms the batch's first CDR was consumed: the time a firing's
+    /// callback is counted from.
+    pub consumed_at_ms: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +100,32 @@ pub struct StoredBreakdown {
     pub messages: [i64; 3],
 }
 
+/// The rows of one account's page that a flush added to, as written: what
+/// its usage triggers are evaluated on.
+#[derive(Debug, Clone)]
+pub struct Touched {
+    pub account_sid: String,
+    pub rows: Vec<(crate::calendar::Period, crate::counters::Leaves)>,
+}
+
+impl Touched {
+    fn of(account_sid: &str, delta: &Page, after: &Page) -> Touched {
+        let rows = delta
+            .rows()
+            .filter_map(|(period, _, _)| {
+                after
+                    .rows()
+                    .find(|(p, _, _)| *p == period)
+                    .map(|(_, _, leaves)| (period, leaves))
+            })
+            .collect();
+        Touched {
+            account_sid: account_sid.to_owned(),
+            rows,
+        }
+    }
+}
+
 /// A usage page's key columns: account SID and page text.
 pub type PageKey = (String, String);
 
@@ -106,6 +140,11 @@ impl Conn {
     /// Writes one flush atomically (see the module doc for the offset
     /// protocol).
     pub fn write_flush(&mut self, b: &FlushBatch) -> Result<FlushOutcome> {
+        self.write_flush_firing(b).map(|(o, _)| o)
+    }
+
+    /// [`Self::write_flush`], also returning the usage triggers it fired.
+    pub fn write_flush_firing(&mut self, b: &FlushBatch) -> Result<(FlushOutcome, TriggerReport)> {
         self.transaction(|c| {
             for (i, o) in b.offsets.iter().enumerate() {
                 if !c.advance_offset(o)? {
@@ -113,7 +152,7 @@ impl Conn {
                     // Only the first advance can find the batch applied: a
                     // batch is all or nothing.
                     if i == 0 && found == Some(o.to) {
-                        return Ok(FlushOutcome::AlreadyApplied);
+                        return Ok((FlushOutcome::AlreadyApplied, TriggerReport::default()));
                     }
                     return Err(Error::Fenced {
                         topic: o.topic.clone(),
@@ -124,8 +163,11 @@ impl Conn {
                 }
             }
             let started = std::time::Instant::now();
-            c.write_pages(&b.pages)?;
+            let watched: HashSet<&str> =
+                b.triggers.iter().map(|t| t.account_sid.as_str()).collect();
+            let after = c.write_pages(&b.pages, &watched)?;
             let pages_done = started.elapsed();
+            let fired = c.fire_triggers(&b.triggers, &after, b.consumed_at_ms)?;
             for d in &b.dedup {
                 c.execute(
                     "INSERT INTO dedup_batches (topic, partition, seen_day, first_offset, ids) \
@@ -151,9 +193,10 @@ impl Conn {
                 pages = b.pages.len(),
                 pages_ms = pages_done.as_millis() as u64,
                 dedup_ms = (started.elapsed() - pages_done).as_millis() as u64,
+                fired = fired.fired.len(),
                 "flush written"
             );
-            Ok(FlushOutcome::Applied)
+            Ok((FlushOutcome::Applied, fired))
         })
     }
 
@@ -197,7 +240,14 @@ impl Conn {
     /// Adds each page delta into its stored page, or stores it as a new page.
     /// A page that did not exist when read but was inserted by another writer
     /// before this one's insert is read and added to in another round.
-    pub(super) fn write_pages(&mut self, pages: &[PageDelta]) -> Result<()> {
+    /// Returns, for the accounts in `watched`, each period the flush added to
+    /// with its row as written.
+    pub(super) fn write_pages(
+        &mut self,
+        pages: &[PageDelta],
+        watched: &HashSet<&str>,
+    ) -> Result<Vec<Touched>> {
+        let mut touched = Vec::new();
         let mut todo: Vec<&PageDelta> = pages.iter().collect();
         while !todo.is_empty() {
             let keys: Vec<PageKey> = todo.iter().map(|p| p.key()).collect();
@@ -206,10 +256,18 @@ impl Conn {
             let mut fresh = Vec::new();
             let mut fresh_at = Vec::new();
             for (i, (p, key)) in todo.iter().zip(&keys).enumerate() {
-                match stored.remove(key) {
-                    Some(old) => existing.push((key, p.onto(Some(&old))?)),
+                let old = stored.remove(key);
+                let new = if watched.contains(key.0.as_str()) {
+                    let page = p.sum(old.as_deref())?;
+                    touched.push(Touched::of(&key.0, &p.delta, &page));
+                    page.encode()
+                } else {
+                    p.onto(old.as_deref())?
+                };
+                match old {
+                    Some(_) => existing.push((key, new)),
                     None => {
-                        fresh.push((key, p.onto(None)?));
+                        fresh.push((key, new));
                         fresh_at.push(i);
                     }
                 }
@@ -228,7 +286,7 @@ impl Conn {
                 .map(|i| todo[i])
                 .collect();
         }
-        Ok(())
+        Ok(touched)
     }
 
     fn read_pages_for_update(&mut self, keys: &[PageKey]) -> Result<HashMap<PageKey, Vec<u8>>> {

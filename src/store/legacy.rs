@@ -91,7 +91,7 @@ pub(super) fn convert(c: &mut Conn) -> Result<()> {
         })
         .collect();
     let pages = to_pages(&rows, &breakdowns)?;
-    c.write_pages(&pages)?;
+    c.write_pages(&pages, &Default::default())?;
     c.batch(DROP_SQL)
 }
 

@@ -24,6 +24,7 @@
 
 pub mod checkpoint;
 pub mod conn;
+pub mod firing;
 pub mod flush;
 mod legacy;
 pub mod outbox;
@@ -420,7 +421,15 @@ impl Store {
 
     /// Writes one flush atomically (see [`flush`]).
     pub fn write_flush(&self, b: &FlushBatch) -> Result<FlushOutcome> {
-        let out = self.with_conn(|c| c.write_flush(b));
+        self.write_flush_firing(b).map(|(o, _)| o)
+    }
+
+    /// [`Self::write_flush`], also returning the usage triggers it fired.
+    pub fn write_flush_firing(
+        &self,
+        b: &FlushBatch,
+    ) -> Result<(FlushOutcome, firing::TriggerReport)> {
+        let out = self.with_conn(|c| c.write_flush_firing(b));
         if let (Ok(_), Some(c)) = (&out, &self.inner.checkpointer) {
             c.request();
         }
@@ -520,6 +529,8 @@ mod tests {
             }],
             prune_dedup_before: None,
             wallet: Default::default(),
+            triggers: Vec::new(),
+            consumed_at_ms: 0,
         }
     }
 

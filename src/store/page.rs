@@ -255,13 +255,30 @@ impl Page {
         end - start
     }
 
-    /// Adds every row and breakdown of `other`.
+    /// Adds every row and breakdown of `other`. Hourly entries
+    /// ([`Dimension::Hour`]) are kept for the page's two newest days with
+    /// any: they serve only the last 24 hours, and would otherwise make a
+    /// month page grow by 24 entries a day.
     pub fn add_page(&mut self, other: &Page) {
         for r in &other.rows {
             self.add_row(r.span.into(), &r.price_unit, &r.dense());
         }
         for b in &other.breakdowns {
             self.add_breakdown(b.dimension, &b.value, Day(b.day), b.calls, b.messages);
+        }
+        self.prune_hours();
+    }
+
+    fn prune_hours(&mut self) {
+        let newest = self
+            .breakdowns
+            .iter()
+            .filter(|b| b.dimension == Dimension::Hour)
+            .map(|b| b.day)
+            .max();
+        if let Some(newest) = newest {
+            self.breakdowns
+                .retain(|b| b.dimension != Dimension::Hour || b.day >= newest - 1);
         }
     }
 
@@ -331,6 +348,16 @@ impl PageDelta {
     pub fn key(&self) -> (String, String) {
         let sid = self.account.write_text(&mut [0; 34]).to_owned();
         (sid, self.page.text())
+    }
+
+    /// The stored page (if any) with this delta added, decoded.
+    pub fn sum(&self, stored: Option<&[u8]>) -> Result<Page, super::Error> {
+        let Some(bytes) = stored else {
+            return Ok(self.delta.clone());
+        };
+        let mut sum = decode_stored(&self.account.to_string(), &self.page.text(), bytes)?;
+        sum.add_page(&self.delta);
+        Ok(sum)
     }
 
     /// The page to store: the stored one (if any) with this delta added.
@@ -407,6 +434,37 @@ pub fn pages_of(rows: &[RowDelta], breakdowns: &[BreakdownDelta]) -> Vec<PageDel
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_page_keeps_the_hours_of_its_two_newest_days() {
+        let one = Tally {
+            count: 1,
+            usage: 1,
+            price: 1,
+        };
+        let mut stored = Page::default();
+        for day in [20_000, 20_001] {
+            stored.add_breakdown(Dimension::Hour, "05", Day(day), Tally::default(), one);
+        }
+        stored.add_breakdown(Dimension::Agent, "agt", Day(20_000), one, one);
+        let mut delta = Page::default();
+        delta.add_breakdown(Dimension::Hour, "06", Day(20_002), Tally::default(), one);
+        stored.add_page(&delta);
+        let hours: Vec<(i32, &str)> = stored
+            .breakdowns()
+            .filter(|b| b.dimension == Dimension::Hour)
+            .map(|b| (b.day.0, b.value))
+            .collect();
+        assert_eq!(hours, [(20_001, "05"), (20_002, "06")]);
+        // Other dimensions are never pruned.
+        assert_eq!(
+            stored
+                .breakdowns()
+                .filter(|b| b.dimension == Dimension::Agent)
+                .count(),
+            1
+        );
+    }
+
     use super::*;
     use crate::category::Category;
 

@@ -16,7 +16,10 @@
 //! offsets of the CDRs that crossed it: a crash before the commit replays the
 //! CDRs and fires again once; after it, the replay starts past them.
 
+pub mod watch;
+
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -24,7 +27,8 @@ use rust_decimal::Decimal;
 
 use crate::calendar::{Day, Period};
 use crate::category::Category;
-use crate::counters::Leaves;
+use crate::counters::{Leaves, Tally};
+use watch::Watches;
 
 /// What a trigger's value measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -213,13 +217,93 @@ pub fn value_of(leaves: &Leaves, category: Category, by: TriggerBy) -> Decimal {
     }
 }
 
+/// The last day of `p` (`AllTime` never ends).
+fn last_day(p: Period) -> Day {
+    match p {
+        Period::Day(d) => d,
+        Period::Month(m) => m.last_day(),
+        Period::Year(y) => Day::from_ymd(y, 12, 31),
+        Period::AllTime => Day(i32::MAX),
+    }
+}
+
+/// A trigger whose value reached its `trigger_value` in a period a flush
+/// touched; it fires if the store agrees it has not fired for that period.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Crossing {
+    pub sid: String,
+    pub account_sid: String,
+    pub period: Period,
+    pub value: Decimal,
+}
+
+/// The crossings among `triggers` (all of one account) given the periods a
+/// flush added usage to and each one's value after it: `touched` yields
+/// (period, stored row after the flush). Periods ending before a trigger was
+/// created, and periods it already fired for, are skipped; a trigger that
+/// crosses in several touched periods (CDRs of two days in one flush) crosses
+/// in each, oldest first.
+pub fn crossings(triggers: &[Trigger], touched: &[(Period, Leaves)]) -> Vec<Crossing> {
+    let mut out = Vec::new();
+    for t in triggers {
+        let Some(category) = t.category() else {
+            continue;
+        };
+        let created = t.created_day();
+        let mut periods: Vec<&(Period, Leaves)> = touched
+            .iter()
+            .filter(|(p, _)| t.recurring.measures(*p) && last_day(*p) >= created)
+            .collect();
+        periods.sort_by_key(|(p, _)| *p);
+        let mut fired: Option<Period> = None;
+        for (period, leaves) in periods {
+            let once = matches!(t.recurring, Recurring::Once | Recurring::AllTime);
+            if !t.may_fire_for(*period) || (once && fired.is_some()) {
+                continue;
+            }
+            let value = value_of(leaves, category, t.trigger_by);
+            if value >= t.trigger_value {
+                fired = Some(*period);
+                out.push(Crossing {
+                    sid: t.sid.clone(),
+                    account_sid: t.account_sid.clone(),
+                    period: *period,
+                    value,
+                });
+            }
+        }
+    }
+    out
+}
+
 /// Every trigger by account, in memory, so that the flusher knows which of a
-/// cut's accounts to evaluate without reading the store. Loaded at start,
-/// changed by this instance's API as it changes the store, and reloaded
-/// every few seconds to see changes made through other instances.
+/// cut's accounts to evaluate without reading the store, and the consumers
+/// know which CDRs may cross one ([`watch`]). Loaded at start, changed by
+/// this instance's API as it changes the store, and reloaded every few
+/// seconds to see changes made through other instances.
 #[derive(Debug, Clone, Default)]
 pub struct TriggerBook {
-    inner: Arc<RwLock<HashMap<String, Vec<Trigger>>>>,
+    inner: Arc<RwLock<Inner>>,
+    /// Bumped at every change, so a consumer takes a new [`Watches`] only
+    /// when there is one.
+    version: Arc<AtomicU64>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    by_account: HashMap<String, Vec<Trigger>>,
+    /// By trigger SID: the latest period a flush wrote, and its category's
+    /// tally there.
+    known: HashMap<String, (Period, Tally)>,
+    /// Built on demand from the two above.
+    watches: Option<Arc<Watches>>,
+}
+
+impl Inner {
+    fn changed(&mut self, version: &AtomicU64) {
+        self.watches = None;
+        version.fetch_add(1, Ordering::Release);
+    }
 }
 
 impl TriggerBook {
@@ -233,34 +317,42 @@ impl TriggerBook {
         for t in all {
             by_account.entry(t.account_sid.clone()).or_default().push(t);
         }
-        *self.inner.write() = by_account;
+        let mut inner = self.inner.write();
+        if inner.by_account != by_account {
+            inner.by_account = by_account;
+            inner.changed(&self.version);
+        }
     }
 
     /// Adds or replaces one trigger (by SID).
     pub fn upsert(&self, t: Trigger) {
-        let mut map = self.inner.write();
-        let list = map.entry(t.account_sid.clone()).or_default();
+        let mut inner = self.inner.write();
+        let list = inner.by_account.entry(t.account_sid.clone()).or_default();
         match list.iter_mut().find(|x| x.sid == t.sid) {
             Some(slot) => *slot = t,
             None => list.push(t),
         }
+        inner.changed(&self.version);
     }
 
     /// Removes one trigger.
     pub fn remove(&self, account_sid: &str, sid: &str) {
-        let mut map = self.inner.write();
-        if let Some(list) = map.get_mut(account_sid) {
+        let mut inner = self.inner.write();
+        if let Some(list) = inner.by_account.get_mut(account_sid) {
             list.retain(|t| t.sid != sid);
             if list.is_empty() {
-                map.remove(account_sid);
+                inner.by_account.remove(account_sid);
             }
         }
+        inner.known.remove(sid);
+        inner.changed(&self.version);
     }
 
     /// Records a firing that committed.
     pub fn fired(&self, account_sid: &str, sid: &str, period: &str, at: &str, value: Decimal) {
-        let mut map = self.inner.write();
-        if let Some(t) = map
+        let mut inner = self.inner.write();
+        if let Some(t) = inner
+            .by_account
             .get_mut(account_sid)
             .and_then(|l| l.iter_mut().find(|t| t.sid == sid))
         {
@@ -268,27 +360,181 @@ impl TriggerBook {
             t.date_fired = Some(at.to_owned());
             t.fired_value = Some(value);
         }
+        inner.changed(&self.version);
+    }
+
+    /// Records the values a committed flush left in the store: by trigger
+    /// SID, the latest period it wrote and the category's tally there.
+    pub fn observed(&self, values: &[(String, Period, Tally)]) {
+        if values.is_empty() {
+            return;
+        }
+        let mut inner = self.inner.write();
+        for (sid, period, tally) in values {
+            match inner.known.get(sid) {
+                Some((p, _)) if p > period => {}
+                _ => {
+                    inner.known.insert(sid.clone(), (*period, *tally));
+                }
+            }
+        }
+        inner.changed(&self.version);
+    }
+
+    /// The current [`Watches`] if the book changed since `seen` (updated).
+    pub fn watches_since(&self, seen: &mut u64) -> Option<Arc<Watches>> {
+        let now = self.version.load(Ordering::Acquire);
+        if now == *seen {
+            return None;
+        }
+        *seen = now;
+        let inner = self.inner.upgradable_read();
+        if let Some(w) = &inner.watches {
+            return Some(w.clone());
+        }
+        let mut inner = parking_lot::RwLockUpgradableReadGuard::upgrade(inner);
+        let built = Arc::new(Watches::build(
+            inner.by_account.values().flatten(),
+            &inner.known,
+        ));
+        inner.watches = Some(built.clone());
+        Some(built)
     }
 
     /// The triggers of `account_sid` (empty if none).
     pub fn of(&self, account_sid: &str) -> Vec<Trigger> {
         self.inner
             .read()
+            .by_account
             .get(account_sid)
             .cloned()
             .unwrap_or_default()
     }
 
     pub fn has(&self, account_sid: &str) -> bool {
-        self.inner.read().contains_key(account_sid)
+        self.inner.read().by_account.contains_key(account_sid)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.inner.read().is_empty()
+        self.inner.read().by_account.is_empty()
     }
 
     /// Number of triggers.
     pub fn len(&self) -> usize {
-        self.inner.read().values().map(Vec::len).sum()
+        self.inner.read().by_account.values().map(Vec::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::counters::Tally;
+    use rust_decimal_macros::dec;
+
+    fn trigger(category: &str, by: TriggerBy, value: Decimal, recurring: Recurring) -> Trigger {
+        Trigger {
+            sid: "UT00000000000000000000000000000001".into(),
+            account_sid: "AC00000000000000000000000000000001".into(),
+            friendly_name: String::new(),
+            usage_category: category.into(),
+            trigger_by: by,
+            trigger_value: value,
+            recurring,
+            callback_url: "https://example.com/hook".into(),
+            callback_method: CallbackMethod::Post,
+            date_created: "2026-01-01T00:00:00Z".into(),
+            date_updated: "2026-01-01T00:00:00Z".into(),
+            date_fired: None,
+            fired_period: None,
+            fired_value: None,
+        }
+    }
+
+    fn leaves(leaf: Category, count: u64, usage: u64, price: i64) -> Leaves {
+        let mut l = Leaves::default();
+        l.add_leaf(
+            leaf,
+            Tally {
+                count,
+                usage,
+                price,
+            },
+        );
+        l
+    }
+
+    fn day(d: u32) -> Day {
+        Day::from_ymd(2026, 3, d)
+    }
+
+    #[test]
+    fn a_rollup_crosses_by_count_usage_and_price() {
+        let row = leaves(Category::CallsOutbound, 3, 150, 450_000);
+        let touched = [(Period::Day(day(2)), row)];
+        // calls rolls up calls-outbound: 3 calls, 2.5 minutes, $4.50.
+        for (by, at, below) in [
+            (TriggerBy::Count, dec!(3), dec!(4)),
+            (TriggerBy::Usage, dec!(2.5), dec!(2.51)),
+            (TriggerBy::Price, dec!(4.5), dec!(4.50001)),
+        ] {
+            let t = trigger("calls", by, at, Recurring::Daily);
+            assert_eq!(crossings(&[t], &touched).len(), 1, "{by:?} at {at}");
+            let t = trigger("calls", by, below, Recurring::Daily);
+            assert!(crossings(&[t], &touched).is_empty(), "{by:?} below {below}");
+        }
+        // A sibling category is not affected.
+        let t = trigger("sms", TriggerBy::Count, dec!(1), Recurring::Daily);
+        assert!(crossings(&[t], &touched).is_empty());
+        // Twilio's categories tallyd does not count never fire.
+        let t = trigger("recordings", TriggerBy::Count, dec!(0), Recurring::Daily);
+        assert!(crossings(&[t], &touched).is_empty());
+    }
+
+    #[test]
+    fn once_per_period_and_once_ever() {
+        let row = leaves(Category::SmsOutboundLongcode, 5, 5, 0);
+        let touched = [
+            (Period::Day(day(3)), row),
+            (Period::Day(day(2)), row),
+            (Period::Month(day(2).month()), row),
+            (Period::AllTime, row),
+        ];
+        let mut t = trigger("sms", TriggerBy::Count, dec!(5), Recurring::Daily);
+        let c = crossings(std::slice::from_ref(&t), &touched);
+        assert_eq!(
+            c.iter().map(|c| c.period).collect::<Vec<_>>(),
+            [Period::Day(day(2)), Period::Day(day(3))],
+            "both days, oldest first; only day rows"
+        );
+        t.fired_period = Some(period_key(Period::Day(day(2))));
+        let c = crossings(std::slice::from_ref(&t), &touched);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].period, Period::Day(day(3)));
+        t.fired_period = Some(period_key(Period::Day(day(3))));
+        assert!(crossings(std::slice::from_ref(&t), &touched).is_empty());
+
+        let mut once = trigger("sms", TriggerBy::Count, dec!(5), Recurring::Once);
+        assert_eq!(crossings(std::slice::from_ref(&once), &touched).len(), 1);
+        once.fired_period = Some("all".into());
+        assert!(crossings(&[once], &touched).is_empty());
+    }
+
+    #[test]
+    fn periods_over_before_the_trigger_was_made_never_fire() {
+        let row = leaves(Category::SmsOutboundLongcode, 5, 5, 0);
+        let mut t = trigger("sms", TriggerBy::Count, dec!(1), Recurring::Daily);
+        t.date_created = "2026-03-03T10:00:00Z".into();
+        let touched = [(Period::Day(day(2)), row), (Period::Day(day(3)), row)];
+        let c = crossings(&[t], &touched);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].period, Period::Day(day(3)));
+    }
+
+    #[test]
+    fn period_keys_sort_in_time_order() {
+        assert_eq!(period_key(Period::Day(day(2))), "2026-03-02");
+        assert_eq!(period_key(Period::Month(day(2).month())), "2026-03");
+        assert_eq!(period_key(Period::Year(2026)), "2026");
+        assert!(period_key(Period::Day(day(9))) < period_key(Period::Day(day(10))));
     }
 }

@@ -1,0 +1,377 @@
+//! Usage triggers fired in the flush transaction ([`crate::triggers`]): a
+//! crossing found on the pages as the flush leaves them marks its trigger
+//! fired for the period — a conditional update, so a period fires at most
+//! once whatever an instance's in-memory book believed — and writes the
+//! callback into the webhook outbox ([`super::outbox`]) with an idempotency
+//! token made of the trigger and the period, the same across replays.
+
+use rust_decimal::Decimal;
+
+use super::flush::Touched;
+use super::outbox::{OutboxRow, KIND_USAGE_TRIGGER};
+use super::{Conn, Param, Result};
+use crate::calendar::{Day, Period};
+use crate::counters::Tally;
+use crate::triggers::{crossings, period_key, Trigger};
+
+/// A trigger fired by a flush, for the in-memory book once it committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Firing {
+    pub account_sid: String,
+    pub sid: String,
+    pub period: String,
+    pub date_fired: String,
+    pub value: Decimal,
+}
+
+/// What a flush did to the usage triggers of its accounts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TriggerReport {
+    pub fired: Vec<Firing>,
+    /// By trigger SID: the latest period of its recurrence the flush wrote,
+    /// and its category's tally there as stored.
+    pub observed: Vec<(String, Period, Tally)>,
+}
+
+/// Marks the trigger fired for `period` unless it already fired for it (or,
+/// once-only, at all); returns the trigger's callback fields if it did.
+const MARK_FIRED: &str =
+    "UPDATE usage_triggers SET fired_period = $1, date_fired = $2, fired_value = $3 \
+     WHERE sid = $4 AND account_sid = $5 AND (fired_period IS NULL \
+       OR (recurring IN ('daily', 'monthly', 'yearly') AND fired_period < $1)) \
+     RETURNING callback_url, callback_method, usage_category, trigger_by, trigger_value, recurring";
+
+/// The UsageRecords list of the period a trigger fired in.
+fn record_uri(account: &str, category: &str, recurring: &str, period: Period) -> String {
+    let base = format!("/2010-04-01/Accounts/{account}/Usage/Records");
+    let (sub, from, to) = match period {
+        Period::Day(d) => ("/Daily", d, d),
+        Period::Month(m) => ("/Monthly", m.first_day(), m.last_day()),
+        Period::Year(y) => ("/Yearly", Day::from_ymd(y, 1, 1), Day::from_ymd(y, 12, 31)),
+        Period::AllTime if recurring.is_empty() => ("", Day(0), Day(0)),
+        Period::AllTime => ("/AllTime", Day(0), Day(0)),
+    };
+    if matches!(period, Period::AllTime) {
+        return format!("{base}{sub}.json?Category={category}");
+    }
+    format!("{base}{sub}.json?Category={category}&StartDate={from}&EndDate={to}")
+}
+
+impl Conn {
+    /// Evaluates `triggers` on the pages `touched` and fires each crossing the
+    /// store has not fired yet: trigger row and outbox row, in the caller's
+    /// transaction. `consumed_at_ms` becomes the outbox row's time.
+    pub(super) fn fire_triggers(
+        &mut self,
+        triggers: &[Trigger],
+        touched: &[Touched],
+        consumed_at_ms: i64,
+    ) -> Result<TriggerReport> {
+        let mut report = TriggerReport::default();
+        if triggers.is_empty() {
+            return Ok(report);
+        }
+        let now = chrono::Utc::now();
+        let date_fired = now.format("%Y-%m-%dT%H:%M:%SZ").to_string();
+        let date_fired_2822 = now.format("%a, %d %b %Y %H:%M:%S +0000").to_string();
+        for page in touched {
+            let mine: Vec<Trigger> = triggers
+                .iter()
+                .filter(|t| t.account_sid == page.account_sid)
+                .cloned()
+                .collect();
+            for t in &mine {
+                let Some(category) = t.category() else {
+                    continue;
+                };
+                if let Some((p, leaves)) = page
+                    .rows
+                    .iter()
+                    .filter(|(p, _)| t.recurring.measures(*p))
+                    .max_by_key(|(p, _)| *p)
+                {
+                    report
+                        .observed
+                        .push((t.sid.clone(), *p, leaves.get(category)));
+                }
+            }
+            for c in crossings(&mine, &page.rows) {
+                let key = period_key(c.period);
+                let value = c.value.normalize().to_string();
+                let rows = self.query(
+                    MARK_FIRED,
+                    &[
+                        Param::Text(&key),
+                        Param::Text(&date_fired),
+                        Param::Text(&value),
+                        Param::Text(&c.sid),
+                        Param::Text(&c.account_sid),
+                    ],
+                )?;
+                let Some(r) = rows.first() else {
+                    continue;
+                };
+                let (url, method, category, by, trigger_value, recurring) = (
+                    r[0].text(),
+                    r[1].text(),
+                    r[2].text(),
+                    r[3].text(),
+                    r[4].text(),
+                    r[5].text(),
+                );
+                let token = format!("{}-FIRES-{}-{key}", c.account_sid, c.sid);
+                let body = serde_urlencoded::to_string([
+                    ("AccountSid", c.account_sid.as_str()),
+                    ("UsageTriggerSid", c.sid.as_str()),
+                    ("DateFired", date_fired_2822.as_str()),
+                    ("Recurring", recurring),
+                    ("UsageCategory", category),
+                    ("TriggerBy", by),
+                    ("TriggerValue", trigger_value),
+                    ("CurrentValue", value.as_str()),
+                    (
+                        "UsageRecordUri",
+                        &record_uri(&c.account_sid, category, recurring, c.period),
+                    ),
+                    ("IdempotencyToken", token.as_str()),
+                ])
+                .expect("strings encode");
+                self.insert_outbox(&OutboxRow {
+                    id: token,
+                    account_sid: c.account_sid.clone(),
+                    kind: KIND_USAGE_TRIGGER.to_owned(),
+                    source_sid: c.sid.clone(),
+                    url: url.to_owned(),
+                    method: method.to_owned(),
+                    body,
+                    created_at: consumed_at_ms,
+                })?;
+                report.fired.push(Firing {
+                    account_sid: c.account_sid,
+                    sid: c.sid,
+                    period: key,
+                    date_fired: date_fired.clone(),
+                    value: c.value,
+                });
+            }
+        }
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::calendar::Day;
+    use crate::category::Category;
+    use crate::cdr::AccountSid;
+    use crate::counters::{Leaves, RowKey, Tally};
+    use crate::store::page::{pages_of, RowDelta};
+    use crate::store::{FlushBatch, OffsetAdvance, Store};
+    use crate::triggers::{CallbackMethod, Recurring, TriggerBy};
+    use rust_decimal_macros::dec;
+
+    fn flush(
+        store: &Store,
+        t: &Trigger,
+        day: Day,
+        calls: u64,
+        from: Option<i64>,
+        to: i64,
+    ) -> Vec<Firing> {
+        let periods = Period::containing(day);
+        let rows: Vec<RowDelta> = periods
+            .iter()
+            .map(|p| RowDelta {
+                key: RowKey {
+                    account: AccountSid(7),
+                    period: *p,
+                },
+                leaves: {
+                    let mut l = Leaves::default();
+                    l.add_leaf(
+                        Category::CallsOutbound,
+                        Tally {
+                            count: calls,
+                            usage: 60 * calls,
+                            price: 1_000 * calls as i64,
+                        },
+                    );
+                    l
+                },
+                price_unit: "usd".into(),
+            })
+            .collect();
+        let b = FlushBatch {
+            as_of: "2026-03-02T00:00:00+00:00".into(),
+            pages: pages_of(&rows, &[]),
+            offsets: vec![OffsetAdvance {
+                topic: "cdrs".into(),
+                partition: 0,
+                from,
+                to,
+            }],
+            triggers: vec![t.clone()],
+            consumed_at_ms: 1_000,
+            ..FlushBatch::default()
+        };
+        store.write_flush_firing(&b).unwrap().1.fired
+    }
+
+    fn insert(store: &Store, t: &Trigger) {
+        store
+            .with_conn(|c| {
+                c.execute(
+                    "INSERT INTO usage_triggers (sid, account_sid, friendly_name, usage_category, \
+                     trigger_by, trigger_value, recurring, callback_url, callback_method, \
+                     date_created, date_updated) VALUES ($1, $2, '', $3, $4, $5, $6, $7, $8, $9, $9)",
+                    &[
+                        Param::Text(&t.sid),
+                        Param::Text(&t.account_sid),
+                        Param::Text(&t.usage_category),
+                        Param::Text(t.trigger_by.as_str()),
+                        Param::Text(&t.trigger_value.to_string()),
+                        Param::Text(t.recurring.as_str()),
+                        Param::Text(&t.callback_url),
+                        Param::Text(t.callback_method.as_str()),
+                        Param::Text(&t.date_created),
+                    ],
+                )
+            })
+            .unwrap();
+    }
+
+    fn outbox(store: &Store) -> Vec<(String, String, String, i64)> {
+        store
+            .with_conn(|c| {
+                c.query(
+                    "SELECT id, method, body, created_at FROM webhook_outbox ORDER BY id",
+                    &[],
+                )
+            })
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r[0].text().into(),
+                    r[1].text().into(),
+                    r[2].text().into(),
+                    r[3].int(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_crossing_fires_once_per_period_and_replays_never_repeat_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("sqlite://{}/t.db", dir.path().display())).unwrap();
+        let account = AccountSid(7).to_string();
+        let mut t = Trigger {
+            sid: "UT0123456789abcdef0123456789abcdef".into(),
+            account_sid: account.clone(),
+            friendly_name: String::new(),
+            usage_category: "calls".into(),
+            trigger_by: TriggerBy::Usage,
+            trigger_value: dec!(3),
+            recurring: Recurring::Daily,
+            callback_url: "https://example.com/hook".into(),
+            callback_method: CallbackMethod::Get,
+            date_created: "2026-01-01T00:00:00Z".into(),
+            date_updated: "2026-01-01T00:00:00Z".into(),
+            date_fired: None,
+            fired_period: None,
+            fired_value: None,
+        };
+        insert(&store, &t);
+        let d1 = Day::from_ymd(2026, 3, 1);
+        // 2 minutes: below 3.
+        assert!(flush(&store, &t, d1, 2, None, 2).is_empty());
+        // 4 minutes: crosses.
+        let f = flush(&store, &t, d1, 2, Some(2), 4);
+        assert_eq!(f.len(), 1);
+        assert_eq!((f[0].period.as_str(), f[0].value), ("2026-03-01", dec!(4)));
+        // The same flush again (an unknown commit outcome retried): applied
+        // already, nothing fired twice.
+        assert!(flush(&store, &t, d1, 2, Some(2), 4).is_empty());
+        // A stale book (it never heard of the firing) still cannot fire the
+        // day again: the store decides.
+        assert!(flush(&store, &t, d1, 2, Some(4), 6).is_empty());
+        // The next day crosses again.
+        let d2 = Day::from_ymd(2026, 3, 2);
+        assert!(flush(&store, &t, d2, 2, Some(6), 8).is_empty());
+        t.fired_period = Some("2026-03-01".into());
+        let f = flush(&store, &t, d2, 2, Some(8), 10);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].period, "2026-03-02");
+
+        let rows = outbox(&store);
+        assert_eq!(rows.len(), 2);
+        let (id, method, body, at) = &rows[0];
+        assert_eq!(id, &format!("{account}-FIRES-{}-2026-03-01", t.sid));
+        assert_eq!((method.as_str(), *at), ("GET", 1_000));
+        let params: std::collections::HashMap<String, String> =
+            serde_urlencoded::from_str(body).unwrap();
+        assert_eq!(params["AccountSid"], account);
+        assert_eq!(params["UsageTriggerSid"], t.sid);
+        assert_eq!(params["CurrentValue"], "4");
+        assert_eq!(params["TriggerValue"], "3");
+        assert_eq!(params["TriggerBy"], "usage");
+        assert_eq!(params["Recurring"], "daily");
+        assert_eq!(params["UsageCategory"], "calls");
+        assert_eq!(params["IdempotencyToken"], *id);
+        assert!(params["UsageRecordUri"].contains("Daily.json?Category=calls&StartDate=2026-03-01"));
+        assert!(
+            params["DateFired"].ends_with("+0000"),
+            "{}",
+            params["DateFired"]
+        );
+    }
+
+    #[test]
+    fn a_once_trigger_fires_once_ever_and_a_deleted_one_never() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("sqlite://{}/t.db", dir.path().display())).unwrap();
+        let t = Trigger {
+            sid: "UT00000000000000000000000000000009".into(),
+            account_sid: AccountSid(7).to_string(),
+            friendly_name: String::new(),
+            usage_category: "totalprice".into(),
+            trigger_by: TriggerBy::Price,
+            trigger_value: dec!(0.02),
+            recurring: Recurring::Once,
+            callback_url: "https://example.com/hook".into(),
+            callback_method: CallbackMethod::Post,
+            date_created: "2026-01-01T00:00:00Z".into(),
+            date_updated: "2026-01-01T00:00:00Z".into(),
+            date_fired: None,
+            fired_period: None,
+            fired_value: None,
+        };
+        // Not in the store (deleted): never fires.
+        assert!(flush(&store, &t, Day::from_ymd(2026, 3, 1), 5, None, 1).is_empty());
+        insert(&store, &t);
+        let f = flush(&store, &t, Day::from_ymd(2026, 3, 1), 1, Some(1), 2);
+        assert_eq!(f.len(), 1);
+        assert_eq!((f[0].period.as_str(), f[0].value), ("all", dec!(0.06)));
+        assert!(flush(&store, &t, Day::from_ymd(2027, 3, 1), 9, Some(2), 3).is_empty());
+        assert_eq!(outbox(&store).len(), 1);
+    }
+
+    #[test]
+    fn record_uris_name_the_period() {
+        let d = Day::from_ymd(2026, 3, 2);
+        assert_eq!(
+            record_uri("AC1", "calls", "daily", Period::Day(d)),
+            "/2010-04-01/Accounts/AC1/Usage/Records/Daily.json?Category=calls&StartDate=2026-03-02&EndDate=2026-03-02"
+        );
+        assert_eq!(
+            record_uri("AC1", "sms", "monthly", Period::Month(d.month())),
+            "/2010-04-01/Accounts/AC1/Usage/Records/Monthly.json?Category=sms&StartDate=2026-03-01&EndDate=2026-03-31"
+        );
+        assert_eq!(
+            record_uri("AC1", "sms", "", Period::AllTime),
+            "/2010-04-01/Accounts/AC1/Usage/Records.json?Category=sms"
+        );
+    }
+}
