@@ -927,3 +927,145 @@ fn the_daemon_serves_triggers_and_throttles_guesses() {
         .unwrap();
     assert_eq!(left.len(), 1, "the throttled DELETE deleted nothing");
 }
+
+fn filled_with_url(store: &TestStore) -> (Server, ApiState, String) {
+    let (s, state) = scenario(store, NOW);
+    (s, state, store.url())
+}
+
+/// Counts `cdrs` and flushes them as the daemon does, with the triggers the
+/// book holds for their accounts; records the firings in the book.
+fn flush_with_book(url: &str, state: &ApiState, cdrs: &[String]) -> usize {
+    use tallyd::counters::UsageCounters;
+    use tallyd::dedup::DedupWindow;
+    use tallyd::pipeline::{ingest, Outcome};
+    let (_, tariff) = config(url);
+    let counters = UsageCounters::new(4);
+    let mut seen = DedupWindow::new(tallyd::calendar::Day(0));
+    for c in cdrs {
+        assert!(matches!(
+            ingest(c.as_bytes(), &tariff, &counters, &mut seen),
+            Ok(Outcome::Counted(_))
+        ));
+    }
+    let batch = tallyd::store::FlushBatch {
+        as_of: AS_OF.to_owned(),
+        pages: tallyd::flush::expand::pages(vec![counters.take()], &tariff),
+        triggers: state.triggers().of(PARENT),
+        consumed_at_ms: NOW * 1000,
+        ..Default::default()
+    };
+    let (outcome, report) = state.store().write_flush_firing(&batch).unwrap();
+    assert_eq!(outcome, tallyd::store::FlushOutcome::Applied);
+    for f in &report.fired {
+        state
+            .triggers()
+            .fired(&f.account_sid, &f.sid, &f.period, &f.date_fired, f.value);
+    }
+    report.fired.len()
+}
+
+// A trigger made through the API is evaluated by the next flush: it fires
+// once, the API shows when and the value now, an update through the API
+// keeps the firing, and a trigger not crossed stays unfired.
+both_stores!(api_triggers_fire_in_the_flush, filled_with_url, |(
+    s,
+    state,
+    url,
+): &(
+    Server,
+    ApiState,
+    String
+)| {
+    let base = &s.base;
+    // SMS on 2025-02-02: 1 so far, so this fires at the second.
+    let daily = create(
+        base,
+        PARENT,
+        P,
+        &[
+            ("CallbackUrl", HOOK),
+            ("TriggerValue", "+1"),
+            ("UsageCategory", "sms"),
+            ("TriggerBy", "count"),
+            ("Recurring", "daily"),
+        ],
+    );
+    let calm = create(
+        base,
+        PARENT,
+        P,
+        &[
+            ("CallbackUrl", HOOK),
+            ("TriggerValue", "100"),
+            ("UsageCategory", "calls"),
+            ("TriggerBy", "count"),
+        ],
+    );
+    let sms_now = sms(
+        "t1",
+        PARENT,
+        "2025-02-02T14:00:00Z",
+        "outbound",
+        1,
+        None,
+        None,
+    );
+    assert_eq!(flush_with_book(url, state, &[sms_now]), 1);
+    let fetch = |t: &Value| {
+        let u = triggers_url(
+            base,
+            PARENT,
+            &format!("/{}.json", t["sid"].as_str().unwrap()),
+        );
+        let (st, body) = json_of(send(Method::GET, &u, P, &[]));
+        assert_eq!(st, 200, "{body}");
+        body
+    };
+    let fired = fetch(&daily);
+    assert_eq!(fired["current_value"], "2");
+    let when = fired["date_fired"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{fired}"));
+    assert!(
+        chrono::DateTime::parse_from_rfc2822(when).is_ok() && when.ends_with(" +0000"),
+        "{when}"
+    );
+    assert_eq!(fetch(&calm)["date_fired"], Value::Null);
+    let outbox = state
+        .store()
+        .with_conn(|c| c.query("SELECT source_sid, url, method FROM webhook_outbox", &[]))
+        .unwrap();
+    assert_eq!(outbox.len(), 1);
+    assert_eq!(outbox[0][0].text(), daily["sid"].as_str().unwrap());
+    assert_eq!((outbox[0][1].text(), outbox[0][2].text()), (HOOK, "POST"));
+    // Renaming it keeps the firing, in the store and in the book.
+    let u = triggers_url(
+        base,
+        PARENT,
+        &format!("/{}.json", daily["sid"].as_str().unwrap()),
+    );
+    let (st, renamed) = json_of(send(Method::POST, &u, P, &[("FriendlyName", "daily sms")]));
+    assert_eq!(st, 200, "{renamed}");
+    assert_eq!(renamed["date_fired"], fired["date_fired"]);
+    let in_book = state
+        .triggers()
+        .of(PARENT)
+        .into_iter()
+        .find(|t| t.sid == daily["sid"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(in_book.fired_period.as_deref(), Some("2025-02-02"));
+    assert_eq!(in_book.friendly_name, "daily sms");
+    // The same day does not fire again.
+    let again = sms(
+        "t2",
+        PARENT,
+        "2025-02-02T14:30:00Z",
+        "outbound",
+        1,
+        None,
+        None,
+    );
+    assert_eq!(flush_with_book(url, state, &[again]), 0);
+    assert_eq!(fetch(&daily)["current_value"], "3");
+});
