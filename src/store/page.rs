@@ -258,7 +258,8 @@ impl Page {
     /// Adds every row and breakdown of `other`. Hourly entries
     /// ([`Dimension::Hour`]) are kept for the page's two newest days with
     /// any: they serve only the last 24 hours, and would otherwise make a
-    /// month page grow by 24 entries a day.
+    /// month page grow by 24 entries a day. (The newest day only grows, so
+    /// what is kept is the same however the entries came in.)
     pub fn add_page(&mut self, other: &Page) {
         for r in &other.rows {
             self.add_row(r.span.into(), &r.price_unit, &r.dense());
@@ -408,13 +409,18 @@ impl PageDeltas {
 
     /// The page deltas in key order (account SID, then page text: the order of
     /// the store's primary key, and one lock order for every writer).
+    /// Hourly entries are pruned here as when added to a stored page, so
+    /// that what a page keeps never depends on how CDRs were cut into flushes.
     pub fn into_vec(self) -> Vec<PageDelta> {
         self.0
             .into_iter()
-            .map(|((account, page), delta)| PageDelta {
-                account,
-                page,
-                delta,
+            .map(|((account, page), mut delta)| {
+                delta.prune_hours();
+                PageDelta {
+                    account,
+                    page,
+                    delta,
+                }
             })
             .collect()
     }
