@@ -915,3 +915,93 @@ fn an_unreachable_store_is_waited_out() {
             .expect("the dispatcher stops");
     });
 }
+
+/// The whole chain: a trigger made through the Usage Triggers API, a flush
+/// whose SMS crosses it (the flush writes the callback to the outbox), the
+/// dispatcher sending it — signed so that Twilio's `RequestValidator`
+/// accepts it, with the parameters of the trigger and the crossing.
+fn a_trigger_made_through_the_api_calls_back(url: &str) {
+    use tallyd::counters::Deltas;
+    use tallyd::dedup::DedupWindow;
+    use tallyd::pipeline::{ingest, Outcome};
+    let f = fixture(url, |_| {});
+    let server = serve(f.state.clone());
+    let (port, log) = f.rt.block_on(receiver());
+    let hook = format!("http://127.0.0.1:{port}/hook");
+    let r = Client::new()
+        .post(format!(
+            "{}/2010-04-01/Accounts/{PARENT}/Usage/Triggers.json",
+            server.base
+        ))
+        .basic_auth(PARENT, Some(PARENT_TOKEN))
+        .form(&[
+            ("CallbackUrl", hook.as_str()),
+            ("TriggerValue", "1"),
+            ("UsageCategory", "sms"),
+            ("TriggerBy", "count"),
+            ("Recurring", "daily"),
+        ])
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let trigger: Value = r.json().unwrap();
+    let trigger_sid = trigger["sid"].as_str().unwrap().to_owned();
+
+    // One SMS now crosses it; flushed as the daemon does.
+    let (_, tariff) = config(url);
+    let mut counters = Deltas::default();
+    let mut seen = DedupWindow::new(tallyd::calendar::Day(0));
+    let now = chrono::Utc::now();
+    let ts = now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let cdr = sms("w1", PARENT, &ts, "outbound", 1, None, None);
+    assert!(matches!(
+        ingest(cdr.as_bytes(), &tariff, &mut counters, &mut seen),
+        Ok(Outcome::Counted(_))
+    ));
+    let batch = tallyd::store::FlushBatch {
+        as_of: ts.clone(),
+        pages: tallyd::flush::expand::pages(vec![counters.take()], &tariff),
+        triggers: f.state.triggers().of(PARENT),
+        consumed_at_ms: now.timestamp_millis(),
+        ..Default::default()
+    };
+    let (_, report) = f.store.write_flush_firing(&batch).unwrap();
+    assert_eq!(report.fired.len(), 1);
+
+    f.rt.block_on(async {
+        let running = start(&f);
+        running.handle.wake();
+        until("the trigger's callback", 10, || log.got().len() == 1).await;
+        let r = &log.got()[0];
+        assert_eq!((r.method.as_str(), r.target.as_str()), ("POST", "/hook"));
+        let params: Vec<(String, String)> = serde_urlencoded::from_str(&r.body).unwrap();
+        let get = |k: &str| {
+            params
+                .iter()
+                .find(|(n, _)| n == k)
+                .map_or("", |(_, v)| v.as_str())
+        };
+        assert_eq!(get("AccountSid"), PARENT);
+        assert_eq!(get("UsageTriggerSid"), trigger_sid);
+        assert_eq!(get("UsageCategory"), "sms");
+        assert_eq!((get("TriggerValue"), get("CurrentValue")), ("1", "1"));
+        let token = r.header("I-Twilio-Idempotency-Token");
+        assert!(!token.is_empty());
+        assert_eq!(get("IdempotencyToken"), token);
+        assert!(twilio_accepts(
+            PARENT_TOKEN,
+            &hook,
+            &params,
+            r.header("X-Twilio-Signature")
+        ));
+        let s = until_status(&f.store, token, "delivered", 5).await;
+        assert_eq!(s.kind, KIND_USAGE_TRIGGER);
+        running.stop().await;
+    });
+}
+
+both_stores!(
+    trigger_end_to_end,
+    |s: &TestStore| s.url(),
+    |url: &String| { a_trigger_made_through_the_api_calls_back(url) }
+);
