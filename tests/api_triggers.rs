@@ -936,15 +936,15 @@ fn filled_with_url(store: &TestStore) -> (Server, ApiState, String) {
 /// Counts `cdrs` and flushes them as the daemon does, with the triggers the
 /// book holds for their accounts; records the firings in the book.
 fn flush_with_book(url: &str, state: &ApiState, cdrs: &[String]) -> usize {
-    use tallyd::counters::UsageCounters;
+    use tallyd::counters::Deltas;
     use tallyd::dedup::DedupWindow;
     use tallyd::pipeline::{ingest, Outcome};
     let (_, tariff) = config(url);
-    let counters = UsageCounters::new(4);
+    let mut counters = Deltas::default();
     let mut seen = DedupWindow::new(tallyd::calendar::Day(0));
     for c in cdrs {
         assert!(matches!(
-            ingest(c.as_bytes(), &tariff, &counters, &mut seen),
+            ingest(c.as_bytes(), &tariff, &mut counters, &mut seen),
             Ok(Outcome::Counted(_))
         ));
     }
