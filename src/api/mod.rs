@@ -193,7 +193,6 @@ impl ApiState {
         Day::from_unix(self.now())
     }
 
-    /// Failed authentications per client address.
     /// The usage triggers the flusher evaluates (the API keeps it in step
     /// with the store).
     pub fn triggers(&self) -> &crate::triggers::TriggerBook {
@@ -204,6 +203,7 @@ impl ApiState {
         self.inner.url_policy
     }
 
+    /// Failed authentications per client address.
     pub fn throttle(&self) -> &auth::AuthThrottle {
         &self.inner.throttle
     }
