@@ -936,21 +936,21 @@ fn filled_with_url(store: &TestStore) -> (Server, ApiState, String) {
 /// Counts `cdrs` and flushes them as the daemon does, with the triggers the
 /// book holds for their accounts; records the firings in the book.
 fn flush_with_book(url: &str, state: &ApiState, cdrs: &[String]) -> usize {
-    use tallyd::counters::UsageCounters;
+    use tallyd::counters::Deltas;
     use tallyd::dedup::DedupWindow;
     use tallyd::pipeline::{ingest, Outcome};
     let (_, tariff) = config(url);
-    let counters = UsageCounters::new(4);
+    let mut counters = Deltas::default();
     let mut seen = DedupWindow::new(tallyd::calendar::Day(0));
     for c in cdrs {
         assert!(matches!(
-            ingest(c.as_bytes(), &tariff, &counters, &mut seen),
+            ingest(c.as_bytes(), &tariff, &mut counters, &mut seen),
             Ok(Outcome::Counted(_))
         ));
     }
     let batch = tallyd::store::FlushBatch {
         as_of: AS_OF.to_owned(),
-        pages: tallyd::flush::expand::pages(vec![counters.take()], &tariff),
+        pages: tallyd::flush::expand::pages(vec![counters], &tariff),
         triggers: state.triggers().of(PARENT),
         consumed_at_ms: NOW * 1000,
         ..Default::default()

@@ -609,7 +609,7 @@ mod tests {
         book.upsert(t.clone());
         // …so the reload's (older) view is not applied.
         assert!(!book.reload(Vec::new(), edits));
-        assert_eq!(book.of(&t.account_sid), [t.clone()]);
+        assert_eq!(book.of(&t.account_sid), std::slice::from_ref(&t));
         // A reload read after it is.
         let edits = book.edits();
         assert!(book.reload(Vec::new(), edits));
