@@ -950,7 +950,7 @@ fn flush_with_book(url: &str, state: &ApiState, cdrs: &[String]) -> usize {
     }
     let batch = tallyd::store::FlushBatch {
         as_of: AS_OF.to_owned(),
-        pages: tallyd::flush::expand::pages(vec![counters.take()], &tariff),
+        pages: tallyd::flush::expand::pages(vec![counters], &tariff),
         triggers: state.triggers().of(PARENT),
         consumed_at_ms: NOW * 1000,
         ..Default::default()

@@ -195,7 +195,6 @@ impl ApiState {
         Day::from_unix(self.now())
     }
 
-    /// Failed authentications per client address.
     /// The usage triggers the flusher evaluates (the API keeps it in step
     /// with the store).
     pub fn triggers(&self) -> &crate::triggers::TriggerBook {
@@ -206,6 +205,7 @@ impl ApiState {
         self.inner.url_policy
     }
 
+    /// Failed authentications per client address.
     pub fn throttle(&self) -> &auth::AuthThrottle {
         &self.inner.throttle
     }
