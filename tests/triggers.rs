@@ -275,10 +275,10 @@ fn expected(made: &[Made], sent: &[Sent]) -> BTreeSet<(String, String)> {
         let mut value: BTreeMap<String, f64> = BTreeMap::new();
         for s in sent.iter().filter(|s| s.account == m.account) {
             let (category, by, _) = m.what;
-            let counts = match (category, s.call) {
-                ("sms" | "sms-outbound", None) | ("calls", Some(_)) | ("totalprice", _) => true,
-                _ => false,
-            };
+            let counts = matches!(
+                (category, s.call),
+                ("sms" | "sms-outbound", None) | ("calls", Some(_)) | ("totalprice", _)
+            );
             if !counts {
                 continue;
             }
