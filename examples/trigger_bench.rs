@@ -45,8 +45,18 @@ fn seed(url: &str, n: usize, per_account: usize, callback: &str) {
     let now = accounts::now_rfc3339();
     let kinds = [
         ("sms", TriggerBy::Count, Decimal::from(20), Recurring::Daily),
-        ("calls", TriggerBy::Usage, Decimal::from(1_000_000), Recurring::Monthly),
-        ("totalprice", TriggerBy::Price, Decimal::from(1_000_000), Recurring::AllTime),
+        (
+            "calls",
+            TriggerBy::Usage,
+            Decimal::from(1_000_000),
+            Recurring::Monthly,
+        ),
+        (
+            "totalprice",
+            TriggerBy::Price,
+            Decimal::from(1_000_000),
+            Recurring::AllTime,
+        ),
     ];
     let mut made = 0;
     store

@@ -76,6 +76,8 @@ struct Shared {
     throttle: Arc<auth::AuthThrottle>,
     /// Usage triggers in memory, shared with the flusher that evaluates them.
     triggers: crate::triggers::TriggerBook,
+    /// The group commit of granted holds, started on the first hold.
+    hold_commits: Arc<std::sync::OnceLock<crate::wallet::commit::HoldCommits>>,
     /// Which callback URLs are accepted.
     url_policy: crate::webhooks::url::UrlPolicy,
     /// A fixed clock (Unix seconds) for tests; `None` reads the system clock.
@@ -111,6 +113,7 @@ impl ApiState {
                 hold_grace: cfg.wallet.hold_grace_seconds.into(),
                 wallets_loaded: Default::default(),
                 triggers: crate::triggers::TriggerBook::new(),
+                hold_commits: Default::default(),
                 url_policy: cfg.webhooks.url_policy(),
                 now: None,
             }),
@@ -159,6 +162,7 @@ impl ApiState {
                 wallets_loaded: s.wallets_loaded.clone(),
                 throttle: s.throttle.clone(),
                 triggers: s.triggers.clone(),
+                hold_commits: s.hold_commits.clone(),
                 url_policy: s.url_policy,
                 now: Some(unix_seconds),
             }),
@@ -199,6 +203,14 @@ impl ApiState {
     /// with the store).
     pub fn triggers(&self) -> &crate::triggers::TriggerBook {
         &self.inner.triggers
+    }
+
+    /// Where granted holds are stored (one writer, many holds per
+    /// transaction); started on the runtime of the first request that needs it.
+    pub fn hold_commits(&self) -> &crate::wallet::commit::HoldCommits {
+        self.inner
+            .hold_commits
+            .get_or_init(|| crate::wallet::commit::HoldCommits::start(self.inner.store.clone()))
     }
 
     pub fn url_policy(&self) -> crate::webhooks::url::UrlPolicy {

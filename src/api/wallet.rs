@@ -250,7 +250,7 @@ async fn create_hold_for(state: ApiState, a: Account, body: Bytes) -> Result<Res
     let answer = match grant {
         Grant::Granted(hold) => {
             let row = stored(&hold);
-            match state.store().run(move |c| c.insert_hold(&row)).await {
+            match state.hold_commits().insert(row).await {
                 Ok(None) => {
                     metrics::counter!(m::HOLDS_TOTAL, "outcome" => "granted").increment(1);
                     let mut body = hold_json(&stored(&hold));

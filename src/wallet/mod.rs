@@ -17,6 +17,8 @@
 //!
 //! Persistence lives in [`crate::store::wallet`]; HTTP in [`crate::api::wallet`].
 
+pub mod commit;
+
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 
