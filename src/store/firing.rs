@@ -74,13 +74,19 @@ impl Conn {
         let now = chrono::Utc::now();
         let date_fired = now.format("%Y-%m-%dT%H:%M:%SZ").to_string();
         let date_fired_2822 = now.format("%a, %d %b %Y %H:%M:%S +0000").to_string();
+        let mut by_account: std::collections::HashMap<&str, Vec<&Trigger>> =
+            std::collections::HashMap::new();
+        for t in triggers {
+            by_account
+                .entry(t.account_sid.as_str())
+                .or_default()
+                .push(t);
+        }
         for page in touched {
-            let mine: Vec<Trigger> = triggers
-                .iter()
-                .filter(|t| t.account_sid == page.account_sid)
-                .cloned()
-                .collect();
-            for t in &mine {
+            let Some(mine) = by_account.get(page.account_sid.as_str()) else {
+                continue;
+            };
+            for t in mine {
                 let Some(category) = t.category() else {
                     continue;
                 };
@@ -95,7 +101,7 @@ impl Conn {
                         .push((t.sid.clone(), *p, leaves.get(category)));
                 }
             }
-            for c in crossings(&mine, &page.rows) {
+            for c in crossings(mine, &page.rows) {
                 let key = period_key(c.period);
                 let value = c.value.normalize().to_string();
                 let rows = self.query(

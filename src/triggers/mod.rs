@@ -243,7 +243,7 @@ pub struct Crossing {
 /// created, and periods it already fired for, are skipped; a trigger that
 /// crosses in several touched periods (CDRs of two days in one flush) crosses
 /// in each, oldest first.
-pub fn crossings(triggers: &[Trigger], touched: &[(Period, Leaves)]) -> Vec<Crossing> {
+pub fn crossings(triggers: &[&Trigger], touched: &[(Period, Leaves)]) -> Vec<Crossing> {
     let mut out = Vec::new();
     for t in triggers {
         let Some(category) = t.category() else {
@@ -548,16 +548,19 @@ mod tests {
             (TriggerBy::Price, dec!(4.5), dec!(4.50001)),
         ] {
             let t = trigger("calls", by, at, Recurring::Daily);
-            assert_eq!(crossings(&[t], &touched).len(), 1, "{by:?} at {at}");
+            assert_eq!(crossings(&[&t], &touched).len(), 1, "{by:?} at {at}");
             let t = trigger("calls", by, below, Recurring::Daily);
-            assert!(crossings(&[t], &touched).is_empty(), "{by:?} below {below}");
+            assert!(
+                crossings(&[&t], &touched).is_empty(),
+                "{by:?} below {below}"
+            );
         }
         // A sibling category is not affected.
         let t = trigger("sms", TriggerBy::Count, dec!(1), Recurring::Daily);
-        assert!(crossings(&[t], &touched).is_empty());
+        assert!(crossings(&[&t], &touched).is_empty());
         // Twilio's categories tallyd does not count never fire.
         let t = trigger("recordings", TriggerBy::Count, dec!(0), Recurring::Daily);
-        assert!(crossings(&[t], &touched).is_empty());
+        assert!(crossings(&[&t], &touched).is_empty());
     }
 
     #[test]
@@ -570,23 +573,23 @@ mod tests {
             (Period::AllTime, row),
         ];
         let mut t = trigger("sms", TriggerBy::Count, dec!(5), Recurring::Daily);
-        let c = crossings(std::slice::from_ref(&t), &touched);
+        let c = crossings(&[&t], &touched);
         assert_eq!(
             c.iter().map(|c| c.period).collect::<Vec<_>>(),
             [Period::Day(day(2)), Period::Day(day(3))],
             "both days, oldest first; only day rows"
         );
         t.fired_period = Some(period_key(Period::Day(day(2))));
-        let c = crossings(std::slice::from_ref(&t), &touched);
+        let c = crossings(&[&t], &touched);
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].period, Period::Day(day(3)));
         t.fired_period = Some(period_key(Period::Day(day(3))));
-        assert!(crossings(std::slice::from_ref(&t), &touched).is_empty());
+        assert!(crossings(&[&t], &touched).is_empty());
 
         let mut once = trigger("sms", TriggerBy::Count, dec!(5), Recurring::Once);
-        assert_eq!(crossings(std::slice::from_ref(&once), &touched).len(), 1);
+        assert_eq!(crossings(&[&once], &touched).len(), 1);
         once.fired_period = Some("all".into());
-        assert!(crossings(&[once], &touched).is_empty());
+        assert!(crossings(&[&once], &touched).is_empty());
     }
 
     #[test]
@@ -595,7 +598,7 @@ mod tests {
         let mut t = trigger("sms", TriggerBy::Count, dec!(1), Recurring::Daily);
         t.date_created = "2026-03-03T10:00:00Z".into();
         let touched = [(Period::Day(day(2)), row), (Period::Day(day(3)), row)];
-        let c = crossings(&[t], &touched);
+        let c = crossings(&[&t], &touched);
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].period, Period::Day(day(3)));
     }
