@@ -63,6 +63,10 @@ pub struct KafkaConfig {
     /// the host name and the HTTP listen port. Must be unique per instance.
     #[serde(default)]
     pub instance_id: Option<String>,
+    /// The switch's producer partitioner: which partition an account SID (the
+    /// CDR key) goes to, hence which instance owns the account's wallet.
+    #[serde(default)]
+    pub partitioner: crate::partitioner::Partitioner,
 }
 
 fn default_consumers() -> usize {
@@ -92,6 +96,7 @@ impl Default for KafkaConfig {
             properties: BTreeMap::new(),
             consumers: default_consumers(),
             instance_id: None,
+            partitioner: Default::default(),
         }
     }
 }
@@ -260,6 +265,37 @@ pub struct HttpConfig {
     /// Seconds to read a request's body and answer it before a 408.
     #[serde(default = "default_request_timeout_secs")]
     pub request_timeout_secs: u64,
+    /// Base URL the other instances reach this one at (wallet requests are
+    /// forwarded to a wallet's owner); empty: `http://` + `listen`, with an
+    /// unspecified address (0.0.0.0, [::]) replaced by the loopback.
+    #[serde(default)]
+    pub advertise_url: String,
+    /// Seconds a forwarded wallet request may take at its owner.
+    #[serde(default = "default_forward_timeout_secs")]
+    pub forward_timeout_secs: u64,
+}
+
+fn default_forward_timeout_secs() -> u64 {
+    5
+}
+
+impl HttpConfig {
+    /// The base URL this instance is reached at (`advertise_url`, else
+    /// derived from `listen`), without a trailing slash.
+    pub fn advertised(&self) -> String {
+        if !self.advertise_url.trim().is_empty() {
+            return self.advertise_url.trim().trim_end_matches('/').to_owned();
+        }
+        let listen = self.listen.trim();
+        let addr = if let Some(port) = listen.strip_prefix("0.0.0.0:") {
+            format!("127.0.0.1:{port}")
+        } else if let Some(port) = listen.strip_prefix("[::]:") {
+            format!("[::1]:{port}")
+        } else {
+            listen.to_owned()
+        };
+        format!("http://{addr}")
+    }
 }
 
 fn default_listen() -> String {
@@ -282,6 +318,8 @@ impl Default for HttpConfig {
             max_connections: default_max_connections(),
             header_read_timeout_secs: default_header_read_timeout_secs(),
             request_timeout_secs: default_request_timeout_secs(),
+            advertise_url: String::new(),
+            forward_timeout_secs: default_forward_timeout_secs(),
         }
     }
 }
@@ -551,6 +589,19 @@ fn check_values(cfg: &Config) -> Result<(), String> {
         ));
     }
     check_host_port("http.listen", &cfg.http.listen, true)?;
+    let advertised = cfg.http.advertised();
+    match url::Url::parse(&advertised) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+        _ => {
+            return Err(format!(
+                "http.advertise_url = {:?}: must be an http:// or https:// base URL such as http://10.0.0.5:8080",
+                cfg.http.advertise_url
+            ))
+        }
+    }
+    if cfg.http.forward_timeout_secs == 0 {
+        return Err("http.forward_timeout_secs = 0: must be at least 1".into());
+    }
     let brokers: Vec<&str> = cfg.kafka.brokers.split(',').map(str::trim).collect();
     if brokers.iter().any(|b| b.is_empty()) {
         return Err(format!(

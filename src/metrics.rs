@@ -112,6 +112,12 @@ pub const HTTP_CONNECTIONS_REFUSED_TOTAL: &str = "tallyd_http_connections_refuse
 pub const HTTP_CONNECTIONS_EVICTED_TOTAL: &str = "tallyd_http_connections_evicted_total";
 /// Counter: top-ups credited.
 pub const WALLET_CREDITS_TOTAL: &str = "tallyd_wallet_credits_total";
+/// Counter `{outcome = answered | unavailable}`: wallet requests forwarded to
+/// the instance that owns the account's partition.
+pub const WALLET_FORWARDED_TOTAL: &str = "tallyd_wallet_forwarded_total";
+/// Counter: CDRs read from another partition than `kafka.partitioner` computes
+/// for their key.
+pub const CDR_PARTITION_MISMATCH_TOTAL: &str = "tallyd_cdr_partition_mismatch_total";
 /// Counter `{outcome = delivered | retried | failed}`: webhook delivery attempts.
 pub const WEBHOOK_DELIVERIES_TOTAL: &str = "tallyd_webhook_deliveries_total";
 
@@ -223,6 +229,10 @@ pub const CATALOGUE: &[Metric] = &[
         "Idle connections closed to make room for a new one at http.max_connections."),
     metric(WALLET_CREDITS_TOTAL, Counter, None, &[],
         "Top-ups credited (POST /admin/accounts/{sid}/credits; a repeated idempotency key is not counted again)."),
+    metric(WALLET_FORWARDED_TOTAL, Counter, None, &["outcome"],
+        "Wallet requests this instance forwarded to the owner of the account's partition: answered (the owner's answer passed back) or unavailable (owner unknown or unreachable: 503)."),
+    metric(CDR_PARTITION_MISMATCH_TOTAL, Counter, None, &[],
+        "CDRs read from another partition than kafka.partitioner computes for their key (the switch's partitioner differs from the configured one: wallets may be owned by the wrong instance)."),
 ];
 
 /// Metrics the wallet, hold and webhook work will emit, named now so that the

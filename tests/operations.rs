@@ -47,6 +47,8 @@ const APPEAR_ON_ERROR: &[&str] = &[
     "tallyd_http_connections_refused_total",
     "tallyd_http_connections_evicted_total",
     "tallyd_wallet_credits_total",
+    "tallyd_cdr_partition_mismatch_total",
+    "tallyd_wallet_forwarded_total",
 ];
 
 fn root() -> &'static Path {
