@@ -283,10 +283,16 @@ impl HttpConfig {
     /// The base URL this instance is reached at (`advertise_url`, else
     /// derived from `listen`), without a trailing slash.
     pub fn advertised(&self) -> String {
+        self.advertised_at(self.listen.trim())
+    }
+
+    /// [`HttpConfig::advertised`] for a listener bound at `bound` (the port
+    /// the system chose for `listen`'s port 0).
+    pub fn advertised_at(&self, bound: &str) -> String {
         if !self.advertise_url.trim().is_empty() {
             return self.advertise_url.trim().trim_end_matches('/').to_owned();
         }
-        let listen = self.listen.trim();
+        let listen = bound;
         let addr = if let Some(port) = listen.strip_prefix("0.0.0.0:") {
             format!("127.0.0.1:{port}")
         } else if let Some(port) = listen.strip_prefix("[::]:") {
@@ -704,6 +710,22 @@ mod tests {
     use super::*;
 
     const MIN: &str = "[rating]\ndefault_plan = \"p\"\n[rating.plans.p]\ncurrency = \"usd\"\n[rating.plans.p.rates.calls]\nper_minute = \"0.05\"\n";
+
+    #[test]
+    fn the_advertised_url_is_given_or_made_from_the_listen_address() {
+        let mut h = HttpConfig {
+            listen: "0.0.0.0:8080".into(),
+            ..HttpConfig::default()
+        };
+        assert_eq!(h.advertised(), "http://127.0.0.1:8080");
+        assert_eq!(h.advertised_at("0.0.0.0:41234"), "http://127.0.0.1:41234");
+        h.listen = "[::]:8081".into();
+        assert_eq!(h.advertised(), "http://[::1]:8081");
+        h.listen = "10.1.2.3:8080".into();
+        assert_eq!(h.advertised(), "http://10.1.2.3:8080");
+        h.advertise_url = "https://tallyd-0.tallyd:8443/".into();
+        assert_eq!(h.advertised(), "https://tallyd-0.tallyd:8443");
+    }
 
     #[test]
     fn shipped_config_loads() {

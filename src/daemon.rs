@@ -47,7 +47,6 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
         cfg.kafka.partitioner,
         &cfg.http.advertised(),
     ));
-    tracing::info!(advertise_url = %ownership.me, partitioner = cfg.kafka.partitioner.as_str(), "wallets routed by CDR partition");
     let api = crate::api::ApiState::new(&cfg, &tariff, store.clone())
         .context("starting the usage API")?
         .with_ownership(ownership.clone());
@@ -69,11 +68,17 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
     });
     let app = app.merge(crate::api::router(api.clone()));
     let stop = shutdown.clone();
+    let http_cfg = cfg.http.clone();
+    let bound_ownership = ownership.clone();
     let server = rt.block_on(async move {
+        let ownership = bound_ownership;
         let listener = tokio::net::TcpListener::bind(&listen)
             .await
             .with_context(|| format!("binding http.listen {listen}"))?;
         tracing::info!(addr = %listener.local_addr()?, "HTTP listening");
+        ownership.set_me(&http_cfg.advertised_at(&listener.local_addr()?.to_string()));
+        tracing::info!(advertise_url = %ownership.me(), partitioner = ownership.partitioner.as_str(),
+            "wallets routed by CDR partition: this instance is reached at advertise_url");
         let handle = tokio::spawn(async move {
             http::serve(listener, app, limits, async move {
                 while !stop.load(Ordering::Relaxed) {

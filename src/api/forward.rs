@@ -102,7 +102,7 @@ pub async fn route(state: &ApiState, account: AccountSid, req: Incoming<'_>) -> 
         .run(move |c| c.wallet_owner(&topic, partition))
         .await;
     let owner = match owner {
-        Ok(Some((owner, _))) if owner != ownership.me => owner,
+        Ok(Some((owner, _))) if owner != ownership.me() => owner,
         Ok(Some(_)) => {
             // Recorded as ours: the load of the partition is under way.
             return Decision::Answered(unavailable(
@@ -141,7 +141,7 @@ async fn forward(state: &ApiState, owner: &str, partition: i32, req: Incoming<'_
         .forwarder
         .client
         .request(req.method.clone(), &url)
-        .header(FORWARDED, state.ownership().me.as_str())
+        .header(FORWARDED, state.ownership().me())
         .body(req.body);
     for name in [header::AUTHORIZATION, header::CONTENT_TYPE, header::ACCEPT] {
         if let Some(v) = req.headers.get(&name) {

@@ -155,9 +155,10 @@ impl Loading {
         let spawned = std::thread::Builder::new().name(name).spawn(move || {
             let mut backoff = FIRST_BACKOFF;
             while !stop.load(Ordering::Relaxed) {
+                let me = ownership.me();
                 let claim = ownership
                     .is_routed()
-                    .then(|| (ownership.me.as_str(), ownership.partitions()));
+                    .then(|| (me.as_str(), ownership.partitions()));
                 if let Some((_, 0)) = claim {
                     // The wallets of a partition are its accounts': which
                     // ones depends on the partition count.

@@ -32,8 +32,9 @@ pub struct Ownership {
     routed: bool,
     pub topic: String,
     pub partitioner: Partitioner,
-    /// This instance's advertised base URL (`http.advertise_url`).
-    pub me: String,
+    /// This instance's advertised base URL (`http.advertise_url`), set once
+    /// the listener is bound when derived from it.
+    me: RwLock<String>,
     partitions: AtomicU32,
     owned: RwLock<HashMap<i32, i64>>,
 }
@@ -56,7 +57,7 @@ impl Ownership {
             routed: false,
             topic: String::new(),
             partitioner: Partitioner::default(),
-            me: String::new(),
+            me: Default::default(),
             partitions: AtomicU32::new(0),
             owned: Default::default(),
         }
@@ -68,10 +69,19 @@ impl Ownership {
             routed: true,
             topic: topic.to_owned(),
             partitioner,
-            me: me.to_owned(),
+            me: RwLock::new(me.to_owned()),
             partitions: AtomicU32::new(0),
             owned: Default::default(),
         }
+    }
+
+    /// This instance's advertised base URL.
+    pub fn me(&self) -> String {
+        self.me.read().clone()
+    }
+
+    pub fn set_me(&self, me: &str) {
+        *self.me.write() = me.to_owned();
     }
 
     pub fn is_routed(&self) -> bool {

@@ -1,0 +1,594 @@
+//! Wallets across instances (docs/contract.md §4, "Across instances"): two
+//! daemons in one consumer group on one PostgreSQL store and a real tansu
+//! broker. Each wallet is answered by the instance that owns its account's
+//! partition; the other forwards to it. Holds go alternately to both, CDRs
+//! settle them, one instance is killed -9 mid-run: never overspent, and the
+//! balances are exact once the survivor has taken the dead one's partitions.
+
+mod common;
+mod support;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use reqwest::blocking::Client;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tallyd::partitioner::Partitioner;
+use tallyd::store::{Param, Store};
+use tallyd::wallet::CENT;
+
+use common::{postgres_base, ADMIN_TOKEN};
+
+const TOPIC: &str = "cdrs";
+const PARTITIONS: u32 = 4;
+const ACCOUNTS: usize = 6;
+const ROUNDS: usize = 48;
+/// Hold of a 10-minute call at CallingBox's $0.05/min.
+const HOLD: i64 = 50 * CENT;
+const START: i64 = 500 * CENT;
+
+fn sid(i: usize) -> String {
+    format!("AC{:032x}", 0x1e57_0000 + i)
+}
+
+fn key(i: usize) -> String {
+    format!("inst_key_{i:04}")
+}
+
+/// CallingBox's per-second price, computed here independently of the rating
+/// code: $0.05/60 per second, rounded half-up to 10⁻⁵.
+fn price_of(billsec: u32) -> i64 {
+    (billsec as i64 * 5 * CENT + 30) / 60
+}
+
+fn decimal(m: i64) -> String {
+    tallyd::wallet::decimal(m)
+}
+
+/// The two instances' HTTP ports and which are alive.
+struct Instances {
+    ports: [u16; 2],
+    alive: [AtomicBool; 2],
+}
+
+impl Instances {
+    fn url(&self, i: usize, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.ports[i])
+    }
+}
+
+fn request(
+    http: &Client,
+    url: String,
+    method: &str,
+    key: &str,
+    body: Option<&Value>,
+) -> reqwest::Result<(StatusCode, Value)> {
+    let req = match method {
+        "GET" => http.get(url),
+        "POST" => http.post(url),
+        _ => http.delete(url),
+    }
+    .bearer_auth(key)
+    .timeout(Duration::from_secs(10));
+    let req = match body {
+        Some(b) => req.json(b),
+        None => req,
+    };
+    let r = req.send()?;
+    let status = r.status();
+    Ok((status, r.json().unwrap_or(Value::Null)))
+}
+
+/// Sends to instance `first` (the other if it is dead or answers a 5xx)
+/// until an answer other than a 5xx comes (an instance answers 500 until
+/// its store is migrated, 503 while a wallet's owner is away or moving).
+fn send(
+    http: &Client,
+    inst: &Instances,
+    first: usize,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut i = first;
+    loop {
+        if inst.alive[i].load(Ordering::Acquire) {
+            if let Ok((status, v)) = request(http, inst.url(i, path), method, key, body.as_ref()) {
+                if !status.is_server_error() {
+                    return (status, v);
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{method} {path}: no answer for 2 minutes"
+        );
+        i = 1 - i;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn produce(p: &rdkafka::producer::BaseProducer, key: &str, payload: &str, partition: Option<i32>) {
+    use rdkafka::producer::{BaseRecord, Producer};
+    let mut record = BaseRecord::to(TOPIC).key(key).payload(payload);
+    if let Some(p) = partition {
+        record = record.partition(p);
+    }
+    p.send(record).map_err(|(e, _)| e).unwrap();
+    p.flush(Duration::from_secs(30)).unwrap();
+}
+
+fn cdr(id: &str, sid: &str, status: &str, billsec: u32) -> String {
+    json!({
+        "id": id, "account_sid": sid, "kind": "call",
+        "timestamp": chrono::Utc::now().to_rfc3339(), "direction": "outbound",
+        "status": status, "duration": billsec + 3, "billsec": billsec,
+    })
+    .to_string()
+}
+
+fn spawn(t: &support::Tansu, url: &str, log: &Path, port: u16) -> support::Daemon {
+    let listen = format!("127.0.0.1:{port}");
+    support::Daemon::spawn_with(
+        &t.brokers(),
+        url,
+        "g-instances",
+        log,
+        &[
+            ("TALLYD_HTTP__LISTEN", listen.as_str()),
+            ("TALLYD_API__ADMIN_TOKEN", ADMIN_TOKEN),
+            ("TALLYD_RATING__DEFAULT_PLAN", "callingbox"),
+            ("TALLYD_KAFKA__PARTITIONER", "consistent_random"),
+        ],
+    )
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// partition → owner URL as the store records it.
+fn owners(store: &Store) -> Vec<(i32, String)> {
+    store
+        .with_conn(|c| {
+            Ok(c.query(
+                "SELECT partition, owner FROM wallet_owners WHERE topic = $1 ORDER BY partition",
+                &[Param::Text(TOPIC)],
+            )?
+            .iter()
+            .map(|r| (r[0].int() as i32, r[1].text().to_owned()))
+            .collect())
+        })
+        .unwrap()
+}
+
+/// Which instance owns account `a`'s wallet now.
+fn owner_of(store: &Store, inst: &Instances, a: usize) -> usize {
+    let p = Partitioner::ConsistentRandom
+        .partition(sid(a).as_bytes(), PARTITIONS)
+        .unwrap();
+    let url = owners(store)
+        .into_iter()
+        .find(|(q, _)| *q == p)
+        .map(|(_, u)| u)
+        .expect("an owner");
+    (0..2)
+        .find(|&i| url == format!("http://127.0.0.1:{}", inst.ports[i]))
+        .unwrap_or_else(|| panic!("owner {url} is neither instance"))
+}
+
+/// The labelled counter `name{outcome="…"}` of one instance.
+fn outcome_metric(port: u16, name: &str, outcome: &str) -> f64 {
+    support::metric(port, &format!("{name}{{outcome=\"{outcome}\"}}")).unwrap_or(0.0)
+}
+
+/// Per account, what the driver knows was done.
+#[derive(Default, Clone)]
+struct Book {
+    credits: i64,
+    charges: i64,
+    /// Holds granted whose CDR was not produced and that were not released.
+    reserved: i64,
+    /// Of those, the ones kept to the end.
+    kept: i64,
+    granted: Vec<(String, Option<u32>, &'static str)>,
+}
+
+impl Book {
+    /// What is available if every produced CDR was consumed: the most the
+    /// owner can have; a grant beyond it is an overspend.
+    fn available(&self) -> i64 {
+        self.credits - self.charges - self.reserved
+    }
+}
+
+#[test]
+fn postgres_wallets_across_two_instances_with_one_killed() {
+    if postgres_base().is_none() {
+        return;
+    }
+    use rand::{Rng, SeedableRng};
+    let pg = support::PgSchema::new("instances");
+    let url = pg.url.clone();
+    let dir = support::test_dir();
+    let logs = [dir.path().join("a.log"), dir.path().join("b.log")];
+    let t = support::Tansu::start();
+    t.create_topic(TOPIC, PARTITIONS);
+    t.create_topic("cdrs-dead-letter", 1);
+    let inst = Instances {
+        ports: [support::free_port(), support::free_port()],
+        alive: [AtomicBool::new(true), AtomicBool::new(true)],
+    };
+    let mut daemons = [
+        spawn(&t, &url, &logs[0], inst.ports[0]),
+        spawn(&t, &url, &logs[1], inst.ports[1]),
+    ];
+    let http = Client::new();
+    for a in 0..ACCOUNTS {
+        let limits = json!({"max_call_duration_minutes": 10, "concurrent_calls": 100});
+        let (s, r) = send(
+            &http,
+            &inst,
+            a % 2,
+            "POST",
+            "/admin/accounts",
+            ADMIN_TOKEN,
+            Some(json!({"sid": sid(a), "limits": limits})),
+        );
+        assert_eq!(s, StatusCode::CREATED, "{r}");
+        let (s, r) = send(
+            &http,
+            &inst,
+            a % 2,
+            "POST",
+            &format!("/admin/accounts/{}/api-keys", sid(a)),
+            ADMIN_TOKEN,
+            Some(json!({"key": key(a)})),
+        );
+        assert_eq!(s, StatusCode::CREATED, "{r}");
+    }
+    // Both instances own partitions and have loaded them.
+    let store = Store::open(&url).unwrap();
+    let me = |i: usize| format!("http://127.0.0.1:{}", inst.ports[i]);
+    wait_until(
+        "both instances to own partitions",
+        Duration::from_secs(90),
+        || {
+            let o = owners(&store);
+            o.len() == PARTITIONS as usize
+                && (0..2).all(|i| o.iter().any(|(_, u)| *u == me(i)))
+                && (0..ACCOUNTS).all(|a| {
+                    (0..2).all(|i| {
+                        request(&http, inst.url(i, "/v1/wallet"), "GET", &key(a), None)
+                            .is_ok_and(|(s, _)| s == StatusCode::OK)
+                    })
+                })
+        },
+    );
+    let mut books = vec![
+        Book {
+            credits: START,
+            ..Book::default()
+        };
+        ACCOUNTS
+    ];
+
+    // A hold sent to the instance that does not own the wallet is forwarded:
+    // its answer is the owner's, byte for byte, and so are the wallet and the
+    // call's billing.
+    let mut owners_seen = [0; 2];
+    for a in 0..ACCOUNTS {
+        let owner = owner_of(&store, &inst, a);
+        owners_seen[owner] += 1;
+        let other = 1 - owner;
+        let body = json!({"call_id": format!("probe-{a}")});
+        let (s, first) = request(
+            &http,
+            inst.url(other, "/v1/holds"),
+            "POST",
+            &key(a),
+            Some(&body),
+        )
+        .unwrap();
+        assert_eq!(s, StatusCode::CREATED, "forwarded hold: {first}");
+        assert_eq!(first["wallet"]["held"], decimal(HOLD), "{first}");
+        let at_owner = request(
+            &http,
+            inst.url(owner, "/v1/holds"),
+            "POST",
+            &key(a),
+            Some(&body),
+        )
+        .unwrap();
+        let forwarded = request(
+            &http,
+            inst.url(other, "/v1/holds"),
+            "POST",
+            &key(a),
+            Some(&body),
+        )
+        .unwrap();
+        assert_eq!(at_owner.0, StatusCode::OK, "{}", at_owner.1);
+        assert_eq!(
+            forwarded, at_owner,
+            "a repeated hold through the other instance"
+        );
+        for path in [
+            "/v1/wallet".to_string(),
+            format!("/v1/calls/probe-{a}/billing"),
+        ] {
+            let at_owner = request(&http, inst.url(owner, &path), "GET", &key(a), None).unwrap();
+            let forwarded = request(&http, inst.url(other, &path), "GET", &key(a), None).unwrap();
+            assert_eq!(at_owner.0, StatusCode::OK, "{path}: {}", at_owner.1);
+            assert_eq!(forwarded, at_owner, "{path} through the other instance");
+        }
+        let (s, r) = request(
+            &http,
+            inst.url(other, &format!("/v1/holds/probe-{a}")),
+            "DELETE",
+            &key(a),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (s, &r["status"]),
+            (StatusCode::OK, &json!("released")),
+            "{r}"
+        );
+        // A request that says it was forwarded is never forwarded again.
+        let r = http
+            .get(inst.url(other, "/v1/wallet"))
+            .bearer_auth(key(a))
+            .header("x-tallyd-forwarded-by", "http://127.0.0.1:1")
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.headers().contains_key("retry-after"));
+        let v: Value = r.json().unwrap();
+        assert_eq!(v["error"]["code"], "owner_moving", "{v}");
+    }
+    assert!(
+        owners_seen.iter().all(|&n| n > 0),
+        "each instance owns some of the accounts: {owners_seen:?}"
+    );
+    let answered: f64 = (0..2)
+        .map(|i| outcome_metric(inst.ports[i], "tallyd_wallet_forwarded_total", "answered"))
+        .sum();
+    assert!(
+        answered >= 6.0 * ACCOUNTS as f64,
+        "forwarded answers counted: {answered}"
+    );
+
+    let producer: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", t.brokers())
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    let mut messages = 0u64;
+    // A CDR on another partition than its key's is counted and reported.
+    let stray = format!("AC{:032x}", 0x5_7a9);
+    let right = Partitioner::ConsistentRandom
+        .partition(stray.as_bytes(), PARTITIONS)
+        .unwrap();
+    let sms = json!({"id": "SM-stray", "account_sid": stray, "kind": "sms",
+        "timestamp": chrono::Utc::now().to_rfc3339(), "direction": "outbound"});
+    produce(
+        &producer,
+        &stray,
+        &sms.to_string(),
+        Some((right + 1) % PARTITIONS as i32),
+    );
+    messages += 1;
+    wait_until(
+        "the misplaced CDR to be counted",
+        Duration::from_secs(30),
+        || {
+            (0..2)
+                .filter_map(|i| {
+                    support::metric(inst.ports[i], "tallyd_cdr_partition_mismatch_total")
+                })
+                .sum::<f64>()
+                == 1.0
+        },
+    );
+
+    // The run: holds alternately to both instances, their calls' CDRs,
+    // releases and top-ups; instance 1 is killed -9 half-way.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+    let mut refused = 0;
+    let mut turn = 0usize;
+    for round in 0..ROUNDS {
+        if round == ROUNDS / 2 {
+            std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
+            inst.alive[1].store(false, Ordering::Release);
+            daemons[1].kill9();
+        }
+        for (a, book) in books.iter_mut().enumerate() {
+            turn += 1;
+            let (sid, key) = (sid(a), key(a));
+            let call_id = format!("CA{a}-{round}");
+            let (s, h) = send(
+                &http,
+                &inst,
+                turn % 2,
+                "POST",
+                "/v1/holds",
+                &key,
+                Some(json!({"call_id": call_id})),
+            );
+            match s {
+                StatusCode::CREATED => {
+                    assert_eq!(h["amount"], decimal(HOLD), "{h}");
+                    assert!(
+                        !h["wallet"]["available"].as_str().unwrap().starts_with('-'),
+                        "{h}"
+                    );
+                    book.reserved += HOLD;
+                    assert!(
+                        book.available() >= 0,
+                        "{call_id} granted with {} available at most: overspent",
+                        decimal(book.available() + HOLD)
+                    );
+                    let (fate, billsec) = match rng.gen_range(0..10) {
+                        0 => ("kept", None),
+                        1 | 2 => ("released", None),
+                        3 | 4 => ("no-answer", None),
+                        _ => ("answered", Some(rng.gen_range(200..=600))),
+                    };
+                    match fate {
+                        "answered" => {
+                            let b = billsec.unwrap();
+                            produce(&producer, &sid, &cdr(&call_id, &sid, "completed", b), None);
+                            messages += 1;
+                            book.reserved -= HOLD;
+                            book.charges += price_of(b);
+                        }
+                        "no-answer" => {
+                            produce(&producer, &sid, &cdr(&call_id, &sid, "no-answer", 0), None);
+                            messages += 1;
+                            book.reserved -= HOLD;
+                        }
+                        "released" => {
+                            let (s, r) = send(
+                                &http,
+                                &inst,
+                                (turn + 1) % 2,
+                                "DELETE",
+                                &format!("/v1/holds/{call_id}"),
+                                &key,
+                                None,
+                            );
+                            assert_eq!(
+                                (s, &r["status"]),
+                                (StatusCode::OK, &json!("released")),
+                                "{r}"
+                            );
+                            book.reserved -= HOLD;
+                        }
+                        _ => book.kept += HOLD,
+                    }
+                    book.granted.push((call_id, billsec, fate));
+                }
+                StatusCode::PAYMENT_REQUIRED => {
+                    assert_eq!(h["code"], "calls_paused", "{h}");
+                    refused += 1;
+                }
+                other => panic!("hold {call_id}: {other} {h}"),
+            }
+            if round % 12 == 11 {
+                let path = format!("/admin/accounts/{sid}/credits");
+                let body = json!({"amount": "1.00", "idempotency_key": format!("top-{round}")});
+                let (s, r) = send(
+                    &http,
+                    &inst,
+                    turn % 2,
+                    "POST",
+                    &path,
+                    ADMIN_TOKEN,
+                    Some(body.clone()),
+                );
+                assert_eq!(
+                    (s, &r["credited"]),
+                    (StatusCode::CREATED, &json!(true)),
+                    "{r}"
+                );
+                book.credits += 100 * CENT;
+                // The same key again through the other instance: credited once.
+                let (s, r) = send(
+                    &http,
+                    &inst,
+                    (turn + 1) % 2,
+                    "POST",
+                    &path,
+                    ADMIN_TOKEN,
+                    Some(body),
+                );
+                assert_eq!(
+                    (s, &r["credited"]),
+                    (StatusCode::CREATED, &json!(false)),
+                    "{r}"
+                );
+            }
+        }
+    }
+    assert!(refused > 0, "the run reaches the limit of some wallets");
+
+    // The survivor has everything: exact balances, held amounts and holds.
+    support::wait_flushed(&url, TOPIC, messages, Duration::from_secs(120), &logs[0]);
+    for (a, book) in books.iter().enumerate() {
+        let balance = book.credits - book.charges;
+        assert!(balance - book.kept >= 0, "account {a} overspent");
+        let want = (
+            decimal(balance),
+            decimal(book.kept),
+            decimal(balance - book.kept),
+        );
+        let mut last = Value::Null;
+        wait_until(
+            &format!("wallet of account {a} to be {want:?}"),
+            Duration::from_secs(30),
+            || {
+                last = send(&http, &inst, 0, "GET", "/v1/wallet", &key(a), None).1;
+                (
+                    last["balance"].as_str(),
+                    last["held"].as_str(),
+                    last["available"].as_str(),
+                ) == (
+                    Some(want.0.as_str()),
+                    Some(want.1.as_str()),
+                    Some(want.2.as_str()),
+                )
+            },
+        );
+        for (call_id, billsec, fate) in &book.granted {
+            let (s, b) = send(
+                &http,
+                &inst,
+                0,
+                "GET",
+                &format!("/v1/calls/{call_id}/billing"),
+                &key(a),
+                None,
+            );
+            assert_eq!(s, StatusCode::OK, "granted hold {call_id} lost: {b}");
+            let (status, charged) = match *fate {
+                "answered" => ("settled", price_of(billsec.unwrap())),
+                "kept" => ("reserved", 0),
+                _ => ("released", 0),
+            };
+            assert_eq!(
+                (
+                    b["reservation_status"].as_str(),
+                    b["billing_amount_milli_cents"].as_i64()
+                ),
+                (Some(status), Some(charged)),
+                "{call_id} ({fate}): {b}"
+            );
+        }
+    }
+    let o = owners(&store);
+    assert!(
+        o.iter().all(|(_, u)| *u == me(0)),
+        "the survivor owns every partition: {o:?}"
+    );
+    daemons[0].stop();
+    // After a clean stop the store alone has the exact balances.
+    for (a, book) in books.iter().enumerate() {
+        let stored = store.with_conn(|c| c.wallet_balance(&sid(a))).unwrap();
+        assert_eq!(
+            stored,
+            Some(book.credits - book.charges),
+            "stored balance of account {a}"
+        );
+    }
+    support::assert_offsets(&url, TOPIC, messages);
+}
