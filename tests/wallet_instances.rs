@@ -19,7 +19,7 @@ use tallyd::partitioner::Partitioner;
 use tallyd::store::{Param, Store};
 use tallyd::wallet::CENT;
 
-use common::{postgres_base, ADMIN_TOKEN};
+use common::{postgres_base, serve, TestStore, ADMIN_TOKEN};
 
 const TOPIC: &str = "cdrs";
 const PARTITIONS: u32 = 4;
@@ -591,4 +591,170 @@ fn postgres_wallets_across_two_instances_with_one_killed() {
         );
     }
     support::assert_offsets(&url, TOPIC, messages);
+}
+
+// ---------------------------------------------------------------------------
+// Routing over HTTP against one API and a real store, no broker: who answers
+// when the owner is unknown, away, loading, or has lost the partition.
+
+const CB: &str = "AC00000000000000000000000000000c11";
+const CB_KEY: &str = "cb_test_key_0001";
+
+fn api_config(url: &str) -> (tallyd::config::Config, tallyd::rating::Tariff) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tallyd.toml");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&format!(
+        r#"
+[[api.accounts]]
+sid = "{CB}"
+auth_token = "cb-token-0123456789abcdef"
+api_keys = ["{CB_KEY}"]
+limits = {{ numbers = 10, messages_per_month = 100, voice_minutes_per_month = 100, max_call_duration_minutes = 10, concurrent_calls = 5 }}
+"#
+    ));
+    let env = [
+        ("TALLYD_STORE__URL".to_string(), url.to_string()),
+        ("TALLYD_API__ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
+        ("TALLYD_HTTP__FORWARD_TIMEOUT_SECS".into(), "2".into()),
+    ];
+    tallyd::config::Config::from_toml(&text, &path, env).unwrap()
+}
+
+fn routing_over_http(store: &TestStore) {
+    use std::sync::Arc;
+    use tallyd::wallet::owners::Ownership;
+    let (cfg, tariff) = api_config(&store.url());
+    let me = "http://127.0.0.1:1";
+    let ownership = Arc::new(Ownership::routed(TOPIC, Partitioner::ConsistentRandom, me));
+    let st = Store::open(&cfg.store.url).unwrap();
+    let state = tallyd::api::ApiState::seeded(&cfg, &tariff, st.clone())
+        .unwrap()
+        .with_ownership(ownership.clone());
+    let server = serve(state.clone());
+    let http = Client::new();
+    let call = |method: &str, path: &str, key: &str, body: Option<Value>| {
+        let url = format!("{}{path}", server.base);
+        let req = match method {
+            "GET" => http.get(url),
+            "POST" => http.post(url),
+            _ => http.delete(url),
+        }
+        .bearer_auth(key);
+        let req = match &body {
+            Some(b) => req.json(b),
+            None => req,
+        };
+        let r = req.send().unwrap();
+        let retry = r
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let status = r.status();
+        let v: Value = r.json().unwrap_or(Value::Null);
+        (
+            status,
+            v["error"]["code"].as_str().unwrap_or("").to_owned(),
+            retry,
+            v,
+        )
+    };
+    let unavailable = |code: &str| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            code.to_owned(),
+            Some("1".to_owned()),
+        )
+    };
+    let head = |r: (StatusCode, String, Option<String>, Value)| (r.0, r.1, r.2);
+    // The partition count is not known yet: nobody can tell the owner.
+    assert_eq!(
+        head(call("GET", "/v1/wallet", CB_KEY, None)),
+        unavailable("owner_unknown")
+    );
+    ownership.set_partitions(PARTITIONS);
+    let p = Partitioner::ConsistentRandom
+        .partition(CB.as_bytes(), PARTITIONS)
+        .unwrap();
+    // No instance has claimed the partition.
+    assert_eq!(
+        head(call("GET", "/v1/wallet", CB_KEY, None)),
+        unavailable("owner_unknown")
+    );
+    // Claimed by an instance that does not answer.
+    let dead = format!("http://127.0.0.1:{}", support::free_port());
+    st.with_conn(|c| c.claim_partitions(TOPIC, &[p], &dead))
+        .unwrap();
+    let hold = json!({"call_id": "CA1"});
+    assert_eq!(
+        head(call("POST", "/v1/holds", CB_KEY, Some(hold.clone()))),
+        unavailable("owner_unavailable")
+    );
+    // Claimed by this instance, whose load has not published it yet.
+    let epochs = st
+        .with_conn(|c| c.claim_partitions(TOPIC, &[p], me))
+        .unwrap();
+    assert_eq!(epochs, [(p, 2)], "each claim takes the next epoch");
+    assert_eq!(
+        head(call("POST", "/v1/holds", CB_KEY, Some(hold.clone()))),
+        unavailable("owner_moving")
+    );
+    // Owned and loaded: answered here.
+    ownership.own(&epochs);
+    let (s, _, _, h) = call("POST", "/v1/holds", CB_KEY, Some(hold));
+    assert_eq!(s, StatusCode::CREATED, "{h}");
+    // Another instance takes the partition; this one has not heard of it
+    // yet. Its writes are fenced: nothing granted, released or credited.
+    st.with_conn(|c| c.claim_partitions(TOPIC, &[p], &dead))
+        .unwrap();
+    let sid = tallyd::cdr::AccountSid::parse(CB).unwrap();
+    let before = state.wallets().wallet(sid).view();
+    assert_eq!(
+        head(call(
+            "POST",
+            "/v1/holds",
+            CB_KEY,
+            Some(json!({"call_id": "CA2"}))
+        )),
+        unavailable("owner_moving")
+    );
+    assert_eq!(
+        state.wallets().wallet(sid).view(),
+        before,
+        "the fenced hold is taken back"
+    );
+    assert!(state.wallets().hold(sid, "CA2").is_none());
+    assert_eq!(st.with_conn(|c| c.hold(CB, "CA2")).unwrap(), None);
+    let credit = json!({"amount": "1.00", "idempotency_key": "k1"});
+    let path = format!("/admin/accounts/{CB}/credits");
+    assert_eq!(
+        head(call("POST", &path, ADMIN_TOKEN, Some(credit))),
+        unavailable("owner_moving")
+    );
+    assert_eq!(
+        st.with_conn(|c| c.wallet_balance(CB)).unwrap(),
+        None,
+        "no top-up written"
+    );
+    assert_eq!(
+        head(call("DELETE", "/v1/holds/CA1", CB_KEY, None)),
+        unavailable("owner_moving")
+    );
+    let stored = st.with_conn(|c| c.hold(CB, "CA1")).unwrap().unwrap();
+    assert_eq!(
+        stored.status.as_str(),
+        "reserved",
+        "the release was not written"
+    );
+}
+
+#[test]
+fn sqlite_routing_over_http() {
+    routing_over_http(&TestStore::sqlite());
+}
+
+#[test]
+fn postgres_routing_over_http() {
+    if let Some(base) = postgres_base() {
+        routing_over_http(&TestStore::postgres(&base));
+    }
 }
