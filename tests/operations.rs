@@ -38,7 +38,8 @@ const EXPECTED_LATER: &[&str] = &[
 ];
 
 /// Catalogued metrics labelled by what went wrong, which appear with their
-/// first error (a clean run has none).
+/// first error (a clean run has none), and the forwarding of wallet requests,
+/// which needs a second instance.
 const APPEAR_ON_ERROR: &[&str] = &[
     "tallyd_store_permanent_errors_total",
     "tallyd_partition_load_overdue_total",
