@@ -18,6 +18,7 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use crossbeam_utils::CachePadded;
 use dashmap::DashMap;
 use hashbrown::HashMap;
 use parking_lot::Mutex;
@@ -26,9 +27,9 @@ use rand::{Rng, SeedableRng};
 use rustc_hash::FxBuildHasher;
 
 use tallyd::calendar::Period;
-use tallyd::cdr::{decode, Cdr};
+use tallyd::cdr::{decode, AccountSid, Cdr};
 use tallyd::config::Config;
-use tallyd::counters::{AccountDay, Deltas, LeafDay, Leaves, RecordKey, Tally, UsageCounters};
+use tallyd::counters::{AccountDay, Deltas, LeafDay, Leaves, RecordKey, Tally};
 use tallyd::pipeline::{ingest, ingest_batch, NoDedup};
 use tallyd::rating::Tariff;
 
@@ -155,11 +156,12 @@ fn bench_stages(c: &mut Criterion) {
                     account: cdr.account,
                     day: cdr.day(),
                     leaf,
+                    hour: 0,
                 };
                 (key, Tally::one(tariff.rate(cdr, leaf)), cdr)
             })
             .collect();
-        let counters = UsageCounters::new(SHARDS);
+        let mut counters = Deltas::default();
         let mut i = 0;
         g.bench_function("counters", |b| {
             b.iter(|| {
@@ -174,12 +176,12 @@ fn bench_stages(c: &mut Criterion) {
             })
         });
 
-        let counters = UsageCounters::new(SHARDS);
+        let mut counters = Deltas::default();
         let mut i = 0;
         g.bench_function("ingest", |b| {
             b.iter(|| {
                 i = (i + 1) % msgs.len();
-                black_box(ingest(black_box(&msgs[i]), &tariff, &counters, &mut NoDedup).is_ok())
+                black_box(ingest(black_box(&msgs[i]), &tariff, &mut counters, &mut NoDedup).is_ok())
             })
         });
 
@@ -271,6 +273,7 @@ fn rated_cells(tariff: &Tariff, accounts: u64) -> Vec<(LeafDay, Tally)> {
                 account: cdr.account,
                 day: cdr.day(),
                 leaf,
+                hour: 0,
             };
             (key, Tally::one(tariff.rate(&cdr, leaf)))
         })
@@ -290,7 +293,7 @@ fn bench_design(c: &mut Criterion) {
         g.sample_size(10);
         g.bench_function("account-day+rows-at-flush", |b| {
             b.iter_batched(
-                || UsageCounters::new(SHARDS),
+                || MutexShards::new(SHARDS),
                 |counters| {
                     for (k, t) in batch {
                         counters.record(*k, *t, None, None);
@@ -317,7 +320,7 @@ fn bench_design(c: &mut Criterion) {
         // Hot-path update alone, one thread, counters warmed to steady state.
         let mut g = c.benchmark_group(format!("design-shards/{pool}"));
         g.throughput(Throughput::Elements(1));
-        let counters = UsageCounters::new(SHARDS);
+        let counters = MutexShards::new(SHARDS);
         let mut i = 0;
         g.bench_function("mutex-shards", |b| {
             b.iter(|| {
@@ -341,7 +344,7 @@ fn bench_design(c: &mut Criterion) {
         // Two writers at once (the consumer's worker threads), per CDR overall.
         g.throughput(Throughput::Elements(2));
         g.bench_function("mutex-shards-2-threads", |b| {
-            let counters = UsageCounters::new(SHARDS);
+            let counters = MutexShards::new(SHARDS);
             b.iter_custom(|iters| {
                 two_threads(iters, &cells, |k, t| counters.record(k, t, None, None))
             })
@@ -353,6 +356,51 @@ fn bench_design(c: &mut Criterion) {
             b.iter_custom(|iters| two_threads(iters, &cells, |k, t| dash.record(k, t)))
         });
         g.finish();
+    }
+}
+
+/// The design the consumer's single-writer [`Deltas`] replaced, kept as the
+/// baseline of `design-shards`: deltas sharded by account behind mutexes, so
+/// concurrent writers rarely meet on a lock.
+struct MutexShards {
+    shards: Box<[CachePadded<Mutex<Deltas>>]>,
+    mask: usize,
+}
+
+impl MutexShards {
+    /// `shards` is rounded up to a power of two.
+    fn new(shards: usize) -> MutexShards {
+        let n = shards.max(1).next_power_of_two();
+        MutexShards {
+            shards: (0..n)
+                .map(|_| CachePadded::new(Mutex::new(Deltas::default())))
+                .collect(),
+            mask: n - 1,
+        }
+    }
+
+    #[inline]
+    fn shard(&self, account: AccountSid) -> &Mutex<Deltas> {
+        // The SID's low bits are uniformly random hex.
+        &self.shards[(account.0 as usize) & self.mask]
+    }
+
+    /// Adds one rated CDR.
+    #[inline]
+    fn record(&self, key: LeafDay, t: Tally, phone_number: Option<&str>, agent_id: Option<&str>) {
+        self.shard(key.account)
+            .lock()
+            .record(key, t, phone_number, agent_id);
+    }
+
+    /// Takes every delta recorded since the last take, leaving the counters empty.
+    fn take(&self) -> Deltas {
+        let mut all = Deltas::default();
+        for shard in self.shards.iter() {
+            let taken = shard.lock().take();
+            all.merge(taken);
+        }
+        all
     }
 }
 

@@ -99,6 +99,17 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
         .load_wallets()
         .context("loading wallets from the store")?;
     tracing::info!(wallets, "wallets loaded");
+    // Triggers likewise: the replay's crossings are evaluated against them.
+    let triggers = store
+        .with_conn(|c| c.all_triggers())
+        .context("loading usage triggers from the store")?;
+    tracing::info!(triggers = triggers.len(), "usage triggers loaded");
+    api.triggers().replace_all(triggers);
+    rt.spawn(
+        api.triggers()
+            .clone()
+            .keep_loaded(store.clone(), shutdown.clone()),
+    );
     rt.spawn(crate::api::wallet::expire_holds(
         api.clone(),
         shutdown.clone(),

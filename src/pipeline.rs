@@ -4,7 +4,7 @@
 
 use crate::cdr::{decode, Cdr, Rejection};
 use crate::counters::table::prefetch;
-use crate::counters::{Deltas, LeafDay, Tally, UsageCounters};
+use crate::counters::{Deltas, LeafDay, Tally};
 use crate::rating::{Charge, Tariff};
 
 /// What happened to one well-formed CDR.
@@ -40,57 +40,29 @@ impl SeenIds for NoDedup {
     }
 }
 
-/// Where rated CDRs are added: the shared, sharded [`UsageCounters`], or a
-/// [`Deltas`] that its owner already holds exclusively (the daemon's consumer
-/// thread), which then needs no lock of its own.
-pub trait Record {
-    fn record(self, key: LeafDay, t: Tally, phone_number: Option<&str>, agent_id: Option<&str>);
-}
-
-impl Record for &UsageCounters {
-    #[inline]
-    fn record(self, key: LeafDay, t: Tally, phone_number: Option<&str>, agent_id: Option<&str>) {
-        UsageCounters::record(self, key, t, phone_number, agent_id)
-    }
-}
-
-impl Record for &mut Deltas {
-    #[inline]
-    fn record(self, key: LeafDay, t: Tally, phone_number: Option<&str>, agent_id: Option<&str>) {
-        Deltas::record(self, key, t, phone_number, agent_id)
-    }
-}
-
 #[inline]
 fn leaf_day(cdr: &Cdr<'_>) -> LeafDay {
     LeafDay {
         account: cdr.account,
         day: cdr.day(),
         leaf: cdr.leaf(),
+        hour: (cdr.timestamp.rem_euclid(86_400) / 3_600) as u8,
     }
 }
 
-/// Runs one message through decode → validate → dedup → rate → counters.
-#[inline]
+/// Runs one message through the same path as [`ingest_batch`] (for tests and
+/// tools that count CDRs one at a time).
 pub fn ingest(
     bytes: &[u8],
     tariff: &Tariff,
-    counters: impl Record,
+    deltas: &mut Deltas,
     seen: &mut impl SeenIds,
 ) -> Result<Outcome, Rejection> {
-    let cdr = decode(bytes)?;
-    if !seen.first_sighting(seen.prepare(&cdr)) {
-        return Ok(Outcome::Duplicate);
-    }
-    let key = leaf_day(&cdr);
-    let charge = tariff.rate(&cdr, key.leaf);
-    counters.record(
-        key,
-        Tally::one(charge),
-        cdr.phone_number.as_deref(),
-        cdr.agent_id.as_deref(),
-    );
-    Ok(Outcome::Counted(charge))
+    let mut out = None;
+    ingest_batch(&[bytes], tariff, deltas, seen, &mut (), |_, r| {
+        out = Some(r)
+    });
+    out.expect("one message, one outcome")
 }
 
 /// Where a rated CDR's price is debited: the partition's wallet

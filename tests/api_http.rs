@@ -270,6 +270,26 @@ both_stores!(
     }
 );
 
+/// The scenario's API with the clock at 2025-02-02T11:30:00Z.
+fn served_before_noon(store: &TestStore) -> Server {
+    scenario(store, NOW - 3 * 3600 - 1800).0
+}
+
+// "Last 24h" is the last 24 hours, not the current UTC day: at 11:30 it holds
+// yesterday's 12:00 SMS (p4) and today's 06:00 one (p5), and not the call of
+// today 12:00 (p6) that a day's total would count.
+both_stores!(
+    agentphone_last_24_hours_are_hours,
+    served_before_noon,
+    |s: &Server| {
+        let (st, body) = json_of(get_bearer(&format!("{}/v1/usage", s.base), PARENT_KEY));
+        assert_eq!(st, 200);
+        assert_eq!(body["stats"]["messagesLast24h"], 2, "{body}");
+        assert_eq!(body["stats"]["callsLast24h"], 0, "{body}");
+        assert_eq!(body["stats"]["messagesLast7d"], 2, "{body}");
+    }
+);
+
 both_stores!(agentphone_usage, served, |s: &Server| {
     let u = |p: &str| format!("{}/v1/usage{p}", s.base);
     api_error(client().get(u("")).send().unwrap(), 401);

@@ -22,7 +22,7 @@ use tallyd::cdr::{
     decode, decode_with_serde_json, AccountSid, CallStatus, MessageKind, Mode, RejectReason, Usage,
 };
 use tallyd::config::Config;
-use tallyd::counters::{Deltas, RecordKey, Tally, UsageCounters};
+use tallyd::counters::{Deltas, RecordKey, Tally};
 use tallyd::dedup::DedupWindow;
 use tallyd::pipeline::{ingest, ingest_batch, NoDedup, Outcome};
 use tallyd::rating::{reference_price, PlanConfig, RateConfig, RatingConfig, Tariff, PRICE_SCALE};
@@ -232,16 +232,21 @@ impl GenCdr {
     }
 }
 
-/// Ingests every message into counters with `shards` shards and takes the deltas.
-fn run(msgs: &[Vec<u8>], tariff: &Tariff, shards: usize) -> Deltas {
-    let counters = UsageCounters::new(shards);
-    for m in msgs {
-        match ingest(m, tariff, &counters, &mut NoDedup) {
+/// Ingests the messages dealt round-robin over `parts` deltas (as partitions
+/// of one flush are), then merges them.
+fn run(msgs: &[Vec<u8>], tariff: &Tariff, parts: usize) -> Deltas {
+    let mut deltas: Vec<Deltas> = (0..parts).map(|_| Deltas::default()).collect();
+    for (i, m) in msgs.iter().enumerate() {
+        match ingest(m, tariff, &mut deltas[i % parts], &mut NoDedup) {
             Ok(Outcome::Counted(_)) => {}
             other => panic!("{other:?} for {}", String::from_utf8_lossy(m)),
         }
     }
-    counters.take()
+    let mut all = Deltas::default();
+    for d in deltas {
+        all.merge(d);
+    }
+    all
 }
 
 type Records = hashbrown::HashMap<RecordKey, Tally, rustc_hash::FxBuildHasher>;
@@ -385,19 +390,28 @@ proptest! {
         prop_assert_eq!(&serial, &run(&msgs, &tariff, 16));
         prop_assert_eq!(serial.expand(), run(&reordered, &tariff, 16).expand());
 
-        // Two threads writing into the same counters at once.
-        let counters = UsageCounters::new(16);
-        std::thread::scope(|s| {
-            for half in [0, 1] {
-                let (msgs, tariff, counters) = (&reordered, &tariff, &counters);
-                s.spawn(move || {
-                    for m in msgs.iter().skip(half).step_by(2) {
-                        ingest(m, tariff, counters, &mut NoDedup).unwrap();
-                    }
-                });
-            }
+        // Two consumer threads counting at once, merged at the flush.
+        let halves: Vec<Deltas> = std::thread::scope(|s| {
+            let handles: Vec<_> = [0, 1]
+                .map(|half| {
+                    let (msgs, tariff) = (&reordered, &tariff);
+                    s.spawn(move || {
+                        let mut d = Deltas::default();
+                        for m in msgs.iter().skip(half).step_by(2) {
+                            ingest(m, tariff, &mut d, &mut NoDedup).unwrap();
+                        }
+                        d
+                    })
+                })
+                .into_iter()
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        prop_assert_eq!(&serial, &counters.take());
+        let mut merged = Deltas::default();
+        for d in halves {
+            merged.merge(d);
+        }
+        prop_assert_eq!(serial.expand(), merged.expand());
     }
 
     /// The daemon's batched path (waves of prefetches, then the updates) counts

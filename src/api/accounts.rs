@@ -235,13 +235,16 @@ pub fn upsert(c: &mut Conn, a: &Account) -> Result<()> {
     Ok(())
 }
 
-/// Deletes an account and its API keys; returns whether it existed.
+/// Deletes an account, its API keys and its usage triggers; returns whether
+/// it existed.
 pub fn delete(c: &mut Conn, sid: &str) -> Result<bool> {
     c.transaction(|c| {
-        c.execute(
-            "DELETE FROM api_keys WHERE account_sid = $1",
-            &[Param::Text(sid)],
-        )?;
+        for table in ["api_keys", "usage_triggers"] {
+            c.execute(
+                &format!("DELETE FROM {table} WHERE account_sid = $1"),
+                &[Param::Text(sid)],
+            )?;
+        }
         Ok(c.execute(
             "DELETE FROM api_accounts WHERE account_sid = $1",
             &[Param::Text(sid)],

@@ -335,6 +335,7 @@ pub async fn delete_account(
     sid: Option<Path<String>>,
 ) -> Result<Response, ApiError> {
     let sid = path_sid(sid)?;
+    let book = state.triggers().clone();
     state
         .store()
         .run(move |c| {
@@ -346,6 +347,7 @@ pub async fn delete_account(
                 ))));
             }
             Ok(if accounts::delete(c, &sid)? {
+                book.remove_account(&sid);
                 Ok(StatusCode::NO_CONTENT.into_response())
             } else {
                 Err(unknown(&sid))

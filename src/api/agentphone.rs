@@ -2,8 +2,9 @@
 //! `GET /v1/usage`, `/v1/usage/daily`, `/v1/usage/monthly`, `/v1/usage/by-number`,
 //! `/v1/usage/by-agent`.
 //!
-//! Usage is stored per UTC day, so "last 24h" is the current UTC day, "last 7d"
-//! the current day and the six before it, and so on. Messages count message CDRs
+//! "Last 24h" is the current UTC hour so far and the 23 before it (usage is
+//! also counted per UTC hour, kept for the two newest days); "last 7d" is the
+//! current UTC day and the six before it, and so on (usage is stored per day). Messages count message CDRs
 //! (SMS and MMS), calls count every call CDR (`calls`, `calls-sip`,
 //! `calls-client`). tallyd does not deliver webhooks yet: webhook counts are 0.
 
@@ -147,6 +148,7 @@ pub async fn usage(
     peer: Option<ConnectInfo<SocketAddr>>,
 ) -> Result<Json<Json_>, Response> {
     let today = state.today();
+    let now = state.now();
     let st = state.clone();
     with_account(&state, &headers, peer, move |c, a| {
         let used = breakdown(c, &a.sid, Dimension::Number, None)?
@@ -161,7 +163,7 @@ pub async fn usage(
             days.range(from..)
                 .fold((0, 0), |acc, (_, v)| (acc.0 + v.0, acc.1 + v.1))
         };
-        let (m1, c1) = window(1);
+        let (m1, c1) = last_24_hours(c, &a.sid, now)?;
         let (m7, c7) = window(7);
         let (m30, c30) = window(30);
         let month = today.month();
@@ -261,6 +263,31 @@ pub async fn monthly(
     .await
 }
 
+/// Messages and calls in the 24 hours up to `now` (Unix seconds), from the
+/// hourly counts: this hour so far and the 23 before it.
+fn last_24_hours(c: &mut Conn, sid: &str, now: i64) -> Result<(i64, i64), ApiError> {
+    let this_hour = now.div_euclid(3_600);
+    let today = Day::from_unix(now);
+    let (first, last) = month_pages(Day(today.0 - 1), today);
+    let (mut messages, mut calls) = (0, 0);
+    for page in c.read_pages(&[sid.to_owned()], &first, &last)? {
+        for e in page.breakdowns() {
+            let Some(hour) = (e.dimension == Dimension::Hour)
+                .then(|| e.value.parse::<i64>().ok())
+                .flatten()
+            else {
+                continue;
+            };
+            let at = e.day.0 as i64 * 24 + hour;
+            if (this_hour - 23..=this_hour).contains(&at) {
+                messages += e.messages.count as i64;
+                calls += e.calls.count as i64;
+            }
+        }
+    }
+    Ok((messages, calls))
+}
+
 /// Per value of a breakdown dimension: (messages, calls, call seconds).
 fn breakdown(
     c: &mut Conn,
@@ -272,7 +299,7 @@ fn breakdown(
         (Some((a, b)), _) => month_pages(a, b),
         // Numbers are kept all-time (`Dimension::day_of`): only on the `all` page.
         (None, Dimension::Number) => (PageId::All.text(), PageId::All.text()),
-        (None, Dimension::Agent) => (String::new(), PageId::All.text()),
+        (None, Dimension::Agent | Dimension::Hour) => (String::new(), PageId::All.text()),
     };
     let (a, b) = from.unwrap_or((Day(i32::MIN), Day(i32::MAX)));
     let mut out: BTreeMap<String, (i64, i64, i64)> = BTreeMap::new();

@@ -2,6 +2,8 @@
 //!
 //! - [`twilio`]: Twilio Usage Records (`/2010-04-01/Accounts/{Sid}/Usage/Records…`),
 //!   HTTP Basic `AccountSid:AuthToken`, computed by [`records`].
+//! - [`triggers`]: Twilio Usage Triggers (`…/Usage/Triggers…`), the same auth,
+//!   kept in step with the trigger book the flusher evaluates.
 //! - [`agentphone`]: AgentPhone `/v1/usage…`, Bearer API key.
 //! - [`admin`]: accounts, subaccounts and API keys, Bearer admin token.
 //! - [`accounts`]: the account model and its tables. Handlers read through the
@@ -17,6 +19,7 @@ pub mod auth;
 pub mod error;
 pub mod forward;
 pub mod records;
+pub mod triggers;
 pub mod twilio;
 pub mod twilio_categories;
 pub mod wallet;
@@ -222,7 +225,6 @@ impl ApiState {
         Day::from_unix(self.now())
     }
 
-    /// Failed authentications per client address.
     /// The usage triggers the flusher evaluates (the API keeps it in step
     /// with the store).
     pub fn triggers(&self) -> &crate::triggers::TriggerBook {
@@ -233,6 +235,7 @@ impl ApiState {
         self.inner.url_policy
     }
 
+    /// Failed authentications per client address.
     pub fn throttle(&self) -> &auth::AuthThrottle {
         &self.inner.throttle
     }
@@ -269,10 +272,22 @@ async fn openapi() -> impl IntoResponse {
 /// All API routes. Mount it in the daemon's HTTP server.
 pub fn router(state: ApiState) -> Router {
     let twilio_records = "/2010-04-01/Accounts/:sid/Usage/Records";
+    let twilio_triggers = "/2010-04-01/Accounts/:sid/Usage/Triggers";
     Router::new()
         .route(twilio_records, get(twilio::records_root))
         .route(&format!("{twilio_records}.json"), get(twilio::records_root))
         .route(&format!("{twilio_records}/:sub"), get(twilio::records_sub))
+        .route(twilio_triggers, get(triggers::list).post(triggers::create))
+        .route(
+            &format!("{twilio_triggers}.json"),
+            get(triggers::list).post(triggers::create),
+        )
+        .route(
+            &format!("{twilio_triggers}/:trigger"),
+            get(triggers::fetch)
+                .post(triggers::update)
+                .delete(triggers::delete),
+        )
         .route("/2010-04-01/*rest", get(twilio::not_found))
         .route("/v1/usage", get(agentphone::usage))
         .route("/v1/usage/daily", get(agentphone::daily))

@@ -26,15 +26,13 @@
 //! [`Deltas::prefetch`] and [`Deltas::record_at`] in three waves so that the cache
 //! misses of a whole batch overlap ([`crate::pipeline::ingest_batch`]).
 //!
-//! [`UsageCounters`] shards deltas by account behind mutexes for callers with
-//! several writer threads; [`UsageCounters::take`] swaps each shard's tables for
-//! empty ones, so writers are held only for a swap per shard.
+//! Each consumer thread owns the deltas of its partitions (one writer, no
+//! lock); a flush takes them ([`Deltas::take`]) and merges what several
+//! consumers hand over ([`Deltas::merge`]).
 
 pub mod table;
 
-use crossbeam_utils::CachePadded;
 use hashbrown::HashMap;
-use parking_lot::Mutex;
 use rustc_hash::FxBuildHasher;
 
 use crate::calendar::{Day, Period};
@@ -122,6 +120,8 @@ pub struct LeafDay {
     pub account: AccountSid,
     pub day: Day,
     pub leaf: Category,
+    /// The UTC hour of the day (0-23), for the last-24-hours counts.
+    pub hour: u8,
 }
 
 /// The hot-path cell key.
@@ -146,20 +146,31 @@ pub struct RecordKey {
     pub period: Period,
 }
 
-/// What a breakdown row counts by: the account's own number or the agent.
+/// What a breakdown row counts by: the account's own number, the agent, or
+/// the UTC hour of the day (value `00`-`23`; AgentPhone's last-24-hours
+/// counts; a page keeps the hours of its two newest days only, see
+/// [`crate::store::page::Page::add_page`]).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
 pub enum Dimension {
     Number,
     Agent,
+    Hour,
 }
+
+/// The values of [`Dimension::Hour`].
+pub const HOURS: [&str; 24] = [
+    "00", "01", "02", "03", "04", "05", "06", "07", "08", "09", "10", "11", "12", "13", "14", "15",
+    "16", "17", "18", "19", "20", "21", "22", "23",
+];
 
 impl Dimension {
     pub fn as_str(self) -> &'static str {
         match self {
             Dimension::Number => "number",
             Dimension::Agent => "agent",
+            Dimension::Hour => "hour",
         }
     }
 
@@ -172,7 +183,7 @@ impl Dimension {
     pub fn day_of(self, day: Day) -> Day {
         match self {
             Dimension::Number => Period::AllTime.start(),
-            Dimension::Agent => day,
+            Dimension::Agent | Dimension::Hour => day,
         }
     }
 }
@@ -223,11 +234,24 @@ impl BreakdownId {
         let seed = match dimension {
             Dimension::Number => 1,
             Dimension::Agent => 2,
+            Dimension::Hour => 3,
         };
         BreakdownId {
             account,
             day,
             value: xxhash_rust::xxh3::xxh3_128_with_seed(value.as_bytes(), seed),
+        }
+    }
+
+    /// An hour's id, without hashing a string: the hour spread over the bits
+    /// (an odd multiplier; distinct from every string's hash but with odds
+    /// like theirs).
+    #[inline]
+    fn hour(account: AccountSid, day: Day, hour: u8) -> BreakdownId {
+        BreakdownId {
+            account,
+            day,
+            value: (hour as u128 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835),
         }
     }
 }
@@ -294,6 +318,7 @@ pub struct Placement {
     cell: u64,
     number: Option<(BreakdownId, u64)>,
     agent: Option<(BreakdownId, u64)>,
+    hour: (BreakdownId, u64),
 }
 
 /// Everything taken from the counters at one flush: per account and UTC day, the
@@ -362,10 +387,14 @@ impl Deltas {
                 (id, h)
             })
         };
+        let hour = BreakdownId::hour(key.account, key.day, key.hour);
+        let hour_hash = hour.hash64();
+        self.breakdowns.prefetch_slot(hour_hash);
         Placement {
             cell,
             number: breakdown(Dimension::Number, phone_number),
             agent: breakdown(Dimension::Agent, agent_id),
+            hour: (hour, hour_hash),
         }
     }
 
@@ -384,7 +413,7 @@ impl Deltas {
                     .wrapping_sub(1),
             );
         }
-        for (_, h) in [p.number, p.agent].into_iter().flatten() {
+        for (_, h) in [p.number, p.agent, Some(p.hour)].into_iter().flatten() {
             if let Some(entry) = self.breakdowns.candidate(h) {
                 prefetch(entry);
                 prefetch(&entry.1.calls);
@@ -426,9 +455,11 @@ impl Deltas {
             .0
             .add_leaf(key.leaf, t);
         let class = UsageClass::of(key.leaf);
+        let hour = HOURS.get(key.hour as usize).copied();
         for (dimension, value, placed) in [
             (Dimension::Number, phone_number, p.number),
             (Dimension::Agent, agent_id, p.agent),
+            (Dimension::Hour, hour, Some(p.hour)),
         ] {
             if let (Some(v), Some((id, h))) = (value, placed) {
                 let (b, _) = self.breakdowns.get_or_insert_with(id, h, || Breakdown {
@@ -527,61 +558,6 @@ impl Deltas {
     }
 }
 
-/// Deltas sharded by account so concurrent writers rarely meet on a lock.
-pub struct UsageCounters {
-    shards: Box<[CachePadded<Mutex<Deltas>>]>,
-    mask: usize,
-}
-
-impl UsageCounters {
-    /// `shards` is rounded up to a power of two.
-    pub fn new(shards: usize) -> UsageCounters {
-        let n = shards.max(1).next_power_of_two();
-        UsageCounters {
-            shards: (0..n)
-                .map(|_| CachePadded::new(Mutex::new(Deltas::default())))
-                .collect(),
-            mask: n - 1,
-        }
-    }
-
-    #[inline]
-    fn shard(&self, account: AccountSid) -> &Mutex<Deltas> {
-        // The SID's low bits are uniformly random hex.
-        &self.shards[(account.0 as usize) & self.mask]
-    }
-
-    /// Adds one rated CDR.
-    #[inline]
-    pub fn record(
-        &self,
-        key: LeafDay,
-        t: Tally,
-        phone_number: Option<&str>,
-        agent_id: Option<&str>,
-    ) {
-        self.shard(key.account)
-            .lock()
-            .record(key, t, phone_number, agent_id);
-    }
-
-    /// Takes every delta recorded since the last take, leaving the counters empty.
-    pub fn take(&self) -> Deltas {
-        let mut all = Deltas::default();
-        for shard in self.shards.iter() {
-            let taken = shard.lock().take();
-            all.merge(taken);
-        }
-        all
-    }
-
-    /// Live account-day cells plus breakdown entries (for the gauge and
-    /// backpressure).
-    pub fn live_cells(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().live_cells()).sum()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -591,6 +567,7 @@ mod tests {
             account: AccountSid(a),
             day: Day(day),
             leaf,
+            hour: 0,
         }
     }
 
@@ -656,7 +633,7 @@ mod tests {
 
     #[test]
     fn take_empties_and_keeps_breakdowns() {
-        let c = UsageCounters::new(4);
+        let mut c = Deltas::default();
         let sms = |n| Tally {
             count: 1,
             usage: n,
@@ -676,10 +653,11 @@ mod tests {
             Some("+1555"),
             Some("ag"),
         );
-        assert_eq!(c.live_cells(), 10 + 11);
+        // 10 account-days, 11 number/agent entries, 10 account-hours.
+        assert_eq!(c.live_cells(), 10 + 11 + 10);
         let d = c.take();
         assert_eq!(d.account_days(), 10);
-        assert_eq!(d.clone().into_breakdowns().count(), 11);
+        assert_eq!(d.clone().into_breakdowns().count(), 21);
         assert_eq!(
             breakdown(&d, 3, 0, Dimension::Number, "+1555"),
             Some(Tally {
@@ -721,6 +699,40 @@ mod tests {
                 (Dimension::Agent, 20_000, 1),
                 (Dimension::Agent, 20_001, 1),
                 (Dimension::Agent, 20_031, 1),
+                (Dimension::Hour, 20_000, 1),
+                (Dimension::Hour, 20_001, 1),
+                (Dimension::Hour, 20_031, 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn every_cdr_counts_in_its_utc_hour() {
+        let mut d = Deltas::default();
+        let t = Tally {
+            count: 1,
+            usage: 1,
+            price: 5,
+        };
+        for hour in [0u8, 0, 7, 23] {
+            let mut k = key(4, 20_000, Category::SmsOutboundLongcode);
+            k.hour = hour;
+            d.record(k, t, None, None);
+        }
+        let mut call = key(4, 20_000, Category::CallsOutbound);
+        call.hour = 7;
+        d.record(call, t, None, None);
+        let mut got: Vec<(String, u64, u64)> = d
+            .into_breakdowns()
+            .map(|b| (b.key.value.to_string(), b.messages.count, b.calls.count))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("00".to_owned(), 2, 0),
+                ("07".to_owned(), 1, 1),
+                ("23".to_owned(), 1, 0)
             ]
         );
     }
@@ -754,7 +766,8 @@ mod tests {
             Some("b"),
         );
         d.merge(other);
-        assert_eq!(d.live_cells(), 1 + 40 + 2);
+        // The cell, 40 numbers, 2 agents, 1 hour.
+        assert_eq!(d.live_cells(), 1 + 40 + 2 + 1);
         assert_eq!(
             breakdown(&d, 9, 0, Dimension::Number, "+15550007")
                 .unwrap()

@@ -123,6 +123,7 @@ pub(super) mod tests {
                 account: AccountSid(account),
                 day: Day(day),
                 leaf: Category::CallsOutbound,
+                hour: 0,
             },
             Tally {
                 count: 1,
@@ -183,9 +184,9 @@ pub(super) mod tests {
             .iter()
             .find(|p| p.account == AccountSid(3) && p.page != PageId::All)
             .unwrap();
-        // Two day rows and the month row; agents per day.
+        // Two day rows and the month row; agents and hours per day.
         assert_eq!(month3.delta.rows().count(), 3);
-        assert_eq!(month3.delta.breakdowns().count(), 2);
+        assert_eq!(month3.delta.breakdowns().count(), 4);
     }
 
     proptest::proptest! {
@@ -205,6 +206,7 @@ pub(super) mod tests {
                     account: AccountSid(account),
                     day: Day(day),
                     leaf: Category::ALL[leaf],
+                    hour: 0,
                 };
                 let tally = Tally { count: 1, usage, price: usage as i64 * 7 };
                 parts[p].record(leaf_day, tally, None, None);

@@ -16,6 +16,8 @@
 //!   offsets' compare-and-set, the usage pages' read-modify-write, the dedup
 //!   ids, pruning, meta. [`sqlite`] and [`pg`] supply the few primitives that
 //!   differ (opening, bulk page reads and writes).
+//! - [`triggers`] holds the usage triggers' rows (the Usage Triggers API's,
+//!   and what the flusher's trigger book is loaded from).
 //! - [`schema`] holds the tables, [`page`] how usage is laid out in them,
 //!   [`legacy`] the conversion of older stores, [`checkpoint`] the copying of
 //!   SQLite's WAL into the database file off the flush path.
@@ -30,6 +32,7 @@ pub mod page;
 mod pg;
 pub mod schema;
 mod sqlite;
+pub mod triggers;
 pub mod wallet;
 
 use std::path::PathBuf;
@@ -68,6 +71,13 @@ pub enum Error {
     },
     #[error("cannot convert the store's old usage tables: {0}")]
     Legacy(String),
+    /// A stored row that does not decode (a value no version of tallyd writes).
+    #[error("{table} row {key:?}: {reason}")]
+    BadRow {
+        table: &'static str,
+        key: String,
+        reason: String,
+    },
     #[error("gave up: {0}")]
     Cancelled(String),
     #[error("store task failed: {0}")]
@@ -102,7 +112,9 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Fenced { .. } => ErrorKind::Fenced,
-            Error::BadUrl(_) | Error::Page { .. } | Error::Legacy(_) => ErrorKind::Permanent,
+            Error::BadUrl(_) | Error::Page { .. } | Error::Legacy(_) | Error::BadRow { .. } => {
+                ErrorKind::Permanent
+            }
             Error::Dir { .. } | Error::Cancelled(_) | Error::Task(_) => ErrorKind::Retryable,
             Error::Sqlite(e) => sqlite_kind(e),
             Error::Postgres(e) => pg_kind(e),
@@ -127,6 +139,7 @@ impl Error {
             Error::Postgres(_) => "postgres",
             Error::Page { .. } => "page",
             Error::Legacy(_) => "legacy",
+            Error::BadRow { .. } => "row",
             Error::Cancelled(_) | Error::Task(_) => "cancelled",
             Error::Fenced { .. } => "fenced",
         }

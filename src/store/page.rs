@@ -255,13 +255,31 @@ impl Page {
         end - start
     }
 
-    /// Adds every row and breakdown of `other`.
+    /// Adds every row and breakdown of `other`. Hourly entries
+    /// ([`Dimension::Hour`]) are kept for the page's two newest days with
+    /// any: they serve only the last 24 hours, and would otherwise make a
+    /// month page grow by 24 entries a day. (The newest day only grows, so
+    /// what is kept is the same however the entries came in.)
     pub fn add_page(&mut self, other: &Page) {
         for r in &other.rows {
             self.add_row(r.span.into(), &r.price_unit, &r.dense());
         }
         for b in &other.breakdowns {
             self.add_breakdown(b.dimension, &b.value, Day(b.day), b.calls, b.messages);
+        }
+        self.prune_hours();
+    }
+
+    fn prune_hours(&mut self) {
+        let newest = self
+            .breakdowns
+            .iter()
+            .filter(|b| b.dimension == Dimension::Hour)
+            .map(|b| b.day)
+            .max();
+        if let Some(newest) = newest {
+            self.breakdowns
+                .retain(|b| b.dimension != Dimension::Hour || b.day >= newest - 1);
         }
     }
 
@@ -391,13 +409,18 @@ impl PageDeltas {
 
     /// The page deltas in key order (account SID, then page text: the order of
     /// the store's primary key, and one lock order for every writer).
+    /// Hourly entries are pruned here as when added to a stored page, so
+    /// that what a page keeps never depends on how CDRs were cut into flushes.
     pub fn into_vec(self) -> Vec<PageDelta> {
         self.0
             .into_iter()
-            .map(|((account, page), delta)| PageDelta {
-                account,
-                page,
-                delta,
+            .map(|((account, page), mut delta)| {
+                delta.prune_hours();
+                PageDelta {
+                    account,
+                    page,
+                    delta,
+                }
             })
             .collect()
     }
@@ -417,6 +440,37 @@ pub fn pages_of(rows: &[RowDelta], breakdowns: &[BreakdownDelta]) -> Vec<PageDel
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_page_keeps_the_hours_of_its_two_newest_days() {
+        let one = Tally {
+            count: 1,
+            usage: 1,
+            price: 1,
+        };
+        let mut stored = Page::default();
+        for day in [20_000, 20_001] {
+            stored.add_breakdown(Dimension::Hour, "05", Day(day), Tally::default(), one);
+        }
+        stored.add_breakdown(Dimension::Agent, "agt", Day(20_000), one, one);
+        let mut delta = Page::default();
+        delta.add_breakdown(Dimension::Hour, "06", Day(20_002), Tally::default(), one);
+        stored.add_page(&delta);
+        let hours: Vec<(i32, &str)> = stored
+            .breakdowns()
+            .filter(|b| b.dimension == Dimension::Hour)
+            .map(|b| (b.day.0, b.value))
+            .collect();
+        assert_eq!(hours, [(20_001, "05"), (20_002, "06")]);
+        // Other dimensions are never pruned.
+        assert_eq!(
+            stored
+                .breakdowns()
+                .filter(|b| b.dimension == Dimension::Agent)
+                .count(),
+            1
+        );
+    }
+
     use super::*;
     use crate::category::Category;
 

@@ -276,6 +276,9 @@ pub fn crossings(triggers: &[Trigger], touched: &[(Period, Leaves)]) -> Vec<Cros
     out
 }
 
+/// How often the book is reloaded from the store.
+pub const RELOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Every trigger by account, in memory, so that the flusher knows which of a
 /// cut's accounts to evaluate without reading the store, and the consumers
 /// know which CDRs may cross one ([`watch`]). Loaded at start, changed by
@@ -287,6 +290,9 @@ pub struct TriggerBook {
     /// Bumped at every change, so a consumer takes a new [`Watches`] only
     /// when there is one.
     version: Arc<AtomicU64>,
+    /// Bumped at every trigger this instance's API created, changed or
+    /// deleted: a reload read before such a change must not undo it.
+    edits: Arc<AtomicU64>,
 }
 
 #[derive(Debug, Default)]
@@ -311,22 +317,45 @@ impl TriggerBook {
         TriggerBook::default()
     }
 
-    /// Replaces every trigger with `all` (a reload from the store).
+    /// Replaces every trigger with `all` (a load from the store).
     pub fn replace_all(&self, all: Vec<Trigger>) {
+        let mut inner = self.inner.write();
+        Self::replace(&mut inner, all, &self.version);
+    }
+
+    fn replace(inner: &mut Inner, all: Vec<Trigger>, version: &AtomicU64) {
         let mut by_account: HashMap<String, Vec<Trigger>> = HashMap::new();
         for t in all {
             by_account.entry(t.account_sid.clone()).or_default().push(t);
         }
-        let mut inner = self.inner.write();
         if inner.by_account != by_account {
             inner.by_account = by_account;
-            inner.changed(&self.version);
+            inner.changed(version);
         }
+    }
+
+    /// The count of this instance's edits so far, taken before a reload
+    /// reads the store.
+    pub fn edits(&self) -> u64 {
+        self.edits.load(Ordering::Acquire)
+    }
+
+    /// Replaces every trigger with `all`, read from the store after
+    /// [`Self::edits`] returned `edits`, unless this instance edited one
+    /// since (then the next reload does it). False if skipped.
+    pub fn reload(&self, all: Vec<Trigger>, edits: u64) -> bool {
+        let mut inner = self.inner.write();
+        if self.edits.load(Ordering::Acquire) != edits {
+            return false;
+        }
+        Self::replace(&mut inner, all, &self.version);
+        true
     }
 
     /// Adds or replaces one trigger (by SID).
     pub fn upsert(&self, t: Trigger) {
         let mut inner = self.inner.write();
+        self.edits.fetch_add(1, Ordering::AcqRel);
         let list = inner.by_account.entry(t.account_sid.clone()).or_default();
         match list.iter_mut().find(|x| x.sid == t.sid) {
             Some(slot) => *slot = t,
@@ -338,6 +367,7 @@ impl TriggerBook {
     /// Removes one trigger.
     pub fn remove(&self, account_sid: &str, sid: &str) {
         let mut inner = self.inner.write();
+        self.edits.fetch_add(1, Ordering::AcqRel);
         if let Some(list) = inner.by_account.get_mut(account_sid) {
             list.retain(|t| t.sid != sid);
             if list.is_empty() {
@@ -345,6 +375,18 @@ impl TriggerBook {
             }
         }
         inner.known.remove(sid);
+        inner.changed(&self.version);
+    }
+
+    /// Removes every trigger of an account (deleted).
+    pub fn remove_account(&self, account_sid: &str) {
+        let mut inner = self.inner.write();
+        self.edits.fetch_add(1, Ordering::AcqRel);
+        if let Some(list) = inner.by_account.remove(account_sid) {
+            for t in list {
+                inner.known.remove(&t.sid);
+            }
+        }
         inner.changed(&self.version);
     }
 
@@ -399,6 +441,34 @@ impl TriggerBook {
         ));
         inner.watches = Some(built.clone());
         Some(built)
+    }
+
+    /// Reloads every trigger from `store` every [`RELOAD_EVERY`] until
+    /// `shutdown` (triggers created, changed or deleted through another
+    /// instance; this instance's own edits change the book at once).
+    pub async fn keep_loaded(
+        self,
+        store: crate::store::Store,
+        shutdown: Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        loop {
+            tokio::time::sleep(RELOAD_EVERY).await;
+            if shutdown.load(Ordering::Relaxed) {
+                return;
+            }
+            let edits = self.edits();
+            match store.run(|c| c.all_triggers()).await {
+                Ok(all) => {
+                    let n = all.len();
+                    if self.reload(all, edits) {
+                        tracing::debug!(triggers = n, "usage triggers reloaded");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not reload the usage triggers; trying again")
+                }
+            }
+        }
     }
 
     /// The triggers of `account_sid` (empty if none).
@@ -528,6 +598,25 @@ mod tests {
         let c = crossings(&[t], &touched);
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].period, Period::Day(day(3)));
+    }
+
+    #[test]
+    fn a_reload_read_before_an_edit_does_not_undo_it() {
+        let book = TriggerBook::new();
+        let t = trigger("sms", TriggerBy::Count, dec!(5), Recurring::Daily);
+        let edits = book.edits();
+        // The API creates a trigger after the reload read the store…
+        book.upsert(t.clone());
+        // …so the reload's (older) view is not applied.
+        assert!(!book.reload(Vec::new(), edits));
+        assert_eq!(book.of(&t.account_sid), std::slice::from_ref(&t));
+        // A reload read after it is.
+        let edits = book.edits();
+        assert!(book.reload(Vec::new(), edits));
+        assert!(book.is_empty());
+        book.upsert(t.clone());
+        book.remove_account(&t.account_sid);
+        assert!(book.is_empty());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use tallyd::api::{router, ApiState};
 use tallyd::calendar::Day;
 use tallyd::config::Config;
-use tallyd::counters::UsageCounters;
+use tallyd::counters::Deltas;
 use tallyd::dedup::DedupWindow;
 use tallyd::flush::expand::pages;
 use tallyd::pipeline::{ingest, Outcome};
@@ -225,11 +225,11 @@ pub fn sms(
 /// by-number / by-agent breakdowns, and `last_flush`
 /// = `as_of`. Returns how many CDRs were counted (duplicates are not).
 pub fn flush_cdrs(url: &str, tariff: &Tariff, cdrs: &[String], as_of: &str) -> usize {
-    let counters = UsageCounters::new(4);
+    let mut counters = Deltas::default();
     let mut seen = DedupWindow::new(Day(0));
     let mut counted = 0;
     for c in cdrs {
-        match ingest(c.as_bytes(), tariff, &counters, &mut seen) {
+        match ingest(c.as_bytes(), tariff, &mut counters, &mut seen) {
             Ok(Outcome::Counted(_)) => counted += 1,
             Ok(Outcome::Duplicate) => {}
             Err(e) => panic!("test CDR rejected: {e:?}: {c}"),

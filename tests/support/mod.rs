@@ -679,7 +679,7 @@ pub struct Truth {
 /// Ground truth from the generated payloads: the records and by-number/by-agent
 /// rows every valid, first-seen CDR implies, computed with the shipped tariff's
 /// `Decimal` reference formula. Numbers are kept all-time (day 1970-01-01),
-/// agents per day.
+/// agents per day, hours for the two newest days of each month's page.
 pub fn ground_truth(lines: &[String]) -> (Truth, usize) {
     let config_path = config_path();
     let (cfg, _) = Config::from_toml(
@@ -777,9 +777,11 @@ pub fn ground_truth(lines: &[String]) -> (Truth, usize) {
         let date = chrono::DateTime::from_timestamp(t, 0).unwrap().date_naive();
         let day = date.format("%Y-%m-%d").to_string();
         let class = usize::from(kind != "call");
+        let hour = format!("{:02}", t.rem_euclid(86_400) / 3_600);
         for (dimension, value, day) in [
             ("number", s("phone_number"), "1970-01-01".to_string()),
             ("agent", s("agent_id"), day.clone()),
+            ("hour", Some(hour), day.clone()),
         ] {
             if let Some(value) = value {
                 let e = &mut by
@@ -825,6 +827,27 @@ pub fn ground_truth(lines: &[String]) -> (Truth, usize) {
         )
         .collect();
     out.sort();
+    // A month's page keeps the hours of its two newest days with any.
+    let mut newest: BTreeMap<(String, String), String> = BTreeMap::new();
+    for (account, dimension, _, day) in by.keys() {
+        if dimension == "hour" {
+            let n = newest
+                .entry((account.clone(), day[..7].to_string()))
+                .or_default();
+            if day > n {
+                *n = day.clone();
+            }
+        }
+    }
+    by.retain(|(account, dimension, _, day), _| {
+        if dimension != "hour" {
+            return true;
+        }
+        let n = &newest[&(account.clone(), day[..7].to_string())];
+        let n = chrono::NaiveDate::parse_from_str(n, "%Y-%m-%d").unwrap();
+        let d = chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d").unwrap();
+        d >= n - chrono::Duration::days(1)
+    });
     let units = |(count, usage, price): Class| [count, usage, price_units(price)];
     let breakdowns = by
         .into_iter()
