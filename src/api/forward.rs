@@ -32,6 +32,8 @@ pub const FORWARDED: &str = "x-tallyd-forwarded-by";
 #[derive(Clone)]
 pub struct Forwarder {
     client: reqwest::Client,
+    /// An owner away is met by every request until its partitions move.
+    log_throttle: std::sync::Arc<crate::log_throttle::LogThrottle>,
 }
 
 impl Forwarder {
@@ -42,7 +44,10 @@ impl Forwarder {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default();
-        Forwarder { client }
+        Forwarder {
+            client,
+            log_throttle: Default::default(),
+        }
     }
 }
 
@@ -104,7 +109,14 @@ pub async fn route(state: &ApiState, account: AccountSid, req: Incoming<'_>) -> 
     let owner = match owner {
         Ok(Some((owner, _))) if owner != ownership.me() => owner,
         Ok(Some(_)) => {
-            // Recorded as ours: the load of the partition is under way.
+            // Recorded as ours: the load of the partition is under way — or
+            // another instance advertises the same URL, and then this lasts.
+            let throttle = &state.inner.forwarder.log_throttle;
+            if let Some(repeats) = throttle.admit("owner is me", std::time::Instant::now()) {
+                tracing::warn!(partition, advertise_url = %ownership.me(), repeats_not_logged = repeats,
+                    "the store records this instance as the owner of a partition it has not loaded; \
+                     if this lasts, another instance advertises the same URL: set http.advertise_url");
+            }
             return Decision::Answered(unavailable(
                 "owner_moving",
                 format!("this instance is loading the wallets of CDR partition {partition}; retry"),
@@ -173,7 +185,11 @@ async fn forward(state: &ApiState, owner: &str, partition: i32, req: Incoming<'_
         }
         Err(e) => {
             metrics::counter!(m::WALLET_FORWARDED_TOTAL, "outcome" => "unavailable").increment(1);
-            tracing::warn!(error = %e, owner, partition, "wallet owner did not answer");
+            let throttle = &state.inner.forwarder.log_throttle;
+            if let Some(repeats) = throttle.admit(owner, std::time::Instant::now()) {
+                tracing::warn!(error = %e, owner, partition, repeats_not_logged = repeats,
+                    "wallet owner did not answer; requests for its wallets get 503 until it does or its partitions move");
+            }
             let mut r = unavailable(
                 "owner_unavailable",
                 format!(
