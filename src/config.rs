@@ -862,6 +862,17 @@ mod tests {
                 "flush.max_busy_share = 0: must be 0.01 to 1",
             ),
             ("TALLYD_API__POOL_SIZE", "0", "api.pool_size = 0"),
+            (
+                "TALLYD_HTTP__ADVERTISE_URL",
+                "10.0.0.5:8080",
+                "http.advertise_url = \"10.0.0.5:8080\": must be an http:// or https:// base URL",
+            ),
+            (
+                "TALLYD_HTTP__FORWARD_TIMEOUT_SECS",
+                "0",
+                "http.forward_timeout_secs = 0",
+            ),
+            ("TALLYD_KAFKA__PARTITIONER", "murmur3", "murmur2_random"),
         ] {
             let e = Config::from_toml(MIN, Path::new("x.toml"), [(var.into(), value.into())])
                 .unwrap_err()

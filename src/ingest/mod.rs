@@ -1210,25 +1210,28 @@ impl PartitionState {
     }
 }
 
-/// Counts and logs (throttled) the CDRs of `run` whose key maps to another
-/// partition than `partition` under `kafka.partitioner`: their account's
-/// wallet is owned by whoever holds the computed partition, which does not see
-/// these debits. They are counted normally all the same.
-fn check_partitions<R: Record>(ctx: &IngestContext, run: &[R], partition: i32) {
-    let ownership = &ctx.settings.ownership;
-    let n = ownership.partitions();
-    if n == 0 {
-        return;
-    }
-    // Runs often repeat a key: its verdict is kept.
-    let (mut last_key, mut last_bad): (&[u8], bool) = (&[], false);
+/// How many messages of `run`, read from `partition`, have a key
+/// `partitioner` maps elsewhere among `n` partitions, and the offset and
+/// computed partition of the first (none while `n` is not known; messages
+/// without key go anywhere).
+fn misplaced<R: Record>(
+    partitioner: crate::partitioner::Partitioner,
+    n: u32,
+    run: &[R],
+    partition: i32,
+) -> (u64, Option<(i64, Option<i32>)>) {
     let mut misplaced = 0u64;
     let mut example = None;
+    if n == 0 {
+        return (0, None);
+    }
+    // Runs often repeat a key: its verdict is kept.
+    let (mut last_key, mut last_bad): (Option<&[u8]>, bool) = (None, false);
     for m in run {
         let Some(key) = m.key() else { continue };
-        if key != last_key {
-            last_key = key;
-            let computed = ownership.partitioner.partition(key, n);
+        if last_key != Some(key) {
+            last_key = Some(key);
+            let computed = partitioner.partition(key, n);
             last_bad = computed.is_some_and(|c| c != partition);
             if last_bad {
                 example.get_or_insert((m.offset(), computed));
@@ -1236,10 +1239,21 @@ fn check_partitions<R: Record>(ctx: &IngestContext, run: &[R], partition: i32) {
         }
         misplaced += u64::from(last_bad);
     }
-    if misplaced == 0 {
+    (misplaced, example)
+}
+
+/// Counts and logs (throttled) the CDRs of `run` whose key maps to another
+/// partition than `partition` under `kafka.partitioner`: their account's
+/// wallet is owned by whoever holds the computed partition, which does not see
+/// these debits. They are counted normally all the same.
+fn check_partitions<R: Record>(ctx: &IngestContext, run: &[R], partition: i32) {
+    let ownership = &ctx.settings.ownership;
+    let n = ownership.partitions();
+    let (count, example) = misplaced(ownership.partitioner, n, run, partition);
+    if count == 0 {
         return;
     }
-    metrics::counter!(crate::metrics::CDR_PARTITION_MISMATCH_TOTAL).increment(misplaced);
+    metrics::counter!(crate::metrics::CDR_PARTITION_MISMATCH_TOTAL).increment(count);
     if let (Some(repeats), Some((offset, computed))) = (
         ctx.log_throttle
             .admit("cdr on another partition than its key's", Instant::now()),
@@ -1251,7 +1265,7 @@ fn check_partitions<R: Record>(ctx: &IngestContext, run: &[R], partition: i32) {
             computed = ?computed,
             partitioner = ownership.partitioner.as_str(),
             partitions = n,
-            in_this_run = misplaced,
+            in_this_run = count,
             repeats_not_logged = repeats,
             "CDR read from another partition than kafka.partitioner computes for its key: is kafka.partitioner the switch's? (its account's wallet owner does not see it)"
         );
@@ -1407,6 +1421,41 @@ mod tests {
 
     fn offsets(run: &[rdkafka::message::OwnedMessage]) -> Vec<i64> {
         run.iter().map(rdkafka::Message::offset).collect()
+    }
+
+    #[test]
+    fn cdrs_on_another_partition_than_their_keys_are_found() {
+        use crate::partitioner::Partitioner;
+        let p = Partitioner::ConsistentRandom;
+        let key_of = |want: i32| {
+            (0..)
+                .map(|i| format!("AC{i:032x}"))
+                .find(|k| p.partition(k.as_bytes(), 4) == Some(want))
+                .unwrap()
+        };
+        let (home, away) = (key_of(3), key_of(1));
+        let msg = |key: Option<&str>, o: i64| {
+            rdkafka::message::OwnedMessage::new(
+                Some(b"{}".to_vec()),
+                key.map(|k| k.as_bytes().to_vec()),
+                "cdrs".into(),
+                rdkafka::Timestamp::NotAvailable,
+                3,
+                o,
+                None,
+            )
+        };
+        let run = [
+            msg(Some(&home), 10),
+            msg(Some(&away), 11),
+            msg(Some(&away), 12),
+            msg(None, 13),
+            msg(Some(&home), 14),
+            msg(Some(&away), 15),
+        ];
+        assert_eq!(misplaced(p, 4, &run, 3), (3, Some((11, Some(1)))));
+        assert_eq!(misplaced(p, 0, &run, 3), (0, None), "count not known yet");
+        assert_eq!(misplaced(p, 4, &run[..1], 3), (0, None));
     }
 
     #[test]
