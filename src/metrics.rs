@@ -230,7 +230,7 @@ pub const CATALOGUE: &[Metric] = &[
     metric(WALLET_CREDITS_TOTAL, Counter, None, &[],
         "Top-ups credited (POST /admin/accounts/{sid}/credits; a repeated idempotency key is not counted again)."),
     metric(WALLET_FORWARDED_TOTAL, Counter, None, &["outcome"],
-        "Wallet requests this instance forwarded to the owner of the account's partition: answered (the owner's answer passed back) or unavailable (owner unknown or unreachable: 503)."),
+        "Wallet requests for accounts whose partition another instance owns: answered (forwarded to the owner, its answer passed back) or unavailable (503: the owner is not known, not recorded in a store that answers, or did not answer)."),
     metric(CDR_PARTITION_MISMATCH_TOTAL, Counter, None, &[],
         "CDRs read from another partition than kafka.partitioner computes for their key (the switch's partitioner differs from the configured one: wallets may be owned by the wrong instance)."),
 ];

@@ -84,12 +84,13 @@ pub async fn route(state: &ApiState, account: AccountSid, req: Incoming<'_>) -> 
     let partition = match ownership.route(account) {
         Route::Local(fence) => return Decision::Local(fence),
         Route::Unknown => {
+            metrics::counter!(m::WALLET_FORWARDED_TOTAL, "outcome" => "unavailable").increment(1);
             return Decision::Answered(unavailable(
                 "owner_unknown",
                 "this instance does not know the CDR topic's partitions yet, so not which \
                  instance owns this wallet; retry"
                     .into(),
-            ))
+            ));
         }
         Route::Elsewhere(p) => p,
     };
@@ -130,6 +131,7 @@ pub async fn route(state: &ApiState, account: AccountSid, req: Incoming<'_>) -> 
             ));
         }
         Err(e) => {
+            metrics::counter!(m::WALLET_FORWARDED_TOTAL, "outcome" => "unavailable").increment(1);
             tracing::warn!(error = %e, partition, "cannot read the wallet owner");
             return Decision::Answered(unavailable(
                 "store_unavailable",
