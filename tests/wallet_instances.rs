@@ -783,3 +783,98 @@ fn postgres_routing_over_http() {
         routing_over_http(&TestStore::postgres(&base));
     }
 }
+
+/// The fence against a stale owner, with the two instances' store
+/// connections interleaved: a new owner's claim waits for a hold the old
+/// owner is writing under its epoch and then loads it; once the claim is in,
+/// the old owner's next write is refused.
+fn a_claim_waits_for_the_old_owners_write_then_fences_it(store: &TestStore) {
+    use std::sync::mpsc;
+    use tallyd::store::wallet::{Fence, StoredHold};
+    use tallyd::wallet::HoldStatus;
+    let st = Store::open(&store.url()).unwrap();
+    st.migrate().unwrap();
+    let epochs = st
+        .with_conn(|c| c.claim_partitions(TOPIC, &[2], "http://old"))
+        .unwrap();
+    let old = Fence {
+        topic: TOPIC.into(),
+        partition: 2,
+        epoch: epochs[0].1,
+    };
+    let hold = |call_id: &str| StoredHold {
+        account_sid: CB.into(),
+        call_id: call_id.into(),
+        amount: HOLD,
+        status: HoldStatus::Reserved,
+        created_at: 1,
+        expires_at: 2,
+        billing: None,
+    };
+    let (locked_tx, locked) = mpsc::channel();
+    let (go, go_rx) = mpsc::channel::<()>();
+    let writer = {
+        let (st, old, h) = (st.clone(), old.clone(), hold("CA-old"));
+        std::thread::spawn(move || {
+            st.with_conn(|c| {
+                c.fenced(Some(&old), |c| {
+                    locked_tx.send(()).unwrap();
+                    go_rx.recv().unwrap();
+                    c.insert_hold(&h)
+                })
+            })
+            .unwrap()
+        })
+    };
+    locked.recv().unwrap();
+    let (claimed_tx, claimed) = mpsc::channel();
+    let claimer = {
+        let st = st.clone();
+        std::thread::spawn(move || {
+            let epochs = st
+                .with_conn(|c| c.claim_partitions(TOPIC, &[2], "http://new"))
+                .unwrap();
+            claimed_tx.send(()).unwrap();
+            let holds = st.with_conn(|c| c.reserved_holds()).unwrap();
+            (epochs, holds)
+        })
+    };
+    assert!(
+        claimed.recv_timeout(Duration::from_millis(500)).is_err(),
+        "the claim waits while the old owner writes under its epoch"
+    );
+    go.send(()).unwrap();
+    assert_eq!(
+        writer.join().unwrap(),
+        Some(None),
+        "the old owner's hold is written"
+    );
+    let (epochs, holds) = claimer.join().unwrap();
+    assert_eq!(epochs, [(2, old.epoch + 1)]);
+    assert!(
+        holds.iter().any(|h| h.call_id == "CA-old"),
+        "the new owner loads what the old one wrote before its claim"
+    );
+    // Now the old owner is fenced: nothing it writes lands.
+    let late = st
+        .with_conn(|c| c.fenced(Some(&old), |c| c.insert_hold(&hold("CA-late"))))
+        .unwrap();
+    assert_eq!(late, None);
+    assert_eq!(st.with_conn(|c| c.hold(CB, "CA-late")).unwrap(), None);
+    assert_eq!(
+        st.with_conn(|c| c.wallet_owner(TOPIC, 2)).unwrap(),
+        Some(("http://new".to_string(), old.epoch + 1))
+    );
+}
+
+#[test]
+fn sqlite_a_claim_waits_for_the_old_owners_write_then_fences_it() {
+    a_claim_waits_for_the_old_owners_write_then_fences_it(&TestStore::sqlite());
+}
+
+#[test]
+fn postgres_a_claim_waits_for_the_old_owners_write_then_fences_it() {
+    if let Some(base) = postgres_base() {
+        a_claim_waits_for_the_old_owners_write_then_fences_it(&TestStore::postgres(&base));
+    }
+}
