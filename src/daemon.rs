@@ -114,6 +114,14 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
         api.clone(),
         shutdown.clone(),
     ));
+    // Callbacks (trigger firings, wallet events) go out from the store's
+    // outbox through the dispatcher; a flusher that committed outbox rows
+    // calls `dispatcher.wake()` so they leave at once, not at the next poll.
+    let dispatcher = {
+        let _in_runtime = rt.enter();
+        crate::webhooks::Dispatcher::start(store.clone(), cfg.webhooks.clone(), shutdown.clone())
+            .context("starting the webhook dispatcher")?
+    };
     started.store(true, Ordering::Relaxed);
     let tariff = Arc::new(tariff);
     let client = kafka_client(&cfg);
@@ -148,7 +156,10 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
             health: flush_health.clone(),
             writers: cfg.flush.parallel_writers,
             triggers: api.triggers().clone(),
-            on_fired: None,
+            on_fired: Some({
+                let d = dispatcher.clone();
+                Arc::new(move || d.wake())
+            }),
         };
         job_queues.push(jobs_tx);
         flush_threads.push(
@@ -209,6 +220,7 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
     for t in flush_threads {
         let _ = t.join();
     }
+    rt.block_on(dispatcher.join());
     let _ = rt.block_on(server);
     if panicked {
         anyhow::bail!("an ingest thread panicked");

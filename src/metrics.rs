@@ -82,6 +82,13 @@ pub const OFFSET_GAPS_TOTAL: &str = "tallyd_offset_gaps_total";
 /// Counter: messages before a partition's position that came again (skipped).
 pub const REPLAYED_MESSAGES_TOTAL: &str = "tallyd_replayed_messages_total";
 
+/// Gauge: webhook callbacks still to be delivered (pending outbox rows).
+pub const WEBHOOK_OUTBOX_PENDING: &str = "tallyd_webhook_outbox_pending";
+/// Gauge: webhook callbacks being sent now.
+pub const WEBHOOKS_IN_FLIGHT: &str = "tallyd_webhooks_in_flight";
+/// Counter `{outcome = delivered | retried | failed}`: webhook delivery attempts.
+pub const WEBHOOK_DELIVERIES_TOTAL: &str = "tallyd_webhook_deliveries_total";
+
 /// Summary: a CDR's event time (`timestamp`) to when it was counted.
 pub const CDR_EVENT_TO_COUNTED_SECONDS: &str = "tallyd_cdr_event_to_counted_seconds";
 /// Summary: a CDR consumed from Kafka to its flush landing in the store.
@@ -96,6 +103,9 @@ pub const TRIGGER_CROSSING_TO_CALLBACK_SECONDS: &str =
 
 /// Counter `{outcome = granted | repeated | refused | limited}`: hold requests.
 pub const HOLDS_TOTAL: &str = "tallyd_holds_total";
+/// Counter: store transactions that wrote granted holds (holds granted ÷
+/// this = holds per group commit).
+pub const HOLD_COMMITS_TOTAL: &str = "tallyd_hold_commits_total";
 /// Gauge: wallets of this instance's accounts where not one more hold fits.
 pub const WALLETS_PAUSED: &str = "tallyd_wallets_paused";
 /// Gauge: wallets of this instance's accounts where fewer than two holds fit.
@@ -118,8 +128,6 @@ pub const WALLET_FORWARDED_TOTAL: &str = "tallyd_wallet_forwarded_total";
 /// Counter: CDRs read from another partition than `kafka.partitioner` computes
 /// for their key.
 pub const CDR_PARTITION_MISMATCH_TOTAL: &str = "tallyd_cdr_partition_mismatch_total";
-/// Counter `{outcome = delivered | retried | failed}`: webhook delivery attempts.
-pub const WEBHOOK_DELIVERIES_TOTAL: &str = "tallyd_webhook_deliveries_total";
 
 // --- The catalogue --------------------------------------------------------------
 
@@ -213,6 +221,8 @@ pub const CATALOGUE: &[Metric] = &[
         HOLD_TO_ANSWER_HELP),
     metric(TRIGGER_CROSSING_TO_CALLBACK_SECONDS, Summ, Some(Unit::Seconds), &[],
         TRIGGER_TO_CALLBACK_HELP),
+    metric(HOLD_COMMITS_TOTAL, Counter, None, &[],
+        "Store transactions that wrote granted holds (group commit: holds granted at the same time share one)."),
     metric(HOLDS_TOTAL, Counter, None, &["outcome"],
         "Holds by outcome: granted, repeated (same call_id again), refused (402 calls_paused), limited (429 concurrent calls), settled (its call's CDR charged), released (unanswered call or DELETE) or expired (no CDR within the maximum duration plus grace)."),
     metric(WALLETS_PAUSED, Gauge, None, &[],
@@ -233,17 +243,24 @@ pub const CATALOGUE: &[Metric] = &[
         "Wallet requests for accounts whose partition another instance owns: answered (forwarded to the owner, its answer passed back) or unavailable (503: the owner is not known, not recorded in a store that answers, or did not answer)."),
     metric(CDR_PARTITION_MISMATCH_TOTAL, Counter, None, &[],
         "CDRs read from another partition than kafka.partitioner computes for their key (the switch's partitioner differs from the configured one: wallets may be owned by the wrong instance)."),
+    metric(WEBHOOK_DELIVERIES_TOTAL, Counter, None, &["outcome"],
+        "Webhook delivery attempts by outcome: delivered, retried (will be tried again) or failed (given up after the retry period)."),
+    metric(WEBHOOK_OUTBOX_PENDING, Gauge, None, &[],
+        "Webhook callbacks (usage triggers, wallet events) in the store's outbox still to be delivered, over all instances; read every second by the dispatcher."),
+    metric(WEBHOOKS_IN_FLIGHT, Gauge, None, &[],
+        "Webhook callbacks this instance is sending now (at most webhooks.max_in_flight)."),
 ];
 
 /// Metrics the wallet, hold and webhook work will emit, named now so that the
 /// alert rules and the dashboard can use them. Not described (nothing emits
 /// them yet); move an entry to [`CATALOGUE`] when wiring it.
-pub const PLANNED: &[Metric] = &[
-    metric(WALLETS_LOW, Gauge, None, &[],
-        "Wallets owned by this instance where fewer than two more holds fit (status low)."),
-    metric(WEBHOOK_DELIVERIES_TOTAL, Counter, None, &["outcome"],
-        "Webhook delivery attempts by outcome: delivered, retried (will be tried again) or failed (given up after the retry period)."),
-];
+pub const PLANNED: &[Metric] = &[metric(
+    WALLETS_LOW,
+    Gauge,
+    None,
+    &[],
+    "Wallets owned by this instance where fewer than two more holds fit (status low).",
+)];
 
 /// A summary's help: what it measures, then what its values cover ([`WINDOW`]).
 macro_rules! summary_help {
@@ -371,7 +388,12 @@ fn describe() {
 /// whose value at start is known (an alert on "no partitions assigned" needs
 /// the series before the first assignment).
 fn start_at_zero() {
-    for g in [PARTITIONS_ASSIGNED, CONSUMER_PAUSED, PENDING_CELLS] {
+    for g in [
+        PARTITIONS_ASSIGNED,
+        CONSUMER_PAUSED,
+        PENDING_CELLS,
+        WEBHOOKS_IN_FLIGHT,
+    ] {
         metrics::gauge!(g).set(0.0);
     }
     for m in CATALOGUE {
@@ -381,6 +403,9 @@ fn start_at_zero() {
     }
     for outcome in ["counted", "duplicate", "rejected"] {
         metrics::counter!(CDRS_TOTAL, "outcome" => outcome).absolute(0);
+    }
+    for outcome in ["delivered", "retried", "failed"] {
+        metrics::counter!(WEBHOOK_DELIVERIES_TOTAL, "outcome" => outcome).absolute(0);
     }
     for r in RejectReason::ALL {
         metrics::counter!(CDRS_REJECTED_TOTAL, "reason" => r.as_str()).absolute(0);

@@ -574,6 +574,7 @@ both_stores!(openapi_is_served, served, |s: &Server| {
         "/admin/accounts/{sid}:",
         "/admin/accounts/{sid}/api-keys:",
         "/admin/accounts/{sid}/api-keys/{key_id}:",
+        "/admin/accounts/{sid}/webhook:",
         "/openapi.yaml:",
     ] {
         assert!(

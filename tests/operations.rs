@@ -34,7 +34,6 @@ const EXPECTED_LATER: &[&str] = &[
     "tallyd_holds_total",
     "tallyd_wallets_paused",
     "tallyd_wallets_low",
-    "tallyd_webhook_deliveries_total",
 ];
 
 /// Catalogued metrics labelled by what went wrong, which appear with their

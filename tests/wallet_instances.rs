@@ -861,6 +861,21 @@ fn a_claim_waits_for_the_old_owners_write_then_fences_it(store: &TestStore) {
         .unwrap();
     assert_eq!(late, None);
     assert_eq!(st.with_conn(|c| c.hold(CB, "CA-late")).unwrap(), None);
+    // In a group commit, each hold is judged by its own fence.
+    let new = Fence {
+        epoch: old.epoch + 1,
+        ..old.clone()
+    };
+    let batch = [
+        (hold("CA-b1"), Some(old.clone())),
+        (hold("CA-b2"), None),
+        (hold("CA-b3"), Some(new)),
+        (hold("CA-old"), Some(old.clone())),
+    ];
+    let found = st.with_conn(|c| c.insert_holds(&batch)).unwrap();
+    assert_eq!(found[..3], [None, Some(None), Some(None)]);
+    assert_eq!(found[3], None, "a fenced repeat is not looked up either");
+    assert_eq!(st.with_conn(|c| c.hold(CB, "CA-b1")).unwrap(), None);
     assert_eq!(
         st.with_conn(|c| c.wallet_owner(TOPIC, 2)).unwrap(),
         Some(("http://new".to_string(), old.epoch + 1))

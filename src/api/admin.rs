@@ -178,7 +178,7 @@ fn check_limits(limits: &PlanLimits) -> Result<(), ApiError> {
 
 /// The account named by a path: an account SID, or a 404 (nothing else reaches
 /// the store).
-fn path_sid(sid: Option<Path<String>>) -> Result<String, ApiError> {
+pub(super) fn path_sid(sid: Option<Path<String>>) -> Result<String, ApiError> {
     match sid {
         Some(Path(s)) if is_account_sid(&s) => Ok(s),
         Some(Path(s)) => Err(unknown(&s)),
@@ -188,7 +188,7 @@ fn path_sid(sid: Option<Path<String>>) -> Result<String, ApiError> {
     }
 }
 
-fn unknown(sid: &str) -> ApiError {
+pub(super) fn unknown(sid: &str) -> ApiError {
     ApiError::not_found(format!("account {} does not exist", shown(sid)))
 }
 

@@ -6,7 +6,13 @@
 //! also counted per UTC hour, kept for the two newest days); "last 7d" is the
 //! current UTC day and the six before it, and so on (usage is stored per day). Messages count message CDRs
 //! (SMS and MMS), calls count every call CDR (`calls`, `calls-sip`,
-//! `calls-client`). tallyd does not deliver webhooks yet: webhook counts are 0.
+//! `calls-client`). Webhook counts are the account's callbacks (usage
+//! triggers and wallet events) in the store's outbox, by the UTC day each was
+//! written: `totalWebhookDeliveries` every one, `successful…` those its
+//! receiver accepted (2xx), `failed…` those given up on (refused, or not
+//! accepted within `webhooks.retry_for_secs`); the rest are still being
+//! tried. The daily and monthly `webhooks` count every callback written in
+//! the day or month.
 
 use std::collections::BTreeMap;
 
@@ -168,6 +174,7 @@ pub async fn usage(
         let (m30, c30) = window(30);
         let month = today.month();
         let limit = a.limits.numbers;
+        let hooks = c.delivery_counts(&a.sid)?;
         Ok(Json(json!({
             "plan": {
                 "name": a.plan.clone().unwrap_or_else(|| st.rating_plan_name(&a.sid)),
@@ -194,9 +201,9 @@ pub async fn usage(
                 "callsLast24h": c1,
                 "callsLast7d": c7,
                 "callsLast30d": c30,
-                "totalWebhookDeliveries": 0,
-                "successfulWebhookDeliveries": 0,
-                "failedWebhookDeliveries": 0,
+                "totalWebhookDeliveries": hooks.total,
+                "successfulWebhookDeliveries": hooks.delivered,
+                "failedWebhookDeliveries": hooks.failed,
             },
             "periodStart": rfc3339_day(month.first_day()),
             "periodEnd": rfc3339_day(Month(month.0 + 1).first_day()),
@@ -217,11 +224,17 @@ pub async fn daily(
         let days = int_param(raw.as_deref(), "days", 30, 1, 365)? as i32;
         let from = Day(today.0 - (days - 1));
         let counts = counts_by_start(c, &a.sid, RowKind::Day, from, today)?;
+        let hooks: BTreeMap<i64, i64> = c
+            .delivery_counts_by_day(&a.sid, from.0.into(), today.0.into())?
+            .into_iter()
+            .map(|(day, n)| (day, n.total))
+            .collect();
         let data: Vec<Json_> = (from.0..=today.0)
             .map(|d| {
                 let date = Day(d).to_string();
                 let (m, calls) = counts.get(&date).copied().unwrap_or_default();
-                json!({"date": date, "messages": m, "calls": calls, "webhooks": 0})
+                let webhooks = hooks.get(&d.into()).copied().unwrap_or_default();
+                json!({"date": date, "messages": m, "calls": calls, "webhooks": webhooks})
             })
             .collect();
         Ok(Json(json!({"data": data, "days": days})))
@@ -248,6 +261,13 @@ pub async fn monthly(
             first.first_day(),
             this.first_day(),
         )?;
+        let mut hooks: BTreeMap<i32, i64> = BTreeMap::new();
+        let last_day = Month(this.0 + 1).first_day().0 - 1;
+        for (day, n) in
+            c.delivery_counts_by_day(&a.sid, first.first_day().0.into(), last_day.into())?
+        {
+            *hooks.entry(Day(day as i32).month().0).or_default() += n.total;
+        }
         let data: Vec<Json_> = (first.0..=this.0)
             .map(|m| {
                 let month = Month(m);
@@ -255,7 +275,8 @@ pub async fn monthly(
                     .get(&month.first_day().to_string())
                     .copied()
                     .unwrap_or_default();
-                json!({"month": month.to_string(), "messages": msgs, "calls": calls, "webhooks": 0})
+                let webhooks = hooks.get(&m).copied().unwrap_or_default();
+                json!({"month": month.to_string(), "messages": msgs, "calls": calls, "webhooks": webhooks})
             })
             .collect();
         Ok(Json(json!({"data": data, "months": months})))

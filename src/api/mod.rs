@@ -5,7 +5,8 @@
 //! - [`triggers`]: Twilio Usage Triggers (`…/Usage/Triggers…`), the same auth,
 //!   kept in step with the trigger book the flusher evaluates.
 //! - [`agentphone`]: AgentPhone `/v1/usage…`, Bearer API key.
-//! - [`admin`]: accounts, subaccounts and API keys, Bearer admin token.
+//! - [`admin`]: accounts, subaccounts and API keys, Bearer admin token;
+//!   [`webhooks`]: an account's wallet-event webhook, same token.
 //! - [`accounts`]: the account model and its tables. Handlers read through the
 //!   pooled connections of the one store layer ([`crate::store::Store::run`]).
 //! - `GET /openapi.yaml`: the OpenAPI 3 document of all of the above.
@@ -23,6 +24,7 @@ pub mod triggers;
 pub mod twilio;
 pub mod twilio_categories;
 pub mod wallet;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -75,6 +77,8 @@ struct Shared {
     throttle: Arc<auth::AuthThrottle>,
     /// Usage triggers in memory, shared with the flusher that evaluates them.
     triggers: crate::triggers::TriggerBook,
+    /// The group commit of granted holds, started on the first hold.
+    hold_commits: Arc<std::sync::OnceLock<crate::wallet::commit::HoldCommits>>,
     /// Which callback URLs are accepted.
     url_policy: crate::webhooks::url::UrlPolicy,
     /// A fixed clock (Unix seconds) for tests; `None` reads the system clock.
@@ -114,6 +118,7 @@ impl ApiState {
                 hold_grace: cfg.wallet.hold_grace_seconds.into(),
                 wallets_loaded: Default::default(),
                 triggers: crate::triggers::TriggerBook::new(),
+                hold_commits: Default::default(),
                 url_policy: cfg.webhooks.url_policy(),
                 now: None,
                 ownership: Arc::new(crate::wallet::owners::Ownership::lone()),
@@ -182,6 +187,7 @@ impl ApiState {
                 wallets_loaded: s.wallets_loaded.clone(),
                 throttle: s.throttle.clone(),
                 triggers: s.triggers.clone(),
+                hold_commits: s.hold_commits.clone(),
                 url_policy: s.url_policy,
                 now,
                 ownership: ownership.unwrap_or_else(|| s.ownership.clone()),
@@ -229,6 +235,14 @@ impl ApiState {
     /// with the store).
     pub fn triggers(&self) -> &crate::triggers::TriggerBook {
         &self.inner.triggers
+    }
+
+    /// Where granted holds are stored (one writer, many holds per
+    /// transaction); started on the runtime of the first request that needs it.
+    pub fn hold_commits(&self) -> &crate::wallet::commit::HoldCommits {
+        self.inner
+            .hold_commits
+            .get_or_init(|| crate::wallet::commit::HoldCommits::start(self.inner.store.clone()))
     }
 
     pub fn url_policy(&self) -> crate::webhooks::url::UrlPolicy {
@@ -328,6 +342,12 @@ pub fn router(state: ApiState) -> Router {
             axum::routing::put(wallet::set_auto_recharge),
         )
         .route("/admin/wallet-events", get(wallet::list_events))
+        .route(
+            "/admin/accounts/:sid/webhook",
+            get(webhooks::get_webhook)
+                .put(webhooks::set_webhook)
+                .delete(webhooks::delete_webhook),
+        )
         .route("/openapi.yaml", get(openapi))
         .with_state(state)
 }

@@ -278,11 +278,7 @@ async fn create_hold_for(
     let answer = match grant {
         Grant::Granted(hold) => {
             let row = stored(&hold);
-            let written = state
-                .store()
-                .run(move |c| c.fenced(fence.as_ref(), |c| c.insert_hold(&row)))
-                .await;
-            match written {
+            match state.hold_commits().insert(row, fence).await {
                 Ok(None) => {
                     wallets.revoke(&hold);
                     return Err(fenced());

@@ -2,7 +2,7 @@
 //! written in the transaction that caused them and sent afterwards by the
 //! dispatcher ([`crate::webhooks`]), at least once, with a stable id.
 
-use super::{Conn, Param, Result};
+use super::{Conn, Param, Result, Value};
 
 /// What an outbox row is the callback of.
 pub const KIND_USAGE_TRIGGER: &str = "usage_trigger";
@@ -46,6 +46,328 @@ impl Conn {
                 Param::Text(&row.body),
                 Param::Int(row.created_at),
                 Param::Int(day),
+            ],
+        )? == 1)
+    }
+}
+
+/// Columns of an outbox row as [`Conn::due_outbox`] reads them.
+const DUE_COLUMNS: &str = "id, account_sid, kind, source_sid, url, method, body, created_at, \
+     attempts, next_attempt_at";
+
+/// A pending row that is due, as read before claiming it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueRow {
+    pub row: OutboxRow,
+    /// Attempts made so far (a claim counts one).
+    pub attempts: i64,
+    /// The `next_attempt_at` it was read with: the claim's compare-and-set value.
+    pub next_attempt_at: i64,
+}
+
+/// An outbox row's delivery state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxState {
+    pub id: String,
+    pub account_sid: String,
+    pub kind: String,
+    /// `pending`, `delivered` or `failed`.
+    pub status: String,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub last_error: Option<String>,
+    pub finished_at: Option<i64>,
+}
+
+/// Delivery counts of an account's callbacks: every callback written, those
+/// delivered, those given up on (the rest are still being tried).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeliveryCounts {
+    pub total: i64,
+    pub delivered: i64,
+    pub failed: i64,
+}
+
+/// An account's wallet-event webhook, without its secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountWebhook {
+    pub account_sid: String,
+    pub url: String,
+    pub updated_at: String,
+}
+
+const COUNTS: &str = "CAST(COUNT(*) AS BIGINT), \
+     CAST(COALESCE(SUM(CASE WHEN status = 'delivered' THEN 1 ELSE 0 END), 0) AS BIGINT), \
+     CAST(COALESCE(SUM(CASE WHEN status = 'failed' THEN 1 ELSE 0 END), 0) AS BIGINT)";
+
+fn counts(r: &[Value]) -> DeliveryCounts {
+    DeliveryCounts {
+        total: r[0].int(),
+        delivered: r[1].int(),
+        failed: r[2].int(),
+    }
+}
+
+impl Conn {
+    /// Pending rows due at `now` (Unix ms), soonest first, at most `limit`,
+    /// leaving out the accounts in `skip` (those with as many callbacks in
+    /// flight as they may have: their backlog must not hide other accounts'
+    /// rows from the batch).
+    pub fn due_outbox(&mut self, now: i64, limit: i64, skip: &[String]) -> Result<Vec<DueRow>> {
+        let mut params = vec![Param::Int(now)];
+        params.extend(skip.iter().map(|s| Param::Text(s)));
+        let not_in = if skip.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "AND account_sid NOT IN ({}) ",
+                super::conn::placeholders(2, skip.len())
+            )
+        };
+        params.push(Param::Int(limit));
+        let sql = format!(
+            "SELECT {DUE_COLUMNS} FROM webhook_outbox WHERE status = 'pending' \
+             AND next_attempt_at <= $1 {not_in}ORDER BY next_attempt_at, id LIMIT ${}",
+            skip.len() + 2
+        );
+        Ok(self
+            .query(&sql, &params)?
+            .iter()
+            .map(|r| DueRow {
+                row: OutboxRow {
+                    id: r[0].text().to_owned(),
+                    account_sid: r[1].text().to_owned(),
+                    kind: r[2].text().to_owned(),
+                    source_sid: r[3].text().to_owned(),
+                    url: r[4].text().to_owned(),
+                    method: r[5].text().to_owned(),
+                    body: r[6].text().to_owned(),
+                    created_at: r[7].int(),
+                },
+                attempts: r[8].int(),
+                next_attempt_at: r[9].int(),
+            })
+            .collect())
+    }
+
+    /// Claims due rows for one attempt each, in one transaction: a row is
+    /// claimed only if it is still pending with the `next_attempt_at` it was
+    /// read with (the compare-and-set that keeps two instances from sending
+    /// one row at once); its `next_attempt_at` becomes `lease_until`, when
+    /// another instance may take it over if this one never reports, and its
+    /// attempt is counted. Returns, per row, whether this call claimed it.
+    pub fn claim_outbox(&mut self, rows: &[(&str, i64)], lease_until: i64) -> Result<Vec<bool>> {
+        self.transaction(|c| {
+            rows.iter()
+                .map(|(id, seen)| {
+                    Ok(c.execute(
+                        "UPDATE webhook_outbox SET next_attempt_at = $1, attempts = attempts + 1 \
+                         WHERE id = $2 AND status = 'pending' AND next_attempt_at = $3",
+                        &[Param::Int(lease_until), Param::Text(id), Param::Int(*seen)],
+                    )? == 1)
+                })
+                .collect()
+        })
+    }
+
+    /// Marks a row delivered at `at` (a receiver answered 2xx). Whoever holds
+    /// the lease, a delivered callback is delivered. True if it was pending.
+    pub fn outbox_delivered(&mut self, id: &str, at: i64) -> Result<bool> {
+        Ok(self.execute(
+            "UPDATE webhook_outbox SET status = 'delivered', finished_at = $1, last_error = NULL \
+             WHERE id = $2 AND status = 'pending'",
+            &[Param::Int(at), Param::Text(id)],
+        )? == 1)
+    }
+
+    /// After a failed attempt made under the lease ending `lease`: the row is
+    /// due again at `next` (`Some`) or failed for good at `at` (`None`), with
+    /// `error` saying why. Nothing changes if the lease was taken over (the
+    /// other instance reports its own attempt). True if changed.
+    pub fn outbox_attempt_failed(
+        &mut self,
+        id: &str,
+        lease: i64,
+        next: Option<i64>,
+        at: i64,
+        error: &str,
+    ) -> Result<bool> {
+        let n = match next {
+            Some(next) => self.execute(
+                "UPDATE webhook_outbox SET next_attempt_at = $1, last_error = $2 \
+                 WHERE id = $3 AND status = 'pending' AND next_attempt_at = $4",
+                &[
+                    Param::Int(next),
+                    Param::Text(error),
+                    Param::Text(id),
+                    Param::Int(lease),
+                ],
+            )?,
+            None => self.execute(
+                "UPDATE webhook_outbox SET status = 'failed', finished_at = $1, last_error = $2 \
+                 WHERE id = $3 AND status = 'pending' AND next_attempt_at = $4",
+                &[
+                    Param::Int(at),
+                    Param::Text(error),
+                    Param::Text(id),
+                    Param::Int(lease),
+                ],
+            )?,
+        };
+        Ok(n == 1)
+    }
+
+    /// Rows still pending (the outbox's depth).
+    pub fn outbox_pending(&mut self) -> Result<i64> {
+        Ok(self
+            .query(
+                "SELECT CAST(COUNT(*) AS BIGINT) FROM webhook_outbox WHERE status = 'pending'",
+                &[],
+            )?
+            .first()
+            .map_or(0, |r| r[0].int()))
+    }
+
+    /// One row's delivery state.
+    pub fn outbox_state(&mut self, id: &str) -> Result<Option<OutboxState>> {
+        Ok(self
+            .query(
+                "SELECT id, account_sid, kind, status, attempts, next_attempt_at, last_error, \
+                 finished_at FROM webhook_outbox WHERE id = $1",
+                &[Param::Text(id)],
+            )?
+            .first()
+            .map(|r| OutboxState {
+                id: r[0].text().to_owned(),
+                account_sid: r[1].text().to_owned(),
+                kind: r[2].text().to_owned(),
+                status: r[3].text().to_owned(),
+                attempts: r[4].int(),
+                next_attempt_at: r[5].int(),
+                last_error: r[6].opt_text().map(str::to_owned),
+                finished_at: r[7].opt_int(),
+            }))
+    }
+
+    /// An account's delivery counts over all time.
+    pub fn delivery_counts(&mut self, sid: &str) -> Result<DeliveryCounts> {
+        Ok(self
+            .query(
+                &format!("SELECT {COUNTS} FROM webhook_outbox WHERE account_sid = $1"),
+                &[Param::Text(sid)],
+            )?
+            .first()
+            .map(|r| counts(r))
+            .unwrap_or_default())
+    }
+
+    /// An account's delivery counts per day its callbacks were written (days
+    /// since 1970), for days `from..=to`; days without callbacks are absent.
+    pub fn delivery_counts_by_day(
+        &mut self,
+        sid: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i64, DeliveryCounts)>> {
+        Ok(self
+            .query(
+                &format!(
+                    "SELECT day, {COUNTS} FROM webhook_outbox \
+                     WHERE account_sid = $1 AND day >= $2 AND day <= $3 GROUP BY day ORDER BY day"
+                ),
+                &[Param::Text(sid), Param::Int(from), Param::Int(to)],
+            )?
+            .iter()
+            .map(|r| (r[0].int(), counts(&r[1..])))
+            .collect())
+    }
+
+    /// The key a callback of `kind` to `account_sid` is signed with now: the
+    /// account's auth token (usage triggers) or its webhook secret (wallet
+    /// events); `None` if the account or its webhook is gone.
+    pub fn signing_key(&mut self, kind: &str, account_sid: &str) -> Result<Option<String>> {
+        let sql = if kind == KIND_USAGE_TRIGGER {
+            "SELECT auth_token FROM api_accounts WHERE account_sid = $1"
+        } else {
+            "SELECT secret FROM account_webhooks WHERE account_sid = $1"
+        };
+        Ok(self
+            .query(sql, &[Param::Text(account_sid)])?
+            .first()
+            .map(|r| r[0].text().to_owned()))
+    }
+
+    /// Sets (or replaces) an account's wallet-event webhook.
+    pub fn set_account_webhook(
+        &mut self,
+        sid: &str,
+        url: &str,
+        secret: &str,
+        updated_at: &str,
+    ) -> Result<()> {
+        self.execute(
+            "INSERT INTO account_webhooks (account_sid, url, secret, updated_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (account_sid) DO UPDATE SET \
+             url = excluded.url, secret = excluded.secret, updated_at = excluded.updated_at",
+            &[
+                Param::Text(sid),
+                Param::Text(url),
+                Param::Text(secret),
+                Param::Text(updated_at),
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn account_webhook(&mut self, sid: &str) -> Result<Option<AccountWebhook>> {
+        Ok(self
+            .query(
+                "SELECT account_sid, url, updated_at FROM account_webhooks WHERE account_sid = $1",
+                &[Param::Text(sid)],
+            )?
+            .first()
+            .map(|r| AccountWebhook {
+                account_sid: r[0].text().to_owned(),
+                url: r[1].text().to_owned(),
+                updated_at: r[2].text().to_owned(),
+            }))
+    }
+
+    /// Removes an account's webhook; true if it had one.
+    pub fn delete_account_webhook(&mut self, sid: &str) -> Result<bool> {
+        Ok(self.execute(
+            "DELETE FROM account_webhooks WHERE account_sid = $1",
+            &[Param::Text(sid)],
+        )? == 1)
+    }
+
+    /// Queues a wallet event for the account's webhook, if it has one (in the
+    /// caller's transaction): id = the event id, POST of the JSON payload.
+    /// True if a row was added.
+    pub fn insert_wallet_event_outbox(
+        &mut self,
+        event_id: &str,
+        sid: &str,
+        kind: &str,
+        payload: &str,
+        created_at: i64,
+    ) -> Result<bool> {
+        let day = created_at.div_euclid(86_400_000);
+        Ok(self.execute(
+            "INSERT INTO webhook_outbox (id, account_sid, kind, source_sid, url, method, body, \
+             created_at, day, status, attempts, next_attempt_at) \
+             SELECT CAST($1 AS TEXT), account_sid, CAST($2 AS TEXT), CAST($1 AS TEXT), url, 'POST', \
+             CAST($3 AS TEXT), CAST($4 AS BIGINT), \
+             CAST($5 AS BIGINT), 'pending', 0, CAST($4 AS BIGINT) \
+             FROM account_webhooks WHERE account_sid = $6 \
+             ON CONFLICT (id) DO NOTHING",
+            &[
+                Param::Text(event_id),
+                Param::Text(kind),
+                Param::Text(payload),
+                Param::Int(created_at),
+                Param::Int(day),
+                Param::Text(sid),
             ],
         )? == 1)
     }

@@ -197,21 +197,27 @@ impl Conn {
     ) -> Result<Option<T>> {
         self.transaction(|c| {
             if let Some(fence) = fence {
-                let held = c.execute(
-                    "UPDATE wallet_owners SET epoch = epoch \
-                     WHERE topic = $1 AND partition = $2 AND epoch = $3",
-                    &[
-                        Param::Text(&fence.topic),
-                        Param::Int(fence.partition.into()),
-                        Param::Int(fence.epoch),
-                    ],
-                )?;
-                if held != 1 {
+                if !c.hold_fence(fence)? {
                     return Ok(None);
                 }
             }
             f(c).map(Some)
         })
+    }
+
+    /// Locks the fence's row until the transaction ends if it still has the
+    /// fence's epoch; false if another instance claimed the partition since.
+    fn hold_fence(&mut self, fence: &Fence) -> Result<bool> {
+        let held = self.execute(
+            "UPDATE wallet_owners SET epoch = epoch \
+             WHERE topic = $1 AND partition = $2 AND epoch = $3",
+            &[
+                Param::Text(&fence.topic),
+                Param::Int(fence.partition.into()),
+                Param::Int(fence.epoch),
+            ],
+        )?;
+        Ok(held == 1)
     }
 
     /// The flush step: adds each account's debits into its balance and
@@ -259,8 +265,8 @@ impl Conn {
     }
 
     /// Records a downward crossing of the low-balance threshold: disarms the
-    /// account and writes one event to the outbox, in the caller's
-    /// transaction.
+    /// account and writes one event to `wallet_events` and, for an account
+    /// with a webhook, to `webhook_outbox`, in the caller's transaction.
     fn low_balance_crossed(&mut self, sid: &str, a: &After, at: &str) -> Result<()> {
         let n = a.crossings + 1;
         self.execute(
@@ -294,6 +300,10 @@ impl Conn {
                 Param::Text(at),
             ],
         )?;
+        // Sent to the account's webhook, if it has one, by the dispatcher.
+        let created_ms = crate::calendar::parse_rfc3339(at)
+            .map_or_else(|| chrono::Utc::now().timestamp_millis(), |s| s * 1000);
+        self.insert_wallet_event_outbox(&id, sid, kind, &payload, created_ms)?;
         Ok(())
     }
 
@@ -385,9 +395,35 @@ impl Conn {
     }
 
     /// Stores many granted holds in one transaction (a group commit); each
-    /// result is as [`Conn::insert_hold`]'s.
-    pub fn insert_holds(&mut self, holds: &[StoredHold]) -> Result<Vec<Option<StoredHold>>> {
-        self.transaction(|c| holds.iter().map(|h| c.insert_hold(h)).collect())
+    /// result is as [`Conn::insert_hold`]'s, or `None` for a hold whose
+    /// [`Fence`] no longer holds (stored nothing). Each fence's row is locked
+    /// once, before any hold is written, as [`Conn::fenced`] does.
+    pub fn insert_holds(
+        &mut self,
+        holds: &[(StoredHold, Option<Fence>)],
+    ) -> Result<Vec<Option<Option<StoredHold>>>> {
+        self.transaction(|c| {
+            let mut fences: Vec<(&Fence, bool)> = Vec::new();
+            for fence in holds.iter().filter_map(|(_, f)| f.as_ref()) {
+                if !fences.iter().any(|(f, _)| *f == fence) {
+                    let held = c.hold_fence(fence)?;
+                    fences.push((fence, held));
+                }
+            }
+            holds
+                .iter()
+                .map(|(h, fence)| {
+                    let held = fence
+                        .as_ref()
+                        .map_or(true, |f| fences.iter().any(|(g, ok)| *g == f && *ok));
+                    if held {
+                        c.insert_hold(h).map(Some)
+                    } else {
+                        Ok(None)
+                    }
+                })
+                .collect()
+        })
     }
 
     /// Marks a reserved hold released (explicitly or at expiry).

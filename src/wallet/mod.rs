@@ -18,6 +18,8 @@
 //! Persistence lives in [`crate::store::wallet`]; HTTP in [`crate::api::wallet`];
 //! which instance answers for a wallet in [`owners`].
 
+pub mod commit;
+
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 

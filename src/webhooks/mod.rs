@@ -1,7 +1,12 @@
-//! Webhooks: callback URLs that may be used, and the dispatcher that sends the
-//! outbox's callbacks ([`crate::store::outbox`]).
+//! Webhooks: callback URLs that may be used ([`url`]), how callbacks are
+//! signed ([`sign`]), and the dispatcher that sends the outbox's callbacks
+//! ([`dispatch`], rows in [`crate::store::outbox`]).
 
+pub mod dispatch;
+pub mod sign;
 pub mod url;
+
+pub use dispatch::{DispatchError, Dispatcher, DispatcherHandle};
 
 use serde::Deserialize;
 

@@ -1,0 +1,736 @@
+//! The dispatcher: sends the outbox's callbacks ([`crate::store::outbox`]) at
+//! least once, each with its stable idempotency token.
+//!
+//! Rows are written by the transaction that caused them (a flush that fired
+//! a trigger or crossed a low balance), so ingestion never waits for a
+//! receiver: it only inserts rows. The dispatcher, a task of its own, reads
+//! due rows (`pending`, `next_attempt_at <= now`) when woken after such a
+//! commit ([`DispatcherHandle::wake`]) and every second, claims each with a
+//! compare-and-set on `next_attempt_at` — the claim moves it to the end of a
+//! lease (one attempt's timeout plus a margin), so two instances never send one
+//! row at once, and a row whose sender died is taken over when its lease ends —
+//! sends it, and then marks it `delivered` (a 2xx answer) or due again after an
+//! exponential backoff with full jitter (1 s doubling up to 10 min), until
+//! `created_at + retry_for_secs`, when it is marked `failed` with the last
+//! error. A refused callback (an address the policy forbids, an account or
+//! webhook that is gone) fails at once: retrying cannot mend it.
+//!
+//! At most `max_in_flight` callbacks are in flight, and at most
+//! `per_account_in_flight` of one account: the batch query leaves out the
+//! accounts at their limit, so a receiver that hangs delays only its own
+//! account's callbacks. Host names are resolved at every send and only the
+//! addresses the policy allows are connected to (the check and the connection
+//! use the same addresses: a name that re-resolves to an internal address
+//! between the two cannot slip through). No proxy, no redirects.
+//!
+//! While the store is down the dispatcher logs (throttled) and tries again at
+//! the next poll; rows it could not report stay claimed until their lease
+//! ends and are then retried.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rand::Rng;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+use super::sign;
+use super::url::{check_callback_url, refused_ip, UrlPolicy};
+use super::WebhooksConfig;
+use crate::log_throttle::LogThrottle;
+use crate::metrics as m;
+use crate::store::outbox::{DueRow, KIND_USAGE_TRIGGER};
+use crate::store::Store;
+
+/// How often due rows are looked for without a wake-up.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Rows read per query.
+const BATCH: i64 = 256;
+/// Queries per round (a round ends early when no more rows are due).
+const MAX_QUERIES: usize = 16;
+/// The first retry's backoff ceiling; it doubles per attempt.
+pub const FIRST_BACKOFF_MS: i64 = 1_000;
+/// The backoff ceiling's cap.
+pub const MAX_BACKOFF_MS: i64 = 600_000;
+/// A claim's lease beyond the attempt's timeout: time to report the result.
+const LEASE_MARGIN_MS: i64 = 2_000;
+/// Tries at reporting an attempt's result to the store before leaving the
+/// row to its lease.
+const REPORT_TRIES: u32 = 5;
+
+/// Why the dispatcher could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    #[error("cannot build the webhook HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// The dispatcher's shared state; see the module documentation.
+pub struct Dispatcher {
+    store: Store,
+    cfg: WebhooksConfig,
+    client: reqwest::Client,
+    /// `max_in_flight` permits; a send holds one.
+    permits: Arc<Semaphore>,
+    /// Callbacks in flight (or about to be) per account.
+    per_account: Mutex<HashMap<String, usize>>,
+    wake: Notify,
+    log: LogThrottle,
+}
+
+/// The running dispatcher: wake it, wait for it to stop. Cheap to clone.
+#[derive(Clone)]
+pub struct DispatcherHandle {
+    inner: Arc<Dispatcher>,
+    task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+impl DispatcherHandle {
+    /// Looks for due rows now instead of at the next poll: call it after a
+    /// commit that wrote outbox rows. Cheap, never blocks, callable from any
+    /// thread (async or not); wake-ups while a round runs make one more round.
+    pub fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// Callbacks being sent now.
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight()
+    }
+
+    /// Waits until the dispatcher has stopped (after `shutdown` was set):
+    /// it claims nothing more and waits for the sends in flight, at most
+    /// one attempt's timeout.
+    pub async fn join(&self) {
+        let task = self.task.lock().take();
+        if let Some(t) = task {
+            let _ = t.await;
+        }
+    }
+}
+
+/// What one attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Attempt {
+    /// The receiver answered 2xx.
+    Delivered,
+    /// It may work later (the receiver is down, slow or answered an error).
+    Retry(String),
+    /// It can never work (a refused address, a gone account).
+    Refused(String),
+}
+
+impl Dispatcher {
+    /// Starts the dispatcher on the current tokio runtime (call it from within
+    /// one); it runs until `shutdown` is set.
+    pub fn start(
+        store: Store,
+        cfg: WebhooksConfig,
+        shutdown: Arc<AtomicBool>,
+    ) -> Result<DispatcherHandle, DispatchError> {
+        let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .user_agent(concat!("tallyd/", env!("CARGO_PKG_VERSION")))
+            .dns_resolver(Arc::new(CheckedResolver {
+                policy: cfg.url_policy(),
+            }))
+            .build()?;
+        let inner = Arc::new(Dispatcher {
+            store,
+            permits: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
+            per_account: Mutex::new(HashMap::new()),
+            cfg,
+            client,
+            wake: Notify::new(),
+            log: LogThrottle::default(),
+        });
+        metrics::gauge!(m::WEBHOOKS_IN_FLIGHT).set(0.0);
+        let task = tokio::spawn(inner.clone().run(shutdown));
+        Ok(DispatcherHandle {
+            inner,
+            task: Arc::new(Mutex::new(Some(task))),
+        })
+    }
+
+    fn max_in_flight(&self) -> usize {
+        self.cfg.max_in_flight.max(1)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.max_in_flight() - self.permits.available_permits()
+    }
+
+    /// How long a claim lasts: one attempt and the report of its result.
+    fn lease_ms(&self) -> i64 {
+        self.cfg.timeout_ms as i64 + LEASE_MARGIN_MS
+    }
+
+    async fn run(self: Arc<Self>, shutdown: Arc<AtomicBool>) {
+        let mut depth_at: Option<Instant> = None;
+        while !shutdown.load(Ordering::Relaxed) {
+            self.dispatch_due().await;
+            metrics::gauge!(m::WEBHOOKS_IN_FLIGHT).set(self.in_flight() as f64);
+            if depth_at.map_or(true, |t| t.elapsed() >= POLL_INTERVAL) {
+                self.report_depth().await;
+                depth_at = Some(Instant::now());
+            }
+            let until = Instant::now() + POLL_INTERVAL;
+            while !shutdown.load(Ordering::Relaxed) && Instant::now() < until {
+                tokio::select! {
+                    _ = self.wake.notified() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        }
+        // Let the sends in flight finish (they report their results).
+        let all = self.max_in_flight() as u32;
+        let wait = Duration::from_millis(self.lease_ms() as u64);
+        let _ = tokio::time::timeout(wait, self.permits.acquire_many(all)).await;
+        tracing::info!("webhook dispatcher stopped");
+    }
+
+    /// Claims and starts sending every due row there is room for.
+    async fn dispatch_due(self: &Arc<Self>) {
+        let per_account = self.cfg.per_account_in_flight.max(1);
+        for _ in 0..MAX_QUERIES {
+            let free = self.permits.available_permits();
+            if free == 0 {
+                return;
+            }
+            let skip: Vec<String> = self
+                .per_account
+                .lock()
+                .iter()
+                .filter(|(_, n)| **n >= per_account)
+                .map(|(a, _)| a.clone())
+                .collect();
+            let now = now_ms();
+            let rows = match self
+                .store
+                .run(move |c| c.due_outbox(now, BATCH, &skip))
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => return self.store_failed("reading due callbacks", &e),
+            };
+            let more = rows.len() as i64 == BATCH;
+            // Reserve account slots for the rows taken (released when sent).
+            let mut chosen: Vec<DueRow> = Vec::new();
+            let mut left = false;
+            {
+                let mut accounts = self.per_account.lock();
+                for r in rows {
+                    if chosen.len() >= free {
+                        left = true;
+                        break;
+                    }
+                    let n = accounts.entry(r.row.account_sid.clone()).or_default();
+                    if *n >= per_account {
+                        left = true;
+                        continue;
+                    }
+                    *n += 1;
+                    chosen.push(r);
+                }
+            }
+            if chosen.is_empty() {
+                return;
+            }
+            let lease = now_ms() + self.lease_ms();
+            let claims: Vec<(String, i64)> = chosen
+                .iter()
+                .map(|r| (r.row.id.clone(), r.next_attempt_at))
+                .collect();
+            let claimed = self
+                .store
+                .run(move |c| {
+                    let refs: Vec<(&str, i64)> =
+                        claims.iter().map(|(id, at)| (id.as_str(), *at)).collect();
+                    c.claim_outbox(&refs, lease)
+                })
+                .await;
+            let claimed = match claimed {
+                Ok(v) => v,
+                Err(e) => {
+                    for r in &chosen {
+                        self.release_account(&r.row.account_sid);
+                    }
+                    return self.store_failed("claiming callbacks", &e);
+                }
+            };
+            for (due, mine) in chosen.into_iter().zip(claimed) {
+                let permit = match (mine, self.permits.clone().try_acquire_owned()) {
+                    (true, Ok(p)) => p,
+                    _ => {
+                        // Claimed by another instance meanwhile (or, never,
+                        // no permit: the row is retried when its lease ends).
+                        self.release_account(&due.row.account_sid);
+                        continue;
+                    }
+                };
+                let slot = Slot {
+                    dispatcher: self.clone(),
+                    account: due.row.account_sid.clone(),
+                    _permit: permit,
+                };
+                metrics::gauge!(m::WEBHOOKS_IN_FLIGHT).set(self.in_flight() as f64);
+                tokio::spawn(slot.dispatcher.clone().deliver(due, lease, slot));
+            }
+            if !more && !left {
+                return;
+            }
+        }
+    }
+
+    fn release_account(&self, account: &str) {
+        let mut accounts = self.per_account.lock();
+        if let Some(n) = accounts.get_mut(account) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                accounts.remove(account);
+            }
+        }
+    }
+
+    /// Sends one claimed row and reports the result.
+    async fn deliver(self: Arc<Self>, due: DueRow, lease: i64, slot: Slot) {
+        let outcome = self.attempt(&due).await;
+        let row = &due.row;
+        let now = now_ms();
+        let (label, next, error) = match &outcome {
+            Attempt::Delivered => ("delivered", None, None),
+            Attempt::Refused(e) => ("failed", None, Some(e.clone())),
+            Attempt::Retry(e) => {
+                let deadline = row
+                    .created_at
+                    .saturating_add(self.cfg.retry_for_secs.saturating_mul(1000) as i64);
+                if now >= deadline {
+                    (
+                        "failed",
+                        None,
+                        Some(format!(
+                            "{e} (gave up after retrying for {} s)",
+                            self.cfg.retry_for_secs
+                        )),
+                    )
+                } else {
+                    let next =
+                        (now + backoff_ms(due.attempts + 1, &mut rand::thread_rng())).min(deadline);
+                    ("retried", Some(next), Some(e.clone()))
+                }
+            }
+        };
+        metrics::counter!(m::WEBHOOK_DELIVERIES_TOTAL, "outcome" => label).increment(1);
+        match (&outcome, &error) {
+            (Attempt::Delivered, _) => {
+                tracing::debug!(id = %row.id, kind = %row.kind, "callback delivered")
+            }
+            (_, Some(e)) if label == "failed" => {
+                tracing::warn!(id = %row.id, kind = %row.kind, account = %row.account_sid,
+                    error = %e, "callback failed for good")
+            }
+            (_, e) => tracing::debug!(id = %row.id, error = ?e, "callback will be retried"),
+        }
+        let id = row.id.clone();
+        for i in 0..REPORT_TRIES {
+            let (id, error) = (id.clone(), error.clone());
+            let delivered = outcome == Attempt::Delivered;
+            let r = self
+                .store
+                .run(move |c| {
+                    if delivered {
+                        c.outbox_delivered(&id, now)
+                    } else {
+                        let e = error.as_deref().unwrap_or("");
+                        c.outbox_attempt_failed(&id, lease, next, now, e)
+                    }
+                })
+                .await;
+            match r {
+                Ok(_) => break,
+                Err(e) => {
+                    self.store_failed("reporting a callback's result", &e);
+                    tokio::time::sleep(Duration::from_millis(200 << i)).await;
+                }
+            }
+        }
+        drop(slot);
+    }
+
+    /// One attempt at `due`.
+    async fn attempt(&self, due: &DueRow) -> Attempt {
+        let row = &due.row;
+        let trigger = row.kind == KIND_USAGE_TRIGGER;
+        let url = match check_callback_url(&row.url, self.cfg.url_policy()) {
+            Ok(u) => u,
+            Err(why) => return Attempt::Refused(format!("the callback URL {why}")),
+        };
+        let (kind, sid) = (row.kind.clone(), row.account_sid.clone());
+        let key = match self.store.run(move |c| c.signing_key(&kind, &sid)).await {
+            Ok(Some(k)) => k,
+            Ok(None) if trigger => {
+                return Attempt::Refused(format!("account {} no longer exists", row.account_sid))
+            }
+            Ok(None) => {
+                return Attempt::Refused(format!(
+                    "account {} no longer has a webhook",
+                    row.account_sid
+                ))
+            }
+            Err(e) => {
+                self.store_failed("reading a callback's signing key", &e);
+                return Attempt::Retry(format!("store: {e}"));
+            }
+        };
+        let request = match build_request(&self.client, row, url, &key) {
+            Ok(r) => r,
+            Err(why) => return Attempt::Refused(why),
+        };
+        if trigger && due.attempts == 0 {
+            let ms = (now_ms() - row.created_at).max(0) as u64;
+            m::TRIGGER_CROSSING_TO_CALLBACK.record(Duration::from_millis(ms));
+        }
+        let timeout = Duration::from_millis(self.cfg.timeout_ms.max(1));
+        match tokio::time::timeout(timeout, request.send()).await {
+            Err(_) => Attempt::Retry(format!("timed out after {} ms", self.cfg.timeout_ms)),
+            Ok(Ok(res)) if res.status().is_success() => Attempt::Delivered,
+            Ok(Ok(res)) => Attempt::Retry(format!("HTTP {}", res.status().as_u16())),
+            Ok(Err(e)) => classify(&e, self.cfg.timeout_ms),
+        }
+    }
+
+    /// Sets the outbox depth gauge.
+    async fn report_depth(&self) {
+        match self.store.run(|c| c.outbox_pending()).await {
+            Ok(n) => metrics::gauge!(m::WEBHOOK_OUTBOX_PENDING).set(n as f64),
+            Err(e) => self.store_failed("counting pending callbacks", &e),
+        }
+    }
+
+    fn store_failed(&self, doing: &str, e: &crate::store::Error) {
+        if let Some(repeats) = self.log.admit(&format!("{doing}: {e}"), Instant::now()) {
+            tracing::warn!(error = %e, repeats, "webhook dispatcher: {doing} failed; trying again later");
+        }
+    }
+}
+
+/// A send's hold on the global and per-account limits, given back when the
+/// send is over (even if its task ends early).
+struct Slot {
+    dispatcher: Arc<Dispatcher>,
+    account: String,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.dispatcher.release_account(&self.account);
+        // The permit is released after this body: one more is free then.
+        let in_flight = self.dispatcher.in_flight().saturating_sub(1);
+        metrics::gauge!(m::WEBHOOKS_IN_FLIGHT).set(in_flight as f64);
+    }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// The wait before attempt `attempts + 1`, after `attempts` failed ones: full
+/// jitter, uniform in `[0, ceiling]`, the ceiling 1 s doubling per attempt up
+/// to 10 min (so receivers that come back are not hit by every sender at once).
+pub fn backoff_ms(attempts: i64, rng: &mut impl Rng) -> i64 {
+    let doublings = (attempts - 1).clamp(0, 20) as u32;
+    let ceiling = (FIRST_BACKOFF_MS << doublings).min(MAX_BACKOFF_MS);
+    rng.gen_range(0..=ceiling)
+}
+
+/// The request for `row`, signed with `key`; an error says why it cannot be
+/// made.
+fn build_request(
+    client: &reqwest::Client,
+    row: &crate::store::outbox::OutboxRow,
+    mut url: ::url::Url,
+    key: &str,
+) -> Result<reqwest::RequestBuilder, String> {
+    url.set_fragment(None);
+    if row.kind != KIND_USAGE_TRIGGER {
+        // A wallet event: the JSON body, signed with the webhook's secret.
+        return Ok(client
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(sign::TALLYD_EVENT_ID, &row.id)
+            .header(
+                sign::TALLYD_SIGNATURE,
+                sign::tallyd_signature(key, row.body.as_bytes()),
+            )
+            .body(row.body.clone()));
+    }
+    let builder = match row.method.as_str() {
+        "GET" => {
+            // The parameters go in the query; the signature covers the full URL.
+            let sep = if url.query().is_some() { '&' } else { '?' };
+            let full = format!("{url}{sep}{}", row.body);
+            let full = ::url::Url::parse(&full)
+                .map_err(|e| format!("the callback URL with its parameters is not valid ({e})"))?;
+            let signature = sign::twilio_signature(key, full.as_str(), &[]);
+            client.get(full).header(sign::TWILIO_SIGNATURE, signature)
+        }
+        "POST" => {
+            let params: Vec<(String, String)> = serde_urlencoded::from_str(&row.body)
+                .map_err(|e| format!("the callback's parameters do not decode ({e})"))?;
+            let signature = sign::twilio_signature(key, url.as_str(), &params);
+            client
+                .post(url)
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    "application/x-www-form-urlencoded",
+                )
+                .header(sign::TWILIO_SIGNATURE, signature)
+                .body(row.body.clone())
+        }
+        other => return Err(format!("method {other:?} is neither GET nor POST")),
+    };
+    Ok(builder.header(sign::TWILIO_IDEMPOTENCY_TOKEN, &row.id))
+}
+
+/// What a failed request means: refused (an address the policy forbids) or
+/// worth retrying, with a short reason ("connection refused", "timed out").
+fn classify(e: &reqwest::Error, timeout_ms: u64) -> Attempt {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut innermost = e.to_string();
+    while let Some(s) = source {
+        if let Some(r) = s.downcast_ref::<RefusedAddress>() {
+            return Attempt::Refused(r.to_string());
+        }
+        let text = s.to_string();
+        if text.contains(REFUSED_MARK) {
+            return Attempt::Refused(text);
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            let short = match io.kind() {
+                K::ConnectionRefused => Some("connection refused"),
+                K::ConnectionReset => Some("connection reset"),
+                K::ConnectionAborted => Some("connection aborted"),
+                K::TimedOut => Some("timed out"),
+                _ => None,
+            };
+            if let Some(short) = short {
+                return Attempt::Retry(short.to_owned());
+            }
+        }
+        innermost = text;
+        source = s.source();
+    }
+    if e.is_timeout() {
+        return Attempt::Retry(format!("timed out after {timeout_ms} ms"));
+    }
+    Attempt::Retry(innermost)
+}
+
+/// Words every [`RefusedAddress`] message has, to recognise one whose type
+/// was lost on its way through the HTTP client's error chain.
+const REFUSED_MARK: &str = "which callbacks may not reach";
+
+/// A host whose every address the policy forbids.
+#[derive(Debug)]
+struct RefusedAddress {
+    host: String,
+    ip: IpAddr,
+    why: &'static str,
+}
+
+impl std::fmt::Display for RefusedAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} resolves to {} ({}), {REFUSED_MARK} unless [webhooks] allows it",
+            self.host, self.why, self.ip
+        )
+    }
+}
+
+impl std::error::Error for RefusedAddress {}
+
+/// Resolves host names for the client and keeps only the addresses the
+/// policy allows: the client connects to exactly what was checked.
+struct CheckedResolver {
+    policy: UrlPolicy,
+}
+
+impl reqwest::dns::Resolve for CheckedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = self.policy;
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let found: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let mut refused = None;
+            let allowed: Vec<SocketAddr> = found
+                .into_iter()
+                .filter(|a| match refused_ip(a.ip(), policy) {
+                    None => true,
+                    Some(why) => {
+                        refused.get_or_insert((a.ip(), why));
+                        false
+                    }
+                })
+                .collect();
+            if allowed.is_empty() {
+                return Err(match refused {
+                    Some((ip, why)) => Box::new(RefusedAddress { host, ip, why }) as _,
+                    None => format!("{host} has no address").into(),
+                });
+            }
+            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_full_jitter() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        for (attempts, ceiling) in [
+            (1, 1_000),
+            (2, 2_000),
+            (5, 16_000),
+            (11, 600_000),
+            (60, 600_000),
+        ] {
+            let waits: Vec<i64> = (0..2000).map(|_| backoff_ms(attempts, &mut rng)).collect();
+            assert!(
+                waits.iter().all(|w| (0..=ceiling).contains(w)),
+                "{attempts}"
+            );
+            // Spread over the whole range, not bunched at the ceiling.
+            assert!(waits.iter().any(|w| *w < ceiling / 4), "{attempts}");
+            assert!(waits.iter().any(|w| *w > ceiling * 3 / 4), "{attempts}");
+        }
+    }
+
+    /// The resolver keeps only allowed addresses and names the refused one.
+    #[tokio::test]
+    async fn resolution_to_a_refused_address_fails_by_name() {
+        use reqwest::dns::Resolve;
+        use std::str::FromStr;
+        let name = || reqwest::dns::Name::from_str("localhost").unwrap();
+        let strict = CheckedResolver {
+            policy: UrlPolicy::default(),
+        };
+        let e = match strict.resolve(name()).await {
+            Ok(_) => panic!("localhost resolved under a policy refusing loopback"),
+            Err(e) => e,
+        };
+        let text = e.to_string();
+        assert!(
+            text.starts_with("localhost resolves to a loopback address"),
+            "{text}"
+        );
+        assert!(text.contains(REFUSED_MARK));
+        let lenient = CheckedResolver {
+            policy: UrlPolicy {
+                allow_loopback: true,
+                allow_private: false,
+            },
+        };
+        let addrs: Vec<SocketAddr> = match lenient.resolve(name()).await {
+            Ok(a) => a.collect(),
+            Err(e) => panic!("{e}"),
+        };
+        assert!(!addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback()));
+    }
+
+    fn row(kind: &str, method: &str, url: &str, body: &str) -> crate::store::outbox::OutboxRow {
+        crate::store::outbox::OutboxRow {
+            id: "tok1".into(),
+            account_sid: "AC1".into(),
+            kind: kind.into(),
+            source_sid: "UT1".into(),
+            url: url.into(),
+            method: method.into(),
+            body: body.into(),
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn requests_are_signed_as_their_receivers_check() {
+        let client = reqwest::Client::new();
+        let body = "AccountSid=AC1&CurrentValue=10&UsageCategory=calls";
+        let url = "https://example.com/cb?x=1#frag";
+        let get = build_request(
+            &client,
+            &row(KIND_USAGE_TRIGGER, "GET", url, body),
+            ::url::Url::parse(url).unwrap(),
+            "tok",
+        )
+        .unwrap()
+        .build()
+        .unwrap();
+        let full = "https://example.com/cb?x=1&AccountSid=AC1&CurrentValue=10&UsageCategory=calls";
+        assert_eq!(get.url().as_str(), full);
+        assert_eq!(
+            get.headers()[sign::TWILIO_SIGNATURE],
+            sign::twilio_signature("tok", full, &[]).as_str()
+        );
+        assert_eq!(get.headers()[sign::TWILIO_IDEMPOTENCY_TOKEN], "tok1");
+        assert!(get.body().is_none());
+
+        let post = build_request(
+            &client,
+            &row(KIND_USAGE_TRIGGER, "POST", url, body),
+            ::url::Url::parse(url).unwrap(),
+            "tok",
+        )
+        .unwrap()
+        .build()
+        .unwrap();
+        let params = vec![
+            ("AccountSid".to_owned(), "AC1".to_owned()),
+            ("CurrentValue".to_owned(), "10".to_owned()),
+            ("UsageCategory".to_owned(), "calls".to_owned()),
+        ];
+        assert_eq!(post.url().as_str(), "https://example.com/cb?x=1");
+        assert_eq!(
+            post.headers()[sign::TWILIO_SIGNATURE],
+            sign::twilio_signature("tok", "https://example.com/cb?x=1", &params).as_str()
+        );
+
+        let event = r#"{"id":"evt_1"}"#;
+        let wallet = build_request(
+            &client,
+            &row("wallet.low_balance", "POST", url, event),
+            ::url::Url::parse(url).unwrap(),
+            "secret",
+        )
+        .unwrap()
+        .build()
+        .unwrap();
+        assert_eq!(
+            wallet.headers()[sign::TALLYD_SIGNATURE],
+            sign::tallyd_signature("secret", event.as_bytes()).as_str()
+        );
+        assert_eq!(wallet.headers()[sign::TALLYD_EVENT_ID], "tok1");
+        assert_eq!(wallet.headers()["content-type"], "application/json");
+
+        let bad = build_request(
+            &client,
+            &row(KIND_USAGE_TRIGGER, "PUT", url, body),
+            ::url::Url::parse(url).unwrap(),
+            "tok",
+        );
+        assert!(bad.unwrap_err().contains("PUT"));
+    }
+}
