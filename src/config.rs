@@ -63,6 +63,10 @@ pub struct KafkaConfig {
     /// the host name and the HTTP listen port. Must be unique per instance.
     #[serde(default)]
     pub instance_id: Option<String>,
+    /// The switch's producer partitioner: which partition an account SID (the
+    /// CDR key) goes to, hence which instance owns the account's wallet.
+    #[serde(default)]
+    pub partitioner: crate::partitioner::Partitioner,
 }
 
 fn default_consumers() -> usize {
@@ -92,6 +96,7 @@ impl Default for KafkaConfig {
             properties: BTreeMap::new(),
             consumers: default_consumers(),
             instance_id: None,
+            partitioner: Default::default(),
         }
     }
 }
@@ -260,6 +265,43 @@ pub struct HttpConfig {
     /// Seconds to read a request's body and answer it before a 408.
     #[serde(default = "default_request_timeout_secs")]
     pub request_timeout_secs: u64,
+    /// Base URL the other instances reach this one at (wallet requests are
+    /// forwarded to a wallet's owner); empty: `http://` + `listen`, with an
+    /// unspecified address (0.0.0.0, [::]) replaced by the loopback.
+    #[serde(default)]
+    pub advertise_url: String,
+    /// Seconds a forwarded wallet request may take at its owner.
+    #[serde(default = "default_forward_timeout_secs")]
+    pub forward_timeout_secs: u64,
+}
+
+fn default_forward_timeout_secs() -> u64 {
+    5
+}
+
+impl HttpConfig {
+    /// The base URL this instance is reached at (`advertise_url`, else
+    /// derived from `listen`), without a trailing slash.
+    pub fn advertised(&self) -> String {
+        self.advertised_at(self.listen.trim())
+    }
+
+    /// [`HttpConfig::advertised`] for a listener bound at `bound` (the port
+    /// the system chose for `listen`'s port 0).
+    pub fn advertised_at(&self, bound: &str) -> String {
+        if !self.advertise_url.trim().is_empty() {
+            return self.advertise_url.trim().trim_end_matches('/').to_owned();
+        }
+        let listen = bound;
+        let addr = if let Some(port) = listen.strip_prefix("0.0.0.0:") {
+            format!("127.0.0.1:{port}")
+        } else if let Some(port) = listen.strip_prefix("[::]:") {
+            format!("[::1]:{port}")
+        } else {
+            listen.to_owned()
+        };
+        format!("http://{addr}")
+    }
 }
 
 fn default_listen() -> String {
@@ -282,6 +324,8 @@ impl Default for HttpConfig {
             max_connections: default_max_connections(),
             header_read_timeout_secs: default_header_read_timeout_secs(),
             request_timeout_secs: default_request_timeout_secs(),
+            advertise_url: String::new(),
+            forward_timeout_secs: default_forward_timeout_secs(),
         }
     }
 }
@@ -551,6 +595,19 @@ fn check_values(cfg: &Config) -> Result<(), String> {
         ));
     }
     check_host_port("http.listen", &cfg.http.listen, true)?;
+    let advertised = cfg.http.advertised();
+    match url::Url::parse(&advertised) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+        _ => {
+            return Err(format!(
+                "http.advertise_url = {:?}: must be an http:// or https:// base URL such as http://10.0.0.5:8080",
+                cfg.http.advertise_url
+            ))
+        }
+    }
+    if cfg.http.forward_timeout_secs == 0 {
+        return Err("http.forward_timeout_secs = 0: must be at least 1".into());
+    }
     let brokers: Vec<&str> = cfg.kafka.brokers.split(',').map(str::trim).collect();
     if brokers.iter().any(|b| b.is_empty()) {
         return Err(format!(
@@ -653,6 +710,22 @@ mod tests {
     use super::*;
 
     const MIN: &str = "[rating]\ndefault_plan = \"p\"\n[rating.plans.p]\ncurrency = \"usd\"\n[rating.plans.p.rates.calls]\nper_minute = \"0.05\"\n";
+
+    #[test]
+    fn the_advertised_url_is_given_or_made_from_the_listen_address() {
+        let mut h = HttpConfig {
+            listen: "0.0.0.0:8080".into(),
+            ..HttpConfig::default()
+        };
+        assert_eq!(h.advertised(), "http://127.0.0.1:8080");
+        assert_eq!(h.advertised_at("0.0.0.0:41234"), "http://127.0.0.1:41234");
+        h.listen = "[::]:8081".into();
+        assert_eq!(h.advertised(), "http://[::1]:8081");
+        h.listen = "10.1.2.3:8080".into();
+        assert_eq!(h.advertised(), "http://10.1.2.3:8080");
+        h.advertise_url = "https://tallyd-0.tallyd:8443/".into();
+        assert_eq!(h.advertised(), "https://tallyd-0.tallyd:8443");
+    }
 
     #[test]
     fn shipped_config_loads() {
@@ -789,6 +862,17 @@ mod tests {
                 "flush.max_busy_share = 0: must be 0.01 to 1",
             ),
             ("TALLYD_API__POOL_SIZE", "0", "api.pool_size = 0"),
+            (
+                "TALLYD_HTTP__ADVERTISE_URL",
+                "10.0.0.5:8080",
+                "http.advertise_url = \"10.0.0.5:8080\": must be an http:// or https:// base URL",
+            ),
+            (
+                "TALLYD_HTTP__FORWARD_TIMEOUT_SECS",
+                "0",
+                "http.forward_timeout_secs = 0",
+            ),
+            ("TALLYD_KAFKA__PARTITIONER", "murmur3", "murmur2_random"),
         ] {
             let e = Config::from_toml(MIN, Path::new("x.toml"), [(var.into(), value.into())])
                 .unwrap_err()

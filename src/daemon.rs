@@ -40,8 +40,16 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
     // A store URL that can never work stops the start; a store that is merely
     // down is waited for (below), with the HTTP server already answering.
     let store = Store::new(&cfg.store.url, cfg.api.pool_size).context("store.url")?;
+    // Each wallet is answered by the instance that consumes its account's
+    // partition; the others forward to it (docs/design.md, wallets).
+    let ownership = Arc::new(crate::wallet::owners::Ownership::routed(
+        &cfg.kafka.topic,
+        cfg.kafka.partitioner,
+        &cfg.http.advertised(),
+    ));
     let api = crate::api::ApiState::new(&cfg, &tariff, store.clone())
-        .context("starting the usage API")?;
+        .context("starting the usage API")?
+        .with_ownership(ownership.clone());
     let started = Arc::new(AtomicBool::new(false));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -60,11 +68,17 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
     });
     let app = app.merge(crate::api::router(api.clone()));
     let stop = shutdown.clone();
+    let http_cfg = cfg.http.clone();
+    let bound_ownership = ownership.clone();
     let server = rt.block_on(async move {
+        let ownership = bound_ownership;
         let listener = tokio::net::TcpListener::bind(&listen)
             .await
             .with_context(|| format!("binding http.listen {listen}"))?;
         tracing::info!(addr = %listener.local_addr()?, "HTTP listening");
+        ownership.set_me(&http_cfg.advertised_at(&listener.local_addr()?.to_string()));
+        tracing::info!(advertise_url = %ownership.me(), partitioner = ownership.partitioner.as_str(),
+            "wallets routed by CDR partition: this instance is reached at advertise_url");
         let handle = tokio::spawn(async move {
             http::serve(listener, app, limits, async move {
                 while !stop.load(Ordering::Relaxed) {
@@ -111,6 +125,13 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
     started.store(true, Ordering::Relaxed);
     let tariff = Arc::new(tariff);
     let client = kafka_client(&cfg);
+    watch_partition_count(
+        &client,
+        &cfg.kafka.topic,
+        ownership.clone(),
+        shutdown.clone(),
+    )
+    .context("creating the Kafka metadata client")?;
     let dead_letters = Arc::new(
         DeadLetters::new(&client, &cfg.kafka.dead_letter_topic)
             .context("creating the dead-letter producer")?,
@@ -158,6 +179,7 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
         revoke_timeout: Duration::from_secs(30),
         wallets: api.wallets().clone(),
         triggers: api.triggers().clone(),
+        ownership: ownership.clone(),
     };
     // `kafka.consumers` consumers, each on its own thread: librdkafka keeps one
     // fetch in flight per broker connection, so a single consumer and the broker
@@ -204,6 +226,59 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
         anyhow::bail!("an ingest thread panicked");
     }
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Keeps `ownership`'s partition count of `topic` current: asks the brokers
+/// every second until it is known, then every 10 s (partitions may be added),
+/// on a thread of its own until shutdown. Which partition an account maps to,
+/// hence which instance owns its wallet, depends on it.
+fn watch_partition_count(
+    client: &ClientConfig,
+    topic: &str,
+    ownership: Arc<crate::wallet::owners::Ownership>,
+    shutdown: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let mut cfg = client.clone();
+    cfg.set("client.id", "tallyd-metadata");
+    let consumer: BaseConsumer = cfg.create()?;
+    let topic = topic.to_owned();
+    std::thread::Builder::new()
+        .name("tallyd-partitions".into())
+        .spawn(move || {
+            let mut last_error = String::new();
+            while !shutdown.load(Ordering::Relaxed) {
+                let known = match consumer.fetch_metadata(Some(&topic), Duration::from_secs(5)) {
+                    Ok(md) => {
+                        let n = md
+                            .topics()
+                            .iter()
+                            .find(|t| t.name() == topic && t.error().is_none())
+                            .map_or(0, |t| t.partitions().len() as u32);
+                        let before = ownership.partitions();
+                        if n > 0 && n != before {
+                            tracing::info!(topic, partitions = n, before, "CDR topic's partition count");
+                            ownership.set_partitions(n);
+                        }
+                        n > 0
+                    }
+                    Err(e) => {
+                        let e = e.to_string();
+                        if e != last_error {
+                            tracing::warn!(error = %e, topic, "cannot read the CDR topic's partition count");
+                            last_error = e;
+                        }
+                        false
+                    }
+                };
+                let wait = if known { 10 } else { 1 };
+                let until = std::time::Instant::now() + Duration::from_secs(wait);
+                while std::time::Instant::now() < until && !shutdown.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        })?;
     Ok(())
 }
 

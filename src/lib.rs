@@ -52,6 +52,7 @@ pub mod http;
 pub mod ingest;
 pub mod log_throttle;
 pub mod metrics;
+pub mod partitioner;
 pub mod pipeline;
 pub mod rating;
 pub mod store;

@@ -122,6 +122,12 @@ pub const HTTP_CONNECTIONS_REFUSED_TOTAL: &str = "tallyd_http_connections_refuse
 pub const HTTP_CONNECTIONS_EVICTED_TOTAL: &str = "tallyd_http_connections_evicted_total";
 /// Counter: top-ups credited.
 pub const WALLET_CREDITS_TOTAL: &str = "tallyd_wallet_credits_total";
+/// Counter `{outcome = answered | unavailable}`: wallet requests forwarded to
+/// the instance that owns the account's partition.
+pub const WALLET_FORWARDED_TOTAL: &str = "tallyd_wallet_forwarded_total";
+/// Counter: CDRs read from another partition than `kafka.partitioner` computes
+/// for their key.
+pub const CDR_PARTITION_MISMATCH_TOTAL: &str = "tallyd_cdr_partition_mismatch_total";
 
 // --- The catalogue --------------------------------------------------------------
 
@@ -233,6 +239,10 @@ pub const CATALOGUE: &[Metric] = &[
         "Idle connections closed to make room for a new one at http.max_connections."),
     metric(WALLET_CREDITS_TOTAL, Counter, None, &[],
         "Top-ups credited (POST /admin/accounts/{sid}/credits; a repeated idempotency key is not counted again)."),
+    metric(WALLET_FORWARDED_TOTAL, Counter, None, &["outcome"],
+        "Wallet requests for accounts whose partition another instance owns: answered (forwarded to the owner, its answer passed back) or unavailable (503: the owner is not known, not recorded in a store that answers, or did not answer)."),
+    metric(CDR_PARTITION_MISMATCH_TOTAL, Counter, None, &[],
+        "CDRs read from another partition than kafka.partitioner computes for their key (the switch's partitioner differs from the configured one: wallets may be owned by the wrong instance)."),
     metric(WEBHOOK_DELIVERIES_TOTAL, Counter, None, &["outcome"],
         "Webhook delivery attempts by outcome: delivered, retried (will be tried again) or failed (given up after the retry period)."),
     metric(WEBHOOK_OUTBOX_PENDING, Gauge, None, &[],

@@ -37,7 +37,8 @@ const EXPECTED_LATER: &[&str] = &[
 ];
 
 /// Catalogued metrics labelled by what went wrong, which appear with their
-/// first error (a clean run has none).
+/// first error (a clean run has none), and the forwarding of wallet requests,
+/// which needs a second instance.
 const APPEAR_ON_ERROR: &[&str] = &[
     "tallyd_store_permanent_errors_total",
     "tallyd_partition_load_overdue_total",
@@ -46,6 +47,8 @@ const APPEAR_ON_ERROR: &[&str] = &[
     "tallyd_http_connections_refused_total",
     "tallyd_http_connections_evicted_total",
     "tallyd_wallet_credits_total",
+    "tallyd_cdr_partition_mismatch_total",
+    "tallyd_wallet_forwarded_total",
 ];
 
 fn root() -> &'static Path {
@@ -534,16 +537,25 @@ fn kubernetes_manifests_match_the_config_the_image_and_the_monitoring() {
     let secret = &k8s["Secret"];
     let config_map = &k8s["ConfigMap"];
 
-    // Its environment: literal values or keys of the Secret, all TALLYD_SECTION__KEY.
+    // Its environment: literal values or keys of the Secret, all TALLYD_SECTION__KEY,
+    // but for the pod's address (the downward API), which values may refer to.
     let mut env = vec![];
+    let pod_ip = "10.1.2.3";
     for e in tallyd["env"].as_sequence().unwrap() {
         let name = yaml_str(e, &["name"]);
+        if name == "POD_IP" {
+            assert_eq!(
+                yaml_str(e, &["valueFrom", "fieldRef", "fieldPath"]),
+                "status.podIP"
+            );
+            continue;
+        }
         assert!(
             name.starts_with("TALLYD_") && name.contains("__"),
             "{name}: tallyd reads TALLYD_SECTION__KEY"
         );
         let value = match e["value"].as_str() {
-            Some(v) => v.to_string(),
+            Some(v) => v.replace("$(POD_IP)", pod_ip),
             None => {
                 let r = yaml(e, &["valueFrom", "secretKeyRef"]);
                 assert_eq!(
@@ -603,6 +615,13 @@ fn kubernetes_manifests_match_the_config_the_image_and_the_monitoring() {
     assert!(
         cfg.store.url.starts_with("postgres://"),
         "replicas share PostgreSQL"
+    );
+    // Each replica is reached by the others at its own address and port.
+    let listen_port = cfg.http.listen.rsplit(':').next().unwrap();
+    assert_eq!(
+        cfg.http.advertised(),
+        format!("http://{pod_ip}:{listen_port}"),
+        "replicas forward wallet requests to each other's pod address"
     );
     // Its price list is the shipped one.
     let rating = |t: &str| t.parse::<toml::Table>().unwrap()["rating"].clone();

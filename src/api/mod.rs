@@ -18,6 +18,7 @@ pub mod admin;
 pub mod agentphone;
 pub mod auth;
 pub mod error;
+pub mod forward;
 pub mod records;
 pub mod triggers;
 pub mod twilio;
@@ -82,6 +83,10 @@ struct Shared {
     url_policy: crate::webhooks::url::UrlPolicy,
     /// A fixed clock (Unix seconds) for tests; `None` reads the system clock.
     now: Option<i64>,
+    /// Which wallets this instance answers for; the others are forwarded.
+    ownership: Arc<crate::wallet::owners::Ownership>,
+    /// Forwards wallet requests to their owner (`http.forward_timeout_secs`).
+    forwarder: forward::Forwarder,
 }
 
 impl ApiState {
@@ -116,6 +121,10 @@ impl ApiState {
                 hold_commits: Default::default(),
                 url_policy: cfg.webhooks.url_policy(),
                 now: None,
+                ownership: Arc::new(crate::wallet::owners::Ownership::lone()),
+                forwarder: forward::Forwarder::new(std::time::Duration::from_secs(
+                    cfg.http.forward_timeout_secs.max(1),
+                )),
             }),
         })
     }
@@ -150,6 +159,22 @@ impl ApiState {
 
     /// The same state with the clock fixed at `unix_seconds` (for tests).
     pub fn with_fixed_clock(self, unix_seconds: i64) -> ApiState {
+        self.rebuilt(Some(unix_seconds), None)
+    }
+
+    /// The same state answering only for the wallets `ownership` says this
+    /// instance owns, forwarding the others (the daemon's, with several
+    /// instances in mind).
+    pub fn with_ownership(self, ownership: Arc<crate::wallet::owners::Ownership>) -> ApiState {
+        let now = self.inner.now;
+        self.rebuilt(now, Some(ownership))
+    }
+
+    fn rebuilt(
+        self,
+        now: Option<i64>,
+        ownership: Option<Arc<crate::wallet::owners::Ownership>>,
+    ) -> ApiState {
         let s = &self.inner;
         ApiState {
             inner: Arc::new(Shared {
@@ -164,13 +189,20 @@ impl ApiState {
                 triggers: s.triggers.clone(),
                 hold_commits: s.hold_commits.clone(),
                 url_policy: s.url_policy,
-                now: Some(unix_seconds),
+                now,
+                ownership: ownership.unwrap_or_else(|| s.ownership.clone()),
+                forwarder: s.forwarder.clone(),
             }),
         }
     }
 
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// Which wallets this instance answers for.
+    pub fn ownership(&self) -> &Arc<crate::wallet::owners::Ownership> {
+        &self.inner.ownership
     }
 
     /// The instance's wallets: the consumers debit them, the wallet handlers

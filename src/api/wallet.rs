@@ -7,7 +7,11 @@
 //!
 //! Decisions are made in memory by [`crate::wallet::Wallets`] (lock-free);
 //! a granted hold, a release and a top-up are written to the store before the
-//! answer leaves.
+//! answer leaves. With several instances, each of these is answered by the
+//! instance that owns the account's CDR partition and forwarded there by the
+//! others ([`super::forward`]); the owner's writes are fenced by the epoch it
+//! claimed the partition at, so an instance that lost the partition grants
+//! nothing more.
 
 use std::net::SocketAddr;
 
@@ -15,7 +19,7 @@ use crate::metrics as m;
 use axum::body::Bytes;
 use axum::extract::ConnectInfo;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -25,9 +29,10 @@ use super::accounts::{self, Account};
 use super::admin::{check_sid, parse_body, Admin};
 use super::agentphone::with_account;
 use super::error::ApiError;
+use super::forward::{self, Decision, Incoming};
 use super::ApiState;
 use crate::cdr::{AccountSid, CallNumberType, Mode};
-use crate::store::wallet::{StoredCredit, StoredHold};
+use crate::store::wallet::{Fence, StoredCredit, StoredHold};
 use crate::store::Error as StoreError;
 use crate::wallet::{
     self as w, decimal, hold_amount, refusal_message, Grant, Hold, HoldStatus, Money, Wallet,
@@ -39,29 +44,7 @@ pub(super) fn load(state: &ApiState) -> Result<usize, StoreError> {
         .store()
         .with_conn(|c| Ok((c.wallet_balances()?, c.reserved_holds()?)))?;
     let wallets = state.wallets();
-    let mut by_account: std::collections::HashMap<AccountSid, (Money, Vec<Hold>)> =
-        Default::default();
-    for (sid, balance) in balances {
-        if let Some(a) = AccountSid::parse(&sid) {
-            by_account.entry(a).or_insert((balance, Vec::new())).0 = balance;
-        }
-    }
-    for h in holds {
-        let Some(a) = AccountSid::parse(&h.account_sid) else {
-            continue;
-        };
-        by_account
-            .entry(a)
-            .or_insert_with(|| (wallets.starting_credit(a), Vec::new()))
-            .1
-            .push(Hold::new(
-                a,
-                &h.call_id,
-                h.amount,
-                h.created_at,
-                h.expires_at,
-            ));
-    }
+    let by_account = crate::wallet::owners::group_stored(wallets, balances, holds, |_| true);
     let n = by_account.len();
     for (a, (balance, holds)) in by_account {
         wallets.load(a, balance, holds);
@@ -198,20 +181,65 @@ fn store_unavailable(e: StoreError) -> ApiError {
     }
 }
 
+/// The answer of an owner whose claim on the partition was taken over
+/// between its decision and its write: nothing was written or granted.
+fn fenced() -> ApiError {
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        code: "owner_moving",
+        message: "this wallet is moving to another instance; nothing was changed, retry".into(),
+        param: None,
+    }
+}
+
+/// Where the wallet request of `a` is answered: here (with the fence of this
+/// instance's ownership), or by its owner (its answer).
+async fn routed(
+    state: &ApiState,
+    a: &Account,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Option<Fence>, Response> {
+    let sid = sid_of(a).map_err(IntoResponse::into_response)?;
+    let req = Incoming {
+        method,
+        uri,
+        headers,
+        body,
+    };
+    match forward::route(state, sid, req).await {
+        Decision::Local(fence) => Ok(fence),
+        Decision::Answered(r) => Err(r),
+    }
+}
+
 /// `POST /v1/holds`.
 pub async fn create_hold(
     State(state): State<ApiState>,
+    method: Method,
+    uri: Uri,
     headers: HeaderMap,
     peer: Option<ConnectInfo<SocketAddr>>,
     body: Bytes,
 ) -> Response {
-    match account(&state, &headers, peer).await {
-        Ok(a) => create_hold_for(state, a, body).await.into_response(),
-        Err(refused) => refused,
+    let a = match account(&state, &headers, peer).await {
+        Ok(a) => a,
+        Err(refused) => return refused,
+    };
+    match routed(&state, &a, &method, &uri, &headers, body.clone()).await {
+        Ok(fence) => create_hold_for(state, a, body, fence).await.into_response(),
+        Err(answer) => answer,
     }
 }
 
-async fn create_hold_for(state: ApiState, a: Account, body: Bytes) -> Result<Response, ApiError> {
+async fn create_hold_for(
+    state: ApiState,
+    a: Account,
+    body: Bytes,
+    fence: Option<Fence>,
+) -> Result<Response, ApiError> {
     let started = std::time::Instant::now();
     let req: NewHold = parse_body(&body)?;
     check_call_id(&req.call_id)?;
@@ -250,21 +278,25 @@ async fn create_hold_for(state: ApiState, a: Account, body: Bytes) -> Result<Res
     let answer = match grant {
         Grant::Granted(hold) => {
             let row = stored(&hold);
-            match state.hold_commits().insert(row).await {
+            match state.hold_commits().insert(row, fence).await {
                 Ok(None) => {
+                    wallets.revoke(&hold);
+                    return Err(fenced());
+                }
+                Ok(Some(None)) => {
                     metrics::counter!(m::HOLDS_TOTAL, "outcome" => "granted").increment(1);
                     let mut body = hold_json(&stored(&hold));
                     body["wallet"] = wallet_json(&state, &a, &wallet);
                     (StatusCode::CREATED, Json(body)).into_response()
                 }
-                Ok(Some(_)) if hold.status() != HoldStatus::Reserved => {
+                Ok(Some(Some(_))) if hold.status() != HoldStatus::Reserved => {
                     // Its call's CDR came and was flushed before this insert.
                     metrics::counter!(m::HOLDS_TOTAL, "outcome" => "granted").increment(1);
                     let mut body = hold_json(&stored(&hold));
                     body["wallet"] = wallet_json(&state, &a, &wallet);
                     (StatusCode::CREATED, Json(body)).into_response()
                 }
-                Ok(Some(earlier)) => {
+                Ok(Some(Some(earlier))) => {
                     // The call id had a hold the registry had forgotten.
                     wallets.revoke(&hold);
                     let mut body = hold_json(&earlier);
@@ -330,13 +362,21 @@ fn no_hold(call_id: &str) -> ApiError {
 /// `DELETE /v1/holds/{call_id}`: releases a hold whose call never started.
 pub async fn release_hold(
     State(state): State<ApiState>,
+    method: Method,
+    uri: Uri,
     headers: HeaderMap,
     peer: Option<ConnectInfo<SocketAddr>>,
     Path(call_id): Path<String>,
 ) -> Response {
-    match account(&state, &headers, peer).await {
-        Ok(a) => release_hold_for(state, a, call_id).await.into_response(),
-        Err(refused) => refused,
+    let a = match account(&state, &headers, peer).await {
+        Ok(a) => a,
+        Err(refused) => return refused,
+    };
+    match routed(&state, &a, &method, &uri, &headers, Bytes::new()).await {
+        Ok(fence) => release_hold_for(state, a, call_id, fence)
+            .await
+            .into_response(),
+        Err(answer) => answer,
     }
 }
 
@@ -344,6 +384,7 @@ async fn release_hold_for(
     state: ApiState,
     a: Account,
     call_id: String,
+    fence: Option<Fence>,
 ) -> Result<Response, ApiError> {
     check_call_id(&call_id)?;
     let account = sid_of(&a)?;
@@ -366,9 +407,10 @@ async fn release_hold_for(
     let (sid, id) = (a.sid.clone(), call_id.clone());
     state
         .store()
-        .run(move |c| c.release_hold(&sid, &id))
+        .run(move |c| c.fenced(fence.as_ref(), |c| c.release_hold(&sid, &id)))
         .await
-        .map_err(store_unavailable)?;
+        .map_err(store_unavailable)?
+        .ok_or_else(fenced)?;
     let mut body = hold_json(&stored(&hold));
     body["wallet"] = wallet_json(&state, &a, &wallets.wallet(account));
     Ok((StatusCode::OK, Json(body)).into_response())
@@ -387,13 +429,19 @@ fn finished(h: &StoredHold) -> Result<Response, ApiError> {
 /// `GET /v1/calls/{call_id}/billing`: CallingBox's call billing fields.
 pub async fn call_billing(
     State(state): State<ApiState>,
+    method: Method,
+    uri: Uri,
     headers: HeaderMap,
     peer: Option<ConnectInfo<SocketAddr>>,
     Path(call_id): Path<String>,
 ) -> Response {
-    match account(&state, &headers, peer).await {
-        Ok(a) => call_billing_for(state, a, call_id).await.into_response(),
-        Err(refused) => refused,
+    let a = match account(&state, &headers, peer).await {
+        Ok(a) => a,
+        Err(refused) => return refused,
+    };
+    match routed(&state, &a, &method, &uri, &headers, Bytes::new()).await {
+        Ok(_) => call_billing_for(state, a, call_id).await.into_response(),
+        Err(answer) => answer,
     }
 }
 
@@ -420,12 +468,18 @@ async fn call_billing_for(
 /// `GET /v1/wallet`.
 pub async fn wallet(
     State(state): State<ApiState>,
+    method: Method,
+    uri: Uri,
     headers: HeaderMap,
     peer: Option<ConnectInfo<SocketAddr>>,
 ) -> Response {
-    match account(&state, &headers, peer).await {
-        Ok(a) => wallet_for(state, a).await.into_response(),
-        Err(refused) => refused,
+    let a = match account(&state, &headers, peer).await {
+        Ok(a) => a,
+        Err(refused) => return refused,
+    };
+    match routed(&state, &a, &method, &uri, &headers, Bytes::new()).await {
+        Ok(_) => wallet_for(state, a).await.into_response(),
+        Err(answer) => answer,
     }
 }
 
@@ -546,11 +600,24 @@ pub struct NewCredit {
 pub async fn create_credit(
     State(state): State<ApiState>,
     _admin: Admin,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
     Path(sid): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     check_loaded(&state)?;
     check_sid("sid", &sid)?;
+    let req = Incoming {
+        method: &method,
+        uri: &uri,
+        headers: &headers,
+        body: body.clone(),
+    };
+    let fence = match forward::route(&state, AccountSid::parse(&sid).expect("checked"), req).await {
+        Decision::Local(fence) => fence,
+        Decision::Answered(r) => return Ok(r),
+    };
     let req: NewCredit = parse_body(&body)?;
     let bad_amount = |why: &str| {
         ApiError::invalid_parameter(
@@ -590,13 +657,16 @@ pub async fn create_credit(
     let (a, result) = state
         .store()
         .run(move |c| {
-            let Some(a) = accounts::get(c, &sid)? else {
-                return Ok(None);
-            };
-            Ok(Some((a, c.credit_wallet(&credit, starting, low)?)))
+            c.fenced(fence.as_ref(), |c| {
+                let Some(a) = accounts::get(c, &sid)? else {
+                    return Ok(None);
+                };
+                Ok(Some((a, c.credit_wallet_in(&credit, starting, low)?)))
+            })
         })
         .await
         .map_err(store_unavailable)?
+        .ok_or_else(fenced)?
         .ok_or_else(|| ApiError::not_found("no such account"))?;
     let (credit, new) = result;
     let wallet = wallets.wallet(account);
@@ -621,7 +691,10 @@ pub async fn create_credit(
 /// Returns how many expired.
 pub async fn expire_due(state: &ApiState) -> Result<usize, StoreError> {
     let now = state.now();
-    let expired = state.wallets().expire(now, now - 3600);
+    let ownership = state.ownership();
+    let expired = state.wallets().expire(now, now - 3600, |a| {
+        matches!(ownership.route(a), crate::wallet::owners::Route::Local(_))
+    });
     if expired.is_empty() {
         return Ok(0);
     }

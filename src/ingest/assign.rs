@@ -34,24 +34,66 @@ pub struct Stored {
     pub offsets: HashMap<i32, i64>,
     /// partition → (seen day, packed ids) blobs.
     pub dedup: HashMap<i32, Vec<(Day, Vec<u8>)>>,
+    /// The partitions' wallets, when wallets are routed by partition.
+    pub wallets: Option<StoredWallets>,
+}
+
+/// The wallets of the partitions being taken, read after they were claimed.
+#[derive(Debug, Default)]
+pub struct StoredWallets {
+    /// The epoch this instance claimed each partition at.
+    pub epochs: Vec<(i32, i64)>,
+    /// The topic's partition count the accounts were sorted by.
+    pub partition_count: u32,
+    /// Every stored balance and reserved hold (the consumer keeps those of
+    /// its partitions' accounts).
+    pub balances: Vec<(String, crate::wallet::Money)>,
+    pub holds: Vec<crate::store::wallet::StoredHold>,
 }
 
 /// Reads `partitions`' stored offsets and their dedup ids seen since `since`,
 /// on one pooled connection. The one place ingest reads the store.
+///
+/// With `claim` (wallets routed by partition: the owner's URL and the
+/// topic's partition count), first records this instance as the partitions'
+/// wallet owner with a new epoch, then reads the wallets — in that order: a
+/// hold the previous owner is still writing either lands before the claim
+/// (and is read here) or is fenced by it. Offsets are read before balances:
+/// a flush of the previous owner landing in between makes the replay debit
+/// twice in memory (and this owner's first flush fenced, so reloaded), never
+/// not at all.
 pub fn load_stored(
     store: &Store,
     topic: &str,
     partitions: &[i32],
     since: Day,
+    claim: Option<(&str, u32)>,
 ) -> store::Result<Stored> {
     store.with_conn(|c| {
+        let epochs = match claim {
+            Some((owner, _)) => Some(c.claim_partitions(topic, partitions, owner)?),
+            None => None,
+        };
         let mut offsets = c.load_offsets(topic)?;
         offsets.retain(|p, _| partitions.contains(p));
         let mut dedup = HashMap::with_capacity(partitions.len());
         for &p in partitions {
             dedup.insert(p, c.load_dedup(topic, p, since)?);
         }
-        Ok(Stored { offsets, dedup })
+        let wallets = match (epochs, claim) {
+            (Some(epochs), Some((_, partition_count))) => Some(StoredWallets {
+                epochs,
+                partition_count,
+                balances: c.wallet_balances()?,
+                holds: c.reserved_holds()?,
+            }),
+            _ => None,
+        };
+        Ok(Stored {
+            offsets,
+            dedup,
+            wallets,
+        })
     })
 }
 
@@ -63,6 +105,8 @@ pub struct LoadSettings {
     pub dedup_window_days: u32,
     /// A load taking longer than this is reported as overdue.
     pub deadline: Duration,
+    /// Which partitions' wallets this instance owns (claimed by the load).
+    pub ownership: Arc<crate::wallet::owners::Ownership>,
 }
 
 /// The longest an assignment load may take before it is reported: a third of
@@ -101,23 +145,35 @@ impl Loading {
             "{}-load",
             std::thread::current().name().unwrap_or("tallyd-ingest")
         );
-        let (store, topic, ps, stop) = (
+        let (store, topic, ps, stop, ownership) = (
             settings.store.clone(),
             settings.topic.clone(),
             partitions.clone(),
             cancel.clone(),
+            settings.ownership.clone(),
         );
         let spawned = std::thread::Builder::new().name(name).spawn(move || {
             let mut backoff = FIRST_BACKOFF;
             while !stop.load(Ordering::Relaxed) {
-                match load_stored(&store, &topic, &ps, since) {
-                    Ok(stored) => {
-                        let _ = tx.send(stored);
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, partitions = ?ps, retry_in_ms = backoff.as_millis() as u64,
-                            "cannot load the stored offsets of assigned partitions; retrying");
+                let me = ownership.me();
+                let claim = ownership
+                    .is_routed()
+                    .then(|| (me.as_str(), ownership.partitions()));
+                if let Some((_, 0)) = claim {
+                    // The wallets of a partition are its accounts': which
+                    // ones depends on the partition count.
+                    tracing::warn!(partitions = ?ps, retry_in_ms = backoff.as_millis() as u64,
+                        "the topic's partition count is not known yet; the partitions wait for it");
+                } else {
+                    match load_stored(&store, &topic, &ps, since, claim) {
+                        Ok(stored) => {
+                            let _ = tx.send(stored);
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, partitions = ?ps, retry_in_ms = backoff.as_millis() as u64,
+                                "cannot load the stored offsets of assigned partitions; retrying");
+                        }
                     }
                 }
                 // Sleep in short steps so that a called-off load ends soon.
@@ -184,6 +240,7 @@ mod tests {
             topic: "cdrs".into(),
             dedup_window_days: 7,
             deadline: Duration::from_millis(50),
+            ownership: Arc::new(crate::wallet::owners::Ownership::lone()),
         };
         let mut l = Loading::start(&settings, vec![0, 1]);
         let t0 = Instant::now();
@@ -205,6 +262,7 @@ mod tests {
             topic: "cdrs".into(),
             dedup_window_days: 7,
             deadline: Duration::from_secs(10),
+            ownership: Arc::new(crate::wallet::owners::Ownership::lone()),
         };
         let mut l = Loading::start(&settings, vec![2, 3]);
         let t0 = Instant::now();

@@ -76,6 +76,10 @@ pub struct IngestSettings {
     pub wallets: Arc<crate::wallet::Wallets>,
     /// Usage triggers: a CDR that may cross one asks for an early flush.
     pub triggers: crate::triggers::TriggerBook,
+    /// The partitions whose wallets this instance owns, told to the API once
+    /// their wallets are loaded; also the partitioner CDR keys are checked
+    /// against.
+    pub ownership: Arc<crate::wallet::owners::Ownership>,
 }
 
 /// Live state shared with `/readyz` and the metrics: sums over the instance's
@@ -268,6 +272,29 @@ impl IngestContext {
         let thread = std::thread::current();
         let thread_name = thread.name().unwrap_or("?");
         st.today = today;
+        for p in &loading.partitions {
+            // Not expected (a revocation comes first); a ledger dropped after
+            // the reload below would give back debits the reload already left out.
+            st.partitions.remove(p);
+        }
+        if let Some(w) = stored.wallets {
+            // Before any of their CDRs is consumed: the wallets of the
+            // partitions' accounts as the store has them (the previous owner's
+            // holds and top-ups included); the replay from the stored offsets
+            // then re-debits what it had not flushed.
+            let ownership = &self.settings.ownership;
+            let n = w.partition_count;
+            let mine = |a: crate::cdr::AccountSid| {
+                ownership
+                    .partitioner
+                    .partition(a.to_string().as_bytes(), n)
+                    .is_some_and(|p| loading.partitions.contains(&p))
+            };
+            let loaded =
+                crate::wallet::owners::reload(&self.settings.wallets, w.balances, w.holds, mine);
+            ownership.own(&w.epochs);
+            tracing::info!(epochs = ?w.epochs, wallets = loaded, consumer = thread_name, "partitions' wallets loaded and owned");
+        }
         for &p in &loading.partitions {
             let stored_offset = stored.offsets.get(&p).copied();
             let mut window = DedupWindow::new(today);
@@ -333,6 +360,11 @@ impl IngestContext {
     fn on_revoke(&self) {
         let deadline = Instant::now() + self.settings.revoke_timeout;
         let mut st = self.state.lock();
+        // The API stops answering for these wallets before the last flush:
+        // whatever it would grant now, the next owner might not load.
+        self.settings
+            .ownership
+            .disown(st.partitions.keys().copied());
         let landed = self.wait_in_flight(&mut st, deadline) && {
             let snapshot = take_snapshot(&mut st, &self.settings);
             match snapshot {
@@ -684,6 +716,7 @@ impl Ingest {
             topic: settings.topic.clone(),
             dedup_window_days: settings.dedup_window_days,
             deadline: assign::load_deadline(session_timeout, max_poll_interval),
+            ownership: settings.ownership.clone(),
         };
         let ctx = IngestContext {
             helpers,
@@ -1033,6 +1066,7 @@ impl Ingest {
     /// Drops all local state and has the group member rejoin: the rebalance
     /// reloads every partition from what the store holds.
     fn reload_from_store(&self, ctx: &IngestContext, st: &mut State) {
+        ctx.settings.ownership.disown(st.partitions.keys().copied());
         st.partitions.clear();
         if self.control.is_some() {
             if let Err(e) = self.kafka().unassign() {
@@ -1075,6 +1109,7 @@ impl Ingest {
         let Some(last) = run.last() else {
             return;
         };
+        check_partitions(self.kafka().context(), run, partition);
         let payloads: Vec<&[u8]> = run
             .iter()
             .map(|m| m.payload().unwrap_or_default())
@@ -1175,6 +1210,68 @@ impl PartitionState {
     }
 }
 
+/// How many messages of `run`, read from `partition`, have a key
+/// `partitioner` maps elsewhere among `n` partitions, and the offset and
+/// computed partition of the first (none while `n` is not known; messages
+/// without key go anywhere).
+fn misplaced<R: Record>(
+    partitioner: crate::partitioner::Partitioner,
+    n: u32,
+    run: &[R],
+    partition: i32,
+) -> (u64, Option<(i64, Option<i32>)>) {
+    let mut misplaced = 0u64;
+    let mut example = None;
+    if n == 0 {
+        return (0, None);
+    }
+    // Runs often repeat a key: its verdict is kept.
+    let (mut last_key, mut last_bad): (Option<&[u8]>, bool) = (None, false);
+    for m in run {
+        let Some(key) = m.key() else { continue };
+        if last_key != Some(key) {
+            last_key = Some(key);
+            let computed = partitioner.partition(key, n);
+            last_bad = computed.is_some_and(|c| c != partition);
+            if last_bad {
+                example.get_or_insert((m.offset(), computed));
+            }
+        }
+        misplaced += u64::from(last_bad);
+    }
+    (misplaced, example)
+}
+
+/// Counts and logs (throttled) the CDRs of `run` whose key maps to another
+/// partition than `partition` under `kafka.partitioner`: their account's
+/// wallet is owned by whoever holds the computed partition, which does not see
+/// these debits. They are counted normally all the same.
+fn check_partitions<R: Record>(ctx: &IngestContext, run: &[R], partition: i32) {
+    let ownership = &ctx.settings.ownership;
+    let n = ownership.partitions();
+    let (count, example) = misplaced(ownership.partitioner, n, run, partition);
+    if count == 0 {
+        return;
+    }
+    metrics::counter!(crate::metrics::CDR_PARTITION_MISMATCH_TOTAL).increment(count);
+    if let (Some(repeats), Some((offset, computed))) = (
+        ctx.log_throttle
+            .admit("cdr on another partition than its key's", Instant::now()),
+        example,
+    ) {
+        tracing::warn!(
+            partition,
+            offset,
+            computed = ?computed,
+            partitioner = ownership.partitioner.as_str(),
+            partitions = n,
+            in_this_run = count,
+            repeats_not_logged = repeats,
+            "CDR read from another partition than kafka.partitioner computes for its key: is kafka.partitioner the switch's? (its account's wallet owner does not see it)"
+        );
+    }
+}
+
 /// A consumer error: counted, and logged unless it keeps recurring.
 fn on_error(ctx: &IngestContext, e: KafkaError) {
     metrics::counter!(crate::metrics::KAFKA_ERRORS_TOTAL).increment(1);
@@ -1253,6 +1350,7 @@ mod tests {
                 revoke_timeout: Duration::from_secs(1),
                 wallets: Arc::new(crate::wallet::Wallets::new(Box::new(|_| 0))),
                 triggers: Default::default(),
+                ownership: Arc::new(crate::wallet::owners::Ownership::lone()),
             },
             t0,
         )
@@ -1323,6 +1421,41 @@ mod tests {
 
     fn offsets(run: &[rdkafka::message::OwnedMessage]) -> Vec<i64> {
         run.iter().map(rdkafka::Message::offset).collect()
+    }
+
+    #[test]
+    fn cdrs_on_another_partition_than_their_keys_are_found() {
+        use crate::partitioner::Partitioner;
+        let p = Partitioner::ConsistentRandom;
+        let key_of = |want: i32| {
+            (0..)
+                .map(|i| format!("AC{i:032x}"))
+                .find(|k| p.partition(k.as_bytes(), 4) == Some(want))
+                .unwrap()
+        };
+        let (home, away) = (key_of(3), key_of(1));
+        let msg = |key: Option<&str>, o: i64| {
+            rdkafka::message::OwnedMessage::new(
+                Some(b"{}".to_vec()),
+                key.map(|k| k.as_bytes().to_vec()),
+                "cdrs".into(),
+                rdkafka::Timestamp::NotAvailable,
+                3,
+                o,
+                None,
+            )
+        };
+        let run = [
+            msg(Some(&home), 10),
+            msg(Some(&away), 11),
+            msg(Some(&away), 12),
+            msg(None, 13),
+            msg(Some(&home), 14),
+            msg(Some(&away), 15),
+        ];
+        assert_eq!(misplaced(p, 4, &run, 3), (3, Some((11, Some(1)))));
+        assert_eq!(misplaced(p, 0, &run, 3), (0, None), "count not known yet");
+        assert_eq!(misplaced(p, 4, &run[..1], 3), (0, None));
     }
 
     #[test]

@@ -39,6 +39,12 @@
 //! - `wallet_events`: the outbox of wallet events (`wallet.low_balance`,
 //!   `wallet.recharge_requested`), each written in the transaction of the
 //!   balance change that caused it; `payload` is the event's JSON body.
+//! - `wallet_owners`: which instance owns the wallets of a CDR partition's
+//!   accounts: `owner` is its advertised base URL (`http.advertise_url`), where
+//!   the other instances forward wallet requests; `epoch` goes up by one at
+//!   every assignment, and a hold, release or top-up is written only while the
+//!   row still has the epoch its instance took (a fence against an owner that
+//!   lost the partition; see [`super::wallet`]).
 //! - `usage_triggers`: Twilio usage triggers ([`crate::triggers`]);
 //!   `trigger_value` and `fired_value` are decimal strings, `fired_period` the
 //!   period key (`YYYY-MM-DD`, `YYYY-MM`, `YYYY`, `all`) of the last firing,
@@ -162,6 +168,13 @@ const MIGRATIONS: &[&str] = &[
         created_at TEXT NOT NULL
     )",
     "CREATE INDEX IF NOT EXISTS wallet_events_by_account ON wallet_events (account_sid, created_at)",
+    "CREATE TABLE IF NOT EXISTS wallet_owners (
+        topic TEXT NOT NULL,
+        partition INTEGER NOT NULL,
+        owner TEXT NOT NULL,
+        epoch BIGINT NOT NULL,
+        PRIMARY KEY (topic, partition)
+    )",
     "CREATE TABLE IF NOT EXISTS usage_triggers (
         sid TEXT PRIMARY KEY,
         account_sid TEXT NOT NULL,

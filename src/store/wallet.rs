@@ -6,6 +6,14 @@
 //! [`Conn::write_flush`]), so after a crash the replay from the stored offsets
 //! re-debits exactly what the store does not have. Holds and top-ups are
 //! written before their HTTP answer leaves, in transactions of their own.
+//!
+//! With several instances, a partition's wallets have one owner at a time,
+//! recorded in `wallet_owners` with an epoch bumped at every assignment
+//! ([`Conn::claim_partitions`]). A hold, release or top-up is written in a
+//! transaction that first checks its instance's epoch is still the row's
+//! ([`Fence`]): the check locks the row, so a new owner's claim waits for it
+//! and then loads what it wrote, or comes first and the stale write is refused
+//! (and nothing is granted).
 
 use super::{Conn, Param, Result, Value};
 use crate::wallet::{decimal, CallBilling, HoldStatus, LowBalance, Money, WalletCut};
@@ -134,7 +142,84 @@ fn hold_row(r: &[Value]) -> StoredHold {
     }
 }
 
+/// The ownership a wallet write depends on: its partition's epoch as this
+/// instance claimed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub topic: String,
+    pub partition: i32,
+    pub epoch: i64,
+}
+
 impl Conn {
+    /// Records `owner` as the owner of `partitions` of `topic`, one epoch
+    /// later than the last owner's (1 for the first); returns each partition's
+    /// new epoch. In one transaction.
+    pub fn claim_partitions(
+        &mut self,
+        topic: &str,
+        partitions: &[i32],
+        owner: &str,
+    ) -> Result<Vec<(i32, i64)>> {
+        self.transaction(|c| {
+            let mut epochs = Vec::with_capacity(partitions.len());
+            for &p in partitions {
+                let r = c.query(
+                    "INSERT INTO wallet_owners (topic, partition, owner, epoch) VALUES ($1, $2, $3, 1) \
+                     ON CONFLICT (topic, partition) DO UPDATE SET owner = excluded.owner, \
+                     epoch = wallet_owners.epoch + 1 RETURNING epoch",
+                    &[Param::Text(topic), Param::Int(p.into()), Param::Text(owner)],
+                )?;
+                epochs.push((p, r[0][0].int()));
+            }
+            Ok(epochs)
+        })
+    }
+
+    /// The recorded owner of a partition and its epoch.
+    pub fn wallet_owner(&mut self, topic: &str, partition: i32) -> Result<Option<(String, i64)>> {
+        Ok(self
+            .query(
+                "SELECT owner, epoch FROM wallet_owners WHERE topic = $1 AND partition = $2",
+                &[Param::Text(topic), Param::Int(partition.into())],
+            )?
+            .first()
+            .map(|r| (r[0].text().to_owned(), r[1].int())))
+    }
+
+    /// Runs `f` in a transaction if `fence` (when given) still holds: its
+    /// row is locked first, so the partition cannot change owner until the
+    /// transaction ends. `Ok(None)`: fenced, nothing written.
+    pub fn fenced<T>(
+        &mut self,
+        fence: Option<&Fence>,
+        f: impl FnOnce(&mut Conn) -> Result<T>,
+    ) -> Result<Option<T>> {
+        self.transaction(|c| {
+            if let Some(fence) = fence {
+                if !c.hold_fence(fence)? {
+                    return Ok(None);
+                }
+            }
+            f(c).map(Some)
+        })
+    }
+
+    /// Locks the fence's row until the transaction ends if it still has the
+    /// fence's epoch; false if another instance claimed the partition since.
+    fn hold_fence(&mut self, fence: &Fence) -> Result<bool> {
+        let held = self.execute(
+            "UPDATE wallet_owners SET epoch = epoch \
+             WHERE topic = $1 AND partition = $2 AND epoch = $3",
+            &[
+                Param::Text(&fence.topic),
+                Param::Int(fence.partition.into()),
+                Param::Int(fence.epoch),
+            ],
+        )?;
+        Ok(held == 1)
+    }
+
     /// The flush step: adds each account's debits into its balance and
     /// records the holds its CDRs settled or released.
     pub(super) fn write_wallet_rows(&mut self, w: &WalletRows, as_of: &str) -> Result<()> {
@@ -310,9 +395,35 @@ impl Conn {
     }
 
     /// Stores many granted holds in one transaction (a group commit); each
-    /// result is as [`Conn::insert_hold`]'s.
-    pub fn insert_holds(&mut self, holds: &[StoredHold]) -> Result<Vec<Option<StoredHold>>> {
-        self.transaction(|c| holds.iter().map(|h| c.insert_hold(h)).collect())
+    /// result is as [`Conn::insert_hold`]'s, or `None` for a hold whose
+    /// [`Fence`] no longer holds (stored nothing). Each fence's row is locked
+    /// once, before any hold is written, as [`Conn::fenced`] does.
+    pub fn insert_holds(
+        &mut self,
+        holds: &[(StoredHold, Option<Fence>)],
+    ) -> Result<Vec<Option<Option<StoredHold>>>> {
+        self.transaction(|c| {
+            let mut fences: Vec<(&Fence, bool)> = Vec::new();
+            for fence in holds.iter().filter_map(|(_, f)| f.as_ref()) {
+                if !fences.iter().any(|(f, _)| *f == fence) {
+                    let held = c.hold_fence(fence)?;
+                    fences.push((fence, held));
+                }
+            }
+            holds
+                .iter()
+                .map(|(h, fence)| {
+                    let held = fence
+                        .as_ref()
+                        .map_or(true, |f| fences.iter().any(|(g, ok)| *g == f && *ok));
+                    if held {
+                        c.insert_hold(h).map(Some)
+                    } else {
+                        Ok(None)
+                    }
+                })
+                .collect()
+        })
     }
 
     /// Marks a reserved hold released (explicitly or at expiry).
@@ -380,7 +491,18 @@ impl Conn {
         starting: Money,
         defaults: LowBalance,
     ) -> Result<(StoredCredit, bool)> {
-        self.transaction(|tx| {
+        self.transaction(|tx| tx.credit_wallet_in(c, starting, defaults))
+    }
+
+    /// [`Conn::credit_wallet`] in the caller's transaction.
+    pub fn credit_wallet_in(
+        &mut self,
+        c: &StoredCredit,
+        starting: Money,
+        defaults: LowBalance,
+    ) -> Result<(StoredCredit, bool)> {
+        {
+            let tx = self;
             let inserted = tx.execute(
                 "INSERT INTO wallet_credits (account_sid, idempotency_key, amount, reason, created_at) \
                  VALUES ($1, $2, $3, $4, $5) ON CONFLICT (account_sid, idempotency_key) DO NOTHING",
@@ -430,6 +552,6 @@ impl Conn {
                 )?;
             }
             Ok((c.clone(), true))
-        })
+        }
     }
 }

@@ -4,24 +4,27 @@
 //! Requests hand their hold to one writer task and wait for its answer. The
 //! writer takes every hold waiting (up to [`MAX_BATCH`]), writes them in one
 //! transaction ([`crate::store::Conn::insert_holds`]) and answers each; holds
-//! granted while it writes wait for the next round. Under load a transaction
+//! granted while it writes wait for the next round. A hold carries the fence
+//! of its instance's ownership of the partition (none for a lone API); one
+//! whose fence no longer holds is not stored (see [`crate::store::wallet`]). Under load a transaction
 //! carries many holds, so the store's per-commit cost (a WAL append and, for
 //! PostgreSQL, a round trip and a flush) is paid once per batch instead of
 //! once per hold; alone, a hold waits for no one.
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::wallet::StoredHold;
+use crate::store::wallet::{Fence, StoredHold};
 use crate::store::{Error, Store};
 
 /// Most holds written in one transaction.
 pub const MAX_BATCH: usize = 512;
 
-/// What a hold's insert found: `None` if stored, else the hold its call id
-/// already had.
-pub type Inserted = Result<Option<StoredHold>, Error>;
+/// What a hold's insert found: `Some(None)` if stored, `Some(Some(h))` with
+/// the hold its call id already had, `None` if its fence no longer holds
+/// (nothing stored).
+pub type Inserted = Result<Option<Option<StoredHold>>, Error>;
 
-type Request = (StoredHold, oneshot::Sender<Inserted>);
+type Request = (StoredHold, Option<Fence>, oneshot::Sender<Inserted>);
 
 /// The handle requests use; cheap to clone.
 #[derive(Clone, Debug)]
@@ -39,9 +42,9 @@ impl HoldCommits {
 
     /// Stores `hold` with whatever else is waiting; returns once it is
     /// committed (or the store refused the batch).
-    pub async fn insert(&self, hold: StoredHold) -> Inserted {
+    pub async fn insert(&self, hold: StoredHold, fence: Option<Fence>) -> Inserted {
         let (reply, answer) = oneshot::channel();
-        if self.tx.send((hold, reply)).await.is_err() {
+        if self.tx.send((hold, fence, reply)).await.is_err() {
             return Err(Error::Cancelled("the hold writer has stopped".into()));
         }
         answer
@@ -53,18 +56,21 @@ impl HoldCommits {
 async fn write(store: Store, mut rx: mpsc::Receiver<Request>) {
     let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let holds: Vec<StoredHold> = batch.iter().map(|(h, _)| h.clone()).collect();
+        let holds: Vec<(StoredHold, Option<Fence>)> = batch
+            .iter()
+            .map(|(h, f, _)| (h.clone(), f.clone()))
+            .collect();
         metrics::counter!(crate::metrics::HOLD_COMMITS_TOTAL).increment(1);
         match store.run(move |c| c.insert_holds(&holds)).await {
             Ok(found) => {
-                for ((_, reply), found) in batch.drain(..).zip(found) {
+                for ((_, _, reply), found) in batch.drain(..).zip(found) {
                     let _ = reply.send(Ok(found));
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, holds = batch.len(), "a batch of holds was not stored; each is refused");
                 let why = e.to_string();
-                for (_, reply) in batch.drain(..) {
+                for (_, _, reply) in batch.drain(..) {
                     let _ = reply.send(Err(Error::Cancelled(format!(
                         "the batch of holds was not stored: {why}"
                     ))));
@@ -101,7 +107,7 @@ mod tests {
                 let c = commits.clone();
                 // Every hundredth call id is sent twice.
                 let id = if i % 100 == 99 { i - 1 } else { i };
-                tokio::spawn(async move { c.insert(hold(id)).await.unwrap() })
+                tokio::spawn(async move { c.insert(hold(id), None).await.unwrap().unwrap() })
             })
             .collect();
         let mut repeats = 0;

@@ -15,7 +15,8 @@
 //! and hands what changed since the last flush to the flush transaction
 //! ([`Ledger::take`]), which persists it with the partition's offsets.
 //!
-//! Persistence lives in [`crate::store::wallet`]; HTTP in [`crate::api::wallet`].
+//! Persistence lives in [`crate::store::wallet`]; HTTP in [`crate::api::wallet`];
+//! which instance answers for a wallet in [`owners`].
 
 pub mod commit;
 
@@ -552,11 +553,19 @@ impl Wallets {
     /// Reserved holds whose expiry is at or before `now`, released; and holds
     /// that finished before `forget_before` dropped from the registry (the
     /// store keeps them).
-    pub fn expire(&self, now: i64, forget_before: i64) -> Vec<Arc<Hold>> {
+    /// Only the holds of accounts `mine` accepts are released (another
+    /// instance owns the others' wallets).
+    pub fn expire(
+        &self,
+        now: i64,
+        forget_before: i64,
+        mine: impl Fn(AccountSid) -> bool,
+    ) -> Vec<Arc<Hold>> {
         let due: Vec<Arc<Hold>> = self
             .holds
             .iter()
             .filter(|h| h.status() == HoldStatus::Reserved && h.expires_at <= now)
+            .filter(|h| mine(h.account))
             .map(|h| h.clone())
             .collect();
         let expired = due.into_iter().filter(|h| self.release(h)).collect();
@@ -814,6 +823,8 @@ impl Drop for Ledger {
         }
     }
 }
+
+pub mod owners;
 
 #[cfg(test)]
 mod tests;

@@ -151,8 +151,8 @@ fn a_cdr_settles_or_releases_its_hold_and_a_late_one_is_still_charged() {
     let Grant::Granted(c) = w.grant(account, "CAc", 200 * CENT, 5, 0, 60) else {
         panic!()
     };
-    assert_eq!(w.expire(59, 0).len(), 0);
-    assert_eq!(w.expire(60, 0).len(), 1);
+    assert_eq!(w.expire(59, 0, |_| true).len(), 0);
+    assert_eq!(w.expire(60, 0, |_| true).len(), 1);
     let late = call_cdr("CAc", "completed", 60);
     let cdr = decode(&late).unwrap();
     ledger.debit(&cdr, tariff.rate(&cdr, cdr.leaf()));
