@@ -79,6 +79,63 @@ pub struct Dispatcher {
     per_account: Mutex<HashMap<String, usize>>,
     wake: Notify,
     log: LogThrottle,
+    /// Attempts' results, written to the store in batches ([`report`]).
+    reports: tokio::sync::mpsc::UnboundedSender<(Report, tokio::sync::oneshot::Sender<bool>)>,
+}
+
+/// An attempt's result for the store.
+struct Report {
+    id: String,
+    delivered: bool,
+    lease: i64,
+    next: Option<i64>,
+    at: i64,
+    error: Option<String>,
+}
+
+/// Writes attempts' results, every one waiting in one transaction (many
+/// callbacks finish together under load; one transaction each made the
+/// results queue behind the flushes on SQLite's single writer). Each is
+/// answered whether it was written.
+async fn report(
+    store: Store,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(Report, tokio::sync::oneshot::Sender<bool>)>,
+) {
+    let mut batch = Vec::with_capacity(256);
+    while rx.recv_many(&mut batch, 256).await > 0 {
+        let reports: Vec<Report> = batch
+            .iter()
+            .map(|(r, _): &(Report, _)| Report {
+                id: r.id.clone(),
+                delivered: r.delivered,
+                lease: r.lease,
+                next: r.next,
+                at: r.at,
+                error: r.error.clone(),
+            })
+            .collect();
+        let written = store
+            .run(move |c| {
+                c.transaction(|c| {
+                    for r in &reports {
+                        if r.delivered {
+                            c.outbox_delivered(&r.id, r.at)?;
+                        } else {
+                            let e = r.error.as_deref().unwrap_or("");
+                            c.outbox_attempt_failed(&r.id, r.lease, r.next, r.at, e)?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .await;
+        if let Err(e) = &written {
+            tracing::debug!(error = %e, reports = batch.len(), "callback results not written; each is tried again");
+        }
+        for (_, reply) in batch.drain(..) {
+            let _ = reply.send(written.is_ok());
+        }
+    }
 }
 
 /// The running dispatcher: wake it, wait for it to stop. Cheap to clone.
@@ -142,7 +199,10 @@ impl Dispatcher {
                 policy: cfg.url_policy(),
             }))
             .build()?;
+        let (reports, reported) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(report(store.clone(), reported));
         let inner = Arc::new(Dispatcher {
+            reports,
             store,
             permits: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
             per_account: Mutex::new(HashMap::new()),
@@ -265,6 +325,38 @@ impl Dispatcher {
                     return self.store_failed("claiming callbacks", &e);
                 }
             };
+            // The signing keys of the batch, read once (not per callback).
+            let wanted: Vec<(String, String)> = chosen
+                .iter()
+                .zip(&claimed)
+                .filter(|(_, mine)| **mine)
+                .map(|(d, _)| (d.row.kind.clone(), d.row.account_sid.clone()))
+                .collect();
+            let keys = self
+                .store
+                .run(move |c| {
+                    let mut keys: HashMap<(bool, String), Option<String>> = HashMap::new();
+                    for (kind, account) in wanted {
+                        let class = kind == KIND_USAGE_TRIGGER;
+                        if !keys.contains_key(&(class, account.clone())) {
+                            let k = c.signing_key(&kind, &account)?;
+                            keys.insert((class, account), k);
+                        }
+                    }
+                    Ok(keys)
+                })
+                .await;
+            let keys = match keys {
+                Ok(k) => Arc::new(k),
+                Err(e) => {
+                    // Claimed but not sent: the rows are due again when
+                    // their lease ends.
+                    for r in &chosen {
+                        self.release_account(&r.row.account_sid);
+                    }
+                    return self.store_failed("reading callbacks' signing keys", &e);
+                }
+            };
             for (due, mine) in chosen.into_iter().zip(claimed) {
                 let permit = match (mine, self.permits.clone().try_acquire_owned()) {
                     (true, Ok(p)) => p,
@@ -281,7 +373,14 @@ impl Dispatcher {
                     _permit: permit,
                 };
                 metrics::gauge!(m::WEBHOOKS_IN_FLIGHT).set(self.in_flight() as f64);
-                tokio::spawn(slot.dispatcher.clone().deliver(due, lease, slot));
+                let key = keys
+                    .get(&(
+                        due.row.kind == KIND_USAGE_TRIGGER,
+                        due.row.account_sid.clone(),
+                    ))
+                    .cloned()
+                    .flatten();
+                tokio::spawn(slot.dispatcher.clone().deliver(due, lease, slot, key));
             }
             if !more && !left {
                 return;
@@ -300,8 +399,8 @@ impl Dispatcher {
     }
 
     /// Sends one claimed row and reports the result.
-    async fn deliver(self: Arc<Self>, due: DueRow, lease: i64, slot: Slot) {
-        let outcome = self.attempt(&due).await;
+    async fn deliver(self: Arc<Self>, due: DueRow, lease: i64, slot: Slot, key: Option<String>) {
+        let outcome = self.attempt(&due, key).await;
         let row = &due.row;
         let now = now_ms();
         let (label, next, error) = match &outcome {
@@ -338,55 +437,49 @@ impl Dispatcher {
             }
             (_, e) => tracing::debug!(id = %row.id, error = ?e, "callback will be retried"),
         }
-        let id = row.id.clone();
         for i in 0..REPORT_TRIES {
-            let (id, error) = (id.clone(), error.clone());
-            let delivered = outcome == Attempt::Delivered;
-            let r = self
-                .store
-                .run(move |c| {
-                    if delivered {
-                        c.outbox_delivered(&id, now)
-                    } else {
-                        let e = error.as_deref().unwrap_or("");
-                        c.outbox_attempt_failed(&id, lease, next, now, e)
-                    }
-                })
-                .await;
-            match r {
-                Ok(_) => break,
-                Err(e) => {
-                    self.store_failed("reporting a callback's result", &e);
-                    tokio::time::sleep(Duration::from_millis(200 << i)).await;
+            let (done, written) = tokio::sync::oneshot::channel();
+            let report = Report {
+                id: row.id.clone(),
+                delivered: outcome == Attempt::Delivered,
+                lease,
+                next,
+                at: now,
+                error: error.clone(),
+            };
+            if self.reports.send((report, done)).is_err() || written.await != Ok(true) {
+                if let Some(repeats) = self
+                    .log
+                    .admit("reporting a callback's result", Instant::now())
+                {
+                    tracing::warn!(id = %row.id, repeats, "webhook dispatcher: the store did not take a callback's result; trying again");
                 }
+                tokio::time::sleep(Duration::from_millis(200 << i)).await;
+                continue;
             }
+            break;
         }
         drop(slot);
     }
 
     /// One attempt at `due`.
-    async fn attempt(&self, due: &DueRow) -> Attempt {
+    async fn attempt(&self, due: &DueRow, key: Option<String>) -> Attempt {
         let row = &due.row;
         let trigger = row.kind == KIND_USAGE_TRIGGER;
         let url = match check_callback_url(&row.url, self.cfg.url_policy()) {
             Ok(u) => u,
             Err(why) => return Attempt::Refused(format!("the callback URL {why}")),
         };
-        let (kind, sid) = (row.kind.clone(), row.account_sid.clone());
-        let key = match self.store.run(move |c| c.signing_key(&kind, &sid)).await {
-            Ok(Some(k)) => k,
-            Ok(None) if trigger => {
+        let key = match key {
+            Some(k) => k,
+            None if trigger => {
                 return Attempt::Refused(format!("account {} no longer exists", row.account_sid))
             }
-            Ok(None) => {
+            None => {
                 return Attempt::Refused(format!(
                     "account {} no longer has a webhook",
                     row.account_sid
                 ))
-            }
-            Err(e) => {
-                self.store_failed("reading a callback's signing key", &e);
-                return Attempt::Retry(format!("store: {e}"));
             }
         };
         let request = match build_request(&self.client, row, url, &key) {
@@ -435,6 +528,8 @@ impl Drop for Slot {
         // The permit is released after this body: one more is free then.
         let in_flight = self.dispatcher.in_flight().saturating_sub(1);
         metrics::gauge!(m::WEBHOOKS_IN_FLIGHT).set(in_flight as f64);
+        // A slot is free: take the next due rows now, not at the next poll.
+        self.dispatcher.wake.notify_one();
     }
 }
 
