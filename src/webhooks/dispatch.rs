@@ -261,7 +261,10 @@ impl Dispatcher {
         let per_account = self.cfg.per_account_in_flight.max(1);
         for _ in 0..MAX_QUERIES {
             let free = self.permits.available_permits();
-            if free == 0 {
+            // With sends in flight, wait until a quarter of the slots are
+            // free: each round costs a read, a claim and a key read, which
+            // one finished send at a time would pay per callback.
+            if free == 0 || (free < self.max_in_flight().div_ceil(4) && self.in_flight() > 0) {
                 return;
             }
             let skip: Vec<String> = self
