@@ -373,7 +373,7 @@ impl Dispatcher {
                 let slot = Slot {
                     dispatcher: self.clone(),
                     account: due.row.account_sid.clone(),
-                    _permit: permit,
+                    permit: Some(permit),
                 };
                 metrics::gauge!(m::WEBHOOKS_IN_FLIGHT).set(self.in_flight() as f64);
                 let key = keys
@@ -522,15 +522,16 @@ impl Dispatcher {
 struct Slot {
     dispatcher: Arc<Dispatcher>,
     account: String,
-    _permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.dispatcher.release_account(&self.account);
-        // The permit is released after this body: one more is free then.
-        let in_flight = self.dispatcher.in_flight().saturating_sub(1);
-        metrics::gauge!(m::WEBHOOKS_IN_FLIGHT).set(in_flight as f64);
+        // The permit first, then the wake-up: a round woken before the
+        // permit is back would not see the slot free.
+        drop(self.permit.take());
+        metrics::gauge!(m::WEBHOOKS_IN_FLIGHT).set(self.dispatcher.in_flight() as f64);
         // A slot is free: take the next due rows now, not at the next poll.
         self.dispatcher.wake.notify_one();
     }

