@@ -17,9 +17,20 @@
 //! it flushes what it has and drops all local state (docs/design.md, invariant 1). The
 //! load runs off the rebalance callback, which only starts it (see [`assign`]). Offsets are
 //! also committed to Kafka after each flush, but only so that lag tools work.
+//!
+//! The parts, in the order a message meets them:
+//! - [`kafka`]: the consumer's client settings (defaults, fixed, static id);
+//! - [`rebalance`]: what the group member does when partitions are given or
+//!   taken, and the revocation's final flush; [`share`]: how the member deals
+//!   them out to the instance's other consumers; [`assign`]: loading a
+//!   partition's stored offsets, dedup window and wallets off the callback;
+//! - this module: the consumer loop — partition state, the hot path over a
+//!   polled batch, the flush cut (snapshot) and backpressure;
+//! - [`pace`]: when the next flush is due; [`health`]: the gauges and
+//!   `/readyz` state summed over the instance's consumers.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,8 +59,16 @@ use crate::store::{DedupRows, FlushOutcome, OffsetAdvance};
 use crate::triggers::watch::{Gains, Watches};
 
 mod assign;
+mod health;
+mod kafka;
+mod pace;
+mod rebalance;
 mod share;
 use assign::{LoadSettings, Loading, Stored};
+pub use health::IngestHealth;
+pub use kafka::instance_id;
+use kafka::{fixed_settings, CONSUMER_DEFAULTS};
+pub use pace::FlushPacer;
 use share::Control;
 pub use share::{Crew, Seat};
 
@@ -80,57 +99,6 @@ pub struct IngestSettings {
     /// their wallets are loaded; also the partitioner CDR keys are checked
     /// against.
     pub ownership: Arc<crate::wallet::owners::Ownership>,
-}
-
-/// Live state shared with `/readyz` and the metrics: sums over the instance's
-/// consumers (`kafka.consumers`), each of which moves them by its own changes.
-#[derive(Default)]
-pub struct IngestHealth {
-    assigned_partitions: AtomicUsize,
-    paused_consumers: AtomicUsize,
-    pending_cells: AtomicUsize,
-}
-
-impl IngestHealth {
-    pub fn assigned_partitions(&self) -> usize {
-        self.assigned_partitions.load(Ordering::Relaxed)
-    }
-
-    /// Whether any consumer is paused (backpressure).
-    pub fn paused(&self) -> bool {
-        self.paused_consumers.load(Ordering::Relaxed) > 0
-    }
-
-    /// Sets one consumer's assigned partitions (`mine` holds its share) and
-    /// publishes the instance's sum.
-    fn set_assigned(&self, mine: &IngestHealth, n: usize) {
-        let sum = move_sum(&self.assigned_partitions, &mine.assigned_partitions, n);
-        metrics::gauge!(crate::metrics::PARTITIONS_ASSIGNED).set(sum as f64);
-    }
-
-    fn set_paused(&self, mine: &IngestHealth, paused: bool) {
-        let sum = move_sum(
-            &self.paused_consumers,
-            &mine.paused_consumers,
-            paused as usize,
-        );
-        metrics::gauge!(crate::metrics::CONSUMER_PAUSED).set(if sum > 0 { 1.0 } else { 0.0 });
-    }
-
-    fn set_pending(&self, mine: &IngestHealth, cells: usize) {
-        let sum = move_sum(&self.pending_cells, &mine.pending_cells, cells);
-        metrics::gauge!(crate::metrics::PENDING_CELLS).set(sum as f64);
-    }
-}
-
-/// Sets `mine` to `now` and moves `sum` by the difference; returns the new sum.
-fn move_sum(sum: &AtomicUsize, mine: &AtomicUsize, now: usize) -> usize {
-    let before = mine.swap(now, Ordering::Relaxed);
-    if now >= before {
-        sum.fetch_add(now - before, Ordering::Relaxed) + (now - before)
-    } else {
-        sum.fetch_sub(before - now, Ordering::Relaxed) - (before - now)
-    }
 }
 
 struct PartitionState {
@@ -191,322 +159,6 @@ pub struct IngestContext {
     crew: Arc<Crew>,
 }
 
-impl ClientContext for IngestContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        // With `enable.partition.eof` librdkafka also reports every end of
-        // partition here; the consumer loop handles it, and it is no error.
-        if let KafkaError::Global(RDKafkaErrorCode::PartitionEOF) = error {
-            tracing::debug!(reason, "end of partition");
-            return;
-        }
-        if let Some(repeats) = self.log_throttle.admit_error(&error) {
-            tracing::error!(error = %error, reason, repeats_not_logged = repeats, "librdkafka error");
-        }
-    }
-}
-
-impl ConsumerContext for IngestContext {
-    fn rebalance(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        err: RDKafkaRespErr,
-        tpl: &mut TopicPartitionList,
-    ) {
-        match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-                let mut shares = share::split(&partitions, 1 + self.helpers.len()).into_iter();
-                let mine = shares.next().unwrap_or_default();
-                for (helper, share) in self.helpers.iter().zip(shares) {
-                    let _ = helper.send(Control::Assign(share));
-                }
-                if mine.is_empty() {
-                    // Nothing to load: complete the rebalance now.
-                    if let Err(e) = consumer.assign(&TopicPartitionList::new()) {
-                        tracing::error!(error = %e, "assign failed");
-                    }
-                } else {
-                    // Only starts loading the stored offsets: the consumer thread
-                    // assigns once they are there (see `assign`).
-                    self.begin_assign(mine);
-                }
-            }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                // A load still under way is called off: nothing was assigned.
-                self.state.lock().loading = None;
-                self.revoke_with_helpers();
-                if let Err(e) = consumer.unassign() {
-                    tracing::error!(error = %e, "unassign failed");
-                }
-            }
-            other => {
-                tracing::error!(error = ?other, "rebalance error; dropping assignment");
-                self.state.lock().loading = None;
-                self.revoke_with_helpers();
-                let _ = consumer.unassign();
-            }
-        }
-    }
-}
-
-impl IngestContext {
-    /// Starts loading `partitions`' stored offsets and dedup windows; the
-    /// consumer thread assigns them once loaded ([`Ingest::take_loaded`]). Never
-    /// waits: called from the rebalance callback.
-    fn begin_assign(&self, partitions: Vec<i32>) {
-        tracing::info!(partitions = ?partitions, "partitions given; loading their stored offsets");
-        self.state.lock().loading = Some(Loading::start(&self.load, partitions));
-    }
-
-    /// Builds the state of partitions whose stored state was loaded; returns the
-    /// list to assign them at their stored offsets.
-    fn take_partitions(
-        &self,
-        st: &mut State,
-        loading: &Loading,
-        stored: Stored,
-    ) -> TopicPartitionList {
-        let mut tpl = TopicPartitionList::new();
-        let today = loading.today;
-        // The consumer's thread is named after the consumer.
-        let thread = std::thread::current();
-        let thread_name = thread.name().unwrap_or("?");
-        st.today = today;
-        for p in &loading.partitions {
-            // Not expected (a revocation comes first); a ledger dropped after
-            // the reload below would give back debits the reload already left out.
-            st.partitions.remove(p);
-        }
-        if let Some(w) = stored.wallets {
-            // Before any of their CDRs is consumed: the wallets of the
-            // partitions' accounts as the store has them (the previous owner's
-            // holds and top-ups included); the replay from the stored offsets
-            // then re-debits what it had not flushed.
-            let ownership = &self.settings.ownership;
-            let n = w.partition_count;
-            let mine = |a: crate::cdr::AccountSid| {
-                ownership
-                    .partitioner
-                    .partition(a.to_string().as_bytes(), n)
-                    .is_some_and(|p| loading.partitions.contains(&p))
-            };
-            let loaded =
-                crate::wallet::owners::reload(&self.settings.wallets, w.balances, w.holds, mine);
-            ownership.own(&w.epochs);
-            tracing::info!(epochs = ?w.epochs, wallets = loaded, consumer = thread_name, "partitions' wallets loaded and owned");
-        }
-        for &p in &loading.partitions {
-            let stored_offset = stored.offsets.get(&p).copied();
-            let mut window = DedupWindow::new(today);
-            let mut ids = 0;
-            for (day, blob) in stored.dedup.get(&p).map(Vec::as_slice).unwrap_or_default() {
-                window.load(*day, unpack(blob));
-                ids += blob.len() / 16;
-            }
-            let offset = match stored_offset {
-                Some(o) => Offset::Offset(o),
-                None => Offset::Beginning,
-            };
-            if let Err(e) = tpl.add_partition_offset(&self.settings.topic, p, offset) {
-                tracing::error!(error = %e, partition = p, "cannot set start offset");
-            }
-            tracing::info!(partition = p, offset = ?stored_offset, dedup_ids = ids, consumer = thread_name, "partition assigned");
-            st.partitions.insert(
-                p,
-                PartitionState {
-                    stored: stored_offset,
-                    next: stored_offset.unwrap_or(-1),
-                    window,
-                    deltas: Deltas::default(),
-                    ledger: crate::wallet::Ledger::new(self.settings.wallets.clone()),
-                    consumed: Default::default(),
-                    gains: Default::default(),
-                },
-            );
-        }
-        tpl
-    }
-
-    /// The group revoked the member's partitions: every helper flushes and drops
-    /// its share while the member does its own, and the member waits for them
-    /// (bounded by the revoke timeout). At shutdown the helpers do their own
-    /// final flush and are not waited for.
-    fn revoke_with_helpers(&self) {
-        let acks: Vec<Receiver<()>> = if self.shutdown.load(Ordering::Relaxed) {
-            Vec::new()
-        } else {
-            self.helpers
-                .iter()
-                .filter_map(|h| {
-                    let (tx, rx) = mpsc::sync_channel(1);
-                    h.send(Control::Revoke(tx)).ok().map(|_| rx)
-                })
-                .collect()
-        };
-        self.on_revoke();
-        let deadline = Instant::now() + self.settings.revoke_timeout;
-        for ack in acks {
-            if let Err(RecvTimeoutError::Timeout) =
-                ack.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                tracing::warn!("a consumer did not drop its partitions within the revoke timeout");
-            }
-        }
-    }
-
-    /// Flushes what was consumed (best effort, bounded in time), then drops every
-    /// bit of local state: the next owner — maybe this instance again — starts from
-    /// what the store holds, so whatever the flush's fate, nothing counts twice.
-    fn on_revoke(&self) {
-        let deadline = Instant::now() + self.settings.revoke_timeout;
-        let mut st = self.state.lock();
-        // The API stops answering for these wallets before the last flush:
-        // whatever it would grant now, the next owner might not load.
-        self.settings
-            .ownership
-            .disown(st.partitions.keys().copied());
-        let landed = self.wait_in_flight(&mut st, deadline) && {
-            let snapshot = take_snapshot(&mut st, &self.settings);
-            match snapshot {
-                None => true,
-                Some(s) => {
-                    self.submit(&mut st, s);
-                    self.wait_in_flight(&mut st, deadline)
-                }
-            }
-        };
-        if !landed {
-            tracing::warn!("partitions revoked before the last flush landed; their unflushed work will be re-read by the next owner");
-        }
-        for p in st.partitions.keys() {
-            // Another member reports it from now on.
-            metrics::gauge!(crate::metrics::CONSUMER_LAG, "partition" => p.to_string()).set(0.0);
-        }
-        st.partitions.clear();
-        self.health.set_assigned(&self.my_health, 0);
-    }
-
-    /// Waits for the in-flight flush until `deadline`; then calls it off and
-    /// gives it [`CANCEL_GRACE`] more to say so, and after that stops waiting
-    /// (a stalled store may hold a statement for good). Returns whether
-    /// everything handed over has landed. A flush abandoned here may still land
-    /// later: its offset compare-and-set fences the next owner's first flush,
-    /// which then reloads, so nothing counts twice.
-    fn wait_in_flight(&self, st: &mut State, deadline: Instant) -> bool {
-        let Some(rx) = st.in_flight.take() else {
-            return true;
-        };
-        let left = deadline.saturating_duration_since(Instant::now());
-        let res = rx.recv_timeout(left).or_else(|_| {
-            st.in_flight_cancel.store(true, Ordering::Relaxed);
-            rx.recv_timeout(CANCEL_GRACE)
-        });
-        if let Ok(Ok(f)) = &res {
-            wallets_flushed(st, &f.stuck);
-        }
-        matches!(res, Ok(Ok(_)))
-    }
-
-    fn submit(&self, st: &mut State, snapshot: Snapshot) {
-        let (tx, rx) = mpsc::sync_channel(1);
-        let cancel = Arc::new(AtomicBool::new(false));
-        let job = Job {
-            snapshot: Box::new(snapshot),
-            cancel: cancel.clone(),
-            reply: tx,
-        };
-        match self.jobs.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(job)) => {
-                // A shared (SQLite) flusher is writing another consumer's
-                // flush; this consumer has none out, so it waits for one.
-                if self.jobs.send(job).is_err() {
-                    return;
-                }
-            }
-            Err(TrySendError::Disconnected(_)) => return,
-        }
-        st.in_flight = Some(rx);
-        st.in_flight_cancel = cancel;
-    }
-}
-
-/// Consumer properties tallyd sets unless `[kafka.properties]` does: large
-/// prefetches; a short pause (librdkafka's default is 1 s) before fetching
-/// again once the prefetch queue was full — the ingest thread empties a full
-/// queue in well under a second, and then sat idle waiting for the next fetch;
-/// and a broker-side fetch wait of 100 ms instead of 500: a caught-up consumer
-/// learns it is at the end (and flushes) when an empty fetch returns, which
-/// after a backlog drain took 0.2–0.6 s with the default (ten fetches a second
-/// per idle broker connection instead of two is no load).
-///
-/// And a short group session (librdkafka's default is 45 s) with a heartbeat
-/// every second: a dead instance's partitions move to the survivors about 10 s
-/// after its death instead of a minute, and a restarted one is back in about
-/// 11 s (6 s as a static member, `kafka.instance_id`); 6 s is the least a
-/// Kafka broker accepts by default (`group.min.session.timeout.ms`). Heartbeats
-/// come from librdkafka's own thread, so a busy consumer does not miss them; a
-/// broker or network stall longer than 6 s does cost a rebalance.
-const CONSUMER_DEFAULTS: [(&str, &str); 7] = [
-    ("session.timeout.ms", "6000"),
-    ("heartbeat.interval.ms", "1000"),
-    ("max.partition.fetch.bytes", "16777216"),
-    ("queued.min.messages", "1000000"),
-    ("queued.max.messages.kbytes", "131072"),
-    ("fetch.queue.backoff.ms", "20"),
-    ("fetch.wait.max.ms", "100"),
-];
-
-/// How long a revocation waits for a flush it called off to end.
-const CANCEL_GRACE: Duration = Duration::from_secs(1);
-
-/// The group member's static membership id (`kafka.instance_id`): none when
-/// unset or empty; for `auto`, the host name and the port of the HTTP listen
-/// address — unique on a host (two instances cannot listen on one port) and the
-/// same after a restart (none when the port is 0: chosen by the system, two
-/// instances would share the id and fence each other); else the id as given.
-pub fn instance_id(configured: Option<&str>, listen: &str) -> Option<String> {
-    match configured {
-        None | Some("") => None,
-        Some("auto") => {
-            let port: u16 = listen.rsplit(':').next()?.parse().ok()?;
-            if port == 0 {
-                return None;
-            }
-            Some(format!("{}:{port}", hostname()?))
-        }
-        Some(id) => Some(id.to_string()),
-    }
-}
-
-fn hostname() -> Option<String> {
-    let mut buf = [0u8; 256];
-    // SAFETY: `buf` is writable for its length; the name is NUL-terminated
-    // unless truncated, which the search for NUL below tolerates.
-    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if r != 0 {
-        return None;
-    }
-    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    let name = String::from_utf8_lossy(&buf[..len]).into_owned();
-    (!name.is_empty()).then_some(name)
-}
-
-/// Consumer settings tallyd does not let `[kafka.properties]` change.
-fn fixed_settings(cfg: &mut ClientConfig) {
-    // Offsets come from the store, never from Kafka (commits are for lag tools
-    // only). No end-of-partition events: librdkafka's batch consume counts one
-    // as consumed up to one past the end, and a pause (backpressure) then
-    // resumes from there, skipping the next message (see the test
-    // `a_pause_after_the_partition_end_skips_no_message`). The loop tells it
-    // has caught up from the partitions' high watermarks instead.
-    cfg.set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "range,roundrobin");
-}
-
 /// Messages between looks at the clock, the flusher and the pending bound.
 const CHECK_EVERY: usize = 256;
 
@@ -519,88 +171,6 @@ const IDLE_WAIT: Duration = Duration::from_millis(50);
 /// How long a consumer waits before re-reading partitions whose flush the
 /// store can never take.
 const STUCK_PAUSE: Duration = Duration::from_secs(1);
-
-/// The least time between two flushes when a CDR may have crossed a usage
-/// trigger (its callback should leave within a second of the CDR).
-const EARLY_FLUSH_GAP: Duration = Duration::from_millis(100);
-
-/// The least time between two flushes when the consumer has caught up.
-const IDLE_FLUSH_GAP: Duration = Duration::from_millis(200);
-
-/// When the next flush is due.
-///
-/// - Every `flush.interval_ms` under load, but never sooner than the flush's
-///   expected duration divided by `flush.max_busy_share` after the last one
-///   started: when the store is slow (many live accounts per flush), flushes get
-///   rarer instead of taking the CPU the consumer needs. Each flush writes one row
-///   per live account and period whatever the CDR rate, so rarer flushes are what
-///   keeps the writes per CDR small. The expected duration is the pending cells
-///   times what a cell cost in the last flush: a small flush at start-up does not
-///   invite a big one an interval later (draining a backlog, that second flush
-///   took as long as the final one and slowed the drain by half).
-/// - As soon as the consumer is idle (every assigned partition at its end), at most every
-///   [`IDLE_FLUSH_GAP`], so a quiet or drained topic is stored at once rather than
-///   an interval later.
-#[derive(Debug)]
-pub struct FlushPacer {
-    interval: Duration,
-    busy_share: f64,
-    last_start: Instant,
-    /// Cells handed to the flush in flight or last landed.
-    last_cells: usize,
-    /// Store time per cell of the last flush that landed.
-    cost_per_cell: Duration,
-}
-
-impl FlushPacer {
-    pub fn new(settings: &IngestSettings, now: Instant) -> FlushPacer {
-        FlushPacer {
-            interval: settings.flush_interval,
-            busy_share: settings.max_busy_share.clamp(0.01, 1.0),
-            last_start: now,
-            last_cells: 0,
-            cost_per_cell: Duration::ZERO,
-        }
-    }
-
-    /// The least time between the starts of two flushes under load, with
-    /// `pending` cells to write.
-    pub fn gap(&self, pending: usize) -> Duration {
-        let expected = self
-            .cost_per_cell
-            .saturating_mul(pending.min(u32::MAX as usize) as u32);
-        self.interval.max(expected.div_f64(self.busy_share))
-    }
-
-    pub fn due(&self, now: Instant, idle: bool, pending: usize) -> bool {
-        let since = now.saturating_duration_since(self.last_start);
-        since >= self.gap(pending) || (idle && since >= IDLE_FLUSH_GAP.min(self.interval))
-    }
-
-    /// Whether a flush may start early for a likely trigger crossing: as
-    /// soon as the busy share allows, and at least [`EARLY_FLUSH_GAP`] after
-    /// the last.
-    pub fn due_early(&self, now: Instant, pending: usize) -> bool {
-        let expected = self
-            .cost_per_cell
-            .saturating_mul(pending.min(u32::MAX as usize) as u32);
-        let gap = EARLY_FLUSH_GAP.max(expected.div_f64(self.busy_share));
-        now.saturating_duration_since(self.last_start) >= gap
-    }
-
-    /// A flush of `cells` cells was handed over at `now`.
-    pub fn started(&mut self, now: Instant, cells: usize) {
-        self.last_start = now;
-        self.last_cells = cells;
-    }
-
-    /// The flush handed over last landed; the store took `took` to write it.
-    pub fn finished(&mut self, took: Duration) {
-        self.cost_per_cell = took / self.last_cells.clamp(1, u32::MAX as usize) as u32;
-        metrics::gauge!(crate::metrics::FLUSH_GAP_SECONDS)
-            .set(self.gap(self.last_cells).as_secs_f64());
-    }
-}
 
 /// Tells the wallet ledgers of the partitions whose cut landed (all but
 /// `stuck`) that it did.
@@ -798,7 +368,11 @@ impl Ingest {
     pub fn run(self) {
         let ctx = self.kafka().context();
         let settings = ctx.settings.clone();
-        let mut pacer = FlushPacer::new(&settings, Instant::now());
+        let mut pacer = FlushPacer::new(
+            settings.flush_interval,
+            settings.max_busy_share,
+            Instant::now(),
+        );
         let mut paused = false;
         let mut since_check = 0usize;
         let mut batch: Vec<Fetched> = Vec::with_capacity(BATCH);
@@ -1336,71 +910,6 @@ fn publish(t: &mut Tallies) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pacer(interval_ms: u64, share: f64, t0: Instant) -> FlushPacer {
-        FlushPacer::new(
-            &IngestSettings {
-                topic: "cdrs".into(),
-                store: crate::store::Store::new("sqlite://unused.db", 1).unwrap(),
-                instance_id: None,
-                flush_interval: Duration::from_millis(interval_ms),
-                max_busy_share: share,
-                max_pending_cells: 1,
-                dedup_window_days: 7,
-                revoke_timeout: Duration::from_secs(1),
-                wallets: Arc::new(crate::wallet::Wallets::new(Box::new(|_| 0))),
-                triggers: Default::default(),
-                ownership: Arc::new(crate::wallet::owners::Ownership::lone()),
-            },
-            t0,
-        )
-    }
-
-    #[test]
-    fn the_static_member_id_is_off_given_or_host_and_port() {
-        assert_eq!(instance_id(None, "0.0.0.0:8080"), None);
-        assert_eq!(instance_id(Some(""), "0.0.0.0:8080"), None);
-        assert_eq!(
-            instance_id(Some("a-1"), "0.0.0.0:8080").as_deref(),
-            Some("a-1")
-        );
-        assert_eq!(instance_id(Some("auto"), "127.0.0.1:0"), None);
-        assert_eq!(instance_id(Some("auto"), "nonsense"), None);
-        let id = instance_id(Some("auto"), "[::]:8081").expect("this host has a name");
-        assert!(id.ends_with(":8081") && id.len() > 5, "{id}");
-        assert_eq!(instance_id(Some("auto"), "[::]:8081"), Some(id), "stable");
-    }
-
-    #[test]
-    fn slow_flushes_stretch_the_gap_and_idle_flushes_come_early() {
-        let t0 = Instant::now();
-        let ms = |n| t0 + Duration::from_millis(n);
-        let mut p = pacer(1000, 0.25, t0);
-        assert!(!p.due(ms(999), false, 10));
-        assert!(p.due(ms(1000), false, 10));
-        // Caught up: flush after 200 ms, not a whole interval.
-        assert!(!p.due(ms(150), true, 10));
-        assert!(p.due(ms(200), true, 10));
-
-        // 1000 cells took 800 ms at 25 % busy share: with as many pending, the
-        // next waits 3.2 s; with ten times as many, 32 s.
-        p.started(ms(1000), 1000);
-        p.finished(Duration::from_millis(800));
-        assert_eq!(p.gap(1000), Duration::from_millis(3200));
-        assert!(!p.due(ms(4100), false, 1000));
-        assert!(p.due(ms(4200), false, 1000));
-        assert_eq!(p.gap(10_000), Duration::from_millis(32_000));
-        // A small flush needs no more than the interval.
-        assert_eq!(p.gap(100), Duration::from_millis(1000));
-        // A fast flush brings the interval back.
-        p.started(ms(4200), 1000);
-        p.finished(Duration::from_millis(10));
-        assert_eq!(p.gap(1000), Duration::from_millis(1000));
-        // An idle consumer still flushes early whatever the gap.
-        p.started(ms(5000), 1000);
-        p.finished(Duration::from_millis(2000));
-        assert!(p.due(ms(5200), true, 1_000_000));
-    }
 
     fn messages(offsets: &[i64]) -> Vec<rdkafka::message::OwnedMessage> {
         offsets

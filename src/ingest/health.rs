@@ -1,0 +1,54 @@
+//! The consumers' live state shared with `/readyz` and the metrics.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Live state shared with `/readyz` and the metrics: sums over the instance's
+/// consumers (`kafka.consumers`), each of which moves them by its own changes.
+#[derive(Default)]
+pub struct IngestHealth {
+    assigned_partitions: AtomicUsize,
+    paused_consumers: AtomicUsize,
+    pending_cells: AtomicUsize,
+}
+
+impl IngestHealth {
+    pub fn assigned_partitions(&self) -> usize {
+        self.assigned_partitions.load(Ordering::Relaxed)
+    }
+
+    /// Whether any consumer is paused (backpressure).
+    pub fn paused(&self) -> bool {
+        self.paused_consumers.load(Ordering::Relaxed) > 0
+    }
+
+    /// Sets one consumer's assigned partitions (`mine` holds its share) and
+    /// publishes the instance's sum.
+    pub(super) fn set_assigned(&self, mine: &IngestHealth, n: usize) {
+        let sum = move_sum(&self.assigned_partitions, &mine.assigned_partitions, n);
+        metrics::gauge!(crate::metrics::PARTITIONS_ASSIGNED).set(sum as f64);
+    }
+
+    pub(super) fn set_paused(&self, mine: &IngestHealth, paused: bool) {
+        let sum = move_sum(
+            &self.paused_consumers,
+            &mine.paused_consumers,
+            paused as usize,
+        );
+        metrics::gauge!(crate::metrics::CONSUMER_PAUSED).set(if sum > 0 { 1.0 } else { 0.0 });
+    }
+
+    pub(super) fn set_pending(&self, mine: &IngestHealth, cells: usize) {
+        let sum = move_sum(&self.pending_cells, &mine.pending_cells, cells);
+        metrics::gauge!(crate::metrics::PENDING_CELLS).set(sum as f64);
+    }
+}
+
+/// Sets `mine` to `now` and moves `sum` by the difference; returns the new sum.
+fn move_sum(sum: &AtomicUsize, mine: &AtomicUsize, now: usize) -> usize {
+    let before = mine.swap(now, Ordering::Relaxed);
+    if now >= before {
+        sum.fetch_add(now - before, Ordering::Relaxed) + (now - before)
+    } else {
+        sum.fetch_sub(before - now, Ordering::Relaxed) - (before - now)
+    }
+}
