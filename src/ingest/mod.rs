@@ -159,6 +159,11 @@ pub struct IngestContext {
     crew: Arc<Crew>,
 }
 
+/// The most messages behind the partitions' ends at which a likely usage
+/// trigger crossing still asks for an early flush (about a tenth of a second
+/// of consumption at full speed).
+const EARLY_FLUSH_MAX_LAG: i64 = 50_000;
+
 /// Messages between looks at the clock, the flusher and the pending bound.
 const CHECK_EVERY: usize = 256;
 
@@ -437,7 +442,7 @@ impl Ingest {
             if self.control.is_none() {
                 self.serve_helpers(ctx);
             }
-            publish_lag(&st, &self.consumer);
+            let lag = publish_lag(&st, &self.consumer);
             let now = Instant::now();
             let pending: usize = st
                 .partitions
@@ -446,7 +451,11 @@ impl Ingest {
                 .sum();
             ctx.health.set_pending(&ctx.my_health, pending);
             let over = pending >= settings.max_pending_cells;
-            let crossed = st.partitions.values().any(|ps| ps.gains.crossed);
+            // A likely trigger crossing flushes early only when the consumer
+            // keeps up: draining a backlog, callbacks wait for the backlog
+            // anyway, and flushing more often would slow the drain.
+            let crossed =
+                lag <= EARLY_FLUSH_MAX_LAG && st.partitions.values().any(|ps| ps.gains.crossed);
             st.event_ages.publish();
             if st.in_flight.is_none()
                 && (over
@@ -750,14 +759,18 @@ impl Debit for Tap<'_> {
 /// partition is read to and its end as of the last fetch (librdkafka's cached
 /// high watermark, so no broker request; while paused, the end as of the last
 /// fetch before the pause).
-fn publish_lag(st: &State, consumer: &BatchConsumer<IngestContext>) {
+/// Returns the sum over the partitions.
+fn publish_lag(st: &State, consumer: &BatchConsumer<IngestContext>) -> i64 {
+    let mut sum = 0;
     for (p, ps) in &st.partitions {
         let Some((low, high)) = consumer.watermarks(*p) else {
             continue;
         };
-        metrics::gauge!(crate::metrics::CONSUMER_LAG, "partition" => p.to_string())
-            .set((high - ps.position(low)).max(0) as f64);
+        let lag = (high - ps.position(low)).max(0);
+        sum += lag;
+        metrics::gauge!(crate::metrics::CONSUMER_LAG, "partition" => p.to_string()).set(lag as f64);
     }
+    sum
 }
 
 /// Caught up: every assigned partition is read to its end as of its last

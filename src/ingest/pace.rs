@@ -6,6 +6,10 @@ use std::time::{Duration, Instant};
 /// trigger (its callback should leave within a second of the CDR).
 const EARLY_FLUSH_GAP: Duration = Duration::from_millis(100);
 
+/// The most of its time the store may spend on flushes asked for early by a
+/// likely trigger crossing.
+const EARLY_BUSY_SHARE: f64 = 0.5;
+
 /// The least time between two flushes when the consumer has caught up.
 const IDLE_FLUSH_GAP: Duration = Duration::from_millis(200);
 
@@ -60,14 +64,17 @@ impl FlushPacer {
         since >= self.gap(pending) || (idle && since >= IDLE_FLUSH_GAP.min(self.interval))
     }
 
-    /// Whether a flush may start early for a likely trigger crossing: as
-    /// soon as the busy share allows, and at least [`EARLY_FLUSH_GAP`] after
-    /// the last.
+    /// Whether a flush may start early for a likely trigger crossing: at
+    /// least [`EARLY_FLUSH_GAP`] after the last, and with the store busy at
+    /// most [`EARLY_BUSY_SHARE`] of the time (`flush.max_busy_share` would
+    /// hold a callback back for ten flush durations; the consumer asks only
+    /// while it keeps up, so it has the time to spare).
     pub fn due_early(&self, now: Instant, pending: usize) -> bool {
         let expected = self
             .cost_per_cell
             .saturating_mul(pending.min(u32::MAX as usize) as u32);
-        let gap = EARLY_FLUSH_GAP.max(expected.div_f64(self.busy_share));
+        let share = self.busy_share.max(EARLY_BUSY_SHARE);
+        let gap = EARLY_FLUSH_GAP.max(expected.div_f64(share));
         now.saturating_duration_since(self.last_start) >= gap
     }
 
@@ -118,6 +125,16 @@ mod tests {
         p.started(ms(4200), 1000);
         p.finished(Duration::from_millis(10));
         assert_eq!(p.gap(1000), Duration::from_millis(1000));
+        // A likely trigger crossing flushes once the store was busy at most
+        // half the time: 2 s after a flush of 1000 cells that took 1 s.
+        p.started(ms(10_000), 1000);
+        p.finished(Duration::from_millis(1000));
+        assert!(!p.due_early(ms(11_900), 1000));
+        assert!(p.due_early(ms(12_000), 1000));
+        // …and never sooner than 100 ms.
+        p.finished(Duration::from_millis(1));
+        assert!(!p.due_early(ms(10_050), 1000));
+        assert!(p.due_early(ms(10_100), 1000));
         // An idle consumer still flushes early whatever the gap.
         p.started(ms(5000), 1000);
         p.finished(Duration::from_millis(2000));
