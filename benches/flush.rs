@@ -65,6 +65,7 @@ fn flush_batch(tariff: &Tariff) -> FlushBatch {
         wallet: Default::default(),
         triggers: Vec::new(),
         consumed_at_ms: 0,
+        crossed_at_ms: Vec::new(),
     }
 }
 

@@ -147,6 +147,7 @@ pub(super) mod tests {
             dedup: None,
             wallet: Default::default(),
             consumed: Default::default(),
+            crossings: Vec::new(),
         }
     }
 

@@ -34,6 +34,13 @@ pub struct PartitionCut {
     /// When its messages were consumed (`tallyd_cdr_consumed_to_flushed_seconds`,
     /// and the time a usage trigger's crossing is counted from).
     pub consumed: crate::metrics::ConsumedAt,
+    /// Likely usage trigger crossings among its CDRs: trigger SID, period,
+    /// when the CDR that reached the value was counted.
+    pub crossings: Vec<(
+        std::sync::Arc<str>,
+        crate::calendar::Period,
+        std::time::Instant,
+    )>,
 }
 
 /// What the consumer hands over at a flush: a consistent cut.

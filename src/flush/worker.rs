@@ -46,13 +46,16 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// time a usage trigger's crossing in this cut is counted from, at the
 /// latest.
 fn consumed_at_ms(consumed: &crate::metrics::ConsumedAt, now: Instant) -> i64 {
-    let ago = consumed
-        .first()
-        .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+    unix_ms_at(consumed.first().unwrap_or(now), now)
+}
+
+/// The Unix ms of `at`, an instant before `now`.
+fn unix_ms_at(at: Instant, now: Instant) -> i64 {
     let wall = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    wall.saturating_sub(ago).as_millis() as i64
+    wall.saturating_sub(now.saturating_duration_since(at))
+        .as_millis() as i64
 }
 
 /// One lane's partitions as written.
@@ -189,6 +192,17 @@ impl Flusher {
                 as_of: as_of.to_owned(),
                 triggers: self.triggers_of(&pages),
                 consumed_at_ms: consumed_at_ms(&cut.consumed, expanding),
+                crossed_at_ms: cut
+                    .crossings
+                    .iter()
+                    .map(|(sid, period, at)| {
+                        (
+                            sid.to_string(),
+                            crate::triggers::period_key(*period),
+                            unix_ms_at(*at, expanding),
+                        )
+                    })
+                    .collect(),
                 pages,
                 offsets: vec![cut.offset],
                 dedup: cut.dedup.into_iter().collect(),

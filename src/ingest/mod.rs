@@ -206,6 +206,7 @@ fn take_snapshot(st: &mut State, settings: &IngestSettings) -> Option<Snapshot> 
             deltas: ps.deltas.take(),
             wallet: ps.ledger.take(),
             consumed: std::mem::take(&mut ps.consumed),
+            crossings: Vec::new(),
             offset: OffsetAdvance {
                 topic: settings.topic.clone(),
                 partition: *p,
@@ -215,7 +216,10 @@ fn take_snapshot(st: &mut State, settings: &IngestSettings) -> Option<Snapshot> 
             dedup,
         });
         ps.stored = Some(ps.next);
-        ps.gains.cut();
+        let likely = ps.gains.cut();
+        if let Some(last) = parts.last_mut() {
+            last.crossings = likely;
+        }
     }
     if parts.is_empty() {
         return None;

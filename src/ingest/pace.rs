@@ -8,7 +8,7 @@ const EARLY_FLUSH_GAP: Duration = Duration::from_millis(100);
 
 /// The most of its time the store may spend on flushes asked for early by a
 /// likely trigger crossing.
-const EARLY_BUSY_SHARE: f64 = 0.5;
+const EARLY_BUSY_SHARE: f64 = 1.0;
 
 /// The least time between two flushes when the consumer has caught up.
 const IDLE_FLUSH_GAP: Duration = Duration::from_millis(200);
@@ -65,10 +65,11 @@ impl FlushPacer {
     }
 
     /// Whether a flush may start early for a likely trigger crossing: at
-    /// least [`EARLY_FLUSH_GAP`] after the last, and with the store busy at
-    /// most [`EARLY_BUSY_SHARE`] of the time (`flush.max_busy_share` would
-    /// hold a callback back for ten flush durations; the consumer asks only
-    /// while it keeps up, so it has the time to spare).
+    /// least [`EARLY_FLUSH_GAP`] after the last, and once the last one's
+    /// expected duration has passed ([`EARLY_BUSY_SHARE`]: back to back;
+    /// `flush.max_busy_share` would hold a callback back for ten flush
+    /// durations; the consumer asks only while it keeps up, so it has the
+    /// time to spare).
     pub fn due_early(&self, now: Instant, pending: usize) -> bool {
         let expected = self
             .cost_per_cell
@@ -125,12 +126,13 @@ mod tests {
         p.started(ms(4200), 1000);
         p.finished(Duration::from_millis(10));
         assert_eq!(p.gap(1000), Duration::from_millis(1000));
-        // A likely trigger crossing flushes once the store was busy at most
-        // half the time: 2 s after a flush of 1000 cells that took 1 s.
+        // A likely trigger crossing flushes as soon as the last flush's
+        // expected duration has passed: 1 s after a flush of 1000 cells that
+        // took 1 s.
         p.started(ms(10_000), 1000);
         p.finished(Duration::from_millis(1000));
-        assert!(!p.due_early(ms(11_900), 1000));
-        assert!(p.due_early(ms(12_000), 1000));
+        assert!(!p.due_early(ms(10_900), 1000));
+        assert!(p.due_early(ms(11_000), 1000));
         // …and never sooner than 100 ms.
         p.finished(Duration::from_millis(1));
         assert!(!p.due_early(ms(10_050), 1000));

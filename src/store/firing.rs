@@ -60,12 +60,14 @@ fn record_uri(account: &str, category: &str, recurring: &str, period: Period) ->
 impl Conn {
     /// Evaluates `triggers` on the pages `touched` and fires each crossing the
     /// store has not fired yet: trigger row and outbox row, in the caller's
-    /// transaction. `consumed_at_ms` becomes the outbox row's time.
+    /// transaction. The outbox row's time is the crossing's in
+    /// `crossed_at_ms` if there, else `consumed_at_ms`.
     pub(super) fn fire_triggers(
         &mut self,
         triggers: &[Trigger],
         touched: &[Touched],
         consumed_at_ms: i64,
+        crossed_at_ms: &[(String, String, i64)],
     ) -> Result<TriggerReport> {
         let mut report = TriggerReport::default();
         if triggers.is_empty() {
@@ -150,7 +152,12 @@ impl Conn {
                     url: url.to_owned(),
                     method: method.to_owned(),
                     body,
-                    created_at: consumed_at_ms,
+                    // When the CDR that reached the value was counted, if the
+                    // consumer saw it coming; else when the batch began.
+                    created_at: crossed_at_ms
+                        .iter()
+                        .find(|(sid, p, _)| *sid == c.sid && *p == key)
+                        .map_or(consumed_at_ms, |(_, _, at)| *at),
                 })?;
                 report.fired.push(Firing {
                     account_sid: c.account_sid,

@@ -531,6 +531,7 @@ mod tests {
             wallet: Default::default(),
             triggers: Vec::new(),
             consumed_at_ms: 0,
+            crossed_at_ms: Vec::new(),
         }
     }
 

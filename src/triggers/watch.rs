@@ -29,6 +29,7 @@ use crate::rating::Charge;
 /// One trigger as the consumer checks it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Watch {
+    sid: std::sync::Arc<str>,
     /// Leaves of the trigger's category ([`Category::leaf_set`]).
     leaf_set: u16,
     /// The measure, in the units the store keeps (events, seconds or
@@ -104,6 +105,7 @@ impl Watch {
             .to_i64()
             .unwrap_or(i64::MAX);
         Some(Watch {
+            sid: t.sid.as_str().into(),
             leaf_set: category.leaf_set(),
             measure,
             recurring: t.recurring,
@@ -178,6 +180,9 @@ pub struct Gains {
     gained: FxHashMap<(AccountSid, usize, Period), i64>,
     /// A crossing is likely: flush early.
     pub crossed: bool,
+    /// Each likely crossing since the cut: trigger SID, period, when the CDR
+    /// that reached the value was counted (a firing's time is counted from it).
+    pub likely: Vec<(std::sync::Arc<str>, Period, std::time::Instant)>,
 }
 
 impl Gains {
@@ -198,18 +203,27 @@ impl Gains {
             let Some(headroom) = w.headroom(period) else {
                 continue;
             };
-            let gained = self.gained.entry((cdr.account, i, period)).or_insert(0);
+            let (before, gained) = match self.gained.entry((cdr.account, i, period)) {
+                std::collections::hash_map::Entry::Vacant(v) => (None, v.insert(0)),
+                std::collections::hash_map::Entry::Occupied(o) => {
+                    let b = *o.get();
+                    (Some(b), o.into_mut())
+                }
+            };
             *gained += w.measure.of_charge(charge);
-            if *gained >= headroom {
+            if *gained >= headroom && before.is_none_or(|b| b < headroom) {
                 self.crossed = true;
+                self.likely
+                    .push((w.sid.clone(), period, std::time::Instant::now()));
             }
         }
     }
 
     /// A cut was taken: what it holds is the flusher's to report.
-    pub fn cut(&mut self) {
+    pub fn cut(&mut self) -> Vec<(std::sync::Arc<str>, Period, std::time::Instant)> {
         self.gained.clear();
         self.crossed = false;
+        std::mem::take(&mut self.likely)
     }
 }
 
@@ -276,8 +290,12 @@ mod tests {
         assert!(!g.crossed, "2.5 minutes");
         g.add(&w, &decode(&c).unwrap(), charge(30));
         assert!(g.crossed, "3 minutes");
-        g.cut();
-        assert!(!g.crossed);
+        // The CDR that reached the value is remembered once, with its time.
+        g.add(&w, &decode(&c).unwrap(), charge(30));
+        assert_eq!(g.likely.len(), 1);
+        assert_eq!((&*g.likely[0].0, g.likely[0].1), (t.sid.as_str(), day));
+        assert_eq!(g.cut().len(), 1);
+        assert!(!g.crossed && g.likely.is_empty());
         // The next day starts from zero: 180 seconds to go.
         let c = call("2026-03-03", 120);
         g.add(&w, &decode(&c).unwrap(), charge(120));
