@@ -211,7 +211,7 @@ impl Gains {
                 }
             };
             *gained += w.measure.of_charge(charge);
-            if *gained >= headroom && before.is_none_or(|b| b < headroom) {
+            if *gained >= headroom && before.map_or(true, |b| b < headroom) {
                 self.crossed = true;
                 self.likely
                     .push((w.sid.clone(), period, std::time::Instant::now()));
