@@ -5,6 +5,8 @@
 //! callback into the webhook outbox ([`super::outbox`]) with an idempotency
 //! token made of the trigger and the period, the same across replays.
 
+use std::collections::HashMap;
+
 use rust_decimal::Decimal;
 
 use super::flush::Touched;
@@ -12,7 +14,7 @@ use super::outbox::{OutboxRow, KIND_USAGE_TRIGGER};
 use super::{Conn, Param, Result};
 use crate::calendar::{Day, Period};
 use crate::counters::Tally;
-use crate::triggers::{crossings, period_key, Trigger};
+use crate::triggers::{crossings, period_key, Crossing, Trigger};
 
 /// A trigger fired by a flush, for the in-memory book once it committed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,13 +35,8 @@ pub struct TriggerReport {
     pub observed: Vec<(String, Period, Tally)>,
 }
 
-/// Marks the trigger fired for `period` unless it already fired for it (or,
-/// once-only, at all); returns the trigger's callback fields if it did.
-const MARK_FIRED: &str =
-    "UPDATE usage_triggers SET fired_period = $1, date_fired = $2, fired_value = $3 \
-     WHERE sid = $4 AND account_sid = $5 AND (fired_period IS NULL \
-       OR (recurring IN ('daily', 'monthly', 'yearly') AND fired_period < $1)) \
-     RETURNING callback_url, callback_method, usage_category, trigger_by, trigger_value, recurring";
+/// Crossings marked fired by one statement at most.
+const FIRE_CHUNK: usize = 500;
 
 /// The UsageRecords list of the period a trigger fired in.
 fn record_uri(account: &str, category: &str, recurring: &str, period: Period) -> String {
@@ -58,6 +55,50 @@ fn record_uri(account: &str, category: &str, recurring: &str, period: Period) ->
 }
 
 impl Conn {
+    /// Marks each crossing's trigger fired for its period unless it already
+    /// fired for it (or, once-only, at all) — one statement for the chunk;
+    /// returns, for those it marked: SID, period key, callback URL and
+    /// method, category, trigger_by, trigger_value, recurring.
+    fn mark_fired(
+        &mut self,
+        chunk: &[(Crossing, String)],
+        date_fired: &str,
+    ) -> Result<Vec<Vec<super::Value>>> {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let b = 2 + i * 4;
+                format!("(${b}, ${}, ${}, ${})", b + 1, b + 2, b + 3)
+            })
+            .collect();
+        let texts: Vec<String> = chunk
+            .iter()
+            .map(|(c, _)| c.value.normalize().to_string())
+            .collect();
+        let mut params = vec![Param::Text(date_fired)];
+        for ((c, key), value) in chunk.iter().zip(&texts) {
+            params.extend([
+                Param::Text(&c.sid),
+                Param::Text(&c.account_sid),
+                Param::Text(key),
+                Param::Text(value),
+            ]);
+        }
+        let sql = format!(
+            "UPDATE usage_triggers SET fired_period = v.column3, date_fired = $1, \
+             fired_value = v.column4 FROM (VALUES {}) AS v \
+             WHERE usage_triggers.sid = v.column1 AND usage_triggers.account_sid = v.column2 \
+             AND (usage_triggers.fired_period IS NULL \
+               OR (usage_triggers.recurring IN ('daily', 'monthly', 'yearly') \
+                   AND usage_triggers.fired_period < v.column3)) \
+             RETURNING usage_triggers.sid, usage_triggers.fired_period, \
+             usage_triggers.callback_url, usage_triggers.callback_method, \
+             usage_triggers.usage_category, usage_triggers.trigger_by, \
+             usage_triggers.trigger_value, usage_triggers.recurring",
+            values.join(", ")
+        );
+        self.query(&sql, &params)
+    }
+
     /// Evaluates `triggers` on the pages `touched` and fires each crossing the
     /// store has not fired yet: trigger row and outbox row, in the caller's
     /// transaction. The outbox row's time is the crossing's in
@@ -76,14 +117,14 @@ impl Conn {
         let now = chrono::Utc::now();
         let date_fired = now.format("%Y-%m-%dT%H:%M:%SZ").to_string();
         let date_fired_2822 = now.format("%a, %d %b %Y %H:%M:%S +0000").to_string();
-        let mut by_account: std::collections::HashMap<&str, Vec<&Trigger>> =
-            std::collections::HashMap::new();
+        let mut by_account: HashMap<&str, Vec<&Trigger>> = HashMap::new();
         for t in triggers {
             by_account
                 .entry(t.account_sid.as_str())
                 .or_default()
                 .push(t);
         }
+        let mut found: Vec<Crossing> = Vec::new();
         for page in touched {
             let Some(mine) = by_account.get(page.account_sid.as_str()) else {
                 continue;
@@ -103,69 +144,86 @@ impl Conn {
                         .push((t.sid.clone(), *p, leaves.get(category)));
                 }
             }
-            for c in crossings(mine, &page.rows) {
-                let key = period_key(c.period);
-                let value = c.value.normalize().to_string();
-                let rows = self.query(
-                    MARK_FIRED,
-                    &[
-                        Param::Text(&key),
-                        Param::Text(&date_fired),
-                        Param::Text(&value),
-                        Param::Text(&c.sid),
-                        Param::Text(&c.account_sid),
-                    ],
-                )?;
-                let Some(r) = rows.first() else {
-                    continue;
-                };
-                let (url, method, category, by, trigger_value, recurring) = (
-                    r[0].text(),
-                    r[1].text(),
-                    r[2].text(),
-                    r[3].text(),
-                    r[4].text(),
-                    r[5].text(),
-                );
-                let token = format!("{}-FIRES-{}-{key}", c.account_sid, c.sid);
-                let body = serde_urlencoded::to_string([
-                    ("AccountSid", c.account_sid.as_str()),
-                    ("UsageTriggerSid", c.sid.as_str()),
-                    ("DateFired", date_fired_2822.as_str()),
-                    ("Recurring", recurring),
-                    ("UsageCategory", category),
-                    ("TriggerBy", by),
-                    ("TriggerValue", trigger_value),
-                    ("CurrentValue", value.as_str()),
-                    (
-                        "UsageRecordUri",
-                        &record_uri(&c.account_sid, category, recurring, c.period),
-                    ),
-                    ("IdempotencyToken", token.as_str()),
-                ])
-                .expect("strings encode");
-                self.insert_outbox(&OutboxRow {
-                    id: token,
-                    account_sid: c.account_sid.clone(),
-                    kind: KIND_USAGE_TRIGGER.to_owned(),
-                    source_sid: c.sid.clone(),
-                    url: url.to_owned(),
-                    method: method.to_owned(),
-                    body,
-                    // When the CDR that reached the value was counted, if the
-                    // consumer saw it coming; else when the batch began.
-                    created_at: crossed_at_ms
-                        .iter()
-                        .find(|(sid, p, _)| *sid == c.sid && *p == key)
-                        .map_or(consumed_at_ms, |(_, _, at)| *at),
-                })?;
-                report.fired.push(Firing {
-                    account_sid: c.account_sid,
-                    sid: c.sid,
-                    period: key,
-                    date_fired: date_fired.clone(),
-                    value: c.value,
-                });
+            found.extend(crossings(mine, &page.rows));
+        }
+        // A trigger crossing in two periods of one flush (CDRs of two days)
+        // is marked one period per round, oldest first: one statement may
+        // update a row once.
+        let crossed_at: HashMap<(&str, &str), i64> = crossed_at_ms
+            .iter()
+            .map(|(sid, p, at)| ((sid.as_str(), p.as_str()), *at))
+            .collect();
+        let mut rounds: Vec<Vec<(Crossing, String)>> = Vec::new();
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for c in found {
+            let n = seen.entry(c.sid.clone()).or_insert(0);
+            if rounds.len() <= *n {
+                rounds.push(Vec::new());
+            }
+            let key = period_key(c.period);
+            rounds[*n].push((c, key));
+            *n += 1;
+        }
+        for round in &rounds {
+            for chunk in round.chunks(FIRE_CHUNK) {
+                let fired = self.mark_fired(chunk, &date_fired)?;
+                let mut rows = Vec::with_capacity(fired.len());
+                for r in &fired {
+                    let (sid, key) = (r[0].text(), r[1].text());
+                    let Some((c, _)) = chunk.iter().find(|(c, k)| c.sid == sid && k == key) else {
+                        continue;
+                    };
+                    let (url, method, category, by, trigger_value, recurring) = (
+                        r[2].text(),
+                        r[3].text(),
+                        r[4].text(),
+                        r[5].text(),
+                        r[6].text(),
+                        r[7].text(),
+                    );
+                    let value = c.value.normalize().to_string();
+                    let token = format!("{}-FIRES-{}-{key}", c.account_sid, c.sid);
+                    let body = serde_urlencoded::to_string([
+                        ("AccountSid", c.account_sid.as_str()),
+                        ("UsageTriggerSid", c.sid.as_str()),
+                        ("DateFired", date_fired_2822.as_str()),
+                        ("Recurring", recurring),
+                        ("UsageCategory", category),
+                        ("TriggerBy", by),
+                        ("TriggerValue", trigger_value),
+                        ("CurrentValue", value.as_str()),
+                        (
+                            "UsageRecordUri",
+                            &record_uri(&c.account_sid, category, recurring, c.period),
+                        ),
+                        ("IdempotencyToken", token.as_str()),
+                    ])
+                    .expect("strings encode");
+                    rows.push(OutboxRow {
+                        id: token,
+                        account_sid: c.account_sid.clone(),
+                        kind: KIND_USAGE_TRIGGER.to_owned(),
+                        source_sid: c.sid.clone(),
+                        url: url.to_owned(),
+                        method: method.to_owned(),
+                        body,
+                        // When the CDR that reached the value was counted, if
+                        // the consumer saw it coming; else when the batch
+                        // began.
+                        created_at: crossed_at
+                            .get(&(c.sid.as_str(), key))
+                            .copied()
+                            .unwrap_or(consumed_at_ms),
+                    });
+                    report.fired.push(Firing {
+                        account_sid: c.account_sid.clone(),
+                        sid: c.sid.clone(),
+                        period: key.to_owned(),
+                        date_fired: date_fired.clone(),
+                        value: c.value,
+                    });
+                }
+                self.insert_outbox_rows(&rows)?;
             }
         }
         Ok(report)
@@ -192,13 +250,24 @@ mod tests {
         from: Option<i64>,
         to: i64,
     ) -> Vec<Firing> {
-        let periods = Period::containing(day);
-        let rows: Vec<RowDelta> = periods
+        flush_days(store, t, &[day], calls, from, to)
+    }
+
+    fn flush_days(
+        store: &Store,
+        t: &Trigger,
+        days: &[Day],
+        calls: u64,
+        from: Option<i64>,
+        to: i64,
+    ) -> Vec<Firing> {
+        let rows: Vec<RowDelta> = days
             .iter()
+            .flat_map(|d| Period::containing(*d))
             .map(|p| RowDelta {
                 key: RowKey {
                     account: AccountSid(7),
-                    period: *p,
+                    period: p,
                 },
                 leaves: {
                     let mut l = Leaves::default();
@@ -318,8 +387,14 @@ mod tests {
         assert_eq!(f.len(), 1);
         assert_eq!(f[0].period, "2026-03-02");
 
+        // Two days crossing in one flush fire both, oldest first.
+        let (d3, d4) = (Day::from_ymd(2026, 3, 3), Day::from_ymd(2026, 3, 4));
+        t.fired_period = Some("2026-03-02".into());
+        let f = flush_days(&store, &t, &[d4, d3], 4, Some(10), 12);
+        let periods: Vec<&str> = f.iter().map(|f| f.period.as_str()).collect();
+        assert_eq!(periods, ["2026-03-03", "2026-03-04"]);
         let rows = outbox(&store);
-        assert_eq!(rows.len(), 2);
+        assert_eq!(rows.len(), 4);
         let (id, method, body, at) = &rows[0];
         assert_eq!(id, &format!("{account}-FIRES-{}-2026-03-01", t.sid));
         assert_eq!((method.as_str(), *at), ("GET", 1_000));

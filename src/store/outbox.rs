@@ -51,6 +51,60 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// Adds many rows as [`Conn::insert_outbox`] does, one statement per
+    /// chunk of 1000 (a flush that fires thousands of triggers).
+    pub fn insert_outbox_rows(&mut self, rows: &[OutboxRow]) -> Result<()> {
+        for chunk in rows.chunks(1000) {
+            let days: Vec<i64> = chunk
+                .iter()
+                .map(|r| r.created_at.div_euclid(86_400_000))
+                .collect();
+            let mut values = Vec::with_capacity(chunk.len());
+            let mut params = Vec::with_capacity(chunk.len() * 9);
+            for (i, (row, day)) in chunk.iter().zip(&days).enumerate() {
+                let b = 1 + i * 9;
+                values.push(format!(
+                    "(${b}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, 'pending', 0, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 7,
+                    b + 8,
+                    b + 7
+                ));
+                params.extend([
+                    Param::Text(&row.id),
+                    Param::Text(&row.account_sid),
+                    Param::Text(&row.kind),
+                    Param::Text(&row.source_sid),
+                    Param::Text(&row.url),
+                    Param::Text(&row.method),
+                    Param::Text(&row.body),
+                    Param::Int(row.created_at),
+                    Param::Int(*day),
+                ]);
+            }
+            if values.is_empty() {
+                continue;
+            }
+            self.execute(
+                &format!(
+                    "INSERT INTO webhook_outbox (id, account_sid, kind, source_sid, url, method, \
+                     body, created_at, day, status, attempts, next_attempt_at) VALUES {} \
+                     ON CONFLICT (id) DO NOTHING",
+                    values.join(", ")
+                ),
+                &params,
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Columns of an outbox row as [`Conn::due_outbox`] reads them.
 const DUE_COLUMNS: &str = "id, account_sid, kind, source_sid, url, method, body, created_at, \
      attempts, next_attempt_at";
