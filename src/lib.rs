@@ -15,21 +15,29 @@
 //!   messages, debiting each rated CDR from its account's [`wallet`] (prepaid
 //!   balances and per-call holds in atomics, lock-free).
 //! - [`dedup`] remembers CDR ids per partition for the dedup window.
+//! - [`triggers`] keeps the usage triggers in memory: the consumer watches
+//!   which CDRs may cross one (an early flush), the flush fires them.
 //! - [`ingest`] is a Kafka consumer thread running the hot path (the daemon runs
 //!   `kafka.consumers` of them; the first is the instance's group member and
 //!   deals its partitions out to the others), taking messages in batches from a
 //!   [`fetch_queue`]; the rebalance callback only posts the event, and stored
-//!   offsets are loaded off the callback; rejected messages go to
-//!   [`dead_letter`]. Recurring client errors (a broker that is down) are logged
-//!   once a [`log_throttle`] window.
+//!   offsets (and the partition's wallets, claimed with an epoch) are loaded
+//!   off the callback; [`partitioner`] checks each CDR is on its account's
+//!   partition; rejected messages go to [`dead_letter`]. Recurring client
+//!   errors (a broker that is down) are logged once a [`log_throttle`] window.
 //! - [`flush`] turns consistent snapshots (deltas, offsets, dedup ids, wallet
-//!   debits) into usage pages ([`flush::expand`], pure) and writes each
-//!   partition's cut in one transaction ([`flush::worker`]).
+//!   debits, likely trigger crossings) into usage pages ([`flush::expand`],
+//!   pure) and writes each partition's cut in one transaction
+//!   ([`flush::worker`]), usage triggers fired and their callbacks in the
+//!   outbox included.
 //! - [`store`] is the one store layer (SQLite or PostgreSQL): a handle with
 //!   pooled connections, one error type that says what retrying can do, and the
 //!   flush transaction written once for both databases.
-//! - [`api`] serves the stored records over HTTP: Twilio Usage Records, AgentPhone
-//!   `/v1/usage`, and the accounts that may read them; [`http`] adds `/metrics`,
+//! - [`webhooks`] sends the outbox's callbacks (trigger firings, wallet
+//!   events), signed, at least once, off the hot path.
+//! - [`api`] serves the stored records over HTTP: Twilio Usage Records and Usage
+//!   Triggers, AgentPhone `/v1/usage`, wallets and holds (forwarded to the
+//!   partition's owner), and the accounts that may read them; [`http`] adds `/metrics`,
 //!   `/healthz`, `/readyz`; [`metrics`] is the catalogue of everything
 //!   `/metrics` shows, with the latency summaries.
 //! - [`daemon`] wires it all into `tallyd run`; [`demo`] runs everything in one
