@@ -57,8 +57,11 @@ run() { # $1 = label, $2 = store url, $3 = topic
   echo "[$1] producing $N CDRs at $RATE/s over $ACCOUNTS accounts…" >&2
   "$BIN" generate --brokers 127.0.0.1:$PORT --topic "$3" --count "$N" --accounts "$ACCOUNTS" \
     --rate "$RATE" --late-rate 0 2>&1 | tail -1 >&2
+  # Consumed to the end, and every firing delivered.
   for _ in $(seq 1 600); do
-    metrics | grep -q '^tallyd_webhook_outbox_pending 0$' && [ "$(metrics | awk '/^tallyd_consumer_lag/ {s += $2} END {print s + 0}')" = 0 ] && break
+    metrics | awk '/^tallyd_consumer_lag/ {l += $2} /^tallyd_triggers_fired_total/ {f = $2}
+      /^tallyd_webhook_deliveries_total\{outcome="delivered"\}/ {d = $2}
+      END {exit !(l == 0 && f > 0 && d >= f)}' && break
     sleep 0.2
   done
   metrics | awk -v l="$1" -v secs="$SECS" '

@@ -957,11 +957,9 @@ fn flush_with_book(url: &str, state: &ApiState, cdrs: &[String]) -> usize {
     };
     let (outcome, report) = state.store().write_flush_firing(&batch).unwrap();
     assert_eq!(outcome, tallyd::store::FlushOutcome::Applied);
-    for f in &report.fired {
-        state
-            .triggers()
-            .fired(&f.account_sid, &f.sid, &f.period, &f.date_fired, f.value);
-    }
+    state
+        .triggers()
+        .record_flush(&report.observed, &report.fired);
     report.fired.len()
 }
 

@@ -221,7 +221,7 @@ impl Flusher {
                 m::CDR_CONSUMED_TO_FLUSHED.record_consumed(&cut.consumed, Instant::now());
             }
             let result = result.map(|(outcome, report)| {
-                self.triggers.observed(&report.observed);
+                self.triggers.record_flush(&report.observed, &report.fired);
                 self.fired(&report.fired);
                 outcome
             });
@@ -273,15 +273,13 @@ impl Flusher {
         out
     }
 
-    /// Records firings that committed: the book (so the next flush does not
-    /// try them again), the counter, and a wake-up for the dispatcher.
+    /// Logs and counts firings that committed (the book has them already)
+    /// and wakes the dispatcher.
     fn fired(&self, fired: &[store::firing::Firing]) {
         if fired.is_empty() {
             return;
         }
         for f in fired {
-            self.triggers
-                .fired(&f.account_sid, &f.sid, &f.period, &f.date_fired, f.value);
             tracing::info!(account = %f.account_sid, trigger = %f.sid, period = %f.period,
                 value = %f.value, "usage trigger fired");
         }

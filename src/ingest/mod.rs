@@ -138,6 +138,8 @@ struct State {
     /// The triggers' watches as of the book's version `watch_version`.
     watches: Arc<Watches>,
     watch_version: u64,
+    /// When the book was last looked at for new watches.
+    watch_checked: Instant,
     /// CDR event time → counted, buffered for `tallyd_cdr_event_to_counted_seconds`.
     event_ages: LocalSummary<'static>,
 }
@@ -158,6 +160,9 @@ pub struct IngestContext {
     helpers: Vec<Sender<Control>>,
     crew: Arc<Crew>,
 }
+
+/// How often a consumer takes the trigger book's new watches.
+const WATCH_REFRESH: Duration = Duration::from_millis(100);
 
 /// The most messages behind the partitions' ends at which a likely usage
 /// trigger crossing still asks for an early flush (about a tenth of a second
@@ -312,6 +317,9 @@ impl Ingest {
                 today: Day::today(),
                 watches: Default::default(),
                 watch_version: u64::MAX,
+                watch_checked: Instant::now()
+                    .checked_sub(WATCH_REFRESH)
+                    .unwrap_or_else(Instant::now),
                 event_ages: crate::metrics::CDR_EVENT_TO_COUNTED.local(),
             }),
             jobs,
@@ -676,17 +684,23 @@ impl Ingest {
             tallies,
             watches,
             watch_version,
+            watch_checked,
             event_ages,
             ..
         } = st;
-        if let Some(w) = self
-            .kafka()
-            .context()
-            .settings
-            .triggers
-            .watches_since(watch_version)
-        {
-            *watches = w;
+        // The book changes with every flush; its watches are taken again at
+        // most every WATCH_REFRESH (a rebuild walks every trigger).
+        if watch_checked.elapsed() >= WATCH_REFRESH {
+            *watch_checked = Instant::now();
+            if let Some(w) = self
+                .kafka()
+                .context()
+                .settings
+                .triggers
+                .watches_since(watch_version)
+            {
+                *watches = w;
+            }
         }
         let Some(ps) = partitions.get_mut(&partition) else {
             // Messages of a partition revoked while they were in flight.

@@ -390,34 +390,36 @@ impl TriggerBook {
         inner.changed(&self.version);
     }
 
-    /// Records a firing that committed.
-    pub fn fired(&self, account_sid: &str, sid: &str, period: &str, at: &str, value: Decimal) {
-        let mut inner = self.inner.write();
-        if let Some(t) = inner
-            .by_account
-            .get_mut(account_sid)
-            .and_then(|l| l.iter_mut().find(|t| t.sid == sid))
-        {
-            t.fired_period = Some(period.to_owned());
-            t.date_fired = Some(at.to_owned());
-            t.fired_value = Some(value);
-        }
-        inner.changed(&self.version);
-    }
-
-    /// Records the values a committed flush left in the store: by trigger
-    /// SID, the latest period it wrote and the category's tally there.
-    pub fn observed(&self, values: &[(String, Period, Tally)]) {
-        if values.is_empty() {
+    /// Records what a committed flush did: the values it left in the store
+    /// (by trigger SID, the latest period it wrote and the category's tally
+    /// there) and the triggers it fired — one change of the book, so the
+    /// consumers rebuild their watches once per flush, not per firing.
+    pub fn record_flush(
+        &self,
+        observed: &[(String, Period, Tally)],
+        fired: &[crate::store::firing::Firing],
+    ) {
+        if observed.is_empty() && fired.is_empty() {
             return;
         }
         let mut inner = self.inner.write();
-        for (sid, period, tally) in values {
+        for (sid, period, tally) in observed {
             match inner.known.get(sid) {
                 Some((p, _)) if p > period => {}
                 _ => {
                     inner.known.insert(sid.clone(), (*period, *tally));
                 }
+            }
+        }
+        for f in fired {
+            if let Some(t) = inner
+                .by_account
+                .get_mut(&f.account_sid)
+                .and_then(|l| l.iter_mut().find(|t| t.sid == f.sid))
+            {
+                t.fired_period = Some(f.period.clone());
+                t.date_fired = Some(f.date_fired.clone());
+                t.fired_value = Some(f.value);
             }
         }
         inner.changed(&self.version);
