@@ -70,9 +70,12 @@ tansu_cpu() { awk '{print ($14 + $15) / '"$(getconf CLK_TCK)"'}' /proc/$TANSU_PI
 run_tallyd() { # $1 = label, $2 = store url, $3 = group, $4 = binary (default $BIN), $5 = config
   local label=$1 url=$2 group=$3 bin=${4:-$BIN} config=${5:-config/tallyd.toml}
   local http_port=$((PORT + 100))
+  # Only the trigger runs set [webhooks] (an earlier build rejects the key).
+  local loopback=()
+  case $label in *-triggers) loopback=(TALLYD_WEBHOOKS__ALLOW_LOOPBACK=true) ;; esac
+  env "${loopback[@]}" \
   TALLYD_KAFKA__BROKERS=127.0.0.1:$PORT TALLYD_KAFKA__GROUP_ID=$group TALLYD_STORE__URL=$url \
   TALLYD_HTTP__LISTEN=127.0.0.1:$http_port TALLYD_FLUSH__INTERVAL_MS=1000 RUST_LOG=${BENCH_LOG:-warn} \
-  TALLYD_WEBHOOKS__ALLOW_LOOPBACK=true \
     "$bin" run --config "$config" 2>"$WORK/$label.log" &
   TALLYD_PID=$!
   TANSU_PID=$TANSU_PID python3 scripts/bench_watch.py "$label" "$url" "$N" "$TALLYD_PID" "$BARE_RATE" \
