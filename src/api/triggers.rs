@@ -154,28 +154,35 @@ fn parse_category(name: &str, v: &str) -> Result<Listed, TwilioError> {
     })
 }
 
-fn parse_recurring(v: &str) -> Result<Recurring, TwilioError> {
+/// A short word of a fixed set, in any case; `what` ends the refusal.
+fn parse_word<T>(
+    name: &str,
+    v: &str,
+    parse: fn(&str) -> Option<T>,
+    what: &str,
+) -> Result<T, TwilioError> {
     Some(v)
         .filter(|v| v.len() <= 16)
-        .and_then(|v| Recurring::parse(&v.to_ascii_lowercase()))
-        .ok_or_else(|| {
-            TwilioError::invalid_parameter(format!(
-                "Recurring {} is not a recurrence: use daily, monthly, yearly or alltime, or leave it empty for a trigger that fires once",
-                shown(v)
-            ))
-        })
+        .and_then(|v| parse(&v.to_ascii_lowercase()))
+        .ok_or_else(|| TwilioError::invalid_parameter(format!("{name} {} {what}", shown(v))))
+}
+
+fn parse_recurring(v: &str) -> Result<Recurring, TwilioError> {
+    parse_word(
+        "Recurring",
+        v,
+        Recurring::parse,
+        "is not a recurrence: use daily, monthly, yearly or alltime, or leave it empty for a trigger that fires once",
+    )
 }
 
 fn parse_trigger_by(v: &str) -> Result<TriggerBy, TwilioError> {
-    Some(v)
-        .filter(|v| v.len() <= 16)
-        .and_then(|v| TriggerBy::parse(&v.to_ascii_lowercase()))
-        .ok_or_else(|| {
-            TwilioError::invalid_parameter(format!(
-                "TriggerBy {} is not a trigger field: use count, usage or price",
-                shown(v)
-            ))
-        })
+    parse_word(
+        "TriggerBy",
+        v,
+        TriggerBy::parse,
+        "is not a trigger field: use count, usage or price",
+    )
 }
 
 fn parse_method(v: &str) -> Result<CallbackMethod, TwilioError> {

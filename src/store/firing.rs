@@ -352,18 +352,8 @@ mod tests {
         let mut t = Trigger {
             sid: "UT0123456789abcdef0123456789abcdef".into(),
             account_sid: account.clone(),
-            friendly_name: String::new(),
-            usage_category: "calls".into(),
-            trigger_by: TriggerBy::Usage,
-            trigger_value: dec!(3),
-            recurring: Recurring::Daily,
-            callback_url: "https://example.com/hook".into(),
             callback_method: CallbackMethod::Get,
-            date_created: "2026-01-01T00:00:00Z".into(),
-            date_updated: "2026-01-01T00:00:00Z".into(),
-            date_fired: None,
-            fired_period: None,
-            fired_value: None,
+            ..Trigger::example("calls", TriggerBy::Usage, dec!(3), Recurring::Daily)
         };
         insert(&store, &t);
         let d1 = Day::from_ymd(2026, 3, 1);
@@ -423,18 +413,7 @@ mod tests {
         let t = Trigger {
             sid: "UT00000000000000000000000000000009".into(),
             account_sid: AccountSid(7).to_string(),
-            friendly_name: String::new(),
-            usage_category: "totalprice".into(),
-            trigger_by: TriggerBy::Price,
-            trigger_value: dec!(0.02),
-            recurring: Recurring::Once,
-            callback_url: "https://example.com/hook".into(),
-            callback_method: CallbackMethod::Post,
-            date_created: "2026-01-01T00:00:00Z".into(),
-            date_updated: "2026-01-01T00:00:00Z".into(),
-            date_fired: None,
-            fired_period: None,
-            fired_value: None,
+            ..Trigger::example("totalprice", TriggerBy::Price, dec!(0.02), Recurring::Once)
         };
         // Not in the store (deleted): never fires.
         assert!(flush(&store, &t, Day::from_ymd(2026, 3, 1), 5, None, 1).is_empty());

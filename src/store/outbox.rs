@@ -246,28 +246,28 @@ impl Conn {
         at: i64,
         error: &str,
     ) -> Result<bool> {
-        let n = match next {
-            Some(next) => self.execute(
+        // Due again at `next`, or failed for good at `at`.
+        let (sql, first) = match next {
+            Some(next) => (
                 "UPDATE webhook_outbox SET next_attempt_at = $1, last_error = $2 \
                  WHERE id = $3 AND status = 'pending' AND next_attempt_at = $4",
-                &[
-                    Param::Int(next),
-                    Param::Text(error),
-                    Param::Text(id),
-                    Param::Int(lease),
-                ],
-            )?,
-            None => self.execute(
+                next,
+            ),
+            None => (
                 "UPDATE webhook_outbox SET status = 'failed', finished_at = $1, last_error = $2 \
                  WHERE id = $3 AND status = 'pending' AND next_attempt_at = $4",
-                &[
-                    Param::Int(at),
-                    Param::Text(error),
-                    Param::Text(id),
-                    Param::Int(lease),
-                ],
-            )?,
+                at,
+            ),
         };
+        let n = self.execute(
+            sql,
+            &[
+                Param::Int(first),
+                Param::Text(error),
+                Param::Text(id),
+                Param::Int(lease),
+            ],
+        )?;
         Ok(n == 1)
     }
 

@@ -201,6 +201,30 @@ impl Trigger {
     }
 }
 
+#[cfg(test)]
+impl Trigger {
+    /// A trigger for tests: account `AC…01`, SID `UT…01`, made 2026-01-01,
+    /// callback `POST https://example.com/hook`, never fired.
+    pub fn example(category: &str, by: TriggerBy, value: Decimal, recurring: Recurring) -> Trigger {
+        Trigger {
+            sid: "UT00000000000000000000000000000001".into(),
+            account_sid: "AC00000000000000000000000000000001".into(),
+            friendly_name: String::new(),
+            usage_category: category.into(),
+            trigger_by: by,
+            trigger_value: value,
+            recurring,
+            callback_url: "https://example.com/hook".into(),
+            callback_method: CallbackMethod::Post,
+            date_created: "2026-01-01T00:00:00Z".into(),
+            date_updated: "2026-01-01T00:00:00Z".into(),
+            date_fired: None,
+            fired_period: None,
+            fired_value: None,
+        }
+    }
+}
+
 /// The value of `category` measured `by` in a stored row: count, usage as
 /// the UsageRecord shows it (calls in minutes, exact; messages in segments)
 /// or price in the currency unit (10⁻⁵ exact).
@@ -504,22 +528,7 @@ mod tests {
     use rust_decimal_macros::dec;
 
     fn trigger(category: &str, by: TriggerBy, value: Decimal, recurring: Recurring) -> Trigger {
-        Trigger {
-            sid: "UT00000000000000000000000000000001".into(),
-            account_sid: "AC00000000000000000000000000000001".into(),
-            friendly_name: String::new(),
-            usage_category: category.into(),
-            trigger_by: by,
-            trigger_value: value,
-            recurring,
-            callback_url: "https://example.com/hook".into(),
-            callback_method: CallbackMethod::Post,
-            date_created: "2026-01-01T00:00:00Z".into(),
-            date_updated: "2026-01-01T00:00:00Z".into(),
-            date_fired: None,
-            fired_period: None,
-            fired_value: None,
-        }
+        Trigger::example(category, by, value, recurring)
     }
 
     fn leaves(leaf: Category, count: u64, usage: u64, price: i64) -> Leaves {

@@ -232,27 +232,14 @@ mod tests {
     use super::*;
     use crate::calendar::Day;
     use crate::cdr::decode;
-    use crate::triggers::CallbackMethod;
     use rust_decimal_macros::dec;
 
     const ACCOUNT: &str = "AC00000000000000000000000000000c11";
 
     fn trigger(by: TriggerBy, value: Decimal, recurring: Recurring) -> Trigger {
         Trigger {
-            sid: "UT00000000000000000000000000000001".into(),
             account_sid: ACCOUNT.into(),
-            friendly_name: String::new(),
-            usage_category: "calls".into(),
-            trigger_by: by,
-            trigger_value: value,
-            recurring,
-            callback_url: "https://example.com/".into(),
-            callback_method: CallbackMethod::Post,
-            date_created: "2026-01-01T00:00:00Z".into(),
-            date_updated: "2026-01-01T00:00:00Z".into(),
-            date_fired: None,
-            fired_period: None,
-            fired_value: None,
+            ..Trigger::example("calls", by, value, recurring)
         }
     }
 
