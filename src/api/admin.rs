@@ -356,6 +356,27 @@ pub async fn delete_account(
         .await?
 }
 
+/// Runs `f` on a store connection for the existing account `sid`; an
+/// unknown account is a 404 (the admin endpoints under
+/// `/admin/accounts/{sid}/…`).
+pub(super) async fn on_account(
+    state: &ApiState,
+    sid: String,
+    f: impl FnOnce(&mut crate::store::Conn, &str) -> crate::store::Result<Result<Response, ApiError>>
+        + Send
+        + 'static,
+) -> Result<Response, ApiError> {
+    state
+        .store()
+        .run(move |c| {
+            if accounts::get(c, &sid)?.is_none() {
+                return Ok(Err(unknown(&sid)));
+            }
+            f(c, &sid)
+        })
+        .await?
+}
+
 /// Body of `POST /admin/accounts/{sid}/api-keys`: an existing key to register, or
 /// nothing to have one generated.
 #[derive(Debug, Deserialize)]
@@ -376,13 +397,8 @@ pub async fn create_api_key(
         .key
         .unwrap_or_else(|| Secret::new(accounts::new_api_key()));
     check_credential("key", &key, KEY_CHARS)?;
-    state
-        .store()
-        .run(move |c| {
-            if accounts::get(c, &sid)?.is_none() {
-                return Ok(Err(unknown(&sid)));
-            }
-            let Some(key_id) = accounts::add_api_key(c, &sid, key.expose())? else {
+    on_account(&state, sid, move |c, sid| {
+            let Some(key_id) = accounts::add_api_key(c, sid, key.expose())? else {
                 return Ok(Err(ApiError::conflict(
                     "this key is already registered; a key names one account: revoke it there first, or register another",
                 )));
@@ -394,7 +410,7 @@ pub async fn create_api_key(
             )
                 .into_response()))
         })
-        .await?
+    .await
 }
 
 pub async fn list_api_keys(
@@ -403,16 +419,11 @@ pub async fn list_api_keys(
     sid: Option<Path<String>>,
 ) -> Result<Response, ApiError> {
     let sid = path_sid(sid)?;
-    state
-        .store()
-        .run(move |c| {
-            if accounts::get(c, &sid)?.is_none() {
-                return Ok(Err(unknown(&sid)));
-            }
-            let keys = accounts::api_keys(c, &sid)?;
-            Ok(Ok(Json(json!({ "api_keys": keys })).into_response()))
-        })
-        .await?
+    on_account(&state, sid, |c, sid| {
+        let keys = accounts::api_keys(c, sid)?;
+        Ok(Ok(Json(json!({ "api_keys": keys })).into_response()))
+    })
+    .await
 }
 
 /// Whether `id` has the shape of a key id (`key_` + 16 hex digits).

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::accounts;
-use super::admin::{parse_body, path_sid, unknown, Admin};
+use super::admin::{on_account, parse_body, path_sid, Admin};
 use super::error::ApiError;
 use super::ApiState;
 use crate::webhooks::url::check_callback_url;
@@ -64,23 +64,18 @@ pub async fn set_webhook(
     let url = url.to_string();
     let secret = new_secret();
     let now = accounts::now_rfc3339();
-    state
-        .store()
-        .run(move |c| {
-            if accounts::get(c, &sid)?.is_none() {
-                return Ok(Err(unknown(&sid)));
-            }
-            c.set_account_webhook(&sid, &url, &secret, &now)?;
-            // The secret is shown this once.
-            Ok(Ok(Json(json!({
-                "account_sid": sid,
-                "url": url,
-                "secret": secret,
-                "updated_at": now,
-            }))
-            .into_response()))
-        })
-        .await?
+    on_account(&state, sid, move |c, sid| {
+        c.set_account_webhook(sid, &url, &secret, &now)?;
+        // The secret is shown this once.
+        Ok(Ok(Json(json!({
+            "account_sid": sid,
+            "url": url,
+            "secret": secret,
+            "updated_at": now,
+        }))
+        .into_response()))
+    })
+    .await
 }
 
 pub async fn get_webhook(
@@ -89,23 +84,18 @@ pub async fn get_webhook(
     sid: Option<Path<String>>,
 ) -> Result<Response, ApiError> {
     let sid = path_sid(sid)?;
-    state
-        .store()
-        .run(move |c| {
-            if accounts::get(c, &sid)?.is_none() {
-                return Ok(Err(unknown(&sid)));
-            }
-            Ok(match c.account_webhook(&sid)? {
-                Some(w) => Ok(Json(json!({
-                    "account_sid": w.account_sid,
-                    "url": w.url,
-                    "updated_at": w.updated_at,
-                }))
-                .into_response()),
-                None => Err(no_webhook(&sid)),
-            })
+    on_account(&state, sid, |c, sid| {
+        Ok(match c.account_webhook(sid)? {
+            Some(w) => Ok(Json(json!({
+                "account_sid": w.account_sid,
+                "url": w.url,
+                "updated_at": w.updated_at,
+            }))
+            .into_response()),
+            None => Err(no_webhook(sid)),
         })
-        .await?
+    })
+    .await
 }
 
 pub async fn delete_webhook(
@@ -114,17 +104,12 @@ pub async fn delete_webhook(
     sid: Option<Path<String>>,
 ) -> Result<Response, ApiError> {
     let sid = path_sid(sid)?;
-    state
-        .store()
-        .run(move |c| {
-            if accounts::get(c, &sid)?.is_none() {
-                return Ok(Err(unknown(&sid)));
-            }
-            Ok(if c.delete_account_webhook(&sid)? {
-                Ok(StatusCode::NO_CONTENT.into_response())
-            } else {
-                Err(no_webhook(&sid))
-            })
+    on_account(&state, sid, |c, sid| {
+        Ok(if c.delete_account_webhook(sid)? {
+            Ok(StatusCode::NO_CONTENT.into_response())
+        } else {
+            Err(no_webhook(sid))
         })
-        .await?
+    })
+    .await
 }
