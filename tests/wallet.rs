@@ -434,14 +434,6 @@ fn postgres_holds_and_top_ups_over_http() {
     }
 }
 
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 // ---------------------------------------------------------------------------
 // End to end: the real binary, a real broker, SIGKILL mid-run.
 
@@ -457,12 +449,6 @@ fn e2e_sid(i: usize) -> String {
 
 fn e2e_key(i: usize) -> String {
     format!("e2e_key_{i:04}")
-}
-
-/// CallingBox's per-second price, computed here independently of the rating
-/// code: $0.05/60 per second, rounded half-up to 10⁻⁵.
-fn price_of(billsec: u32) -> i64 {
-    (billsec as i64 * 5 * CENT + 30) / 60
 }
 
 /// What happens to a granted hold.
@@ -528,35 +514,6 @@ fn send(
     }
 }
 
-fn produce(p: &rdkafka::producer::BaseProducer, sid: &str, payload: &str) {
-    use rdkafka::producer::{BaseRecord, Producer};
-    loop {
-        match p.send(BaseRecord::to(TOPIC).key(sid).payload(payload)) {
-            Ok(()) => break,
-            Err((e, _)) => {
-                assert!(
-                    matches!(
-                        e.rdkafka_error_code(),
-                        Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
-                    ),
-                    "{e}"
-                );
-                p.poll(Duration::from_millis(50));
-            }
-        }
-    }
-    p.flush(Duration::from_secs(30)).unwrap();
-}
-
-fn cdr(id: &str, sid: &str, status: &str, billsec: u32) -> String {
-    json!({
-        "id": id, "account_sid": sid, "kind": "call",
-        "timestamp": chrono::Utc::now().to_rfc3339(), "direction": "outbound",
-        "status": status, "duration": billsec + 3, "billsec": billsec,
-    })
-    .to_string()
-}
-
 /// The switch's side: holds, the CDRs of their calls, releases, top-ups (some
 /// sent twice) and usage without holds, while the daemon is killed.
 fn drive(
@@ -602,12 +559,24 @@ fn drive(
                     };
                     match fate {
                         Fate::Answered(b) => {
-                            produce(&producer, &sid, &cdr(&call_id, &sid, "completed", b));
-                            e.balance[a] -= price_of(b);
+                            support::produce_one(
+                                &producer,
+                                TOPIC,
+                                &sid,
+                                &support::call_cdr(&call_id, &sid, "completed", b),
+                                None,
+                            );
+                            e.balance[a] -= support::callingbox_price(b);
                             e.messages += 1;
                         }
                         Fate::NoAnswer => {
-                            produce(&producer, &sid, &cdr(&call_id, &sid, "no-answer", 0));
+                            support::produce_one(
+                                &producer,
+                                TOPIC,
+                                &sid,
+                                &support::call_cdr(&call_id, &sid, "no-answer", 0),
+                                None,
+                            );
                             e.messages += 1;
                         }
                         Fate::Released => {
@@ -636,7 +605,7 @@ fn drive(
             if rng.gen_bool(0.3) {
                 let sms = json!({"id": format!("SM{a}-{round}"), "account_sid": sid, "kind": "sms",
                     "timestamp": chrono::Utc::now().to_rfc3339(), "direction": "outbound"});
-                produce(&producer, &sid, &sms.to_string());
+                support::produce_one(&producer, TOPIC, &sid, &sms.to_string(), None);
                 e.balance[a] -= 2 * CENT;
                 e.messages += 1;
             }
@@ -721,7 +690,7 @@ fn exact_across_sigkill(url: &str) {
         // Kill -9 at three moments of the run, each time once the previous
         // instance consumes; the next one listens on another port.
         for at in [ROUNDS / 6, ROUNDS / 2, 5 * ROUNDS / 6] {
-            wait_until("the driver's progress", Duration::from_secs(600), || {
+            support::wait_until("the driver's progress", Duration::from_secs(600), || {
                 progress.load(Ordering::Acquire) >= at || driver.is_finished()
             });
             std::thread::sleep(Duration::from_millis(rng.gen_range(0..400)));
@@ -742,7 +711,7 @@ fn exact_across_sigkill(url: &str) {
             decimal(expect.held[a]),
             decimal(expect.balance[a] - expect.held[a]),
         );
-        wait_until(
+        support::wait_until(
             &format!("wallet {sid} to be {want:?}"),
             Duration::from_secs(30),
             || {
@@ -783,7 +752,7 @@ fn exact_across_sigkill(url: &str) {
         assert_eq!(s, StatusCode::OK, "granted hold {call_id} lost: {b}");
         let want = match fate {
             Fate::Answered(billsec) => json!({"reservation_status": "settled",
-                "billed_duration_seconds": billsec, "billing_amount_milli_cents": price_of(*billsec)}),
+                "billed_duration_seconds": billsec, "billing_amount_milli_cents": support::callingbox_price(*billsec)}),
             Fate::NoAnswer => json!({"reservation_status": "released",
                 "billed_duration_seconds": 0, "billing_amount_milli_cents": 0}),
             Fate::Released => json!({"reservation_status": "released",

@@ -37,12 +37,6 @@ fn key(i: usize) -> String {
     format!("inst_key_{i:04}")
 }
 
-/// CallingBox's per-second price, computed here independently of the rating
-/// code: $0.05/60 per second, rounded half-up to 10⁻⁵.
-fn price_of(billsec: u32) -> i64 {
-    (billsec as i64 * 5 * CENT + 30) / 60
-}
-
 fn decimal(m: i64) -> String {
     tallyd::wallet::decimal(m)
 }
@@ -113,25 +107,6 @@ fn send(
     }
 }
 
-fn produce(p: &rdkafka::producer::BaseProducer, key: &str, payload: &str, partition: Option<i32>) {
-    use rdkafka::producer::{BaseRecord, Producer};
-    let mut record = BaseRecord::to(TOPIC).key(key).payload(payload);
-    if let Some(p) = partition {
-        record = record.partition(p);
-    }
-    p.send(record).map_err(|(e, _)| e).unwrap();
-    p.flush(Duration::from_secs(30)).unwrap();
-}
-
-fn cdr(id: &str, sid: &str, status: &str, billsec: u32) -> String {
-    json!({
-        "id": id, "account_sid": sid, "kind": "call",
-        "timestamp": chrono::Utc::now().to_rfc3339(), "direction": "outbound",
-        "status": status, "duration": billsec + 3, "billsec": billsec,
-    })
-    .to_string()
-}
-
 fn spawn(t: &support::Tansu, url: &str, log: &Path, port: u16) -> support::Daemon {
     let listen = format!("127.0.0.1:{port}");
     support::Daemon::spawn_with(
@@ -146,14 +121,6 @@ fn spawn(t: &support::Tansu, url: &str, log: &Path, port: u16) -> support::Daemo
             ("TALLYD_KAFKA__PARTITIONER", "consistent_random"),
         ],
     )
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// partition → owner URL as the store records it.
@@ -202,7 +169,7 @@ fn wait_exact(http: &Client, inst: &Instances, i: usize, a: usize, book: &Book) 
         decimal(balance - book.reserved),
     );
     let mut last = Value::Null;
-    wait_until(
+    support::wait_until(
         &format!("wallet of account {a} to be {want:?} through instance {i}"),
         Duration::from_secs(60),
         || {
@@ -288,7 +255,7 @@ fn postgres_wallets_across_two_instances_with_one_killed() {
     // Both instances own partitions and have loaded them.
     let store = Store::open(&url).unwrap();
     let me = |i: usize| format!("http://127.0.0.1:{}", inst.ports[i]);
-    wait_until(
+    support::wait_until(
         "both instances to own partitions",
         Duration::from_secs(90),
         || {
@@ -410,14 +377,15 @@ fn postgres_wallets_across_two_instances_with_one_killed() {
         .unwrap();
     let sms = json!({"id": "SM-stray", "account_sid": stray, "kind": "sms",
         "timestamp": chrono::Utc::now().to_rfc3339(), "direction": "outbound"});
-    produce(
+    support::produce_one(
         &producer,
+        TOPIC,
         &stray,
         &sms.to_string(),
         Some((right + 1) % PARTITIONS as i32),
     );
     messages += 1;
-    wait_until(
+    support::wait_until(
         "the misplaced CDR to be counted",
         Duration::from_secs(30),
         || {
@@ -444,7 +412,7 @@ fn postgres_wallets_across_two_instances_with_one_killed() {
             daemons[1].kill9();
         }
         if round == 3 * ROUNDS / 4 {
-            wait_until(
+            support::wait_until(
                 "the survivor to own every partition",
                 Duration::from_secs(60),
                 || owners(&store).iter().all(|(_, u)| *u == me(0)),
@@ -490,13 +458,25 @@ fn postgres_wallets_across_two_instances_with_one_killed() {
                     match fate {
                         "answered" => {
                             let b = billsec.unwrap();
-                            produce(&producer, &sid, &cdr(&call_id, &sid, "completed", b), None);
+                            support::produce_one(
+                                &producer,
+                                TOPIC,
+                                &sid,
+                                &support::call_cdr(&call_id, &sid, "completed", b),
+                                None,
+                            );
                             messages += 1;
                             book.reserved -= HOLD;
-                            book.charges += price_of(b);
+                            book.charges += support::callingbox_price(b);
                         }
                         "no-answer" => {
-                            produce(&producer, &sid, &cdr(&call_id, &sid, "no-answer", 0), None);
+                            support::produce_one(
+                                &producer,
+                                TOPIC,
+                                &sid,
+                                &support::call_cdr(&call_id, &sid, "no-answer", 0),
+                                None,
+                            );
                             messages += 1;
                             book.reserved -= HOLD;
                         }
@@ -568,7 +548,7 @@ fn postgres_wallets_across_two_instances_with_one_killed() {
     // Both instances again, each owning partitions: every wallet exact and
     // answered the same through either, every granted hold accounted for.
     support::wait_flushed(&url, TOPIC, messages, Duration::from_secs(120), &logs[0]);
-    wait_until(
+    support::wait_until(
         "both instances to own partitions again",
         Duration::from_secs(90),
         || {
@@ -590,7 +570,7 @@ fn postgres_wallets_across_two_instances_with_one_killed() {
             let (s, b) = send(&http, &inst, n % 2, "GET", &path, &key(a), None);
             assert_eq!(s, StatusCode::OK, "granted hold {call_id} lost: {b}");
             let (status, charged) = match *fate {
-                "answered" => ("settled", price_of(billsec.unwrap())),
+                "answered" => ("settled", support::callingbox_price(billsec.unwrap())),
                 "kept" => ("reserved", 0),
                 _ => ("released", 0),
             };

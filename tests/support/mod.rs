@@ -1164,3 +1164,64 @@ pub fn log_lines(log: &Path, needle: &str) -> Vec<String> {
         .map(String::from)
         .collect()
 }
+
+/// Waits until `f` holds, checking every 100 ms; fails after `timeout`.
+#[allow(dead_code)]
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// CallingBox's per-second call price, computed here independently of the
+/// rating code: $0.05/60 per second, rounded half-up to 10⁻⁵.
+#[allow(dead_code)]
+pub fn callingbox_price(billsec: u32) -> i64 {
+    (billsec as i64 * 5 * tallyd::wallet::CENT + 30) / 60
+}
+
+/// An outbound call CDR of now, as the switch sends it.
+#[allow(dead_code)]
+pub fn call_cdr(id: &str, sid: &str, status: &str, billsec: u32) -> String {
+    serde_json::json!({
+        "id": id, "account_sid": sid, "kind": "call",
+        "timestamp": chrono::Utc::now().to_rfc3339(), "direction": "outbound",
+        "status": status, "duration": billsec + 3, "billsec": billsec,
+    })
+    .to_string()
+}
+
+/// Produces one message (keyed by the account SID) and waits until the broker
+/// has it; `partition` overrides the partitioner.
+#[allow(dead_code)]
+pub fn produce_one(
+    p: &rdkafka::producer::BaseProducer,
+    topic: &str,
+    key: &str,
+    payload: &str,
+    partition: Option<i32>,
+) {
+    use rdkafka::producer::{BaseRecord, Producer};
+    loop {
+        let mut record = BaseRecord::to(topic).key(key).payload(payload);
+        if let Some(n) = partition {
+            record = record.partition(n);
+        }
+        match p.send(record) {
+            Ok(()) => break,
+            Err((e, _)) => {
+                assert!(
+                    matches!(
+                        e.rdkafka_error_code(),
+                        Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
+                    ),
+                    "{e}"
+                );
+                p.poll(Duration::from_millis(50));
+            }
+        }
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+}
