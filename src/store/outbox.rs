@@ -30,31 +30,16 @@ impl Conn {
     /// Adds `row` as pending, due now; a row with the same id already there
     /// (a replay of the same firing) is left as it is. True if added.
     pub fn insert_outbox(&mut self, row: &OutboxRow) -> Result<bool> {
-        let day = row.created_at.div_euclid(86_400_000);
-        Ok(self.execute(
-            "INSERT INTO webhook_outbox (id, account_sid, kind, source_sid, url, method, body, \
-             created_at, day, status, attempts, next_attempt_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', 0, $8) \
-             ON CONFLICT (id) DO NOTHING",
-            &[
-                Param::Text(&row.id),
-                Param::Text(&row.account_sid),
-                Param::Text(&row.kind),
-                Param::Text(&row.source_sid),
-                Param::Text(&row.url),
-                Param::Text(&row.method),
-                Param::Text(&row.body),
-                Param::Int(row.created_at),
-                Param::Int(day),
-            ],
-        )? == 1)
+        Ok(self.insert_outbox_rows(std::slice::from_ref(row))? == 1)
     }
 }
 
 impl Conn {
     /// Adds many rows as [`Conn::insert_outbox`] does, one statement per
-    /// chunk of 1000 (a flush that fires thousands of triggers).
-    pub fn insert_outbox_rows(&mut self, rows: &[OutboxRow]) -> Result<()> {
+    /// chunk of 1000 (a flush that fires thousands of triggers); returns how
+    /// many were added.
+    pub fn insert_outbox_rows(&mut self, rows: &[OutboxRow]) -> Result<u64> {
+        let mut added = 0;
         for chunk in rows.chunks(1000) {
             let days: Vec<i64> = chunk
                 .iter()
@@ -91,7 +76,7 @@ impl Conn {
             if values.is_empty() {
                 continue;
             }
-            self.execute(
+            added += self.execute(
                 &format!(
                     "INSERT INTO webhook_outbox (id, account_sid, kind, source_sid, url, method, \
                      body, created_at, day, status, attempts, next_attempt_at) VALUES {} \
@@ -101,7 +86,7 @@ impl Conn {
                 &params,
             )?;
         }
-        Ok(())
+        Ok(added)
     }
 }
 
