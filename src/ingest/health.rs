@@ -9,6 +9,10 @@ pub struct IngestHealth {
     assigned_partitions: AtomicUsize,
     paused_consumers: AtomicUsize,
     pending_cells: AtomicUsize,
+    /// Held while a sum is moved and its gauge set: two consumers assigned
+    /// at once otherwise could set the gauge in the other order than they
+    /// moved the sum (the gauge then showed one consumer's share).
+    publishing: parking_lot::Mutex<()>,
 }
 
 impl IngestHealth {
@@ -24,11 +28,13 @@ impl IngestHealth {
     /// Sets one consumer's assigned partitions (`mine` holds its share) and
     /// publishes the instance's sum.
     pub(super) fn set_assigned(&self, mine: &IngestHealth, n: usize) {
+        let _order = self.publishing.lock();
         let sum = move_sum(&self.assigned_partitions, &mine.assigned_partitions, n);
         metrics::gauge!(crate::metrics::PARTITIONS_ASSIGNED).set(sum as f64);
     }
 
     pub(super) fn set_paused(&self, mine: &IngestHealth, paused: bool) {
+        let _order = self.publishing.lock();
         let sum = move_sum(
             &self.paused_consumers,
             &mine.paused_consumers,
@@ -38,6 +44,7 @@ impl IngestHealth {
     }
 
     pub(super) fn set_pending(&self, mine: &IngestHealth, cells: usize) {
+        let _order = self.publishing.lock();
         let sum = move_sum(&self.pending_cells, &mine.pending_cells, cells);
         metrics::gauge!(crate::metrics::PENDING_CELLS).set(sum as f64);
     }
