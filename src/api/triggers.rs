@@ -49,8 +49,6 @@ pub const MAX_TRIGGERS_PER_ACCOUNT: u64 = 1000;
 pub const MAX_FRIENDLY_NAME_CHARS: usize = 64;
 /// The longest `TriggerValue` accepted, in characters.
 const MAX_TRIGGER_VALUE_CHARS: usize = 40;
-const DEFAULT_PAGE_SIZE: u32 = 50;
-const MAX_PAGE_SIZE: u32 = 1000;
 
 /// Form or query parameters; the first occurrence of a name wins and names
 /// tallyd does not know are ignored, as Twilio does.
@@ -340,38 +338,7 @@ pub fn parse_list_query(raw: Option<&str>) -> Result<ListQuery, TwilioError> {
         filter.usage_category = Some(c.name().to_owned());
         filter_pairs.push(("UsageCategory", c.name().to_owned()));
     }
-    let page_size = match p.get("PageSize") {
-        None => DEFAULT_PAGE_SIZE,
-        Some(v) => Some(v)
-            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-            .map(|v| v.parse::<u64>().unwrap_or(u64::MAX))
-            .filter(|n| *n >= 1)
-            .map(|n| n.min(u64::from(MAX_PAGE_SIZE)) as u32)
-            .ok_or_else(|| {
-                TwilioError::invalid_parameter(format!(
-                    "PageSize {} is not a page size: use an integer from 1 (at most {MAX_PAGE_SIZE} are served)",
-                    shown(v)
-                ))
-            })?,
-    };
-    let page = match p.get("Page") {
-        None => None,
-        Some(v) => Some(
-            v.parse::<u64>()
-                .ok()
-                .filter(|p| *p < 1 << 40)
-                .ok_or_else(|| {
-                    TwilioError::invalid_parameter(format!(
-                        "Page {} is not a page number: use an integer from 0",
-                        shown(v)
-                    ))
-                })?,
-        ),
-    };
-    let token = match p.get("PageToken") {
-        None => None,
-        Some(t) => Some(PageToken::decode(t).ok_or_else(|| bad_token(t))?),
-    };
+    let (page_size, page, token) = twilio::paging(&|k| p.get(k))?;
     Ok(ListQuery {
         filter,
         filter_pairs,
@@ -379,13 +346,6 @@ pub fn parse_list_query(raw: Option<&str>) -> Result<ListQuery, TwilioError> {
         page,
         token,
     })
-}
-
-fn bad_token(t: &str) -> TwilioError {
-    TwilioError::invalid_parameter(format!(
-        "PageToken {} was not issued for this listing: follow next_page_uri or previous_page_uri, or use Page",
-        shown(t)
-    ))
 }
 
 /// The stored usage row kind a period is kept in.
@@ -758,11 +718,7 @@ pub async fn list(
         };
         let listing = query(&[]);
         let size = u64::from(q.page_size);
-        let start = match q.token {
-            Some(t) if t.is_for(&listing, q.page_size) => t.offset,
-            Some(t) => return Err(bad_token(&t.encode())),
-            None => q.page.unwrap_or(0) * size,
-        };
+        let start = twilio::page_start(q.token, q.page, q.page_size, &listing)?;
         let page = start / size;
         let found = c
             .triggers_page(&account, &q.filter, start, q.page_size)

@@ -118,8 +118,26 @@ pub fn parse_query(raw: Option<&str>, today: Day) -> Result<ListQuery, TwilioErr
             )))
         }
     };
-    // Twilio serves a PageSize above the maximum as the maximum (the official
-    // clients send `list(limit=5000)` as PageSize=5000).
+    let (page_size, page, token) = paging(&get)?;
+    Ok(ListQuery {
+        category,
+        start,
+        end,
+        include_subaccounts,
+        include_given: get("IncludeSubaccounts").is_some(),
+        page_size,
+        page,
+        token,
+    })
+}
+
+/// The paging parameters of a Twilio list (`PageSize`, `Page`,
+/// `PageToken`): the page size (default 50; above the maximum Twilio serves
+/// the maximum — the official clients send `list(limit=5000)` as
+/// PageSize=5000), the page number and the token, if given.
+pub(super) fn paging<'a>(
+    get: &impl Fn(&str) -> Option<&'a str>,
+) -> Result<(u32, Option<u64>, Option<PageToken>), TwilioError> {
     let page_size = match get("PageSize") {
         None => DEFAULT_PAGE_SIZE,
         Some(v) => Some(v)
@@ -153,16 +171,22 @@ pub fn parse_query(raw: Option<&str>, today: Day) -> Result<ListQuery, TwilioErr
         None => None,
         Some(t) => Some(PageToken::decode(t).ok_or_else(|| bad_token(t))?),
     };
-    Ok(ListQuery {
-        category,
-        start,
-        end,
-        include_subaccounts,
-        include_given: get("IncludeSubaccounts").is_some(),
-        page_size,
-        page,
-        token,
-    })
+    Ok((page_size, page, token))
+}
+
+/// Where a page of `listing` starts: its token's offset (a token issued for
+/// another listing or page size is refused), else `page` × `page_size`.
+pub(super) fn page_start(
+    token: Option<PageToken>,
+    page: Option<u64>,
+    page_size: u32,
+    listing: &str,
+) -> Result<u64, TwilioError> {
+    match token {
+        Some(t) if t.is_for(listing, page_size) => Ok(t.offset),
+        Some(t) => Err(bad_token(&t.encode())),
+        None => Ok(page.unwrap_or(0) * u64::from(page_size)),
+    }
 }
 
 fn bad_token(t: &str) -> TwilioError {
@@ -465,11 +489,7 @@ pub fn list_records(c: &mut Conn, req: RecordsRequest) -> Result<RecordsPage, Tw
     let total = buckets.len() as u64 * per_bucket;
     let size = q.page_size as u64;
     // A PageToken says where its page starts; the page number follows from it.
-    let start = match q.token {
-        Some(t) if t.is_for(&listing, q.page_size) => t.offset,
-        Some(t) => return Err(bad_token(&t.encode())),
-        None => q.page.unwrap_or(0) * size,
-    };
+    let start = page_start(q.token, q.page, q.page_size, &listing)?;
     let page = start / size;
     let end_excl = (start + size).min(total);
 
