@@ -167,10 +167,13 @@ impl Conn {
         for round in &rounds {
             for chunk in round.chunks(FIRE_CHUNK) {
                 let fired = self.mark_fired(chunk, &date_fired)?;
+                // A round holds each trigger once.
+                let by_sid: HashMap<&str, &Crossing> =
+                    chunk.iter().map(|(c, _)| (c.sid.as_str(), c)).collect();
                 let mut rows = Vec::with_capacity(fired.len());
                 for r in &fired {
                     let (sid, key) = (r[0].text(), r[1].text());
-                    let Some((c, _)) = chunk.iter().find(|(c, k)| c.sid == sid && k == key) else {
+                    let Some(c) = by_sid.get(sid) else {
                         continue;
                     };
                     let (url, method, category, by, trigger_value, recurring) = (
