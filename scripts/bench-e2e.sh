@@ -16,11 +16,12 @@
 #   BENCH_LOG=FILTER  tallyd's RUST_LOG (default warn), e.g. info,tallyd::flush=debug.
 #   BENCH_KEEP=1      keeps the work directory (tallyd's logs per store) and prints it.
 #   BENCH_TRACE=1     prints every sample of the watcher (scripts/bench_watch.py).
-#   BENCH_COMPARE=BIN also runs another tallyd binary (say, a release build of an
-#                 earlier commit) after this one in each round, against the same
-#                 bare run, labelled "before-<store>": a before/after comparison
-#                 measured in one run. BENCH_COMPARE_CONFIG=FILE is the config that
-#                 build reads (an older build rejects keys added since; e.g.
+#   BENCH_COMPARE="BIN[=CONFIG] ..." also runs other tallyd binaries (say,
+#                 release builds of earlier commits) after this one in each
+#                 round, against the same bare run, each labelled
+#                 "<file name of BIN>-<store>": a before/after comparison
+#                 measured in one run. CONFIG is the config that build reads (an
+#                 older build rejects keys added since; e.g.
 #                 `git show REV:config/tallyd.toml > old.toml`).
 #   BENCH_TRIGGERS=K  also runs tallyd on each store with K usage triggers on
 #                 every account (labelled "<store>-triggers", against the same
@@ -116,6 +117,10 @@ if [ -n "${BENCH_TRIGGERS:-}" ]; then
   SINK_PID=$!
 fi
 
+# A compared build's label (its file name) and config (after "=", if any).
+compared_label() { basename "${1%%=*}"; }
+compared_config() { case $1 in *=*) echo "${1#*=}" ;; esac; }
+
 RUNS=${BENCH_RUNS:-1}
 for round in $(seq 1 "$RUNS"); do
   [ "$RUNS" -gt 1 ] && echo "round $round of $RUNS"
@@ -127,10 +132,11 @@ for round in $(seq 1 "$RUNS"); do
   if [ "${BENCH_STORES:-sqlite}" = sqlite ]; then
     rm -f "$WORK"/bench.db*
     run_tallyd sqlite "sqlite://$WORK/bench.db" bench-sqlite-$round
-    if [ -n "${BENCH_COMPARE:-}" ]; then
+    for other in ${BENCH_COMPARE:-}; do
       rm -f "$WORK"/bench.db*
-      run_tallyd before-sqlite "sqlite://$WORK/bench.db" bench-before-sqlite-$round "$BENCH_COMPARE" "${BENCH_COMPARE_CONFIG:-}"
-    fi
+      run_tallyd "$(compared_label "$other")-sqlite" "sqlite://$WORK/bench.db" bench-$(compared_label "$other")-sqlite-$round \
+        "${other%%=*}" "$(compared_config "$other")"
+    done
     if [ -n "${BENCH_TRIGGERS:-}" ]; then
       rm -f "$WORK"/bench.db*
       seed_triggers "sqlite://$WORK/bench.db"
@@ -142,11 +148,12 @@ for round in $(seq 1 "$RUNS"); do
     PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE; CREATE SCHEMA $SCHEMA" >/dev/null
     run_tallyd postgres "$PG?options=-csearch_path%3D$SCHEMA" bench-pg-$round
     PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
-    if [ -n "${BENCH_COMPARE:-}" ]; then
+    for other in ${BENCH_COMPARE:-}; do
       PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "CREATE SCHEMA $SCHEMA" >/dev/null
-      run_tallyd before-postgres "$PG?options=-csearch_path%3D$SCHEMA" bench-before-pg-$round "$BENCH_COMPARE" "${BENCH_COMPARE_CONFIG:-}"
+      run_tallyd "$(compared_label "$other")-postgres" "$PG?options=-csearch_path%3D$SCHEMA" bench-$(compared_label "$other")-pg-$round \
+        "${other%%=*}" "$(compared_config "$other")"
       PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
-    fi
+    done
     if [ -n "${BENCH_TRIGGERS:-}" ]; then
       PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "CREATE SCHEMA $SCHEMA" >/dev/null
       seed_triggers "$PG?options=-csearch_path%3D$SCHEMA"
@@ -157,7 +164,11 @@ for round in $(seq 1 "$RUNS"); do
 done
 
 if [ "$RUNS" -gt 1 ]; then
-  for label in sqlite postgres before-sqlite before-postgres sqlite-triggers postgres-triggers; do
+  compared=""
+  for other in ${BENCH_COMPARE:-}; do
+    compared="$compared $(compared_label "$other")-sqlite $(compared_label "$other")-postgres"
+  done
+  for label in sqlite postgres $compared sqlite-triggers postgres-triggers; do
     grep -q "^tallyd\[$label\]" "$WORK/results.txt" || continue
     grep "^tallyd\[$label\]" "$WORK/results.txt" | grep -v "triggers fired" | sed 's/.*ratio to bare consumer \([0-9.]*\);.*/\1/' | sort -n \
       | awk -v l="$label" '{r[NR] = $1} END {m = NR % 2 ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2;

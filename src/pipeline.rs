@@ -2,7 +2,7 @@
 //! Pure and synchronous; the Kafka consumer runs every polled batch through
 //! [`ingest_batch`], tests and tools call [`ingest`] per message.
 
-use crate::cdr::{decode, Cdr, Rejection};
+use crate::cdr::{decode, AccountSid, Cdr, Rejection};
 use crate::counters::table::prefetch;
 use crate::counters::{Deltas, LeafDay, Tally};
 use crate::rating::{Charge, Tariff};
@@ -69,6 +69,10 @@ pub fn ingest(
 /// [`Ledger`](crate::wallet::Ledger), or nowhere (`()`, for benches and tools
 /// without wallets).
 pub trait Debit {
+    /// Starts loading what a debit of `account` will touch: wave 0, 1 and 2
+    /// of a batch, each a line the one before makes reachable.
+    #[inline]
+    fn prefetch(&self, _account: AccountSid, _wave: u8) {}
     fn debit(&mut self, cdr: &Cdr<'_>, charge: Charge);
 }
 
@@ -78,6 +82,10 @@ impl Debit for () {
 }
 
 impl Debit for crate::wallet::Ledger {
+    #[inline]
+    fn prefetch(&self, account: AccountSid, wave: u8) {
+        crate::wallet::Ledger::prefetch(self, account, wave)
+    }
     #[inline]
     fn debit(&mut self, cdr: &Cdr<'_>, charge: Charge) {
         crate::wallet::Ledger::debit(self, cdr, charge)
@@ -96,9 +104,9 @@ struct Prepared<'m, T> {
 /// after the other in effect, and reports each message's result to `outcome`
 /// (with its index in `msgs`), in order.
 ///
-/// The memory the batch's updates will touch — dedup slots, counter slots and
-/// then the cells and breakdowns they point to — is requested in waves ahead of
-/// the updates, so the cache misses of the whole batch overlap instead of
+/// The memory the batch's updates will touch — dedup slots, counter and wallet
+/// slots, then the cells, breakdowns and ledger entries they point to, then the
+/// wallets — is requested in waves ahead of the updates, so the cache misses of the whole batch overlap instead of
 /// following one another; with live state far larger than the cache they were
 /// most of the cost of a CDR. Messages of one partition share `seen`.
 pub fn ingest_batch<'m, S: SeenIds>(
@@ -121,6 +129,7 @@ pub fn ingest_batch<'m, S: SeenIds>(
                 }
             }
             decode(m).map(|cdr| {
+                wallet.prefetch(cdr.account, 0);
                 let key = leaf_day(&cdr);
                 let placement =
                     deltas.place(&key, cdr.phone_number.as_deref(), cdr.agent_id.as_deref());
@@ -136,6 +145,11 @@ pub fn ingest_batch<'m, S: SeenIds>(
     // Wave 2: the slots are in cache; prefetch the entries they point to.
     for p in prepared.iter().flatten() {
         deltas.prefetch(&p.placement, p.key.leaf);
+        wallet.prefetch(p.cdr.account, 1);
+    }
+    // Wave 2b: the ledger entries are in cache; prefetch the wallets.
+    for p in prepared.iter().flatten() {
+        wallet.prefetch(p.cdr.account, 2);
     }
     // Wave 3: the updates, in message order.
     for (i, p) in prepared.into_iter().enumerate() {

@@ -264,6 +264,13 @@ impl TableKey for BreakdownId {
     }
 }
 
+impl TableKey for AccountSid {
+    #[inline]
+    fn hash64(&self) -> u64 {
+        fold_mul(self.0 as u64 ^ (self.0 >> 64) as u64, 0x9e37_79b9_7f4a_7c15)
+    }
+}
+
 impl TableKey for AccountDay {
     #[inline]
     fn hash64(&self) -> u64 {

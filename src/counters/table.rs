@@ -93,6 +93,12 @@ impl<K: TableKey, V> Table<K, V> {
         self.entries
     }
 
+    /// Every entry, its value writable (keys stay as they are: the slots
+    /// point at them).
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&K, &mut V)> {
+        self.entries.iter_mut().map(|(k, v)| (&*k, v))
+    }
+
     #[inline]
     fn mask(&self) -> usize {
         self.slots.len().wrapping_sub(1)

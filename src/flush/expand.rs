@@ -69,9 +69,12 @@ fn row_pages(parts: &[Deltas], tariff: &Tariff) -> PageDeltas {
 
 fn breakdown_pages(parts: Vec<Deltas>) -> PageDeltas {
     let mut pages = PageDeltas::default();
-    for b in parts.into_iter().flat_map(Deltas::into_breakdowns) {
-        pages.add_breakdown(&b);
-    }
+    pages.add_breakdowns(
+        parts
+            .into_iter()
+            .flat_map(Deltas::into_breakdowns)
+            .collect(),
+    );
     pages
 }
 

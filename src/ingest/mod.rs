@@ -763,6 +763,10 @@ struct Tap<'a> {
 
 impl Debit for Tap<'_> {
     #[inline]
+    fn prefetch(&self, account: crate::cdr::AccountSid, wave: u8) {
+        self.ledger.prefetch(account, wave);
+    }
+    #[inline]
     fn debit(&mut self, cdr: &crate::cdr::Cdr<'_>, charge: crate::rating::Charge) {
         self.ledger.debit(cdr, charge);
         self.ages

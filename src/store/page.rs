@@ -264,10 +264,76 @@ impl Page {
         for r in &other.rows {
             self.add_row(r.span.into(), &r.price_unit, &r.dense());
         }
-        for b in &other.breakdowns {
-            self.add_breakdown(b.dimension, &b.value, Day(b.day), b.calls, b.messages);
-        }
+        self.merge_breakdowns(other.breakdowns.iter().cloned());
         self.prune_hours();
+    }
+
+    /// Adds `sorted` (breakdowns in the page's order; equal keys are summed)
+    /// in one merge of the two ordered lists: the same result as adding them one by
+    /// one with [`Page::add_breakdown`] in that order, without a search and a
+    /// shift of the list per entry. Values new to the page past a dimension's
+    /// [`MAX_BREAKDOWN_ENTRIES`] go to its [`OTHER`] entry of their day, as
+    /// there.
+    fn merge_breakdowns(&mut self, sorted: impl Iterator<Item = Breakdown>) {
+        let mut sorted = sorted.peekable();
+        if sorted.peek().is_none() {
+            return;
+        }
+        fn key(b: &Breakdown) -> (Dimension, &str, i32) {
+            (b.dimension, b.value.as_str(), b.day)
+        }
+        let mut held: BTreeMap<Dimension, usize> = BTreeMap::new();
+        let old = std::mem::take(&mut self.breakdowns);
+        for b in old.iter().filter(|b| b.value != OTHER) {
+            *held.entry(b.dimension).or_default() += 1;
+        }
+        let mut out = Vec::with_capacity(old.len() + sorted.size_hint().0);
+        let mut overflow = Vec::new();
+        let mut old = old.into_iter().peekable();
+        // The next entry of `sorted`, with the ones of the same key summed in.
+        fn take(sorted: &mut std::iter::Peekable<impl Iterator<Item = Breakdown>>) -> Breakdown {
+            let mut b = sorted.next().expect("peeked");
+            while let Some(n) = sorted.next_if(|n| key(n) == key(&b)) {
+                b.calls.add(n.calls);
+                b.messages.add(n.messages);
+            }
+            b
+        }
+        loop {
+            let order = match (old.peek(), sorted.peek()) {
+                (Some(a), Some(b)) => key(a).cmp(&key(b)),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => break,
+            };
+            match order {
+                std::cmp::Ordering::Less => out.extend(old.next()),
+                std::cmp::Ordering::Equal => {
+                    let (mut a, b) = (old.next().expect("peeked"), take(&mut sorted));
+                    a.calls.add(b.calls);
+                    a.messages.add(b.messages);
+                    out.push(a);
+                }
+                std::cmp::Ordering::Greater => {
+                    let b = take(&mut sorted);
+                    if b.value == OTHER {
+                        out.push(b);
+                        continue;
+                    }
+                    let n = held.entry(b.dimension).or_default();
+                    if *n >= MAX_BREAKDOWN_ENTRIES {
+                        overflow.push(b);
+                    } else {
+                        *n += 1;
+                        out.push(b);
+                    }
+                }
+            }
+        }
+        self.breakdowns = out;
+        for b in overflow {
+            self.add_breakdown(b.dimension, OTHER, Day(b.day), b.calls, b.messages);
+        }
     }
 
     fn prune_hours(&mut self) {
@@ -391,19 +457,44 @@ impl PageDeltas {
             .add_row(period, price_unit, leaves);
     }
 
-    /// Adds a by-number or by-agent entry on its page.
-    pub fn add_breakdown(&mut self, b: &BreakdownDelta) {
-        let k = &b.key;
-        self.0
-            .entry((k.account, PageId::of_day(k.day)))
-            .or_default()
-            .add_breakdown(k.dimension, &k.value, k.day, b.calls, b.messages);
+    /// Adds many by-number or by-agent entries: sorted into page order first,
+    /// so each page takes its entries in one merge ([`Page::add_page`]'s)
+    /// instead of a search and a shift per entry.
+    pub fn add_breakdowns(&mut self, mut all: Vec<BreakdownDelta>) {
+        let page_key = |b: &BreakdownDelta| {
+            let k = &b.key;
+            (k.account, PageId::of_day(k.day), k.dimension, k.day)
+        };
+        all.sort_unstable_by(|a, b| {
+            let (x, y) = (page_key(a), page_key(b));
+            (x.0, x.1, x.2, &*a.key.value, x.3).cmp(&(y.0, y.1, y.2, &*b.key.value, y.3))
+        });
+        let page_of = |b: &BreakdownDelta| (b.key.account, PageId::of_day(b.key.day));
+        let mut all = all.into_iter().peekable();
+        while let Some(page) = all.peek().map(page_of) {
+            let entries = std::iter::from_fn(|| all.next_if(|b| page_of(b) == page));
+            self.0
+                .entry(page)
+                .or_default()
+                .merge_breakdowns(entries.map(|b| Breakdown {
+                    dimension: b.key.dimension,
+                    value: b.key.value.into_string(),
+                    day: b.key.day.0,
+                    calls: b.calls,
+                    messages: b.messages,
+                }));
+        }
     }
 
     /// Adds everything `other` gathered.
     pub fn merge(&mut self, other: PageDeltas) {
         for (key, page) in other.0 {
-            self.0.entry(key).or_default().add_page(&page);
+            match self.0.entry(key) {
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(page);
+                }
+                std::collections::btree_map::Entry::Occupied(mut o) => o.get_mut().add_page(&page),
+            }
         }
     }
 
@@ -432,9 +523,7 @@ pub fn pages_of(rows: &[RowDelta], breakdowns: &[BreakdownDelta]) -> Vec<PageDel
     for r in rows {
         pages.add_row(r.key.account, r.key.period, &r.price_unit, &r.leaves);
     }
-    for b in breakdowns {
-        pages.add_breakdown(b);
-    }
+    pages.add_breakdowns(breakdowns.to_vec());
     pages.into_vec()
 }
 
@@ -548,6 +637,45 @@ mod tests {
         let size = stored.encode().len();
         assert!(size < 64 * 1024, "a full page is {size} bytes");
     }
+    fn entry() -> impl proptest::strategy::Strategy<Value = (u8, u32, i32, u64)> {
+        use proptest::prelude::*;
+        // Mostly numbers, so that their dimension passes the cap.
+        let dimension = prop_oneof![8 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8)];
+        (dimension, 0u32..6_000, 0i32..2, 1u64..5)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// A page's breakdowns added in one merge ([`Page::add_page`]) are
+        /// what adding them one by one in the page's order gives, the cap
+        /// and `other` included (a stored page can hold the cap's worth of
+        /// numbers and more).
+        #[test]
+        fn merging_breakdowns_is_adding_them_one_by_one(
+            stored in proptest::collection::vec(entry(), 0..3_000),
+            delta in proptest::collection::vec(entry(), 0..600),
+        ) {
+            let dims = [Dimension::Number, Dimension::Agent, Dimension::Hour];
+            let page = |entries: &[(u8, u32, i32, u64)]| {
+                let mut p = Page::default();
+                for &(d, v, day, n) in entries {
+                    let value = if v == 0 { String::new() } else { format!("v{v}") };
+                    p.add_breakdown(dims[d as usize], &value, Day(20_000 + day), tally(n, n, n as i64), tally(1, 0, 0));
+                }
+                p
+            };
+            let (base, delta) = (page(&stored), page(&delta));
+            let mut merged = base.clone();
+            merged.add_page(&delta);
+            let mut one_by_one = base;
+            for b in delta.breakdowns() {
+                one_by_one.add_breakdown(b.dimension, b.value, b.day, b.calls, b.messages);
+            }
+            one_by_one.prune_hours();
+            proptest::prop_assert_eq!(merged, one_by_one);
+        }
+    }
+
     use crate::counters::BreakdownKey;
 
     fn tally(count: u64, usage: u64, price: i64) -> Tally {

@@ -29,6 +29,7 @@ use rustc_hash::FxHashMap;
 
 use crate::category::Category;
 use crate::cdr::{AccountSid, CallNumberType, CallStatus, Cdr, Mode, Usage};
+use crate::counters::table::{prefetch, Table, TableKey};
 use crate::rating::{Charge, Plan};
 
 /// The `[wallet]` section of the config.
@@ -702,8 +703,9 @@ impl WalletCut {
 /// offsets debits and settles it again, so nothing counts twice.
 pub struct Ledger {
     wallets: Arc<Wallets>,
-    /// Accounts seen on this partition: their wallet and unflushed debits.
-    accounts: FxHashMap<AccountSid, (Arc<Wallet>, Money)>,
+    /// Accounts seen on this partition: their wallet and unflushed debits (in
+    /// the counters' table, so a batch can load them ahead: [`Ledger::prefetch`]).
+    accounts: Table<AccountSid, (Arc<Wallet>, Money)>,
     holds: Vec<HoldChange>,
     /// What was handed to a flush not yet confirmed ([`Ledger::flushed`]).
     in_flight: (Vec<(Arc<Wallet>, Money)>, Vec<HoldChange>),
@@ -713,7 +715,7 @@ impl Ledger {
     pub fn new(wallets: Arc<Wallets>) -> Ledger {
         Ledger {
             wallets,
-            accounts: FxHashMap::default(),
+            accounts: Table::default(),
             holds: Vec::new(),
             in_flight: Default::default(),
         }
@@ -725,16 +727,42 @@ impl Ledger {
         self.in_flight.1.clear();
     }
 
+    /// Starts loading what debiting `account` touches, one dependent line per
+    /// wave of a batch (see [`crate::pipeline::ingest_batch`]): `0` the
+    /// account's slot, `1` its entry, `2` its wallet's balance. Without it the
+    /// entry and the wallet are two cache misses per CDR in a row.
+    #[inline]
+    pub fn prefetch(&self, account: AccountSid, wave: u8) {
+        let h = account.hash64();
+        match wave {
+            0 => self.accounts.prefetch_slot(h),
+            1 => {
+                if let Some(e) = self.accounts.candidate(h) {
+                    prefetch(e);
+                }
+            }
+            _ => {
+                if let Some((k, (wallet, _))) = self.accounts.candidate(h) {
+                    if *k == account {
+                        prefetch(&wallet.available);
+                    }
+                }
+            }
+        }
+    }
+
     /// Debits the CDR's price from its account; a call CDR whose id has a hold
     /// settles it (answered) or releases it (not answered). A hold already
     /// released (expired) still records the call: a late CDR is charged.
     #[inline]
     pub fn debit(&mut self, cdr: &Cdr<'_>, charge: Charge) {
         let wallets = &self.wallets;
-        let (wallet, pending) = self
-            .accounts
-            .entry(cdr.account)
-            .or_insert_with(|| (wallets.wallet(cdr.account), 0));
+        let (entry, _) =
+            self.accounts
+                .get_or_insert_with(cdr.account, cdr.account.hash64(), || {
+                    (wallets.wallet(cdr.account), 0)
+                });
+        let (wallet, pending) = entry;
         *pending += charge.price;
         if let Usage::Call {
             duration, billsec, ..
@@ -802,13 +830,17 @@ impl Ledger {
 
     /// The accounts this partition has debited.
     pub fn accounts(&self) -> impl Iterator<Item = AccountSid> + '_ {
-        self.accounts.keys().copied()
+        self.accounts.entries().iter().map(|(k, _)| *k)
     }
 }
 
 impl Drop for Ledger {
     fn drop(&mut self) {
-        let pending = self.accounts.values().map(|(w, p)| (w.clone(), *p));
+        let pending = self
+            .accounts
+            .entries()
+            .iter()
+            .map(|(_, (w, p))| (w.clone(), *p));
         for (wallet, amount) in self.in_flight.0.drain(..).chain(pending) {
             wallet.credit(amount);
         }
