@@ -151,9 +151,10 @@ pub fn ingest_batch<'m, S: SeenIds>(
     for p in prepared.iter().flatten() {
         wallet.prefetch(p.cdr.account, 2);
     }
-    // Wave 3: the updates, in message order.
-    for (i, p) in prepared.into_iter().enumerate() {
-        let result = p.map(|p| {
+    // Wave 3: the updates, in message order (read in place: a prepared CDR
+    // is a few hundred bytes, and moving each out again showed in profiles).
+    for (i, p) in prepared.iter().enumerate() {
+        let result = p.as_ref().map_err(Rejection::clone).map(|p| {
             if !seen.first_sighting(p.seen) {
                 return Outcome::Duplicate;
             }
