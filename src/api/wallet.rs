@@ -404,10 +404,9 @@ async fn release_hold_for(
     }
     // Written even if an earlier request released it in memory: that one's
     // write may have failed.
-    let (sid, id) = (a.sid.clone(), call_id.clone());
     state
-        .store()
-        .run(move |c| c.fenced(fence.as_ref(), |c| c.release_hold(&sid, &id)))
+        .hold_commits()
+        .release(stored(&hold), fence)
         .await
         .map_err(store_unavailable)?
         .ok_or_else(fenced)?;
@@ -699,20 +698,11 @@ pub async fn expire_due(state: &ApiState) -> Result<usize, StoreError> {
         return Ok(0);
     }
     metrics::counter!(m::HOLDS_TOTAL, "outcome" => "expired").increment(expired.len() as u64);
-    let rows: Vec<(String, String)> = expired
-        .iter()
-        .map(|h| (h.account.to_string(), h.call_id.clone()))
-        .collect();
+    // Through the hold writer, in the batches it makes of them and of the
+    // grants and releases of the moment.
     state
-        .store()
-        .run(move |c| {
-            c.transaction(|c| {
-                for (sid, id) in &rows {
-                    c.release_hold(sid, id)?;
-                }
-                Ok(())
-            })
-        })
+        .hold_commits()
+        .release_all(expired.iter().map(|h| stored(h)).collect())
         .await?;
     Ok(expired.len())
 }

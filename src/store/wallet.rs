@@ -142,6 +142,15 @@ fn hold_row(r: &[Value]) -> StoredHold {
     }
 }
 
+/// A write of the hold writer ([`crate::wallet::commit`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoldWrite {
+    /// A granted hold: stored unless its call id has one.
+    Grant(StoredHold),
+    /// A hold released (explicitly or at expiry).
+    Release(StoredHold),
+}
+
 /// The ownership a wallet write depends on: its partition's epoch as this
 /// instance claimed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,17 +216,26 @@ impl Conn {
 
     /// Locks the fence's row until the transaction ends if it still has the
     /// fence's epoch; false if another instance claimed the partition since.
+    /// PostgreSQL takes a shared lock: writers under the same fence go on at
+    /// once, a claim ([`Conn::claim_partitions`]) waits for them all. SQLite's
+    /// transaction already holds the database's one write lock.
     fn hold_fence(&mut self, fence: &Fence) -> Result<bool> {
-        let held = self.execute(
-            "UPDATE wallet_owners SET epoch = epoch \
-             WHERE topic = $1 AND partition = $2 AND epoch = $3",
+        let lock = match self {
+            Conn::Sqlite(_) => "",
+            Conn::Postgres(_) => " FOR SHARE",
+        };
+        let held = self.query(
+            &format!(
+                "SELECT 1 FROM wallet_owners \
+                 WHERE topic = $1 AND partition = $2 AND epoch = $3{lock}"
+            ),
             &[
                 Param::Text(&fence.topic),
                 Param::Int(fence.partition.into()),
                 Param::Int(fence.epoch),
             ],
         )?;
-        Ok(held == 1)
+        Ok(!held.is_empty())
     }
 
     /// The flush step: adds each account's debits into its balance and
@@ -394,44 +412,74 @@ impl Conn {
         self.hold(&h.account_sid, &h.call_id)
     }
 
-    /// Stores many granted holds in one transaction (a group commit); each
-    /// result is as [`Conn::insert_hold`]'s, or `None` for a hold whose
-    /// [`Fence`] no longer holds (stored nothing). Each fence's row is locked
-    /// once, before any hold is written, as [`Conn::fenced`] does.
+    /// Stores many granted holds in one transaction (a group commit): as
+    /// [`Conn::write_holds`] with grants only.
     pub fn insert_holds(
         &mut self,
         holds: &[(StoredHold, Option<Fence>)],
     ) -> Result<Vec<Option<Option<StoredHold>>>> {
+        let writes: Vec<(HoldWrite, Option<Fence>)> = holds
+            .iter()
+            .map(|(h, f)| (HoldWrite::Grant(h.clone()), f.clone()))
+            .collect();
+        self.write_holds(&writes)
+    }
+
+    /// Writes many grants and releases in one transaction, in order (a group
+    /// commit). Each result is `None` for a write whose [`Fence`] no longer
+    /// holds (nothing written); for a grant, `Some` of what
+    /// [`Conn::insert_hold`] returns; for a release, `Some(None)`. Each
+    /// fence's row is locked once, before anything is written, as
+    /// [`Conn::fenced`] does.
+    pub fn write_holds(
+        &mut self,
+        writes: &[(HoldWrite, Option<Fence>)],
+    ) -> Result<Vec<Option<Option<StoredHold>>>> {
         self.transaction(|c| {
-            let mut fences: Vec<(&Fence, bool)> = Vec::new();
-            for fence in holds.iter().filter_map(|(_, f)| f.as_ref()) {
-                if !fences.iter().any(|(f, _)| *f == fence) {
-                    let held = c.hold_fence(fence)?;
-                    fences.push((fence, held));
-                }
+            // Locked in one order, so batches written at once on several
+            // connections never wait for each other in a cycle.
+            let mut wanted: Vec<&Fence> = writes.iter().filter_map(|(_, f)| f.as_ref()).collect();
+            wanted.sort_by(|a, b| {
+                (&a.topic, a.partition, a.epoch).cmp(&(&b.topic, b.partition, b.epoch))
+            });
+            wanted.dedup();
+            let mut fences: Vec<(&Fence, bool)> = Vec::with_capacity(wanted.len());
+            for fence in wanted {
+                fences.push((fence, c.hold_fence(fence)?));
             }
-            holds
+            writes
                 .iter()
-                .map(|(h, fence)| {
+                .map(|(w, fence)| {
                     let held = fence
                         .as_ref()
                         .map_or(true, |f| fences.iter().any(|(g, ok)| *g == f && *ok));
-                    if held {
-                        c.insert_hold(h).map(Some)
-                    } else {
-                        Ok(None)
+                    if !held {
+                        return Ok(None);
+                    }
+                    match w {
+                        HoldWrite::Grant(h) => c.insert_hold(h).map(Some),
+                        HoldWrite::Release(h) => c.release_hold(h).map(|()| Some(None)),
                     }
                 })
                 .collect()
         })
     }
 
-    /// Marks a reserved hold released (explicitly or at expiry).
-    pub fn release_hold(&mut self, account_sid: &str, call_id: &str) -> Result<()> {
+    /// Marks a hold released (explicitly or at expiry) if it is reserved;
+    /// stores it released if its grant is not stored yet (a release may be
+    /// written before the grant it follows, which then finds it released).
+    pub fn release_hold(&mut self, h: &StoredHold) -> Result<()> {
         self.execute(
-            "UPDATE wallet_holds SET status = 'released' \
-             WHERE account_sid = $1 AND call_id = $2 AND status = 'reserved'",
-            &[Param::Text(account_sid), Param::Text(call_id)],
+            "INSERT INTO wallet_holds (account_sid, call_id, amount, status, created_at, expires_at) \
+             VALUES ($1, $2, $3, 'released', $4, $5) ON CONFLICT (account_sid, call_id) \
+             DO UPDATE SET status = 'released' WHERE wallet_holds.status = 'reserved'",
+            &[
+                Param::Text(&h.account_sid),
+                Param::Text(&h.call_id),
+                Param::Int(h.amount),
+                Param::Int(h.created_at),
+                Param::Int(h.expires_at),
+            ],
         )?;
         Ok(())
     }

@@ -1,30 +1,46 @@
-//! Group commit of granted holds: a hold is durable in the store before its
-//! `201` leaves, but holds granted at the same time share one transaction.
+//! Group commit of hold writes: a granted hold is durable in the store before
+//! its `201` leaves, and so is a release (explicit or at expiry) before its
+//! answer, but writes made at the same time share one transaction.
 //!
-//! Requests hand their hold to one writer task and wait for its answer. The
-//! writer takes every hold waiting (up to [`MAX_BATCH`]), writes them in one
-//! transaction ([`crate::store::Conn::insert_holds`]) and answers each; holds
-//! granted while it writes wait for the next round. A hold carries the fence
-//! of its instance's ownership of the partition (none for a lone API); one
-//! whose fence no longer holds is not stored (see [`crate::store::wallet`]). Under load a transaction
-//! carries many holds, so the store's per-commit cost (a WAL append and, for
-//! PostgreSQL, a round trip and a flush) is paid once per batch instead of
-//! once per hold; alone, a hold waits for no one.
+//! Requests hand their write to the hold writer and wait for its answer. The
+//! writer takes every write waiting (up to [`MAX_BATCH`]), grants and releases
+//! mixed, writes them in one transaction ([`crate::store::Conn::write_holds`])
+//! and answers each; writes made while it writes wait for the next round. A
+//! write carries the fence of its instance's ownership of the partition (none
+//! for a lone API); one whose fence no longer holds is not stored (see
+//! [`crate::store::wallet`]). Under load a transaction carries many writes, so
+//! the store's per-commit cost (a WAL append and, for PostgreSQL, a round trip
+//! and a flush) is paid once per batch instead of once per hold; alone, a
+//! write waits for no one.
+//!
+//! PostgreSQL commits on several connections at once: up to
+//! [`PG_IN_FLIGHT`] batches are written together, so while one waits for its
+//! commit's WAL flush the next is already being written, and the rate is not
+//! one batch per commit latency. Batches written at once may land in either
+//! order; the writes are made so that order does not matter (a release
+//! written before its grant stores the hold released, and the grant then
+//! finds it; see [`crate::store::Conn::release_hold`]). SQLite has one writer:
+//! one batch at a time.
 
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
 
-use crate::store::wallet::{Fence, StoredHold};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::store::wallet::{Fence, HoldWrite, StoredHold};
 use crate::store::{Error, Store};
 
-/// Most holds written in one transaction.
+/// Most writes in one transaction.
 pub const MAX_BATCH: usize = 512;
 
-/// What a hold's insert found: `Some(None)` if stored, `Some(Some(h))` with
-/// the hold its call id already had, `None` if its fence no longer holds
-/// (nothing stored).
+/// Batches a PostgreSQL store commits at once.
+pub const PG_IN_FLIGHT: usize = 4;
+
+/// What a write found: `None` if its fence no longer holds (nothing stored);
+/// for a grant `Some(None)` if stored, `Some(Some(h))` with the hold its call
+/// id already had; for a release `Some(None)`.
 pub type Inserted = Result<Option<Option<StoredHold>>, Error>;
 
-type Request = (StoredHold, Option<Fence>, oneshot::Sender<Inserted>);
+type Request = (HoldWrite, Option<Fence>, oneshot::Sender<Inserted>);
 
 /// The handle requests use; cheap to clone.
 #[derive(Clone, Debug)]
@@ -36,45 +52,104 @@ impl HoldCommits {
     /// Starts the writer on the current tokio runtime.
     pub fn start(store: Store) -> HoldCommits {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 8);
-        tokio::spawn(write(store, rx));
+        let in_flight = if store.is_sqlite() { 1 } else { PG_IN_FLIGHT };
+        tokio::spawn(write(store, rx, in_flight));
         HoldCommits { tx }
     }
 
-    /// Stores `hold` with whatever else is waiting; returns once it is
-    /// committed (or the store refused the batch).
+    /// Stores a granted `hold` with whatever else is waiting; returns once it
+    /// is committed (or the store refused the batch).
     pub async fn insert(&self, hold: StoredHold, fence: Option<Fence>) -> Inserted {
-        let (reply, answer) = oneshot::channel();
-        if self.tx.send((hold, fence, reply)).await.is_err() {
-            return Err(Error::Cancelled("the hold writer has stopped".into()));
+        self.write(HoldWrite::Grant(hold), fence).await
+    }
+
+    /// Stores `hold` released with whatever else is waiting; `Ok(None)` if
+    /// its fence no longer holds.
+    pub async fn release(
+        &self,
+        hold: StoredHold,
+        fence: Option<Fence>,
+    ) -> Result<Option<()>, Error> {
+        Ok(self
+            .write(HoldWrite::Release(hold), fence)
+            .await?
+            .map(|_| ()))
+    }
+
+    /// Stores `holds` released (unfenced: expiry), in the batches the
+    /// writer makes of them and of what else is waiting; returns once all are
+    /// committed, or the first error.
+    pub async fn release_all(&self, holds: Vec<StoredHold>) -> Result<(), Error> {
+        let mut answers = Vec::with_capacity(holds.len());
+        for h in holds {
+            let (reply, answer) = oneshot::channel();
+            if self
+                .tx
+                .send((HoldWrite::Release(h), None, reply))
+                .await
+                .is_err()
+            {
+                return Err(stopped());
+            }
+            answers.push(answer);
         }
-        answer
-            .await
-            .unwrap_or_else(|_| Err(Error::Cancelled("the hold writer has stopped".into())))
+        for answer in answers {
+            answer.await.unwrap_or_else(|_| Err(stopped()))?;
+        }
+        Ok(())
+    }
+
+    async fn write(&self, w: HoldWrite, fence: Option<Fence>) -> Inserted {
+        let (reply, answer) = oneshot::channel();
+        if self.tx.send((w, fence, reply)).await.is_err() {
+            return Err(stopped());
+        }
+        answer.await.unwrap_or_else(|_| Err(stopped()))
     }
 }
 
-async fn write(store: Store, mut rx: mpsc::Receiver<Request>) {
-    let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let holds: Vec<(StoredHold, Option<Fence>)> = batch
-            .iter()
-            .map(|(h, f, _)| (h.clone(), f.clone()))
-            .collect();
-        metrics::counter!(crate::metrics::HOLD_COMMITS_TOTAL).increment(1);
-        match store.run(move |c| c.insert_holds(&holds)).await {
-            Ok(found) => {
-                for ((_, _, reply), found) in batch.drain(..).zip(found) {
-                    let _ = reply.send(Ok(found));
-                }
+fn stopped() -> Error {
+    Error::Cancelled("the hold writer has stopped".into())
+}
+
+async fn write(store: Store, mut rx: mpsc::Receiver<Request>, in_flight: usize) {
+    let slots = Arc::new(Semaphore::new(in_flight));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
+        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return;
+        }
+        let store = store.clone();
+        tokio::spawn(async move {
+            commit(&store, batch).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn commit(store: &Store, batch: Vec<Request>) {
+    let writes: Vec<(HoldWrite, Option<Fence>)> = batch
+        .iter()
+        .map(|(w, f, _)| (w.clone(), f.clone()))
+        .collect();
+    metrics::counter!(crate::metrics::HOLD_COMMITS_TOTAL).increment(1);
+    metrics::counter!(crate::metrics::HOLD_WRITES_TOTAL).increment(writes.len() as u64);
+    match store.run(move |c| c.write_holds(&writes)).await {
+        Ok(found) => {
+            for ((_, _, reply), found) in batch.into_iter().zip(found) {
+                let _ = reply.send(Ok(found));
             }
-            Err(e) => {
-                tracing::warn!(error = %e, holds = batch.len(), "a batch of holds was not stored; each is refused");
-                let why = e.to_string();
-                for (_, _, reply) in batch.drain(..) {
-                    let _ = reply.send(Err(Error::Cancelled(format!(
-                        "the batch of holds was not stored: {why}"
-                    ))));
-                }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, writes = batch.len(), "a batch of hold writes was not stored; each is refused");
+            let why = e.to_string();
+            for (_, _, reply) in batch {
+                let _ = reply.send(Err(Error::Cancelled(format!(
+                    "the batch of hold writes was not stored: {why}"
+                ))));
             }
         }
     }
