@@ -4,8 +4,10 @@
 //! *flushed* debit: a partition's debits since its last flush are added in the
 //! flush transaction with its offsets ([`WalletRows`], a step of
 //! [`Conn::write_flush`]), so after a crash the replay from the stored offsets
-//! re-debits exactly what the store does not have. Holds and top-ups are
-//! written before their HTTP answer leaves, in transactions of their own.
+//! re-debits exactly what the store does not have. Top-ups are written before
+//! their HTTP answer leaves, in transactions of their own; hold grants and
+//! releases too, by the hold writer, many to a transaction
+//! ([`Conn::write_holds`]; on SQLite into a file of their own, [`super::holds`]).
 //!
 //! With several instances, a partition's wallets have one owner at a time,
 //! recorded in `wallet_owners` with an epoch bumped at every assignment
@@ -170,7 +172,7 @@ impl Conn {
         partitions: &[i32],
         owner: &str,
     ) -> Result<Vec<(i32, i64)>> {
-        self.transaction(|c| {
+        let epochs = self.transaction(|c| {
             let mut epochs = Vec::with_capacity(partitions.len());
             for &p in partitions {
                 let r = c.query(
@@ -182,7 +184,9 @@ impl Conn {
                 epochs.push((p, r[0][0].int()));
             }
             Ok(epochs)
-        })
+        })?;
+        self.claim_holds(topic, &epochs, owner)?;
+        Ok(epochs)
     }
 
     /// The recorded owner of a partition and its epoch.
@@ -409,7 +413,7 @@ impl Conn {
         if inserted == 1 {
             return Ok(None);
         }
-        self.hold(&h.account_sid, &h.call_id)
+        self.hold_row(&h.account_sid, &h.call_id)
     }
 
     /// Stores many granted holds in one transaction (a group commit): as
@@ -426,14 +430,31 @@ impl Conn {
     }
 
     /// Writes many grants and releases in one transaction, in order (a group
-    /// commit). Each result is `None` for a write whose [`Fence`] no longer
-    /// holds (nothing written); for a grant, `Some` of what
-    /// [`Conn::insert_hold`] returns; for a release, `Some(None)`. Each
-    /// fence's row is locked once, before anything is written, as
-    /// [`Conn::fenced`] does.
+    /// commit; on SQLite into the holds file, see [`super::holds`]). Each
+    /// result is `None` for a write whose [`Fence`] no longer holds (nothing
+    /// written); for a grant, `Some` of what [`Conn::insert_hold`] returns;
+    /// for a release, `Some(None)`.
     pub fn write_holds(
         &mut self,
         writes: &[(HoldWrite, Option<Fence>)],
+    ) -> Result<Vec<Option<Option<StoredHold>>>> {
+        if let Conn::Sqlite(_) = self {
+            let mut holds = super::holds::open_beside(self)?;
+            return super::holds::write_split(self, &mut holds, writes);
+        }
+        self.fenced_writes(writes, |c, _, w| match w {
+            HoldWrite::Grant(h) => c.insert_hold(h),
+            HoldWrite::Release(h) => c.release_hold(h).map(|()| None),
+        })
+    }
+
+    /// Runs `write` for each write of the batch whose fence holds, in one
+    /// transaction: each fence's row is locked once, before anything is
+    /// written, as [`Conn::fenced`] does. `None` for a fenced write.
+    pub(super) fn fenced_writes(
+        &mut self,
+        writes: &[(HoldWrite, Option<Fence>)],
+        mut write: impl FnMut(&mut Conn, usize, &HoldWrite) -> Result<Option<StoredHold>>,
     ) -> Result<Vec<Option<Option<StoredHold>>>> {
         self.transaction(|c| {
             // Locked in one order, so batches written at once on several
@@ -449,17 +470,15 @@ impl Conn {
             }
             writes
                 .iter()
-                .map(|(w, fence)| {
+                .enumerate()
+                .map(|(i, (w, fence))| {
                     let held = fence
                         .as_ref()
                         .map_or(true, |f| fences.iter().any(|(g, ok)| *g == f && *ok));
                     if !held {
                         return Ok(None);
                     }
-                    match w {
-                        HoldWrite::Grant(h) => c.insert_hold(h).map(Some),
-                        HoldWrite::Release(h) => c.release_hold(h).map(|()| Some(None)),
-                    }
+                    write(c, i, w).map(Some)
                 })
                 .collect()
         })
@@ -484,7 +503,30 @@ impl Conn {
         Ok(())
     }
 
+    /// A hold as stored (on SQLite, as the store and its holds file have
+    /// it between them: see [`super::holds`]).
     pub fn hold(&mut self, account_sid: &str, call_id: &str) -> Result<Option<StoredHold>> {
+        match self {
+            Conn::Sqlite(_) => self.merged_hold(account_sid, call_id),
+            Conn::Postgres(_) => self.hold_row(account_sid, call_id),
+        }
+    }
+
+    /// Every hold still reserved (on SQLite, in the store and its holds file
+    /// together).
+    pub fn reserved_holds(&mut self) -> Result<Vec<StoredHold>> {
+        match self {
+            Conn::Sqlite(_) => self.merged_reserved_holds(),
+            Conn::Postgres(_) => self.reserved_rows(),
+        }
+    }
+
+    /// The row of a hold in this database.
+    pub(super) fn hold_row(
+        &mut self,
+        account_sid: &str,
+        call_id: &str,
+    ) -> Result<Option<StoredHold>> {
         Ok(self
             .query(
                 &format!(
@@ -496,8 +538,8 @@ impl Conn {
             .map(|r| hold_row(r)))
     }
 
-    /// Every hold still reserved.
-    pub fn reserved_holds(&mut self) -> Result<Vec<StoredHold>> {
+    /// The reserved holds of this database.
+    pub(super) fn reserved_rows(&mut self) -> Result<Vec<StoredHold>> {
         Ok(self
             .query(
                 &format!("SELECT {HOLD_COLUMNS} FROM wallet_holds WHERE status = 'reserved'"),

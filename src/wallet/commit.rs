@@ -19,13 +19,17 @@
 //! one batch per commit latency. Batches written at once may land in either
 //! order; the writes are made so that order does not matter (a release
 //! written before its grant stores the hold released, and the grant then
-//! finds it; see [`crate::store::Conn::release_hold`]). SQLite has one writer:
-//! one batch at a time.
+//! finds it; see [`crate::store::Conn::release_hold`]). SQLite has one writer
+//! per file: one batch at a time, into the holds file of the store
+//! ([`crate::store::holds`]) over connections the writer keeps, so a batch
+//! never waits for a flush.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::store::holds::HoldWriter;
 use crate::store::wallet::{Fence, HoldWrite, StoredHold};
 use crate::store::{Error, Store};
 
@@ -112,7 +116,54 @@ fn stopped() -> Error {
     Error::Cancelled("the hold writer has stopped".into())
 }
 
-async fn write(store: Store, mut rx: mpsc::Receiver<Request>, in_flight: usize) {
+async fn write(store: Store, rx: mpsc::Receiver<Request>, in_flight: usize) {
+    if store.is_sqlite() {
+        return write_sqlite(store, rx).await;
+    }
+    write_pooled(store, rx, in_flight).await
+}
+
+/// How often the SQLite writer drops from the holds file what the store has
+/// settled ([`HoldWriter::prune`]).
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
+
+async fn write_sqlite(store: Store, mut rx: mpsc::Receiver<Request>) {
+    // Opened at the first batch, and again after a batch failed.
+    let mut writer: Option<HoldWriter> = None;
+    let mut pruned = Instant::now();
+    let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let writes = writes_of(&batch);
+        let prune = pruned.elapsed() >= PRUNE_EVERY;
+        if prune {
+            pruned = Instant::now();
+        }
+        let (w, s) = (writer.take(), store.clone());
+        let (w, result) = tokio::task::spawn_blocking(move || {
+            let mut w = match w.map_or_else(|| s.hold_writer(), Ok) {
+                Ok(w) => w,
+                Err(e) => return (None, Err(e)),
+            };
+            let result = s.write_holds(&mut w, &writes);
+            if result.is_err() {
+                return (None, result);
+            }
+            if prune {
+                let now = chrono::Utc::now().timestamp();
+                if let Err(e) = w.prune(now) {
+                    tracing::warn!(error = %e, "settled holds not pruned from the holds file");
+                }
+            }
+            (Some(w), result)
+        })
+        .await
+        .unwrap_or_else(|e| (None, Err(Error::Task(e.to_string()))));
+        writer = w;
+        answer(batch.drain(..), result);
+    }
+}
+
+async fn write_pooled(store: Store, mut rx: mpsc::Receiver<Request>, in_flight: usize) {
     let slots = Arc::new(Semaphore::new(in_flight));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -130,22 +181,36 @@ async fn write(store: Store, mut rx: mpsc::Receiver<Request>, in_flight: usize) 
     }
 }
 
-async fn commit(store: &Store, batch: Vec<Request>) {
-    let writes: Vec<(HoldWrite, Option<Fence>)> = batch
+fn writes_of(batch: &[Request]) -> Vec<(HoldWrite, Option<Fence>)> {
+    let writes: Vec<_> = batch
         .iter()
         .map(|(w, f, _)| (w.clone(), f.clone()))
         .collect();
     metrics::counter!(crate::metrics::HOLD_COMMITS_TOTAL).increment(1);
     metrics::counter!(crate::metrics::HOLD_WRITES_TOTAL).increment(writes.len() as u64);
-    match store.run(move |c| c.write_holds(&writes)).await {
+    writes
+}
+
+async fn commit(store: &Store, batch: Vec<Request>) {
+    let writes = writes_of(&batch);
+    let result = store.run(move |c| c.write_holds(&writes)).await;
+    answer(batch.into_iter(), result);
+}
+
+/// Answers each request of a batch with what the store did.
+fn answer(
+    batch: impl Iterator<Item = Request>,
+    result: Result<Vec<Option<Option<StoredHold>>>, Error>,
+) {
+    match result {
         Ok(found) => {
-            for ((_, _, reply), found) in batch.into_iter().zip(found) {
+            for ((_, _, reply), found) in batch.zip(found) {
                 let _ = reply.send(Ok(found));
             }
         }
         Err(e) => {
-            tracing::warn!(error = %e, writes = batch.len(), "a batch of hold writes was not stored; each is refused");
             let why = e.to_string();
+            tracing::warn!(error = %why, "a batch of hold writes was not stored; each is refused");
             for (_, _, reply) in batch {
                 let _ = reply.send(Err(Error::Cancelled(format!(
                     "the batch of hold writes was not stored: {why}"
