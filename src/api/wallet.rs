@@ -27,7 +27,7 @@ use serde_json::{json, Value as Json_};
 
 use super::accounts::{self, Account};
 use super::admin::{check_sid, parse_body, Admin};
-use super::agentphone::with_account;
+use super::agentphone::cached_account;
 use super::error::ApiError;
 use super::forward::{self, Decision, Incoming};
 use super::ApiState;
@@ -73,14 +73,14 @@ fn sid_of(a: &Account) -> Result<AccountSid, ApiError> {
 }
 
 /// The account of the request's API key (failures throttled per client, as
-/// every API's are).
+/// every API's are; recently authenticated keys from memory).
 async fn account(
     state: &ApiState,
     headers: &HeaderMap,
     peer: Option<ConnectInfo<SocketAddr>>,
 ) -> Result<Account, Response> {
     check_loaded(state).map_err(IntoResponse::into_response)?;
-    with_account(state, headers, peer, |_, a| Ok(a)).await
+    cached_account(state, headers, peer).await
 }
 
 fn rfc3339(unix: i64) -> String {
