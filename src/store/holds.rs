@@ -53,15 +53,27 @@ pub(crate) fn path(store: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// Page size of the holds file: a batch of holds changes a few small rows,
+/// and every page it touches is appended whole to the WAL at its commit (the
+/// store's 32 KiB pages made each hold commit write ~100 KiB).
+const PAGE_SIZE: i64 = 4096;
+
 /// WAL pages after which a commit into the holds file copies its WAL into the
-/// file (4 MiB of 32 KiB pages): the file is small and only the hold writer
-/// writes it, so it checkpoints as it goes instead of by the store's
-/// checkpointer.
-const AUTOCHECKPOINT_PAGES: i64 = 128;
+/// file (4 MiB): the file is small and only the hold writer writes it, so it
+/// checkpoints as it goes instead of by the store's checkpointer.
+const AUTOCHECKPOINT_PAGES: i64 = 1000;
 
 /// Opens the holds file of the SQLite store at `store`, creating its tables.
 pub(crate) fn open(store: &Path) -> Result<Conn> {
-    let c = super::sqlite::open(&path(store))?;
+    let file = path(store);
+    if !file.exists() {
+        // Its page size, fixed by the first write (the switch to WAL),
+        // before the store's pragmas would give it the store's.
+        let new = rusqlite::Connection::open(&file)?;
+        new.pragma_update(None, "page_size", PAGE_SIZE)?;
+        new.pragma_update(None, "journal_mode", "WAL")?;
+    }
+    let c = super::sqlite::open(&file)?;
     c.pragma_update(None, "wal_autocheckpoint", AUTOCHECKPOINT_PAGES)?;
     for table in super::schema::WALLET_HOLDS
         .iter()
@@ -371,6 +383,11 @@ mod tests {
         );
 
         let mut file = open(&db).unwrap();
+        let Conn::Sqlite(raw) = &file else {
+            unreachable!()
+        };
+        let page: i64 = raw.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
+        assert_eq!(page, PAGE_SIZE, "small pages: a commit appends whole pages");
         assert_eq!(
             file.hold_row(SID, "settled").unwrap(),
             None,
