@@ -58,11 +58,6 @@ pub(crate) fn path(store: &Path) -> PathBuf {
 /// store's 32 KiB pages made each hold commit write ~100 KiB).
 const PAGE_SIZE: i64 = 4096;
 
-/// WAL pages after which a commit into the holds file copies its WAL into the
-/// file (4 MiB): the file is small and only the hold writer writes it, so it
-/// checkpoints as it goes instead of by the store's checkpointer.
-const AUTOCHECKPOINT_PAGES: i64 = 1000;
-
 /// Opens the holds file of the SQLite store at `store`, creating its tables.
 pub(crate) fn open(store: &Path) -> Result<Conn> {
     let file = path(store);
@@ -73,8 +68,9 @@ pub(crate) fn open(store: &Path) -> Result<Conn> {
         new.pragma_update(None, "page_size", PAGE_SIZE)?;
         new.pragma_update(None, "journal_mode", "WAL")?;
     }
+    // Its WAL is copied into it by the store's checkpointer, as the store's
+    // is (see [`super::checkpoint`]).
     let c = super::sqlite::open(&file)?;
-    c.pragma_update(None, "wal_autocheckpoint", AUTOCHECKPOINT_PAGES)?;
     for table in super::schema::WALLET_HOLDS
         .iter()
         .chain([&super::schema::WALLET_OWNERS])
