@@ -12,6 +12,11 @@
 //! CONNECTIONS closed-loop clients for SECONDS: each places a hold
 //! (`POST /v1/holds`, timed) and releases it (`DELETE /v1/holds/{id}`, not
 //! timed), on accounts taken in turn. Every hold answer must be a 201.
+//!
+//! With `HOLD_LOAD_RATE=R` (requests per second over all connections) the
+//! clients run open loop instead: each sends at its share of R on a fixed
+//! schedule, and a request's latency counts from when it was due, so a server
+//! falling behind shows in the quantiles instead of slowing the load.
 
 use std::time::{Duration, Instant};
 
@@ -33,6 +38,11 @@ fn main() {
     let accounts: usize = accounts.parse().expect("ACCOUNTS");
     let connections: usize = connections.parse().expect("CONNECTIONS");
     let run_for = Duration::from_secs(seconds.parse().expect("SECONDS"));
+    let rate: Option<f64> = std::env::var("HOLD_LOAD_RATE")
+        .ok()
+        .map(|r| r.parse().expect("HOLD_LOAD_RATE"));
+    // Each connection's interval between requests, open loop.
+    let every = rate.map(|r| Duration::from_secs_f64(connections as f64 / r));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -55,9 +65,20 @@ fn main() {
                 tokio::spawn(async move {
                     let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
                     let mut n = 0usize;
+                    // Connections start spread over one interval.
+                    let first = every.map(|e| started + e.mul_f64(c as f64 / connections as f64));
                     while started.elapsed() < run_for {
+                        // When this request is due: now (closed loop) or on
+                        // the schedule (open loop).
+                        let t = match (first, every) {
+                            (Some(first), Some(e)) => {
+                                let due = first + e * n as u32;
+                                tokio::time::sleep_until(due.into()).await;
+                                due
+                            }
+                            _ => Instant::now(),
+                        };
                         if baseline {
-                            let t = Instant::now();
                             let r = http.get(format!("{base}/healthz")).send().await.expect("healthz");
                             let _ = r.bytes().await;
                             h.record(t.elapsed().as_micros().max(1) as u64).unwrap();
@@ -66,7 +87,6 @@ fn main() {
                         }
                         let key = &keys[(c + n * connections) % keys.len()];
                         let call_id = format!("CAload{c}x{n}");
-                        let t = Instant::now();
                         let r = http
                             .post(format!("{base}/v1/holds"))
                             .bearer_auth(key)
@@ -99,11 +119,16 @@ fn main() {
         let secs = started.elapsed().as_secs_f64();
         let q = |p: f64| all.value_at_quantile(p) as f64 / 1000.0;
         println!(
-            "{}: {} in {:.1} s = {:.0}/s (holds are also released, untimed); latency ms p50 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",
+            "{} {}: {} in {:.1} s = {:.0}/s{}; latency ms p50 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",
             if baseline { "baseline (GET /healthz)" } else { "holds" },
+            match rate {
+                Some(r) => format!("open loop at {r:.0}/s"),
+                None => "closed loop".into(),
+            },
             all.len(),
             secs,
             all.len() as f64 / secs,
+            if baseline { "" } else { " (each also released, untimed)" },
             q(0.5),
             q(0.99),
             q(0.999),

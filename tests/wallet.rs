@@ -70,6 +70,7 @@ impl Api {
             "POST" => self.http.post(url),
             "DELETE" => self.http.delete(url),
             "PUT" => self.http.put(url),
+            "PATCH" => self.http.patch(url),
             _ => unreachable!(),
         }
         .bearer_auth(key);
@@ -432,6 +433,62 @@ fn postgres_holds_and_top_ups_over_http() {
     if let Some(base) = postgres_base() {
         holds_and_top_ups_over_http(&TestStore::postgres(&base));
     }
+}
+
+/// The wallet endpoints answer recently authenticated keys from memory; a
+/// change made through the admin API applies to the very next request.
+#[test]
+fn admin_changes_apply_to_the_next_hold() {
+    let store = TestStore::sqlite();
+    let (cfg, tariff) = config(&store.url());
+    let state = ApiState::seeded(&cfg, &tariff, Store::open(&cfg.store.url).unwrap()).unwrap();
+    let server = serve(state);
+    let api = Api {
+        base: server.base.clone(),
+        http: Client::new(),
+    };
+    let (s, key) = api.call(
+        "POST",
+        &format!("/admin/accounts/{CB}/api-keys"),
+        ADMIN_TOKEN,
+        Some(json!({"key": "cb_second_key_0003"})),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{key}");
+    assert_eq!(api.hold("cb_second_key_0003", "CA1").0, StatusCode::CREATED);
+    // The limit of two concurrent calls lowered to one: the second hold is
+    // refused for the limit (under the old limit it would be for the balance,
+    // 402: $5.00 holds one $3.00 hold).
+    let limits = json!({"numbers": 10, "messages_per_month": 100, "voice_minutes_per_month": 100,
+        "max_call_duration_minutes": 60, "concurrent_calls": 1});
+    let (s, v) = api.call(
+        "PATCH",
+        &format!("/admin/accounts/{CB}"),
+        ADMIN_TOKEN,
+        Some(json!({ "limits": limits })),
+    );
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        api.hold("cb_second_key_0003", "CA2").0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // The key revoked: refused at once.
+    let path = format!(
+        "/admin/accounts/{CB}/api-keys/{}",
+        key["key_id"].as_str().unwrap()
+    );
+    assert_eq!(
+        api.call("DELETE", &path, ADMIN_TOKEN, None).0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        api.call("DELETE", "/v1/holds/CA1", "cb_second_key_0003", None)
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        api.call("DELETE", "/v1/holds/CA1", CB_KEY, None).0,
+        StatusCode::OK
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -236,7 +236,7 @@ pub async fn create_account(
         created_at: now.clone(),
         updated_at: now,
     };
-    state
+    let answer = state
         .store()
         .run(move |c| {
             Ok(c.transaction(|c| {
@@ -259,7 +259,10 @@ pub async fn create_account(
                 Ok(Ok((StatusCode::CREATED, Json(body)).into_response()))
             }))
         })
-        .await??
+        .await??;
+    // Keys authenticated before this change are looked up again.
+    state.key_cache().clear();
+    answer
 }
 
 pub async fn list_accounts(State(state): State<ApiState>, _: Admin) -> Result<Response, ApiError> {
@@ -300,7 +303,7 @@ pub async fn update_account(
     if let Some(l) = &upd.limits {
         check_limits(l)?;
     }
-    state
+    let answer = state
         .store()
         .run(move |c| {
             Ok(c.transaction(|c| {
@@ -326,7 +329,10 @@ pub async fn update_account(
                 Ok(Ok(Json(body).into_response()))
             }))
         })
-        .await??
+        .await??;
+    // Keys authenticated before this change are looked up again.
+    state.key_cache().clear();
+    answer
 }
 
 pub async fn delete_account(
@@ -336,7 +342,7 @@ pub async fn delete_account(
 ) -> Result<Response, ApiError> {
     let sid = path_sid(sid)?;
     let book = state.triggers().clone();
-    state
+    let answer = state
         .store()
         .run(move |c| {
             let tree = accounts::with_descendants(c, &sid)?;
@@ -353,7 +359,10 @@ pub async fn delete_account(
                 Err(unknown(&sid))
             })
         })
-        .await?
+        .await?;
+    // Keys authenticated before this change are looked up again.
+    state.key_cache().clear();
+    answer
 }
 
 /// Runs `f` on a store connection for the existing account `sid`; an
@@ -445,11 +454,13 @@ pub async fn delete_api_key(
     if !is_key_id(&key_id) {
         return Err(missing);
     }
-    match state
+    let deleted = state
         .store()
         .run(move |c| accounts::delete_api_key(c, &sid, &key_id))
-        .await?
-    {
+        .await?;
+    // The revoked key is not answered from memory any more.
+    state.key_cache().clear();
+    match deleted {
         true => Ok(StatusCode::NO_CONTENT.into_response()),
         false => Err(missing),
     }

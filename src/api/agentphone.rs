@@ -78,6 +78,30 @@ pub(super) async fn with_account<T: Send + 'static>(
     }
 }
 
+/// The account of the request's API key, as [`with_account`] finds it, or
+/// from the [`auth::KeyCache`] when it was found less than a second ago (the
+/// wallet endpoints, where a call's hold and release are two requests).
+pub(super) async fn cached_account(
+    state: &ApiState,
+    headers: &HeaderMap,
+    peer: Option<ConnectInfo<SocketAddr>>,
+) -> Result<Account, Response> {
+    let hash = auth::bearer(headers).map(accounts::key_hash);
+    if let Some(hit) = hash.as_deref().and_then(|h| state.key_cache().get(h)) {
+        // A blocked client stays blocked, whatever key it sends.
+        if let Err(wait) = state.throttle().check(auth::client_of(peer)) {
+            AuthThrottle::throttled("agentphone");
+            return Err(throttled(false, wait));
+        }
+        return Ok(hit);
+    }
+    let a = with_account(state, headers, peer, |_, a| Ok(a)).await?;
+    if let Some(h) = hash {
+        state.key_cache().put(h, a.clone());
+    }
+    Ok(a)
+}
+
 /// Reads an optional integer query parameter in `[min, max]`.
 pub fn int_param(
     raw: Option<&str>,

@@ -118,6 +118,38 @@ impl AuthThrottle {
     }
 }
 
+/// How long an API key's account is answered from memory ([`KeyCache`]).
+pub const KEY_CACHE_TTL: Duration = Duration::from_secs(1);
+
+/// The accounts of API keys recently authenticated, by key hash, so the
+/// wallet endpoints (a hold and its release are two requests per call) do not
+/// read the store for every request. This instance's admin API empties it on
+/// every account or key change, so here a revoked key or new limits apply at
+/// once; a change made through another instance applies here within
+/// [`KEY_CACHE_TTL`].
+#[derive(Default)]
+pub struct KeyCache {
+    accounts: DashMap<String, (crate::api::accounts::Account, Instant)>,
+}
+
+impl KeyCache {
+    /// The account of the key with this hash, if authenticated less than
+    /// [`KEY_CACHE_TTL`] ago.
+    pub fn get(&self, hash: &str) -> Option<crate::api::accounts::Account> {
+        let hit = self.accounts.get(hash)?;
+        (hit.1.elapsed() < KEY_CACHE_TTL).then(|| hit.0.clone())
+    }
+
+    pub fn put(&self, hash: String, account: crate::api::accounts::Account) {
+        self.accounts.insert(hash, (account, Instant::now()));
+    }
+
+    /// Forgets every key (an account or key changed).
+    pub fn clear(&self) {
+        self.accounts.clear();
+    }
+}
+
 /// Whole seconds for `Retry-After`, at least 1.
 pub fn retry_after_secs(wait: Duration) -> u64 {
     wait.as_secs() + u64::from(wait.subsec_nanos() > 0)

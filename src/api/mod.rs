@@ -75,6 +75,8 @@ struct Shared {
     /// the starting credit instead of the balance).
     wallets_loaded: Arc<std::sync::atomic::AtomicBool>,
     throttle: Arc<auth::AuthThrottle>,
+    /// Accounts of API keys recently authenticated (the wallet endpoints').
+    key_cache: Arc<auth::KeyCache>,
     /// Usage triggers in memory, shared with the flusher that evaluates them.
     triggers: crate::triggers::TriggerBook,
     /// The group commit of granted holds, started on the first hold.
@@ -111,6 +113,7 @@ impl ApiState {
                     .filter(|t| !t.is_empty()),
                 default_limits: cfg.api.default_limits,
                 throttle: Arc::new(auth::AuthThrottle::new(cfg.api.auth_failures_per_minute)),
+                key_cache: Default::default(),
                 wallets: Arc::new(
                     crate::wallet::Wallets::new(starting)
                         .with_low_balance(cfg.wallet.low_balance().map_err(ApiInitError::Wallet)?),
@@ -186,6 +189,7 @@ impl ApiState {
                 hold_grace: s.hold_grace,
                 wallets_loaded: s.wallets_loaded.clone(),
                 throttle: s.throttle.clone(),
+                key_cache: s.key_cache.clone(),
                 triggers: s.triggers.clone(),
                 hold_commits: s.hold_commits.clone(),
                 url_policy: s.url_policy,
@@ -252,6 +256,10 @@ impl ApiState {
     /// Failed authentications per client address.
     pub fn throttle(&self) -> &auth::AuthThrottle {
         &self.inner.throttle
+    }
+
+    pub fn key_cache(&self) -> &auth::KeyCache {
+        &self.inner.key_cache
     }
 
     fn admin_token(&self) -> Option<&str> {

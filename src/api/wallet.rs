@@ -27,7 +27,7 @@ use serde_json::{json, Value as Json_};
 
 use super::accounts::{self, Account};
 use super::admin::{check_sid, parse_body, Admin};
-use super::agentphone::with_account;
+use super::agentphone::cached_account;
 use super::error::ApiError;
 use super::forward::{self, Decision, Incoming};
 use super::ApiState;
@@ -73,14 +73,14 @@ fn sid_of(a: &Account) -> Result<AccountSid, ApiError> {
 }
 
 /// The account of the request's API key (failures throttled per client, as
-/// every API's are).
+/// every API's are; recently authenticated keys from memory).
 async fn account(
     state: &ApiState,
     headers: &HeaderMap,
     peer: Option<ConnectInfo<SocketAddr>>,
 ) -> Result<Account, Response> {
     check_loaded(state).map_err(IntoResponse::into_response)?;
-    with_account(state, headers, peer, |_, a| Ok(a)).await
+    cached_account(state, headers, peer).await
 }
 
 fn rfc3339(unix: i64) -> String {
@@ -404,10 +404,9 @@ async fn release_hold_for(
     }
     // Written even if an earlier request released it in memory: that one's
     // write may have failed.
-    let (sid, id) = (a.sid.clone(), call_id.clone());
     state
-        .store()
-        .run(move |c| c.fenced(fence.as_ref(), |c| c.release_hold(&sid, &id)))
+        .hold_commits()
+        .release(stored(&hold), fence)
         .await
         .map_err(store_unavailable)?
         .ok_or_else(fenced)?;
@@ -699,20 +698,11 @@ pub async fn expire_due(state: &ApiState) -> Result<usize, StoreError> {
         return Ok(0);
     }
     metrics::counter!(m::HOLDS_TOTAL, "outcome" => "expired").increment(expired.len() as u64);
-    let rows: Vec<(String, String)> = expired
-        .iter()
-        .map(|h| (h.account.to_string(), h.call_id.clone()))
-        .collect();
+    // Through the hold writer, in the batches it makes of them and of the
+    // grants and releases of the moment.
     state
-        .store()
-        .run(move |c| {
-            c.transaction(|c| {
-                for (sid, id) in &rows {
-                    c.release_hold(sid, id)?;
-                }
-                Ok(())
-            })
-        })
+        .hold_commits()
+        .release_all(expired.iter().map(|h| stored(h)).collect())
         .await?;
     Ok(expired.len())
 }

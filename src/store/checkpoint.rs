@@ -8,7 +8,10 @@
 //! [`super::Store::write_flush`] asks this thread, after every flush that
 //! landed, to run a PASSIVE checkpoint on its own connection: it copies what is
 //! committed without blocking the writer or readers. What a commit wrote is
-//! durable in the WAL either way.
+//! durable in the WAL either way. The same request checkpoints the store's
+//! holds file ([`super::holds`]): the hold writer's commits leave their WAL
+//! here too, since a checkpoint inside a hold's commit (and its fsyncs) made
+//! that hold and every one behind it wait.
 
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::thread::JoinHandle;
@@ -29,16 +32,11 @@ impl Checkpointer {
             .name("tallyd-checkpoint".into())
             .spawn(move || {
                 let mut conn: Option<Conn> = None;
+                let mut holds: Option<Conn> = None;
                 for () in requests {
-                    let done = match conn.take() {
-                        Some(c) => Ok(c),
-                        None => Conn::open(&backend),
-                    }
-                    .and_then(|mut c| c.checkpoint().map(|()| c));
-                    match done {
-                        Ok(c) => conn = Some(c),
-                        // The next flush asks again; until then the WAL grows.
-                        Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
+                    conn = checkpoint(conn.take(), || Conn::open(&backend));
+                    if let Backend::Sqlite(path) = &backend {
+                        holds = checkpoint(holds.take(), || super::holds::open(path));
                     }
                 }
             })
@@ -58,6 +56,22 @@ impl Checkpointer {
                     tracing::warn!("WAL checkpoint thread is gone")
                 }
             }
+        }
+    }
+}
+
+/// Checkpoints with `conn`, or a new connection from `open`; returns the
+/// connection to keep (none after a failure).
+fn checkpoint(conn: Option<Conn>, open: impl FnOnce() -> super::Result<Conn>) -> Option<Conn> {
+    match conn
+        .map_or_else(open, Ok)
+        .and_then(|mut c| c.checkpoint().map(|()| c))
+    {
+        Ok(c) => Some(c),
+        // The next flush asks again; until then the WAL grows.
+        Err(e) => {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+            None
         }
     }
 }

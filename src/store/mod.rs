@@ -16,6 +16,9 @@
 //!   offsets' compare-and-set, the usage pages' read-modify-write, the dedup
 //!   ids, pruning, meta. [`sqlite`] and [`pg`] supply the few primitives that
 //!   differ (opening, bulk page reads and writes).
+//! - [`wallet`] holds the wallets' rows; on SQLite, the hold writer's grants
+//!   and releases go to a database file of their own ([`holds`]), so they
+//!   never wait for a flush.
 //! - [`triggers`] holds the usage triggers' rows (the Usage Triggers API's,
 //!   and what the flusher's trigger book is loaded from).
 //! - [`schema`] holds the tables, [`page`] how usage is laid out in them,
@@ -26,6 +29,7 @@ pub mod checkpoint;
 pub mod conn;
 pub mod firing;
 pub mod flush;
+pub mod holds;
 mod legacy;
 pub mod outbox;
 pub mod page;
@@ -417,6 +421,27 @@ impl Store {
         tokio::task::spawn_blocking(move || store.with_conn(f))
             .await
             .map_err(|e| Error::Task(e.to_string()))?
+    }
+
+    /// The hold writer's own connections (see [`holds::HoldWriter`]).
+    pub fn hold_writer(&self) -> Result<holds::HoldWriter> {
+        let w = self.connect().and_then(holds::HoldWriter::new);
+        if w.is_err() {
+            self.inner.health.record(&w);
+        }
+        w
+    }
+
+    /// Writes a batch of grants and releases with the hold writer's
+    /// connections (see [`Conn::write_holds`]).
+    pub fn write_holds(
+        &self,
+        w: &mut holds::HoldWriter,
+        writes: &[(wallet::HoldWrite, Option<wallet::Fence>)],
+    ) -> Result<Vec<Option<Option<wallet::StoredHold>>>> {
+        let out = w.write(writes);
+        self.inner.health.record(&out);
+        out
     }
 
     /// Writes one flush atomically (see [`flush`]).

@@ -89,6 +89,32 @@ pub fn migrations(postgres: bool) -> impl Iterator<Item = &'static str> {
     std::iter::once(pages).chain(MIGRATIONS.iter().copied())
 }
 
+/// `wallet_holds`, also the table of the SQLite holds file ([`super::holds`]).
+pub(super) const WALLET_HOLDS: [&str; 2] = [
+    "CREATE TABLE IF NOT EXISTS wallet_holds (
+        account_sid TEXT NOT NULL,
+        call_id TEXT NOT NULL,
+        amount BIGINT NOT NULL,
+        status TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        duration BIGINT,
+        billsec BIGINT,
+        charged BIGINT,
+        PRIMARY KEY (account_sid, call_id)
+    )",
+    "CREATE INDEX IF NOT EXISTS wallet_holds_by_status ON wallet_holds (status)",
+];
+
+/// `wallet_owners`, also kept in the SQLite holds file ([`super::holds`]).
+pub(super) const WALLET_OWNERS: &str = "CREATE TABLE IF NOT EXISTS wallet_owners (
+        topic TEXT NOT NULL,
+        partition INTEGER NOT NULL,
+        owner TEXT NOT NULL,
+        epoch BIGINT NOT NULL,
+        PRIMARY KEY (topic, partition)
+    )";
+
 const MIGRATIONS: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS consumer_offsets (
         topic TEXT NOT NULL,
@@ -139,19 +165,8 @@ const MIGRATIONS: &[&str] = &[
         low_armed BIGINT NOT NULL DEFAULT 1,
         low_crossings BIGINT NOT NULL DEFAULT 0
     )",
-    "CREATE TABLE IF NOT EXISTS wallet_holds (
-        account_sid TEXT NOT NULL,
-        call_id TEXT NOT NULL,
-        amount BIGINT NOT NULL,
-        status TEXT NOT NULL,
-        created_at BIGINT NOT NULL,
-        expires_at BIGINT NOT NULL,
-        duration BIGINT,
-        billsec BIGINT,
-        charged BIGINT,
-        PRIMARY KEY (account_sid, call_id)
-    )",
-    "CREATE INDEX IF NOT EXISTS wallet_holds_by_status ON wallet_holds (status)",
+    WALLET_HOLDS[0],
+    WALLET_HOLDS[1],
     "CREATE TABLE IF NOT EXISTS wallet_credits (
         account_sid TEXT NOT NULL,
         idempotency_key TEXT NOT NULL,
@@ -168,13 +183,7 @@ const MIGRATIONS: &[&str] = &[
         created_at TEXT NOT NULL
     )",
     "CREATE INDEX IF NOT EXISTS wallet_events_by_account ON wallet_events (account_sid, created_at)",
-    "CREATE TABLE IF NOT EXISTS wallet_owners (
-        topic TEXT NOT NULL,
-        partition INTEGER NOT NULL,
-        owner TEXT NOT NULL,
-        epoch BIGINT NOT NULL,
-        PRIMARY KEY (topic, partition)
-    )",
+    WALLET_OWNERS,
     "CREATE TABLE IF NOT EXISTS usage_triggers (
         sid TEXT PRIMARY KEY,
         account_sid TEXT NOT NULL,

@@ -4,8 +4,10 @@
 //! *flushed* debit: a partition's debits since its last flush are added in the
 //! flush transaction with its offsets ([`WalletRows`], a step of
 //! [`Conn::write_flush`]), so after a crash the replay from the stored offsets
-//! re-debits exactly what the store does not have. Holds and top-ups are
-//! written before their HTTP answer leaves, in transactions of their own.
+//! re-debits exactly what the store does not have. Top-ups are written before
+//! their HTTP answer leaves, in transactions of their own; hold grants and
+//! releases too, by the hold writer, many to a transaction
+//! ([`Conn::write_holds`]; on SQLite into a file of their own, [`super::holds`]).
 //!
 //! With several instances, a partition's wallets have one owner at a time,
 //! recorded in `wallet_owners` with an epoch bumped at every assignment
@@ -142,6 +144,15 @@ fn hold_row(r: &[Value]) -> StoredHold {
     }
 }
 
+/// A write of the hold writer ([`crate::wallet::commit`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoldWrite {
+    /// A granted hold: stored unless its call id has one.
+    Grant(StoredHold),
+    /// A hold released (explicitly or at expiry).
+    Release(StoredHold),
+}
+
 /// The ownership a wallet write depends on: its partition's epoch as this
 /// instance claimed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,7 +172,7 @@ impl Conn {
         partitions: &[i32],
         owner: &str,
     ) -> Result<Vec<(i32, i64)>> {
-        self.transaction(|c| {
+        let epochs = self.transaction(|c| {
             let mut epochs = Vec::with_capacity(partitions.len());
             for &p in partitions {
                 let r = c.query(
@@ -173,7 +184,9 @@ impl Conn {
                 epochs.push((p, r[0][0].int()));
             }
             Ok(epochs)
-        })
+        })?;
+        self.claim_holds(topic, &epochs, owner)?;
+        Ok(epochs)
     }
 
     /// The recorded owner of a partition and its epoch.
@@ -207,17 +220,26 @@ impl Conn {
 
     /// Locks the fence's row until the transaction ends if it still has the
     /// fence's epoch; false if another instance claimed the partition since.
+    /// PostgreSQL takes a shared lock: writers under the same fence go on at
+    /// once, a claim ([`Conn::claim_partitions`]) waits for them all. SQLite's
+    /// transaction already holds the database's one write lock.
     fn hold_fence(&mut self, fence: &Fence) -> Result<bool> {
-        let held = self.execute(
-            "UPDATE wallet_owners SET epoch = epoch \
-             WHERE topic = $1 AND partition = $2 AND epoch = $3",
+        let lock = match self {
+            Conn::Sqlite(_) => "",
+            Conn::Postgres(_) => " FOR SHARE",
+        };
+        let held = self.query(
+            &format!(
+                "SELECT 1 FROM wallet_owners \
+                 WHERE topic = $1 AND partition = $2 AND epoch = $3{lock}"
+            ),
             &[
                 Param::Text(&fence.topic),
                 Param::Int(fence.partition.into()),
                 Param::Int(fence.epoch),
             ],
         )?;
-        Ok(held == 1)
+        Ok(!held.is_empty())
     }
 
     /// The flush step: adds each account's debits into its balance and
@@ -391,52 +413,120 @@ impl Conn {
         if inserted == 1 {
             return Ok(None);
         }
-        self.hold(&h.account_sid, &h.call_id)
+        self.hold_row(&h.account_sid, &h.call_id)
     }
 
-    /// Stores many granted holds in one transaction (a group commit); each
-    /// result is as [`Conn::insert_hold`]'s, or `None` for a hold whose
-    /// [`Fence`] no longer holds (stored nothing). Each fence's row is locked
-    /// once, before any hold is written, as [`Conn::fenced`] does.
+    /// Stores many granted holds in one transaction (a group commit): as
+    /// [`Conn::write_holds`] with grants only.
     pub fn insert_holds(
         &mut self,
         holds: &[(StoredHold, Option<Fence>)],
     ) -> Result<Vec<Option<Option<StoredHold>>>> {
+        let writes: Vec<(HoldWrite, Option<Fence>)> = holds
+            .iter()
+            .map(|(h, f)| (HoldWrite::Grant(h.clone()), f.clone()))
+            .collect();
+        self.write_holds(&writes)
+    }
+
+    /// Writes many grants and releases in one transaction, in order (a group
+    /// commit; on SQLite into the holds file, see [`super::holds`]). Each
+    /// result is `None` for a write whose [`Fence`] no longer holds (nothing
+    /// written); for a grant, `Some` of what [`Conn::insert_hold`] returns;
+    /// for a release, `Some(None)`.
+    pub fn write_holds(
+        &mut self,
+        writes: &[(HoldWrite, Option<Fence>)],
+    ) -> Result<Vec<Option<Option<StoredHold>>>> {
+        if let Conn::Sqlite(_) = self {
+            let mut holds = super::holds::open_beside(self)?;
+            return super::holds::write_split(self, &mut holds, writes);
+        }
+        self.fenced_writes(writes, |c, _, w| match w {
+            HoldWrite::Grant(h) => c.insert_hold(h),
+            HoldWrite::Release(h) => c.release_hold(h).map(|()| None),
+        })
+    }
+
+    /// Runs `write` for each write of the batch whose fence holds, in one
+    /// transaction: each fence's row is locked once, before anything is
+    /// written, as [`Conn::fenced`] does. `None` for a fenced write.
+    pub(super) fn fenced_writes(
+        &mut self,
+        writes: &[(HoldWrite, Option<Fence>)],
+        mut write: impl FnMut(&mut Conn, usize, &HoldWrite) -> Result<Option<StoredHold>>,
+    ) -> Result<Vec<Option<Option<StoredHold>>>> {
         self.transaction(|c| {
-            let mut fences: Vec<(&Fence, bool)> = Vec::new();
-            for fence in holds.iter().filter_map(|(_, f)| f.as_ref()) {
-                if !fences.iter().any(|(f, _)| *f == fence) {
-                    let held = c.hold_fence(fence)?;
-                    fences.push((fence, held));
-                }
+            // Locked in one order, so batches written at once on several
+            // connections never wait for each other in a cycle.
+            let mut wanted: Vec<&Fence> = writes.iter().filter_map(|(_, f)| f.as_ref()).collect();
+            wanted.sort_by(|a, b| {
+                (&a.topic, a.partition, a.epoch).cmp(&(&b.topic, b.partition, b.epoch))
+            });
+            wanted.dedup();
+            let mut fences: Vec<(&Fence, bool)> = Vec::with_capacity(wanted.len());
+            for fence in wanted {
+                fences.push((fence, c.hold_fence(fence)?));
             }
-            holds
+            writes
                 .iter()
-                .map(|(h, fence)| {
+                .enumerate()
+                .map(|(i, (w, fence))| {
                     let held = fence
                         .as_ref()
                         .map_or(true, |f| fences.iter().any(|(g, ok)| *g == f && *ok));
-                    if held {
-                        c.insert_hold(h).map(Some)
-                    } else {
-                        Ok(None)
+                    if !held {
+                        return Ok(None);
                     }
+                    write(c, i, w).map(Some)
                 })
                 .collect()
         })
     }
 
-    /// Marks a reserved hold released (explicitly or at expiry).
-    pub fn release_hold(&mut self, account_sid: &str, call_id: &str) -> Result<()> {
+    /// Marks a hold released (explicitly or at expiry) if it is reserved;
+    /// stores it released if its grant is not stored yet (a release may be
+    /// written before the grant it follows, which then finds it released).
+    pub fn release_hold(&mut self, h: &StoredHold) -> Result<()> {
         self.execute(
-            "UPDATE wallet_holds SET status = 'released' \
-             WHERE account_sid = $1 AND call_id = $2 AND status = 'reserved'",
-            &[Param::Text(account_sid), Param::Text(call_id)],
+            "INSERT INTO wallet_holds (account_sid, call_id, amount, status, created_at, expires_at) \
+             VALUES ($1, $2, $3, 'released', $4, $5) ON CONFLICT (account_sid, call_id) \
+             DO UPDATE SET status = 'released' WHERE wallet_holds.status = 'reserved'",
+            &[
+                Param::Text(&h.account_sid),
+                Param::Text(&h.call_id),
+                Param::Int(h.amount),
+                Param::Int(h.created_at),
+                Param::Int(h.expires_at),
+            ],
         )?;
         Ok(())
     }
 
+    /// A hold as stored (on SQLite, as the store and its holds file have
+    /// it between them: see [`super::holds`]).
     pub fn hold(&mut self, account_sid: &str, call_id: &str) -> Result<Option<StoredHold>> {
+        match self {
+            Conn::Sqlite(_) => self.merged_hold(account_sid, call_id),
+            Conn::Postgres(_) => self.hold_row(account_sid, call_id),
+        }
+    }
+
+    /// Every hold still reserved (on SQLite, in the store and its holds file
+    /// together).
+    pub fn reserved_holds(&mut self) -> Result<Vec<StoredHold>> {
+        match self {
+            Conn::Sqlite(_) => self.merged_reserved_holds(),
+            Conn::Postgres(_) => self.reserved_rows(),
+        }
+    }
+
+    /// The row of a hold in this database.
+    pub(super) fn hold_row(
+        &mut self,
+        account_sid: &str,
+        call_id: &str,
+    ) -> Result<Option<StoredHold>> {
         Ok(self
             .query(
                 &format!(
@@ -448,8 +538,8 @@ impl Conn {
             .map(|r| hold_row(r)))
     }
 
-    /// Every hold still reserved.
-    pub fn reserved_holds(&mut self) -> Result<Vec<StoredHold>> {
+    /// The reserved holds of this database.
+    pub(super) fn reserved_rows(&mut self) -> Result<Vec<StoredHold>> {
         Ok(self
             .query(
                 &format!("SELECT {HOLD_COLUMNS} FROM wallet_holds WHERE status = 'reserved'"),
