@@ -455,6 +455,7 @@ impl Ingest {
                 self.serve_helpers(ctx);
             }
             let lag = publish_lag(&st, &self.consumer);
+            ctx.health.set_lag(&ctx.my_health, lag.max(0) as usize);
             let now = Instant::now();
             let pending: usize = st
                 .partitions
