@@ -28,7 +28,9 @@
 #                 accounts, the others never (examples/trigger_bench.rs), the
 #                 callbacks sent to a local sink; after the drain it waits for
 #                 the outbox to empty and prints the crossing → callback
-#                 quantiles from tallyd's /metrics.
+#                 quantiles from tallyd's /metrics. With BENCH_COMPARE, the
+#                 other build drains with the same triggers too
+#                 ("before-<store>-triggers").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-2000000}
@@ -135,6 +137,11 @@ for round in $(seq 1 "$RUNS"); do
       rm -f "$WORK"/bench.db*
       seed_triggers "sqlite://$WORK/bench.db"
       run_tallyd sqlite-triggers "sqlite://$WORK/bench.db" bench-trig-sqlite-$round
+      if [ -n "${BENCH_COMPARE:-}" ]; then
+        rm -f "$WORK"/bench.db*
+        seed_triggers "sqlite://$WORK/bench.db"
+        run_tallyd before-sqlite-triggers "sqlite://$WORK/bench.db" bench-before-trig-sqlite-$round "$BENCH_COMPARE" "${BENCH_COMPARE_CONFIG:-}"
+      fi
     fi
   fi
   if [ "${BENCH_STORES:-postgres}" = postgres ]; then
@@ -152,12 +159,19 @@ for round in $(seq 1 "$RUNS"); do
       seed_triggers "$PG?options=-csearch_path%3D$SCHEMA"
       run_tallyd postgres-triggers "$PG?options=-csearch_path%3D$SCHEMA" bench-trig-pg-$round
       PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
+      if [ -n "${BENCH_COMPARE:-}" ]; then
+        PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "CREATE SCHEMA $SCHEMA" >/dev/null
+        seed_triggers "$PG?options=-csearch_path%3D$SCHEMA"
+        run_tallyd before-postgres-triggers "$PG?options=-csearch_path%3D$SCHEMA" bench-before-trig-pg-$round "$BENCH_COMPARE" "${BENCH_COMPARE_CONFIG:-}"
+        PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
+      fi
     fi
   fi
 done
 
 if [ "$RUNS" -gt 1 ]; then
-  for label in sqlite postgres before-sqlite before-postgres sqlite-triggers postgres-triggers; do
+  for label in sqlite postgres before-sqlite before-postgres sqlite-triggers postgres-triggers \
+    before-sqlite-triggers before-postgres-triggers; do
     grep -q "^tallyd\[$label\]" "$WORK/results.txt" || continue
     grep "^tallyd\[$label\]" "$WORK/results.txt" | grep -v "triggers fired" | sed 's/.*ratio to bare consumer \([0-9.]*\);.*/\1/' | sort -n \
       | awk -v l="$label" '{r[NR] = $1} END {m = NR % 2 ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2;
