@@ -13,18 +13,18 @@
 # request left).
 #
 # Usage: scripts/bench-triggers.sh [RATE] [SECONDS] [ACCOUNTS] [FIRINGS]
-#        (defaults: 40000, 15, 10000, none)
+#        (defaults: 40000, 15, 10000, none); RATE may list rates run one after
+#        another, e.g. 10000,20000,40000.
 #   BENCH_STORES=sqlite|postgres  runs one store only.
 #   BENCH_COMPARE=BIN  also runs another tallyd binary (a release build of an
 #                 earlier commit) after this one on each store, labelled
-#                 "before-<store>": a before/after comparison in one run.
+#                 "before-<store>-<rate>": a before/after comparison in one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RATE=${1:-40000}
+RATES=${1:-40000}
 SECS=${2:-15}
 ACCOUNTS=${3:-10000}
 FIRINGS=${4:-}
-N=$((RATE * SECS))
 PORT=${BENCH_PORT:-29492}
 HTTP=$((PORT + 1))
 SINK=$((PORT + 2))
@@ -54,6 +54,7 @@ metrics() { curl -s "http://127.0.0.1:$HTTP/metrics"; }
 
 run() { # $1 = label, $2 = store url, $3 = topic, $4 = binary (default $BIN)
   local bin=${4:-$BIN}
+  local N=$((RATE * SECS))
   "$TANSU" topic create "$3" --partitions 4 --broker tcp://127.0.0.1:$PORT >/dev/null
   "$TB" seed "$2" "$ACCOUNTS" 3 "http://127.0.0.1:$SINK/usage" ${FIRINGS:+"$FIRINGS" "$RATE" "$N"}
   TALLYD_KAFKA__BROKERS=127.0.0.1:$PORT TALLYD_KAFKA__TOPIC=$3 TALLYD_KAFKA__GROUP_ID=trig-$3 \
@@ -92,20 +93,22 @@ run() { # $1 = label, $2 = store url, $3 = topic, $4 = binary (default $BIN)
   TALLYD_PID=
 }
 
-if [ "${BENCH_STORES:-sqlite}" = sqlite ]; then
-  run sqlite "sqlite://$WORK/trig.db" cdrs-sqlite
-  if [ -n "${BENCH_COMPARE:-}" ]; then
-    run before-sqlite "sqlite://$WORK/before.db" cdrs-before-sqlite "$BENCH_COMPARE"
+for RATE in ${RATES//,/ }; do
+  if [ "${BENCH_STORES:-sqlite}" = sqlite ]; then
+    run sqlite-$RATE "sqlite://$WORK/trig-$RATE.db" cdrs-sqlite-$RATE
+    if [ -n "${BENCH_COMPARE:-}" ]; then
+      run before-sqlite-$RATE "sqlite://$WORK/before-$RATE.db" cdrs-before-sqlite-$RATE "$BENCH_COMPARE"
+    fi
   fi
-fi
-if [ "${BENCH_STORES:-postgres}" = postgres ]; then
-  SCHEMA=trig_$$
-  PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE; CREATE SCHEMA $SCHEMA" >/dev/null
-  run postgres "$PG?options=-csearch_path%3D$SCHEMA" cdrs-postgres
-  PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
-  if [ -n "${BENCH_COMPARE:-}" ]; then
-    PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "CREATE SCHEMA $SCHEMA" >/dev/null
-    run before-postgres "$PG?options=-csearch_path%3D$SCHEMA" cdrs-before-postgres "$BENCH_COMPARE"
+  if [ "${BENCH_STORES:-postgres}" = postgres ]; then
+    SCHEMA=trig_$$
+    PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE; CREATE SCHEMA $SCHEMA" >/dev/null
+    run postgres-$RATE "$PG?options=-csearch_path%3D$SCHEMA" cdrs-postgres-$RATE
     PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
+    if [ -n "${BENCH_COMPARE:-}" ]; then
+      PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "CREATE SCHEMA $SCHEMA" >/dev/null
+      run before-postgres-$RATE "$PG?options=-csearch_path%3D$SCHEMA" cdrs-before-postgres-$RATE "$BENCH_COMPARE"
+      PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
+    fi
   fi
-fi
+done
