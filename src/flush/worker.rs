@@ -259,7 +259,7 @@ impl Flusher {
     }
 
     /// The triggers of the accounts whose pages a cut writes.
-    fn triggers_of(&self, pages: &[store::page::PageDelta]) -> Vec<Trigger> {
+    fn triggers_of(&self, pages: &[store::page::PageDelta]) -> Vec<Arc<Trigger>> {
         if self.triggers.is_empty() {
             return Vec::new();
         }

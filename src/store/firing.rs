@@ -30,9 +30,9 @@ pub struct Firing {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TriggerReport {
     pub fired: Vec<Firing>,
-    /// By trigger SID: the latest period of its recurrence the flush wrote,
-    /// and its category's tally there as stored.
-    pub observed: Vec<(String, Period, Tally)>,
+    /// Per trigger of the flush's accounts: the latest period of its
+    /// recurrence the flush wrote, and its category's tally there as stored.
+    pub observed: Vec<(std::sync::Arc<Trigger>, Period, Tally)>,
     /// The callbacks written claimed by this instance (the batch had an
     /// `outbox_lease_until`), for its dispatcher to send.
     pub leased: Vec<OutboxRow>,
@@ -109,7 +109,7 @@ impl Conn {
     /// the rows are written claimed until then and returned in the report.
     pub(super) fn fire_triggers(
         &mut self,
-        triggers: &[Trigger],
+        triggers: &[std::sync::Arc<Trigger>],
         touched: &[Touched],
         consumed_at_ms: i64,
         crossed_at_ms: &[(String, String, i64)],
@@ -122,12 +122,12 @@ impl Conn {
         let now = chrono::Utc::now();
         let date_fired = now.format("%Y-%m-%dT%H:%M:%SZ").to_string();
         let date_fired_2822 = now.format("%a, %d %b %Y %H:%M:%S +0000").to_string();
-        let mut by_account: HashMap<&str, Vec<&Trigger>> = HashMap::new();
+        let mut by_account: HashMap<&str, Vec<std::sync::Arc<Trigger>>> = HashMap::new();
         for t in triggers {
             by_account
                 .entry(t.account_sid.as_str())
                 .or_default()
-                .push(t);
+                .push(t.clone());
         }
         let mut found: Vec<Crossing> = Vec::new();
         for page in touched {
@@ -146,7 +146,7 @@ impl Conn {
                 {
                     report
                         .observed
-                        .push((t.sid.clone(), *p, leaves.get(category)));
+                        .push(((*t).clone(), *p, leaves.get(category)));
                 }
             }
             found.extend(crossings(mine, &page.rows));
@@ -321,7 +321,7 @@ mod tests {
                 from,
                 to,
             }],
-            triggers: vec![t.clone()],
+            triggers: vec![std::sync::Arc::new(t.clone())],
             consumed_at_ms: 1_000,
             ..FlushBatch::default()
         }

@@ -62,7 +62,7 @@ pub struct FlushBatch {
     pub wallet: WalletRows,
     /// The usage triggers of the batch's accounts that have any, evaluated
     /// against the pages as this flush leaves them ([`super::firing`]).
-    pub triggers: Vec<Trigger>,
+    pub triggers: Vec<std::sync::Arc<Trigger>>,
     /// Unix ms the batch's first CDR was consumed: the time a firing's
     /// callback is counted from, unless `crossed_at_ms` has its crossing.
     pub consumed_at_ms: i64,
