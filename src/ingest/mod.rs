@@ -140,6 +140,9 @@ struct State {
     watch_version: u64,
     /// When the book was last looked at for new watches.
     watch_checked: Instant,
+    /// More than [`EARLY_FLUSH_MAX_LAG`] messages behind at the last look:
+    /// CDRs are counted unwatched ([`Gains::unwatched`]).
+    behind: bool,
     /// CDR event time → counted, buffered for `tallyd_cdr_event_to_counted_seconds`.
     event_ages: LocalSummary<'static>,
 }
@@ -320,6 +323,7 @@ impl Ingest {
                 watch_checked: Instant::now()
                     .checked_sub(WATCH_REFRESH)
                     .unwrap_or_else(Instant::now),
+                behind: false,
                 event_ages: crate::metrics::CDR_EVENT_TO_COUNTED.local(),
             }),
             jobs,
@@ -456,6 +460,7 @@ impl Ingest {
             }
             let lag = publish_lag(&st, &self.consumer);
             ctx.health.set_lag(&ctx.my_health, lag.max(0) as usize);
+            st.behind = lag > EARLY_FLUSH_MAX_LAG;
             let now = Instant::now();
             let pending: usize = st
                 .partitions
@@ -466,9 +471,14 @@ impl Ingest {
             let over = pending >= settings.max_pending_cells;
             // A likely trigger crossing flushes early only when the consumer
             // keeps up: draining a backlog, callbacks wait for the backlog
-            // anyway, and flushing more often would slow the drain.
-            let crossed =
-                lag <= EARLY_FLUSH_MAX_LAG && st.partitions.values().any(|ps| ps.gains.crossed);
+            // anyway, and flushing more often would slow the drain (nor are
+            // CDRs watched then: a cut with CDRs counted unwatched flushes
+            // early once caught up).
+            let crossed = lag <= EARLY_FLUSH_MAX_LAG
+                && st
+                    .partitions
+                    .values()
+                    .any(|ps| ps.gains.crossed || ps.gains.unwatched);
             st.event_ages.publish();
             if st.in_flight.is_none()
                 && (over
@@ -687,6 +697,7 @@ impl Ingest {
             watch_version,
             watch_checked,
             event_ages,
+            behind,
             ..
         } = st;
         // The book changes with every flush; its watches are taken again at
@@ -725,6 +736,7 @@ impl Ingest {
                 ledger: &mut ps.ledger,
                 gains: &mut ps.gains,
                 watches,
+                watching: !*behind,
                 ages: event_ages,
                 now: std::time::SystemTime::now(),
             },
@@ -753,11 +765,13 @@ impl Ingest {
 }
 
 /// What each counted CDR also goes to besides the counters: the partition's
-/// wallet ledger, the trigger watch ([`Gains`]) and the event-age summary.
+/// wallet ledger, the trigger watch ([`Gains`]; not while far behind) and
+/// the event-age summary.
 struct Tap<'a> {
     ledger: &'a mut crate::wallet::Ledger,
     gains: &'a mut Gains,
     watches: &'a Watches,
+    watching: bool,
     ages: &'a mut LocalSummary<'static>,
     now: std::time::SystemTime,
 }
@@ -768,7 +782,11 @@ impl Debit for Tap<'_> {
         self.ledger.debit(cdr, charge);
         self.ages
             .record(crate::metrics::unix_age(cdr.timestamp, self.now));
-        if !self.watches.is_empty() {
+        if !self.watching {
+            if !self.gains.unwatched {
+                self.gains.unwatched = self.watches.watches(cdr.account);
+            }
+        } else if !self.watches.is_empty() {
             self.gains.add(self.watches, cdr, charge);
         }
     }

@@ -346,19 +346,32 @@ impl Conn {
             .collect())
     }
 
-    /// The key a callback of `kind` to `account_sid` is signed with now: the
+    /// The keys callbacks of `kind` to `accounts` are signed with now: each
     /// account's auth token (usage triggers) or its webhook secret (wallet
-    /// events); `None` if the account or its webhook is gone.
-    pub fn signing_key(&mut self, kind: &str, account_sid: &str) -> Result<Option<String>> {
-        let sql = if kind == KIND_USAGE_TRIGGER {
-            "SELECT auth_token FROM api_accounts WHERE account_sid = $1"
+    /// events), read in one query per 500 accounts; an account (or webhook)
+    /// that is gone is absent.
+    pub fn signing_keys(
+        &mut self,
+        kind: &str,
+        accounts: &[&str],
+    ) -> Result<std::collections::HashMap<String, String>> {
+        let (column, table) = if kind == KIND_USAGE_TRIGGER {
+            ("auth_token", "api_accounts")
         } else {
-            "SELECT secret FROM account_webhooks WHERE account_sid = $1"
+            ("secret", "account_webhooks")
         };
-        Ok(self
-            .query(sql, &[Param::Text(account_sid)])?
-            .first()
-            .map(|r| r[0].text().to_owned()))
+        let mut keys = std::collections::HashMap::with_capacity(accounts.len());
+        for chunk in accounts.chunks(500) {
+            let params: Vec<Param> = chunk.iter().map(|a| Param::Text(a)).collect();
+            let sql = format!(
+                "SELECT account_sid, {column} FROM {table} WHERE account_sid IN ({})",
+                super::conn::placeholders(1, chunk.len())
+            );
+            for r in self.query(&sql, &params)? {
+                keys.insert(r[0].text().to_owned(), r[1].text().to_owned());
+            }
+        }
+        Ok(keys)
     }
 
     /// Sets (or replaces) an account's wallet-event webhook.

@@ -437,24 +437,30 @@ impl Dispatcher {
         }
     }
 
-    /// The signing keys of `rows`' accounts, read once per account and kind
+    /// The signing keys of `rows`' accounts, read in one query per kind
     /// (not per callback).
     async fn signing_keys<'r>(
         &self,
         rows: impl Iterator<Item = &'r OutboxRow>,
     ) -> crate::store::Result<Arc<SigningKeys>> {
-        let wanted: Vec<(String, String)> = rows
-            .map(|r| (r.kind.clone(), r.account_sid.clone()))
-            .collect();
+        let mut wanted: HashMap<bool, (String, Vec<String>)> = HashMap::new();
+        for r in rows {
+            let class = r.kind == KIND_USAGE_TRIGGER;
+            let (_, accounts) = wanted
+                .entry(class)
+                .or_insert_with(|| (r.kind.clone(), Vec::new()));
+            accounts.push(r.account_sid.clone());
+        }
         let keys = self
             .store
             .run(move |c| {
                 let mut keys = SigningKeys::new();
-                for (kind, account) in wanted {
-                    let class = kind == KIND_USAGE_TRIGGER;
-                    if !keys.contains_key(&(class, account.clone())) {
-                        let k = c.signing_key(&kind, &account)?;
-                        keys.insert((class, account), k);
+                for (class, (kind, accounts)) in wanted {
+                    let refs: Vec<&str> = accounts.iter().map(String::as_str).collect();
+                    let mut found = c.signing_keys(&kind, &refs)?;
+                    for a in accounts {
+                        let key = found.remove(&a);
+                        keys.entry((class, a)).or_insert(key);
                     }
                 }
                 Ok(keys)
