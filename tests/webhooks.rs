@@ -1008,8 +1008,8 @@ both_stores!(
 
 /// Rows a flush wrote claimed by this instance and handed over after its
 /// commit leave without a read or a claim, once; a handed row whose lease no
-/// longer covers an attempt is left to the lease and sent by the poll after
-/// it ends, once.
+/// longer covers an attempt is claimed again first, and not sent if another
+/// instance claimed it after its lease ended.
 fn handed_over_rows_are_sent_once(url: &str) {
     let f = fixture(url, |_| {});
     f.rt.block_on(async {
@@ -1033,8 +1033,8 @@ fn handed_over_rows_are_sent_once(url: &str) {
         let s = until_status(&f.store, &row.id, "delivered", 10).await;
         assert_eq!(s.attempts, 1, "no claim of its own");
 
-        // Handed over with a lease too short for an attempt: not sent until
-        // the lease ends, then by the poll.
+        // Handed over with a lease too short for an attempt (its flush took
+        // long to commit): claimed again from that lease, then sent.
         let late = trigger_row("UT6-late", PARENT, &hook, "POST");
         let short = now_ms() + 1_000;
         let written = late.clone();
@@ -1044,15 +1044,39 @@ fn handed_over_rows_are_sent_once(url: &str) {
             .unwrap();
         running.handle.hand_over(vec![late.clone()], short);
         let s = until_status(&f.store, &late.id, "delivered", 15).await;
-        assert_eq!(s.attempts, 2, "the lease's and the poll's claim");
+        assert_eq!(s.attempts, 2, "the lease's claim and the renewal");
+        // Handed over with a short lease that another claim replaced (as
+        // another instance's after the lease ended): that claim sends it,
+        // this instance does not.
+        let taken = trigger_row("UT6-taken", PARENT, &hook, "POST");
+        let short = now_ms() + 300;
+        let written = taken.clone();
+        f.store
+            .run(move |c| {
+                c.insert_outbox_rows_leased(&[written], short)?;
+                c.claim_outbox(&[("UT6-taken", short)], short + 60_000)
+            })
+            .await
+            .unwrap();
+        running.handle.hand_over(vec![taken.clone()], short);
+        // The next row handed over is sent after it was looked at.
+        let after = trigger_row("UT6-after", PARENT, &hook, "POST");
+        let lease = running.handle.lease_for_handoff().unwrap();
+        let written = after.clone();
+        f.store
+            .run(move |c| c.insert_outbox_rows_leased(&[written], lease))
+            .await
+            .unwrap();
+        running.handle.hand_over(vec![after.clone()], lease);
+        until_status(&f.store, &after.id, "delivered", 10).await;
+        assert_eq!(state_of(&f.store, &taken.id).await.status, "pending");
         running.stop().await;
         let got = log.got();
         let tokens: Vec<&str> = got
             .iter()
             .map(|r| r.header("I-Twilio-Idempotency-Token"))
             .collect();
-        assert_eq!(tokens, ["UT6-handed", "UT6-late"]);
-        assert!(got[1].at_ms >= short, "sent before its lease ended");
+        assert_eq!(tokens, ["UT6-handed", "UT6-late", "UT6-after"]);
     });
 }
 

@@ -28,9 +28,9 @@
 //! the same lease a claim takes, a few seconds longer) and hands them over
 //! after its commit ([`DispatcherHandle::hand_over`]): they are sent at once,
 //! with no read and no claim (on SQLite a claim is a write, and it waited for
-//! the flush being written). A handed row that cannot start while its lease
-//! still covers an attempt is left to the lease: the poll takes it when the
-//! lease ends.
+//! the flush being written). A handed row whose lease no longer covers an
+//! attempt when its turn comes (a flush that took long to commit) is claimed
+//! again from that lease first.
 //!
 //! While the consumers are far behind ([`Behind`]: draining a backlog) the
 //! dispatcher paces itself: flushes hand nothing over, wake-ups are ignored,
@@ -389,11 +389,12 @@ impl Dispatcher {
     }
 
     /// Starts sending the rows flushes handed over, as many as there are
-    /// slots for; drops those whose lease no longer covers an attempt (the
-    /// poll takes them when it ends).
+    /// slots for. A row whose lease no longer covers an attempt (its flush
+    /// took long to commit) is claimed again first, from that lease; if the
+    /// lease had ended and the row was claimed meanwhile (by this instance's
+    /// poll or another instance), that claim sends it.
     async fn send_handed(self: &Arc<Self>) {
         let per_account = self.cfg.per_account_in_flight.max(1);
-        let now = now_ms();
         let mut chosen: Vec<DueRow> = Vec::new();
         {
             let mut handed = self.handed.lock();
@@ -404,9 +405,6 @@ impl Dispatcher {
             let free = self.permits.available_permits();
             let mut waiting = std::collections::VecDeque::with_capacity(handed.len());
             for due in handed.drain(..) {
-                if due.next_attempt_at - now < self.lease_ms() {
-                    continue;
-                }
                 let n = accounts.entry(due.row.account_sid.clone()).or_default();
                 if chosen.len() >= free || *n >= per_account {
                     waiting.push_back(due);
@@ -417,6 +415,37 @@ impl Dispatcher {
             }
             accounts.retain(|_, n| *n > 0);
             *handed = waiting;
+        }
+        let now = now_ms();
+        let (short, mut chosen): (Vec<DueRow>, Vec<DueRow>) = chosen
+            .into_iter()
+            .partition(|d| d.next_attempt_at - now < self.lease_ms());
+        if !short.is_empty() {
+            let lease = now + self.lease_ms();
+            let claims: Vec<(String, i64)> = short
+                .iter()
+                .map(|d| (d.row.id.clone(), d.next_attempt_at))
+                .collect();
+            let claimed = self
+                .store
+                .run(move |c| {
+                    let refs: Vec<(&str, i64)> =
+                        claims.iter().map(|(id, at)| (id.as_str(), *at)).collect();
+                    c.claim_outbox(&refs, lease)
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    self.store_failed("claiming callbacks again", &e);
+                    vec![false; short.len()]
+                });
+            for (mut due, mine) in short.into_iter().zip(claimed) {
+                if mine {
+                    due.next_attempt_at = lease;
+                    chosen.push(due);
+                } else {
+                    self.release_account(&due.row.account_sid);
+                }
+            }
         }
         if chosen.is_empty() {
             return;
