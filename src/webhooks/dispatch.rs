@@ -422,22 +422,10 @@ impl Dispatcher {
             .partition(|d| d.next_attempt_at - now < self.lease_ms());
         if !short.is_empty() {
             let lease = now + self.lease_ms();
-            let claims: Vec<(String, i64)> = short
-                .iter()
-                .map(|d| (d.row.id.clone(), d.next_attempt_at))
-                .collect();
-            let claimed = self
-                .store
-                .run(move |c| {
-                    let refs: Vec<(&str, i64)> =
-                        claims.iter().map(|(id, at)| (id.as_str(), *at)).collect();
-                    c.claim_outbox(&refs, lease)
-                })
-                .await
-                .unwrap_or_else(|e| {
-                    self.store_failed("claiming callbacks again", &e);
-                    vec![false; short.len()]
-                });
+            let claimed = self.claim(&short, lease).await.unwrap_or_else(|e| {
+                self.store_failed("claiming callbacks again", &e);
+                vec![false; short.len()]
+            });
             for (mut due, mine) in short.into_iter().zip(claimed) {
                 if mine {
                     due.next_attempt_at = lease;
@@ -464,6 +452,22 @@ impl Dispatcher {
             let lease = due.next_attempt_at;
             self.send(due, lease, &keys);
         }
+    }
+
+    /// Claims `rows` until `lease`, each from the `next_attempt_at` it was
+    /// read (or handed over) with ([`crate::store::Conn::claim_outbox`]).
+    async fn claim(&self, rows: &[DueRow], lease: i64) -> crate::store::Result<Vec<bool>> {
+        let claims: Vec<(String, i64)> = rows
+            .iter()
+            .map(|r| (r.row.id.clone(), r.next_attempt_at))
+            .collect();
+        self.store
+            .run(move |c| {
+                let refs: Vec<(&str, i64)> =
+                    claims.iter().map(|(id, at)| (id.as_str(), *at)).collect();
+                c.claim_outbox(&refs, lease)
+            })
+            .await
     }
 
     /// The signing keys of `rows`' accounts, read in one query per kind
@@ -575,19 +579,7 @@ impl Dispatcher {
                 return;
             }
             let lease = now_ms() + self.lease_ms();
-            let claims: Vec<(String, i64)> = chosen
-                .iter()
-                .map(|r| (r.row.id.clone(), r.next_attempt_at))
-                .collect();
-            let claimed = self
-                .store
-                .run(move |c| {
-                    let refs: Vec<(&str, i64)> =
-                        claims.iter().map(|(id, at)| (id.as_str(), *at)).collect();
-                    c.claim_outbox(&refs, lease)
-                })
-                .await;
-            let claimed = match claimed {
+            let claimed = match self.claim(&chosen, lease).await {
                 Ok(v) => v,
                 Err(e) => {
                     for r in &chosen {
