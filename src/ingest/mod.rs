@@ -143,6 +143,9 @@ struct State {
     /// More than [`EARLY_FLUSH_MAX_LAG`] messages behind at the last look:
     /// CDRs are counted unwatched ([`Gains::unwatched`]).
     behind: bool,
+    /// Since when the consumer has been at most [`EARLY_FLUSH_MAX_LAG`]
+    /// messages behind (`None`: more now).
+    keeping_up_since: Option<Instant>,
     /// CDR event time → counted, buffered for `tallyd_cdr_event_to_counted_seconds`.
     event_ages: LocalSummary<'static>,
 }
@@ -171,6 +174,11 @@ const WATCH_REFRESH: Duration = Duration::from_millis(100);
 /// trigger crossing still asks for an early flush (about a tenth of a second
 /// of consumption at full speed).
 const EARLY_FLUSH_MAX_LAG: i64 = 50_000;
+
+/// How long a consumer must have kept up (at most [`EARLY_FLUSH_MAX_LAG`]
+/// behind) before a likely trigger crossing flushes early: longer than a
+/// drain takes from that lag to its end and its idle flush.
+const KEEP_UP_BEFORE_EARLY_FLUSH: Duration = Duration::from_millis(500);
 
 /// Messages between looks at the clock, the flusher and the pending bound.
 const CHECK_EVERY: usize = 256;
@@ -324,6 +332,7 @@ impl Ingest {
                     .checked_sub(WATCH_REFRESH)
                     .unwrap_or_else(Instant::now),
                 behind: false,
+                keeping_up_since: None,
                 event_ages: crate::metrics::CDR_EVENT_TO_COUNTED.local(),
             }),
             jobs,
@@ -462,6 +471,10 @@ impl Ingest {
             ctx.health.set_lag(&ctx.my_health, lag.max(0) as usize);
             st.behind = lag > EARLY_FLUSH_MAX_LAG;
             let now = Instant::now();
+            st.keeping_up_since = match st.keeping_up_since {
+                _ if st.behind => None,
+                since => Some(since.unwrap_or(now)),
+            };
             let pending: usize = st
                 .partitions
                 .values()
@@ -470,11 +483,15 @@ impl Ingest {
             ctx.health.set_pending(&ctx.my_health, pending);
             let over = pending >= settings.max_pending_cells;
             // A likely trigger crossing flushes early only when the consumer
-            // keeps up: draining a backlog, callbacks wait for the backlog
-            // anyway, and flushing more often would slow the drain (nor are
-            // CDRs watched then: a cut with CDRs counted unwatched flushes
-            // early once caught up).
-            let crossed = lag <= EARLY_FLUSH_MAX_LAG
+            // keeps up, for KEEP_UP_BEFORE_EARLY_FLUSH: draining a backlog,
+            // callbacks wait for the backlog anyway, and flushing more often
+            // would slow the drain (nor are CDRs watched then: a cut with CDRs
+            // counted unwatched flushes early once caught up). At a drain's
+            // end the idle flush comes first: an early flush just before it
+            // had the drain write every page twice.
+            let crossed = st
+                .keeping_up_since
+                .is_some_and(|t| now.saturating_duration_since(t) >= KEEP_UP_BEFORE_EARLY_FLUSH)
                 && st
                     .partitions
                     .values()
