@@ -66,6 +66,7 @@ fn flush_batch(tariff: &Tariff) -> FlushBatch {
         triggers: Vec::new(),
         consumed_at_ms: 0,
         crossed_at_ms: Vec::new(),
+        outbox_lease_until: None,
     }
 }
 

@@ -29,7 +29,9 @@
 #                 accounts, the others never (examples/trigger_bench.rs), the
 #                 callbacks sent to a local sink; after the drain it waits for
 #                 the outbox to empty and prints the crossing → callback
-#                 quantiles from tallyd's /metrics.
+#                 quantiles from tallyd's /metrics. With BENCH_COMPARE, the
+#                 other builds drain with the same triggers too
+#                 ("<file name>-<store>-triggers").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-2000000}
@@ -141,6 +143,12 @@ for round in $(seq 1 "$RUNS"); do
       rm -f "$WORK"/bench.db*
       seed_triggers "sqlite://$WORK/bench.db"
       run_tallyd sqlite-triggers "sqlite://$WORK/bench.db" bench-trig-sqlite-$round
+      for other in ${BENCH_COMPARE:-}; do
+        rm -f "$WORK"/bench.db*
+        seed_triggers "sqlite://$WORK/bench.db"
+        run_tallyd "$(compared_label "$other")-sqlite-triggers" "sqlite://$WORK/bench.db" \
+          bench-$(compared_label "$other")-trig-sqlite-$round "${other%%=*}" "$(compared_config "$other")"
+      done
     fi
   fi
   if [ "${BENCH_STORES:-postgres}" = postgres ]; then
@@ -159,6 +167,13 @@ for round in $(seq 1 "$RUNS"); do
       seed_triggers "$PG?options=-csearch_path%3D$SCHEMA"
       run_tallyd postgres-triggers "$PG?options=-csearch_path%3D$SCHEMA" bench-trig-pg-$round
       PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
+      for other in ${BENCH_COMPARE:-}; do
+        PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "CREATE SCHEMA $SCHEMA" >/dev/null
+        seed_triggers "$PG?options=-csearch_path%3D$SCHEMA"
+        run_tallyd "$(compared_label "$other")-postgres-triggers" "$PG?options=-csearch_path%3D$SCHEMA" \
+          bench-$(compared_label "$other")-trig-pg-$round "${other%%=*}" "$(compared_config "$other")"
+        PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
+      done
     fi
   fi
 done
@@ -166,9 +181,10 @@ done
 if [ "$RUNS" -gt 1 ]; then
   compared=""
   for other in ${BENCH_COMPARE:-}; do
-    compared="$compared $(compared_label "$other")-sqlite $(compared_label "$other")-postgres"
+    l=$(compared_label "$other")
+    compared="$compared $l-sqlite $l-postgres $l-sqlite-triggers $l-postgres-triggers"
   done
-  for label in sqlite postgres $compared sqlite-triggers postgres-triggers; do
+  for label in sqlite postgres sqlite-triggers postgres-triggers $compared; do
     grep -q "^tallyd\[$label\]" "$WORK/results.txt" || continue
     grep "^tallyd\[$label\]" "$WORK/results.txt" | grep -v "triggers fired" | sed 's/.*ratio to bare consumer \([0-9.]*\);.*/\1/' | sort -n \
       | awk -v l="$label" '{r[NR] = $1} END {m = NR % 2 ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2;

@@ -115,12 +115,21 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
         shutdown.clone(),
     ));
     // Callbacks (trigger firings, wallet events) go out from the store's
-    // outbox through the dispatcher; a flusher that committed outbox rows
-    // calls `dispatcher.wake()` so they leave at once, not at the next poll.
+    // outbox through the dispatcher, on threads of their own at a lower CPU
+    // priority than ingestion; a flusher that committed outbox rows hands
+    // them over (or wakes it) so they leave at once, not at the next poll.
+    // While the consumers are far behind it paces itself.
+    let webhook_rt = crate::webhooks::dispatch::runtime()?;
     let dispatcher = {
-        let _in_runtime = rt.enter();
-        crate::webhooks::Dispatcher::start(store.clone(), cfg.webhooks.clone(), shutdown.clone())
-            .context("starting the webhook dispatcher")?
+        let _in_runtime = webhook_rt.enter();
+        let health = ingest_health.clone();
+        crate::webhooks::Dispatcher::start_paced(
+            store.clone(),
+            cfg.webhooks.clone(),
+            shutdown.clone(),
+            Some(Arc::new(move || health.behind())),
+        )
+        .context("starting the webhook dispatcher")?
     };
     started.store(true, Ordering::Relaxed);
     let tariff = Arc::new(tariff);
@@ -156,10 +165,7 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
             health: flush_health.clone(),
             writers: cfg.flush.parallel_writers,
             triggers: api.triggers().clone(),
-            on_fired: Some({
-                let d = dispatcher.clone();
-                Arc::new(move || d.wake())
-            }),
+            dispatcher: Some(dispatcher.clone()),
         };
         job_queues.push(jobs_tx);
         flush_threads.push(
@@ -220,7 +226,7 @@ pub fn run(cfg: Config, tariff: Tariff, shutdown: Arc<AtomicBool>) -> anyhow::Re
     for t in flush_threads {
         let _ = t.join();
     }
-    rt.block_on(dispatcher.join());
+    webhook_rt.block_on(dispatcher.join());
     let _ = rt.block_on(server);
     if panicked {
         anyhow::bail!("an ingest thread panicked");

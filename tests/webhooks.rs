@@ -1005,3 +1005,137 @@ both_stores!(
     |s: &TestStore| s.url(),
     |url: &String| { a_trigger_made_through_the_api_calls_back(url) }
 );
+
+/// Rows a flush wrote claimed by this instance and handed over after its
+/// commit leave without a read or a claim, once; a handed row whose lease no
+/// longer covers an attempt is claimed again first, and not sent if another
+/// instance claimed it after its lease ended.
+fn handed_over_rows_are_sent_once(url: &str) {
+    let f = fixture(url, |_| {});
+    f.rt.block_on(async {
+        let (port, log) = receiver().await;
+        let hook = format!("http://127.0.0.1:{port}/ok");
+        let running = start(&f);
+        let lease = running.handle.lease_for_handoff().expect("not behind");
+        let row = trigger_row("UT6-handed", PARENT, &hook, "POST");
+        let written = row.clone();
+        let ids = f
+            .store
+            .run(move |c| c.insert_outbox_rows_leased(&[written], lease))
+            .await
+            .unwrap();
+        assert_eq!(ids, std::slice::from_ref(&row.id));
+        // Claimed: the dispatcher's reads never see it.
+        running.handle.wake();
+        let s = state_of(&f.store, &row.id).await;
+        assert_eq!((s.attempts, s.next_attempt_at), (1, lease));
+        running.handle.hand_over(vec![row.clone()], lease);
+        let s = until_status(&f.store, &row.id, "delivered", 10).await;
+        assert_eq!(s.attempts, 1, "no claim of its own");
+
+        // Handed over with a lease too short for an attempt (its flush took
+        // long to commit): claimed again from that lease, then sent.
+        let late = trigger_row("UT6-late", PARENT, &hook, "POST");
+        let short = now_ms() + 1_000;
+        let written = late.clone();
+        f.store
+            .run(move |c| c.insert_outbox_rows_leased(&[written], short))
+            .await
+            .unwrap();
+        running.handle.hand_over(vec![late.clone()], short);
+        let s = until_status(&f.store, &late.id, "delivered", 15).await;
+        assert_eq!(s.attempts, 2, "the lease's claim and the renewal");
+        // Handed over with a short lease that another claim replaced (as
+        // another instance's after the lease ended): that claim sends it,
+        // this instance does not.
+        let taken = trigger_row("UT6-taken", PARENT, &hook, "POST");
+        let short = now_ms() + 300;
+        let written = taken.clone();
+        f.store
+            .run(move |c| {
+                c.insert_outbox_rows_leased(&[written], short)?;
+                c.claim_outbox(&[("UT6-taken", short)], short + 60_000)
+            })
+            .await
+            .unwrap();
+        running.handle.hand_over(vec![taken.clone()], short);
+        // The next row handed over is sent after it was looked at.
+        let after = trigger_row("UT6-after", PARENT, &hook, "POST");
+        let lease = running.handle.lease_for_handoff().unwrap();
+        let written = after.clone();
+        f.store
+            .run(move |c| c.insert_outbox_rows_leased(&[written], lease))
+            .await
+            .unwrap();
+        running.handle.hand_over(vec![after.clone()], lease);
+        until_status(&f.store, &after.id, "delivered", 10).await;
+        assert_eq!(state_of(&f.store, &taken.id).await.status, "pending");
+        running.stop().await;
+        let got = log.got();
+        let tokens: Vec<&str> = got
+            .iter()
+            .map(|r| r.header("I-Twilio-Idempotency-Token"))
+            .collect();
+        assert_eq!(tokens, ["UT6-handed", "UT6-late", "UT6-after"]);
+    });
+}
+
+both_stores!(handed_over, |s: &TestStore| s.url(), |url: &String| {
+    handed_over_rows_are_sent_once(url)
+});
+
+/// While the consumers are far behind, flushes hand nothing over (their
+/// callbacks are written pending) and the dispatcher paces itself; once they
+/// have caught up, every callback waiting goes out, once.
+fn deferred_while_behind_then_all_delivered_once(url: &str) {
+    let f = fixture(url, |_| {});
+    f.rt.block_on(async {
+        let (port, log) = receiver().await;
+        let hook = format!("http://127.0.0.1:{port}/ok");
+        let behind = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = behind.clone();
+        let handle = Dispatcher::start_paced(
+            f.store.clone(),
+            f.cfg.webhooks.clone(),
+            stop.clone(),
+            Some(Arc::new(move || flag.load(Ordering::Relaxed))),
+        )
+        .unwrap();
+        assert_eq!(
+            handle.lease_for_handoff(),
+            None,
+            "behind: nothing handed over"
+        );
+        let rows: Vec<OutboxRow> = (0..40)
+            .map(|i| trigger_row(&format!("UT7-{i:02}"), PARENT, &hook, "POST"))
+            .collect();
+        for r in &rows {
+            insert(&f.store, r).await;
+        }
+        handle.wake();
+        until("a first paced batch", 10, || !log.got().is_empty()).await;
+        // Caught up.
+        behind.store(false, Ordering::Relaxed);
+        assert!(handle.lease_for_handoff().is_some());
+        for r in &rows {
+            until_status(&f.store, &r.id, "delivered", 20).await;
+        }
+        let running = Running { handle, stop };
+        running.stop().await;
+        let mut tokens: Vec<String> = log
+            .got()
+            .iter()
+            .map(|r| r.header("I-Twilio-Idempotency-Token").to_owned())
+            .collect();
+        tokens.sort();
+        let want: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
+        assert_eq!(tokens, want, "each once");
+    });
+}
+
+both_stores!(
+    deferred_while_behind,
+    |s: &TestStore| s.url(),
+    |url: &String| { deferred_while_behind_then_all_delivered_once(url) }
+);

@@ -600,8 +600,8 @@ fn apply(book: &TriggerBook, change: BookChange) {
             // the row read before it would undo it.
             if let Some(old) = book.of(&t.account_sid).into_iter().find(|o| o.sid == t.sid) {
                 if old.fired_period > t.fired_period {
-                    t.fired_period = old.fired_period;
-                    t.date_fired = old.date_fired;
+                    t.fired_period.clone_from(&old.fired_period);
+                    t.date_fired.clone_from(&old.date_fired);
                     t.fired_value = old.fired_value;
                 }
             }

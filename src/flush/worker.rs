@@ -35,9 +35,11 @@ pub struct Flusher {
     pub writers: usize,
     /// Usage triggers, evaluated in each partition's flush transaction.
     pub triggers: TriggerBook,
-    /// Called after a flush that fired triggers committed (wakes the webhook
-    /// dispatcher, so the callback leaves now rather than at its next poll).
-    pub on_fired: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// The webhook dispatcher: a flush writes the callbacks it fires claimed
+    /// for it and hands them over after its commit, so they leave now rather
+    /// than at its next read (or, while it paces itself, writes them pending
+    /// and wakes it).
+    pub dispatcher: Option<crate::webhooks::DispatcherHandle>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -208,6 +210,7 @@ impl Flusher {
                 dedup: cut.dedup.into_iter().collect(),
                 prune_dedup_before: prune_dedup_before.take(),
                 wallet: cut.wallet.into(),
+                outbox_lease_until: self.dispatcher.as_ref().and_then(|d| d.lease_for_handoff()),
             };
             let expanded = expanding.elapsed();
             let mut attempt = Duration::ZERO;
@@ -222,7 +225,7 @@ impl Flusher {
             }
             let result = result.map(|(outcome, report)| {
                 self.triggers.record_flush(&report.observed, &report.fired);
-                self.fired(&report.fired);
+                self.fired(report, batch.outbox_lease_until);
                 outcome
             });
             tracing::debug!(
@@ -256,7 +259,7 @@ impl Flusher {
     }
 
     /// The triggers of the accounts whose pages a cut writes.
-    fn triggers_of(&self, pages: &[store::page::PageDelta]) -> Vec<Trigger> {
+    fn triggers_of(&self, pages: &[store::page::PageDelta]) -> Vec<Arc<Trigger>> {
         if self.triggers.is_empty() {
             return Vec::new();
         }
@@ -274,18 +277,22 @@ impl Flusher {
     }
 
     /// Logs and counts firings that committed (the book has them already)
-    /// and wakes the dispatcher.
-    fn fired(&self, fired: &[store::firing::Firing]) {
-        if fired.is_empty() {
+    /// and hands their callbacks, written claimed until `lease_until`, to
+    /// the dispatcher (or wakes it to read them).
+    fn fired(&self, report: store::firing::TriggerReport, lease_until: Option<i64>) {
+        if report.fired.is_empty() {
             return;
         }
-        for f in fired {
+        for f in &report.fired {
             tracing::info!(account = %f.account_sid, trigger = %f.sid, period = %f.period,
                 value = %f.value, "usage trigger fired");
         }
-        metrics::counter!(m::TRIGGERS_FIRED_TOTAL).increment(fired.len() as u64);
-        if let Some(wake) = &self.on_fired {
-            wake();
+        metrics::counter!(m::TRIGGERS_FIRED_TOTAL).increment(report.fired.len() as u64);
+        if let Some(d) = &self.dispatcher {
+            match lease_until {
+                Some(until) => d.hand_over(report.leased, until),
+                None => d.wake(),
+            }
         }
     }
 
@@ -345,7 +352,7 @@ mod tests {
             health: Arc::default(),
             writers: 1,
             triggers: Default::default(),
-            on_fired: None,
+            dispatcher: None,
         };
         let snapshot = Snapshot {
             parts: [(0, 1, 5), (1, 2, 7)]

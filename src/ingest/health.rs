@@ -9,6 +9,8 @@ pub struct IngestHealth {
     assigned_partitions: AtomicUsize,
     paused_consumers: AtomicUsize,
     pending_cells: AtomicUsize,
+    /// Messages between where the consumers are and the partitions' ends.
+    lag: AtomicUsize,
     /// Held while a sum is moved and its gauge set: two consumers assigned
     /// at once otherwise could set the gauge in the other order than they
     /// moved the sum (the gauge then showed one consumer's share).
@@ -23,6 +25,17 @@ impl IngestHealth {
     /// Whether any consumer is paused (backpressure).
     pub fn paused(&self) -> bool {
         self.paused_consumers.load(Ordering::Relaxed) > 0
+    }
+
+    /// Whether the consumers are far behind the partitions' ends (more than
+    /// [`super::EARLY_FLUSH_MAX_LAG`] messages: draining a backlog).
+    pub fn behind(&self) -> bool {
+        self.lag.load(Ordering::Relaxed) > super::EARLY_FLUSH_MAX_LAG as usize
+    }
+
+    /// Sets one consumer's lag (`mine` holds its share).
+    pub(super) fn set_lag(&self, mine: &IngestHealth, lag: usize) {
+        move_sum(&self.lag, &mine.lag, lag);
     }
 
     /// Sets one consumer's assigned partitions (`mine` holds its share) and

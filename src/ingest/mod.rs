@@ -140,6 +140,12 @@ struct State {
     watch_version: u64,
     /// When the book was last looked at for new watches.
     watch_checked: Instant,
+    /// More than [`EARLY_FLUSH_MAX_LAG`] messages behind at the last look:
+    /// CDRs are counted unwatched ([`Gains::unwatched`]).
+    behind: bool,
+    /// Since when the consumer has been at most [`EARLY_FLUSH_MAX_LAG`]
+    /// messages behind (`None`: more now).
+    keeping_up_since: Option<Instant>,
     /// CDR event time → counted, buffered for `tallyd_cdr_event_to_counted_seconds`.
     event_ages: LocalSummary<'static>,
 }
@@ -168,6 +174,11 @@ const WATCH_REFRESH: Duration = Duration::from_millis(100);
 /// trigger crossing still asks for an early flush (about a tenth of a second
 /// of consumption at full speed).
 const EARLY_FLUSH_MAX_LAG: i64 = 50_000;
+
+/// How long a consumer must have kept up (at most [`EARLY_FLUSH_MAX_LAG`]
+/// behind) before a likely trigger crossing flushes early: longer than a
+/// drain takes from that lag to its end and its idle flush.
+const KEEP_UP_BEFORE_EARLY_FLUSH: Duration = Duration::from_millis(500);
 
 /// Messages between looks at the clock, the flusher and the pending bound.
 const CHECK_EVERY: usize = 256;
@@ -320,6 +331,8 @@ impl Ingest {
                 watch_checked: Instant::now()
                     .checked_sub(WATCH_REFRESH)
                     .unwrap_or_else(Instant::now),
+                behind: false,
+                keeping_up_since: None,
                 event_ages: crate::metrics::CDR_EVENT_TO_COUNTED.local(),
             }),
             jobs,
@@ -455,7 +468,13 @@ impl Ingest {
                 self.serve_helpers(ctx);
             }
             let lag = publish_lag(&st, &self.consumer);
+            ctx.health.set_lag(&ctx.my_health, lag.max(0) as usize);
+            st.behind = lag > EARLY_FLUSH_MAX_LAG;
             let now = Instant::now();
+            st.keeping_up_since = match st.keeping_up_since {
+                _ if st.behind => None,
+                since => Some(since.unwrap_or(now)),
+            };
             let pending: usize = st
                 .partitions
                 .values()
@@ -464,10 +483,19 @@ impl Ingest {
             ctx.health.set_pending(&ctx.my_health, pending);
             let over = pending >= settings.max_pending_cells;
             // A likely trigger crossing flushes early only when the consumer
-            // keeps up: draining a backlog, callbacks wait for the backlog
-            // anyway, and flushing more often would slow the drain.
-            let crossed =
-                lag <= EARLY_FLUSH_MAX_LAG && st.partitions.values().any(|ps| ps.gains.crossed);
+            // keeps up, for KEEP_UP_BEFORE_EARLY_FLUSH: draining a backlog,
+            // callbacks wait for the backlog anyway, and flushing more often
+            // would slow the drain (nor are CDRs watched then: a cut with CDRs
+            // counted unwatched flushes early once caught up). At a drain's
+            // end the idle flush comes first: an early flush just before it
+            // had the drain write every page twice.
+            let crossed = st
+                .keeping_up_since
+                .is_some_and(|t| now.saturating_duration_since(t) >= KEEP_UP_BEFORE_EARLY_FLUSH)
+                && st
+                    .partitions
+                    .values()
+                    .any(|ps| ps.gains.crossed || ps.gains.unwatched);
             st.event_ages.publish();
             if st.in_flight.is_none()
                 && (over
@@ -686,6 +714,7 @@ impl Ingest {
             watch_version,
             watch_checked,
             event_ages,
+            behind,
             ..
         } = st;
         // The book changes with every flush; its watches are taken again at
@@ -724,6 +753,7 @@ impl Ingest {
                 ledger: &mut ps.ledger,
                 gains: &mut ps.gains,
                 watches,
+                watching: !*behind,
                 ages: event_ages,
                 now: std::time::SystemTime::now(),
             },
@@ -752,11 +782,13 @@ impl Ingest {
 }
 
 /// What each counted CDR also goes to besides the counters: the partition's
-/// wallet ledger, the trigger watch ([`Gains`]) and the event-age summary.
+/// wallet ledger, the trigger watch ([`Gains`]; not while far behind) and
+/// the event-age summary.
 struct Tap<'a> {
     ledger: &'a mut crate::wallet::Ledger,
     gains: &'a mut Gains,
     watches: &'a Watches,
+    watching: bool,
     ages: &'a mut LocalSummary<'static>,
     now: std::time::SystemTime,
 }
@@ -771,7 +803,11 @@ impl Debit for Tap<'_> {
         self.ledger.debit(cdr, charge);
         self.ages
             .record(crate::metrics::unix_age(cdr.timestamp, self.now));
-        if !self.watches.is_empty() {
+        if !self.watching {
+            if !self.gains.unwatched {
+                self.gains.unwatched = self.watches.watches(cdr.account);
+            }
+        } else if !self.watches.is_empty() {
             self.gains.add(self.watches, cdr, charge);
         }
     }

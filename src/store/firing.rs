@@ -30,9 +30,12 @@ pub struct Firing {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TriggerReport {
     pub fired: Vec<Firing>,
-    /// By trigger SID: the latest period of its recurrence the flush wrote,
-    /// and its category's tally there as stored.
-    pub observed: Vec<(String, Period, Tally)>,
+    /// Per trigger of the flush's accounts: the latest period of its
+    /// recurrence the flush wrote, and its category's tally there as stored.
+    pub observed: Vec<(std::sync::Arc<Trigger>, Period, Tally)>,
+    /// The callbacks written claimed by this instance (the batch had an
+    /// `outbox_lease_until`), for its dispatcher to send.
+    pub leased: Vec<OutboxRow>,
 }
 
 /// Crossings marked fired by one statement at most.
@@ -102,13 +105,15 @@ impl Conn {
     /// Evaluates `triggers` on the pages `touched` and fires each crossing the
     /// store has not fired yet: trigger row and outbox row, in the caller's
     /// transaction. The outbox row's time is the crossing's in
-    /// `crossed_at_ms` if there, else `consumed_at_ms`.
+    /// `crossed_at_ms` if there, else `consumed_at_ms`; with `lease_until`
+    /// the rows are written claimed until then and returned in the report.
     pub(super) fn fire_triggers(
         &mut self,
-        triggers: &[Trigger],
+        triggers: &[std::sync::Arc<Trigger>],
         touched: &[Touched],
         consumed_at_ms: i64,
         crossed_at_ms: &[(String, String, i64)],
+        lease_until: Option<i64>,
     ) -> Result<TriggerReport> {
         let mut report = TriggerReport::default();
         if triggers.is_empty() {
@@ -117,12 +122,12 @@ impl Conn {
         let now = chrono::Utc::now();
         let date_fired = now.format("%Y-%m-%dT%H:%M:%SZ").to_string();
         let date_fired_2822 = now.format("%a, %d %b %Y %H:%M:%S +0000").to_string();
-        let mut by_account: HashMap<&str, Vec<&Trigger>> = HashMap::new();
+        let mut by_account: HashMap<&str, Vec<std::sync::Arc<Trigger>>> = HashMap::new();
         for t in triggers {
             by_account
                 .entry(t.account_sid.as_str())
                 .or_default()
-                .push(t);
+                .push(t.clone());
         }
         let mut found: Vec<Crossing> = Vec::new();
         for page in touched {
@@ -141,7 +146,7 @@ impl Conn {
                 {
                     report
                         .observed
-                        .push((t.sid.clone(), *p, leaves.get(category)));
+                        .push(((*t).clone(), *p, leaves.get(category)));
                 }
             }
             found.extend(crossings(mine, &page.rows));
@@ -226,7 +231,20 @@ impl Conn {
                         value: c.value,
                     });
                 }
-                self.insert_outbox_rows(&rows)?;
+                match lease_until {
+                    None => {
+                        self.insert_outbox_rows(&rows)?;
+                    }
+                    Some(until) => {
+                        let added: std::collections::HashSet<String> = self
+                            .insert_outbox_rows_leased(&rows, until)?
+                            .into_iter()
+                            .collect();
+                        report
+                            .leased
+                            .extend(rows.into_iter().filter(|r| added.contains(&r.id)));
+                    }
+                }
             }
         }
         Ok(report)
@@ -264,6 +282,13 @@ mod tests {
         from: Option<i64>,
         to: i64,
     ) -> Vec<Firing> {
+        let b = batch(t, days, calls, from, to);
+        store.write_flush_firing(&b).unwrap().1.fired
+    }
+
+    /// A flush of partition 0 from `from` to `to` adding `calls` minute-long
+    /// calls of account 7 on each of `days`, evaluating `t`.
+    fn batch(t: &Trigger, days: &[Day], calls: u64, from: Option<i64>, to: i64) -> FlushBatch {
         let rows: Vec<RowDelta> = days
             .iter()
             .flat_map(|d| Period::containing(*d))
@@ -287,7 +312,7 @@ mod tests {
                 price_unit: "usd".into(),
             })
             .collect();
-        let b = FlushBatch {
+        FlushBatch {
             as_of: "2026-03-02T00:00:00+00:00".into(),
             pages: pages_of(&rows, &[]),
             offsets: vec![OffsetAdvance {
@@ -296,11 +321,10 @@ mod tests {
                 from,
                 to,
             }],
-            triggers: vec![t.clone()],
+            triggers: vec![std::sync::Arc::new(t.clone())],
             consumed_at_ms: 1_000,
             ..FlushBatch::default()
-        };
-        store.write_flush_firing(&b).unwrap().1.fired
+        }
     }
 
     fn insert(store: &Store, t: &Trigger) {
@@ -426,6 +450,47 @@ mod tests {
         assert_eq!((f[0].period.as_str(), f[0].value), ("all", dec!(0.06)));
         assert!(flush(&store, &t, Day::from_ymd(2027, 3, 1), 9, Some(2), 3).is_empty());
         assert_eq!(outbox(&store).len(), 1);
+    }
+
+    #[test]
+    fn a_leased_firing_is_written_claimed_and_handed_back_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("sqlite://{}/t.db", dir.path().display())).unwrap();
+        let t = Trigger {
+            sid: "UT0123456789abcdef0123456789abcdef".into(),
+            account_sid: AccountSid(7).to_string(),
+            ..Trigger::example("calls", TriggerBy::Count, dec!(2), Recurring::Daily)
+        };
+        insert(&store, &t);
+        let b = FlushBatch {
+            outbox_lease_until: Some(9_000),
+            ..batch(&t, &[Day::from_ymd(2026, 3, 1)], 3, None, 3)
+        };
+        let (_, report) = store.write_flush_firing(&b).unwrap();
+        assert_eq!(report.fired.len(), 1);
+        let ids: Vec<&str> = report.leased.iter().map(|r| r.id.as_str()).collect();
+        let (id, ..) = &outbox(&store)[0];
+        assert_eq!(ids, [id.as_str()]);
+        // Claimed for its first attempt until the lease, as a claim leaves it.
+        let s = store.with_conn(|c| c.outbox_state(id)).unwrap().unwrap();
+        assert_eq!(
+            (s.status.as_str(), s.attempts, s.next_attempt_at),
+            ("pending", 1, 9_000)
+        );
+        // The flush retried (an unknown commit outcome) hands nothing back.
+        let (_, again) = store.write_flush_firing(&b).unwrap();
+        assert!(again.leased.is_empty() && again.fired.is_empty());
+        // Without a lease the row is pending and due at its crossing's time.
+        let d2 = Day::from_ymd(2026, 3, 2);
+        let mut t2 = t.clone();
+        t2.fired_period = Some("2026-03-01".into());
+        let (_, report) = store
+            .write_flush_firing(&batch(&t2, &[d2], 3, Some(3), 6))
+            .unwrap();
+        assert_eq!((report.fired.len(), report.leased.len()), (1, 0));
+        let (id, ..) = &outbox(&store)[1];
+        let s = store.with_conn(|c| c.outbox_state(id)).unwrap().unwrap();
+        assert_eq!((s.attempts, s.next_attempt_at), (0, 1_000));
     }
 
     #[test]

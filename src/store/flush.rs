@@ -62,13 +62,18 @@ pub struct FlushBatch {
     pub wallet: WalletRows,
     /// The usage triggers of the batch's accounts that have any, evaluated
     /// against the pages as this flush leaves them ([`super::firing`]).
-    pub triggers: Vec<Trigger>,
+    pub triggers: Vec<std::sync::Arc<Trigger>>,
     /// Unix ms the batch's first CDR was consumed: the time a firing's
     /// callback is counted from, unless `crossed_at_ms` has its crossing.
     pub consumed_at_ms: i64,
     /// Likely crossings the consumer saw: (trigger SID, period key, Unix ms
     /// the CDR that reached the value was counted).
     pub crossed_at_ms: Vec<(String, String, i64)>,
+    /// `Some`: the callbacks of the triggers this flush fires are written
+    /// claimed by this instance until then ([`Conn::insert_outbox_rows_leased`])
+    /// and come back in the report, for its dispatcher to send at once;
+    /// `None`: written pending, for the dispatcher's next read.
+    pub outbox_lease_until: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,7 +175,13 @@ impl Conn {
                 b.triggers.iter().map(|t| t.account_sid.as_str()).collect();
             let after = c.write_pages(&b.pages, &watched)?;
             let pages_done = started.elapsed();
-            let fired = c.fire_triggers(&b.triggers, &after, b.consumed_at_ms, &b.crossed_at_ms)?;
+            let fired = c.fire_triggers(
+                &b.triggers,
+                &after,
+                b.consumed_at_ms,
+                &b.crossed_at_ms,
+                b.outbox_lease_until,
+            )?;
             for d in &b.dedup {
                 c.execute(
                     "INSERT INTO dedup_batches (topic, partition, seen_day, first_offset, ids) \

@@ -557,6 +557,7 @@ mod tests {
             triggers: Vec::new(),
             consumed_at_ms: 0,
             crossed_at_ms: Vec::new(),
+            outbox_lease_until: None,
         }
     }
 

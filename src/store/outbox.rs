@@ -39,7 +39,27 @@ impl Conn {
     /// chunk of 1000 (a flush that fires thousands of triggers); returns how
     /// many were added.
     pub fn insert_outbox_rows(&mut self, rows: &[OutboxRow]) -> Result<u64> {
-        let mut added = 0;
+        Ok(self.insert_rows(rows, None)?.len() as u64)
+    }
+
+    /// Adds rows as [`Conn::insert_outbox_rows`] does, but already claimed
+    /// for their first attempt until `lease_until` — the claim
+    /// [`Conn::claim_outbox`] makes, made by the transaction that writes
+    /// them: the caller hands them to its dispatcher after the commit, which
+    /// sends them without reading or claiming them first. Returns the ids
+    /// added (a row already there is not the caller's to send).
+    pub fn insert_outbox_rows_leased(
+        &mut self,
+        rows: &[OutboxRow],
+        lease_until: i64,
+    ) -> Result<Vec<String>> {
+        self.insert_rows(rows, Some(lease_until))
+    }
+
+    /// The ids of `rows` added: pending, due at their `created_at`, or
+    /// claimed until `lease`.
+    fn insert_rows(&mut self, rows: &[OutboxRow], lease: Option<i64>) -> Result<Vec<String>> {
+        let mut added = Vec::new();
         for chunk in rows.chunks(1000) {
             let days: Vec<i64> = chunk
                 .iter()
@@ -49,8 +69,13 @@ impl Conn {
             let mut params = Vec::with_capacity(chunk.len() * 9);
             for (i, (row, day)) in chunk.iter().zip(&days).enumerate() {
                 let b = 1 + i * 9;
+                // Attempts and the next attempt's time: a lease is a claim.
+                let (attempts, next) = match lease {
+                    Some(until) => (1, until.to_string()),
+                    None => (0, format!("${}", b + 7)),
+                };
                 values.push(format!(
-                    "(${b}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, 'pending', 0, ${})",
+                    "(${b}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, 'pending', {attempts}, {next})",
                     b + 1,
                     b + 2,
                     b + 3,
@@ -59,7 +84,6 @@ impl Conn {
                     b + 6,
                     b + 7,
                     b + 8,
-                    b + 7
                 ));
                 params.extend([
                     Param::Text(&row.id),
@@ -76,15 +100,16 @@ impl Conn {
             if values.is_empty() {
                 continue;
             }
-            added += self.execute(
+            let ids = self.query(
                 &format!(
                     "INSERT INTO webhook_outbox (id, account_sid, kind, source_sid, url, method, \
                      body, created_at, day, status, attempts, next_attempt_at) VALUES {} \
-                     ON CONFLICT (id) DO NOTHING",
+                     ON CONFLICT (id) DO NOTHING RETURNING id",
                     values.join(", ")
                 ),
                 &params,
             )?;
+            added.extend(ids.iter().map(|r| r[0].text().to_owned()));
         }
         Ok(added)
     }
@@ -321,19 +346,32 @@ impl Conn {
             .collect())
     }
 
-    /// The key a callback of `kind` to `account_sid` is signed with now: the
+    /// The keys callbacks of `kind` to `accounts` are signed with now: each
     /// account's auth token (usage triggers) or its webhook secret (wallet
-    /// events); `None` if the account or its webhook is gone.
-    pub fn signing_key(&mut self, kind: &str, account_sid: &str) -> Result<Option<String>> {
-        let sql = if kind == KIND_USAGE_TRIGGER {
-            "SELECT auth_token FROM api_accounts WHERE account_sid = $1"
+    /// events), read in one query per 500 accounts; an account (or webhook)
+    /// that is gone is absent.
+    pub fn signing_keys(
+        &mut self,
+        kind: &str,
+        accounts: &[&str],
+    ) -> Result<std::collections::HashMap<String, String>> {
+        let (column, table) = if kind == KIND_USAGE_TRIGGER {
+            ("auth_token", "api_accounts")
         } else {
-            "SELECT secret FROM account_webhooks WHERE account_sid = $1"
+            ("secret", "account_webhooks")
         };
-        Ok(self
-            .query(sql, &[Param::Text(account_sid)])?
-            .first()
-            .map(|r| r[0].text().to_owned()))
+        let mut keys = std::collections::HashMap::with_capacity(accounts.len());
+        for chunk in accounts.chunks(500) {
+            let params: Vec<Param> = chunk.iter().map(|a| Param::Text(a)).collect();
+            let sql = format!(
+                "SELECT account_sid, {column} FROM {table} WHERE account_sid IN ({})",
+                super::conn::placeholders(1, chunk.len())
+            );
+            for r in self.query(&sql, &params)? {
+                keys.insert(r[0].text().to_owned(), r[1].text().to_owned());
+            }
+        }
+        Ok(keys)
     }
 
     /// Sets (or replaces) an account's wallet-event webhook.

@@ -267,9 +267,13 @@ pub struct Crossing {
 /// created, and periods it already fired for, are skipped; a trigger that
 /// crosses in several touched periods (CDRs of two days in one flush) crosses
 /// in each, oldest first.
-pub fn crossings(triggers: &[&Trigger], touched: &[(Period, Leaves)]) -> Vec<Crossing> {
+pub fn crossings<T: std::borrow::Borrow<Trigger>>(
+    triggers: &[T],
+    touched: &[(Period, Leaves)],
+) -> Vec<Crossing> {
     let mut out = Vec::new();
     for t in triggers {
+        let t: &Trigger = t.borrow();
         let Some(category) = t.category() else {
             continue;
         };
@@ -321,7 +325,9 @@ pub struct TriggerBook {
 
 #[derive(Debug, Default)]
 struct Inner {
-    by_account: HashMap<String, Vec<Trigger>>,
+    /// Shared with the flushes that evaluate them (a flush takes its
+    /// accounts' triggers without copying them).
+    by_account: HashMap<String, Vec<Arc<Trigger>>>,
     /// By trigger SID: the latest period a flush wrote, and its category's
     /// tally there.
     known: HashMap<String, (Period, Tally)>,
@@ -348,9 +354,12 @@ impl TriggerBook {
     }
 
     fn replace(inner: &mut Inner, all: Vec<Trigger>, version: &AtomicU64) {
-        let mut by_account: HashMap<String, Vec<Trigger>> = HashMap::new();
+        let mut by_account: HashMap<String, Vec<Arc<Trigger>>> = HashMap::new();
         for t in all {
-            by_account.entry(t.account_sid.clone()).or_default().push(t);
+            by_account
+                .entry(t.account_sid.clone())
+                .or_default()
+                .push(Arc::new(t));
         }
         if inner.by_account != by_account {
             inner.by_account = by_account;
@@ -382,8 +391,8 @@ impl TriggerBook {
         self.edits.fetch_add(1, Ordering::AcqRel);
         let list = inner.by_account.entry(t.account_sid.clone()).or_default();
         match list.iter_mut().find(|x| x.sid == t.sid) {
-            Some(slot) => *slot = t,
-            None => list.push(t),
+            Some(slot) => *slot = Arc::new(t),
+            None => list.push(Arc::new(t)),
         }
         inner.changed(&self.version);
     }
@@ -415,38 +424,59 @@ impl TriggerBook {
     }
 
     /// Records what a committed flush did: the values it left in the store
-    /// (by trigger SID, the latest period it wrote and the category's tally
+    /// (per trigger, the latest period it wrote and the category's tally
     /// there) and the triggers it fired — one change of the book, so the
-    /// consumers rebuild their watches once per flush, not per firing.
+    /// consumers take new watches once per flush, not per firing. The
+    /// watches are updated in place for the flush's triggers (a flush comes
+    /// every fraction of a second; rebuilding every trigger's watch each time
+    /// took a core's worth of the CPU at 10k accounts with 3 triggers each).
     pub fn record_flush(
         &self,
-        observed: &[(String, Period, Tally)],
+        observed: &[(Arc<Trigger>, Period, Tally)],
         fired: &[crate::store::firing::Firing],
     ) {
         if observed.is_empty() && fired.is_empty() {
             return;
         }
         let mut inner = self.inner.write();
-        for (sid, period, tally) in observed {
-            match inner.known.get(sid) {
-                Some((p, _)) if p > period => {}
-                _ => {
-                    inner.known.insert(sid.clone(), (*period, *tally));
+        let Inner {
+            by_account,
+            known,
+            watches,
+        } = &mut *inner;
+        let mut watches = watches.as_mut().map(Arc::make_mut);
+        for (t, period, tally) in observed {
+            let newer = match known.get_mut(&t.sid) {
+                Some((p, _)) if *p > *period => false,
+                Some(slot) => {
+                    *slot = (*period, *tally);
+                    true
                 }
+                None => {
+                    known.insert(t.sid.clone(), (*period, *tally));
+                    true
+                }
+            };
+            if let (true, Some(w)) = (newer, watches.as_deref_mut()) {
+                w.observe(t, *period, *tally);
             }
         }
         for f in fired {
-            if let Some(t) = inner
-                .by_account
+            if let Some(t) = by_account
                 .get_mut(&f.account_sid)
                 .and_then(|l| l.iter_mut().find(|t| t.sid == f.sid))
             {
+                // A flush holding the old one keeps it.
+                let t = Arc::make_mut(t);
                 t.fired_period = Some(f.period.clone());
                 t.date_fired = Some(f.date_fired.clone());
                 t.fired_value = Some(f.value);
+                if let Some(w) = watches.as_deref_mut() {
+                    w.fired(t);
+                }
             }
         }
-        inner.changed(&self.version);
+        self.version.fetch_add(1, Ordering::Release);
     }
 
     /// The current [`Watches`] if the book changed since `seen` (updated).
@@ -462,7 +492,7 @@ impl TriggerBook {
         }
         let mut inner = parking_lot::RwLockUpgradableReadGuard::upgrade(inner);
         let built = Arc::new(Watches::build(
-            inner.by_account.values().flatten(),
+            inner.by_account.values().flatten().map(|t| &**t),
             &inner.known,
         ));
         inner.watches = Some(built.clone());
@@ -497,8 +527,8 @@ impl TriggerBook {
         }
     }
 
-    /// The triggers of `account_sid` (empty if none).
-    pub fn of(&self, account_sid: &str) -> Vec<Trigger> {
+    /// The triggers of `account_sid` (empty if none), shared, not copied.
+    pub fn of(&self, account_sid: &str) -> Vec<Arc<Trigger>> {
         self.inner
             .read()
             .by_account
@@ -623,7 +653,7 @@ mod tests {
         book.upsert(t.clone());
         // …so the reload's (older) view is not applied.
         assert!(!book.reload(Vec::new(), edits));
-        assert_eq!(book.of(&t.account_sid), std::slice::from_ref(&t));
+        assert_eq!(book.of(&t.account_sid), [Arc::new(t.clone())]);
         // A reload read after it is.
         let edits = book.edits();
         assert!(book.reload(Vec::new(), edits));
@@ -631,6 +661,53 @@ mod tests {
         book.upsert(t.clone());
         book.remove_account(&t.account_sid);
         assert!(book.is_empty());
+    }
+
+    /// The watches a flush updates in place are those a rebuild from the
+    /// book would make.
+    #[test]
+    fn watches_updated_by_a_flush_equal_a_rebuild() {
+        let book = TriggerBook::new();
+        let sms = Arc::new(trigger("sms", TriggerBy::Count, dec!(5), Recurring::Daily));
+        let calls = Arc::new(Trigger {
+            sid: "UT00000000000000000000000000000002".into(),
+            ..trigger("calls", TriggerBy::Usage, dec!(2), Recurring::Daily)
+        });
+        book.replace_all(vec![(*sms).clone(), (*calls).clone()]);
+        let mut seen = u64::MAX;
+        let before = book.watches_since(&mut seen).unwrap();
+        let tally = Tally {
+            count: 3,
+            usage: 180,
+            price: 0,
+        };
+        let firing = crate::store::firing::Firing {
+            account_sid: calls.account_sid.clone(),
+            sid: calls.sid.clone(),
+            period: "2026-03-02".into(),
+            date_fired: "2026-03-02T10:00:00Z".into(),
+            value: dec!(3),
+        };
+        book.record_flush(
+            &[
+                (sms.clone(), Period::Day(day(2)), tally),
+                (calls.clone(), Period::Day(day(2)), tally),
+            ],
+            std::slice::from_ref(&firing),
+        );
+        let after = book.watches_since(&mut seen).expect("changed");
+        assert_ne!(after, before);
+        let inner = book.inner.read();
+        let rebuilt = Watches::build(
+            inner.by_account.values().flatten().map(|t| &**t),
+            &inner.known,
+        );
+        assert_eq!(*after, rebuilt);
+        // An older period's value does not replace a newer one's.
+        drop(inner);
+        book.record_flush(&[(sms.clone(), Period::Day(day(1)), Tally::default())], &[]);
+        let again = book.watches_since(&mut seen).expect("changed");
+        assert_eq!(*again, rebuilt);
     }
 
     #[test]

@@ -145,10 +145,12 @@ fn parse_key(recurring: Recurring, key: &str) -> Option<Period> {
 }
 
 /// Every watched account's triggers: an immutable snapshot the consumer
-/// holds between the book's changes.
-#[derive(Debug, Default)]
+/// holds between the book's changes. The book updates its own copy after
+/// each flush ([`Self::observe`], [`Self::fired`]): cloning it copies one
+/// pointer per account, and an account's list is copied only when changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Watches {
-    by_account: FxHashMap<AccountSid, Vec<Watch>>,
+    by_account: FxHashMap<AccountSid, std::sync::Arc<Vec<Watch>>>,
 }
 
 impl Watches {
@@ -165,11 +167,48 @@ impl Watches {
                 by_account.entry(account).or_default().push(w);
             }
         }
-        Watches { by_account }
+        Watches {
+            by_account: by_account
+                .into_iter()
+                .map(|(a, l)| (a, std::sync::Arc::new(l)))
+                .collect(),
+        }
+    }
+
+    /// A flush stored `tally` in `period` for `t`'s category, the latest
+    /// period it wrote for it.
+    pub(super) fn observe(&mut self, t: &Trigger, period: Period, tally: Tally) {
+        if let Some(w) = self.watch_mut(t) {
+            w.known = Some((period, w.measure.of_tally(tally)));
+        }
+    }
+
+    /// `t` fired (its `fired_period` is the one it fired for). A once-only
+    /// trigger's watch stays, never to ask again: the positions of an
+    /// account's watches are what [`Gains`] counts by.
+    pub(super) fn fired(&mut self, t: &Trigger) {
+        let fired = t
+            .fired_period
+            .as_deref()
+            .and_then(|key| parse_key(t.recurring, key));
+        if let Some(w) = self.watch_mut(t) {
+            w.fired = fired;
+        }
+    }
+
+    fn watch_mut(&mut self, t: &Trigger) -> Option<&mut Watch> {
+        let account = AccountSid::parse(&t.account_sid)?;
+        let list = std::sync::Arc::make_mut(self.by_account.get_mut(&account)?);
+        list.iter_mut().find(|w| *w.sid == *t.sid)
     }
 
     pub fn is_empty(&self) -> bool {
         self.by_account.is_empty()
+    }
+
+    /// Whether `account` has triggers watched.
+    pub fn watches(&self, account: AccountSid) -> bool {
+        self.by_account.contains_key(&account)
     }
 }
 
@@ -183,6 +222,11 @@ pub struct Gains {
     /// Each likely crossing since the cut: trigger SID, period, when the CDR
     /// that reached the value was counted (a firing's time is counted from it).
     pub likely: Vec<(std::sync::Arc<str>, Period, std::time::Instant)>,
+    /// CDRs of watched accounts were counted unwatched since the cut (the
+    /// consumer was far behind and flushes early for nothing then): a
+    /// crossing may have gone unseen, so the next early flush is asked for
+    /// as if one were likely.
+    pub unwatched: bool,
 }
 
 impl Gains {
@@ -223,6 +267,7 @@ impl Gains {
     pub fn cut(&mut self) -> Vec<(std::sync::Arc<str>, Period, std::time::Instant)> {
         self.gained.clear();
         self.crossed = false;
+        self.unwatched = false;
         std::mem::take(&mut self.likely)
     }
 }
@@ -313,8 +358,14 @@ mod tests {
         assert!(!g.crossed, "fired for the day already");
 
         let mut once = trigger(TriggerBy::Count, dec!(1), Recurring::Once);
+        let mut w = Watches::build([&once].into_iter(), &HashMap::new());
         once.fired_period = Some("all".into());
         assert!(Watches::build([&once].into_iter(), &HashMap::new()).is_empty());
+        // Fired since the watches were built: they never ask for it again.
+        w.fired(&once);
+        let mut g = Gains::default();
+        g.add(&w, &decode(&c).unwrap(), charge(30));
+        assert!(!g.crossed, "a once-only trigger that fired");
         // Other accounts and categories are not watched.
         let mut sms = t.clone();
         sms.usage_category = "sms".into();

@@ -23,6 +23,27 @@
 //! use the same addresses: a name that re-resolves to an internal address
 //! between the two cannot slip through). No proxy, no redirects.
 //!
+//! A flush that fires usage triggers while the consumers keep up writes their
+//! rows already claimed by this instance ([`DispatcherHandle::lease_for_handoff`],
+//! the same lease a claim takes, a few seconds longer) and hands them over
+//! after its commit ([`DispatcherHandle::hand_over`]): they are sent at once,
+//! with no read and no claim (on SQLite a claim is a write, and it waited for
+//! the flush being written). A handed row whose lease no longer covers an
+//! attempt when its turn comes (a flush that took long to commit) is claimed
+//! again from that lease first.
+//!
+//! While the consumers are far behind ([`Behind`]: draining a backlog) the
+//! dispatcher paces itself: flushes hand nothing over, wake-ups are ignored,
+//! and it reads one batch a second. Callbacks of a backlog are late anyway,
+//! and sending them at full speed took the CPU the drain needed; once the
+//! consumers catch up, what waits goes out at full speed. The dispatcher runs
+//! on a runtime of its own at a lower CPU priority than the consumers
+//! ([`runtime`]).
+//!
+//! A send's slot (its place among `max_in_flight` and its account's) is given
+//! back when the receiver has answered; writing the result to the store
+//! follows, batched with others ([`report`]), without holding the slot.
+//!
 //! While the store is down the dispatcher logs (throttled) and tries again at
 //! the next poll; rows it could not report stay claimed until their lease
 //! ends and are then retried.
@@ -42,7 +63,7 @@ use super::url::{check_callback_url, refused_ip, UrlPolicy};
 use super::WebhooksConfig;
 use crate::log_throttle::LogThrottle;
 use crate::metrics as m;
-use crate::store::outbox::{DueRow, KIND_USAGE_TRIGGER};
+use crate::store::outbox::{DueRow, OutboxRow, KIND_USAGE_TRIGGER};
 use crate::store::Store;
 
 /// How often due rows are looked for without a wake-up.
@@ -60,6 +81,47 @@ const LEASE_MARGIN_MS: i64 = 2_000;
 /// Tries at reporting an attempt's result to the store before leaving the
 /// row to its lease.
 const REPORT_TRIES: u32 = 5;
+/// How much longer than a claim's lease a row handed over by a flush is
+/// leased: the flush's commit and the wait for a free slot.
+const HANDOFF_MS: i64 = 5_000;
+/// Rows waiting for a slot beyond which flushes hand no more over (they
+/// write them pending, for the poll).
+const MAX_HANDED: usize = 4_096;
+/// The CPU priority (nice) of the dispatcher's threads.
+const NICE: i32 = 10;
+
+/// Whether the consumers are far behind (see the module documentation).
+pub type Behind = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// The runtime the daemon runs the dispatcher on: one worker thread, and the
+/// blocking threads its store calls run on, all at a lower CPU priority
+/// (nice [`NICE`]) than the consumers. When the two compete for the CPU
+/// (draining a backlog), ingestion goes first; at a steady rate the CPU has
+/// room for both and callbacks are not held back.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("tallyd-webhooks")
+        .on_thread_start(lower_priority)
+        .enable_all()
+        .build()
+}
+
+/// Lowers the calling thread's CPU priority to [`NICE`] (Linux; elsewhere
+/// the whole process's would change, so nothing is done).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: plain system calls on the calling thread's id.
+        let r = unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, NICE)
+        };
+        if r != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the webhook thread's priority");
+        }
+    }
+}
 
 /// Why the dispatcher could not start.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +143,17 @@ pub struct Dispatcher {
     log: LogThrottle,
     /// Attempts' results, written to the store in batches ([`report`]).
     reports: tokio::sync::mpsc::UnboundedSender<(Report, tokio::sync::oneshot::Sender<bool>)>,
+    /// Results of finished sends not written yet (their slots are free).
+    reporting: std::sync::atomic::AtomicUsize,
+    /// Rows flushes wrote claimed by this instance, waiting for a slot.
+    handed: Mutex<std::collections::VecDeque<DueRow>>,
+    /// Whether the consumers are far behind (`None`: never).
+    behind: Option<Behind>,
 }
+
+/// Signing keys by (usage trigger or not, account SID); `None` for an
+/// account (or webhook) that is gone.
+type SigningKeys = HashMap<(bool, String), Option<String>>;
 
 /// An attempt's result for the store.
 struct Report {
@@ -158,6 +230,36 @@ impl DispatcherHandle {
         self.inner.in_flight()
     }
 
+    /// The time until which a flush committing now should write the
+    /// callbacks it fires claimed by this instance, to hand them over after
+    /// its commit ([`Self::hand_over`]); `None` while the dispatcher paces
+    /// itself (the consumers are far behind) or has many rows waiting
+    /// already: then they are written pending, for its reads.
+    pub fn lease_for_handoff(&self) -> Option<i64> {
+        let d = &self.inner;
+        if d.is_behind() || d.handed.lock().len() >= MAX_HANDED {
+            return None;
+        }
+        Some(now_ms() + HANDOFF_MS + d.lease_ms())
+    }
+
+    /// Sends `rows` now: a committed transaction wrote them claimed by this
+    /// instance until `lease_until` (from [`Self::lease_for_handoff`]).
+    pub fn hand_over(&self, rows: Vec<OutboxRow>, lease_until: i64) {
+        if rows.is_empty() {
+            return;
+        }
+        self.inner
+            .handed
+            .lock()
+            .extend(rows.into_iter().map(|row| DueRow {
+                row,
+                attempts: 0,
+                next_attempt_at: lease_until,
+            }));
+        self.wake();
+    }
+
     /// Waits until the dispatcher has stopped (after `shutdown` was set):
     /// it claims nothing more and waits for the sends in flight, at most
     /// one attempt's timeout.
@@ -188,6 +290,17 @@ impl Dispatcher {
         cfg: WebhooksConfig,
         shutdown: Arc<AtomicBool>,
     ) -> Result<DispatcherHandle, DispatchError> {
+        Self::start_paced(store, cfg, shutdown, None)
+    }
+
+    /// [`Self::start`], pacing itself while `behind` says the consumers are
+    /// far behind.
+    pub fn start_paced(
+        store: Store,
+        cfg: WebhooksConfig,
+        shutdown: Arc<AtomicBool>,
+        behind: Option<Behind>,
+    ) -> Result<DispatcherHandle, DispatchError> {
         let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
         let client = reqwest::Client::builder()
             .timeout(timeout)
@@ -210,6 +323,9 @@ impl Dispatcher {
             client,
             wake: Notify::new(),
             log: LogThrottle::default(),
+            reporting: Default::default(),
+            handed: Default::default(),
+            behind,
         });
         metrics::gauge!(m::WEBHOOKS_IN_FLIGHT).set(0.0);
         let task = tokio::spawn(inner.clone().run(shutdown));
@@ -232,10 +348,17 @@ impl Dispatcher {
         self.cfg.timeout_ms as i64 + LEASE_MARGIN_MS
     }
 
+    fn is_behind(&self) -> bool {
+        self.behind.as_ref().is_some_and(|b| b())
+    }
+
     async fn run(self: Arc<Self>, shutdown: Arc<AtomicBool>) {
         let mut depth_at: Option<Instant> = None;
         while !shutdown.load(Ordering::Relaxed) {
-            self.dispatch_due().await;
+            // Far behind: one batch a second, wake-ups ignored.
+            let paced = self.is_behind();
+            self.send_handed().await;
+            self.dispatch_due(if paced { 1 } else { MAX_QUERIES }).await;
             metrics::gauge!(m::WEBHOOKS_IN_FLIGHT).set(self.in_flight() as f64);
             if depth_at.map_or(true, |t| t.elapsed() >= POLL_INTERVAL) {
                 self.report_depth().await;
@@ -244,22 +367,171 @@ impl Dispatcher {
             let until = Instant::now() + POLL_INTERVAL;
             while !shutdown.load(Ordering::Relaxed) && Instant::now() < until {
                 tokio::select! {
-                    _ = self.wake.notified() => break,
+                    _ = self.wake.notified(), if !paced => break,
                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+                if paced && !self.is_behind() {
+                    break;
                 }
             }
         }
-        // Let the sends in flight finish (they report their results).
+        // Let the sends in flight finish and their results be written.
         let all = self.max_in_flight() as u32;
         let wait = Duration::from_millis(self.lease_ms() as u64);
-        let _ = tokio::time::timeout(wait, self.permits.acquire_many(all)).await;
+        let _ = tokio::time::timeout(wait, async {
+            let _all = self.permits.acquire_many(all).await;
+            while self.reporting.load(Ordering::Acquire) > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
         tracing::info!("webhook dispatcher stopped");
     }
 
-    /// Claims and starts sending every due row there is room for.
-    async fn dispatch_due(self: &Arc<Self>) {
+    /// Starts sending the rows flushes handed over, as many as there are
+    /// slots for. A row whose lease no longer covers an attempt (its flush
+    /// took long to commit) is claimed again first, from that lease; if the
+    /// lease had ended and the row was claimed meanwhile (by this instance's
+    /// poll or another instance), that claim sends it.
+    async fn send_handed(self: &Arc<Self>) {
         let per_account = self.cfg.per_account_in_flight.max(1);
-        for _ in 0..MAX_QUERIES {
+        let mut chosen: Vec<DueRow> = Vec::new();
+        {
+            let mut handed = self.handed.lock();
+            if handed.is_empty() {
+                return;
+            }
+            let mut accounts = self.per_account.lock();
+            let free = self.permits.available_permits();
+            let mut waiting = std::collections::VecDeque::with_capacity(handed.len());
+            for due in handed.drain(..) {
+                let n = accounts.entry(due.row.account_sid.clone()).or_default();
+                if chosen.len() >= free || *n >= per_account {
+                    waiting.push_back(due);
+                    continue;
+                }
+                *n += 1;
+                chosen.push(due);
+            }
+            accounts.retain(|_, n| *n > 0);
+            *handed = waiting;
+        }
+        let now = now_ms();
+        let (short, mut chosen): (Vec<DueRow>, Vec<DueRow>) = chosen
+            .into_iter()
+            .partition(|d| d.next_attempt_at - now < self.lease_ms());
+        if !short.is_empty() {
+            let lease = now + self.lease_ms();
+            let claimed = self.claim(&short, lease).await.unwrap_or_else(|e| {
+                self.store_failed("claiming callbacks again", &e);
+                vec![false; short.len()]
+            });
+            for (mut due, mine) in short.into_iter().zip(claimed) {
+                if mine {
+                    due.next_attempt_at = lease;
+                    chosen.push(due);
+                } else {
+                    self.release_account(&due.row.account_sid);
+                }
+            }
+        }
+        if chosen.is_empty() {
+            return;
+        }
+        let keys = match self.signing_keys(chosen.iter().map(|d| &d.row)).await {
+            Ok(k) => k,
+            Err(e) => {
+                // Not sent: the rows are due again when their lease ends.
+                for d in &chosen {
+                    self.release_account(&d.row.account_sid);
+                }
+                return self.store_failed("reading callbacks' signing keys", &e);
+            }
+        };
+        for due in chosen {
+            let lease = due.next_attempt_at;
+            self.send(due, lease, &keys);
+        }
+    }
+
+    /// Claims `rows` until `lease`, each from the `next_attempt_at` it was
+    /// read (or handed over) with ([`crate::store::Conn::claim_outbox`]).
+    async fn claim(&self, rows: &[DueRow], lease: i64) -> crate::store::Result<Vec<bool>> {
+        let claims: Vec<(String, i64)> = rows
+            .iter()
+            .map(|r| (r.row.id.clone(), r.next_attempt_at))
+            .collect();
+        self.store
+            .run(move |c| {
+                let refs: Vec<(&str, i64)> =
+                    claims.iter().map(|(id, at)| (id.as_str(), *at)).collect();
+                c.claim_outbox(&refs, lease)
+            })
+            .await
+    }
+
+    /// The signing keys of `rows`' accounts, read in one query per kind
+    /// (not per callback).
+    async fn signing_keys<'r>(
+        &self,
+        rows: impl Iterator<Item = &'r OutboxRow>,
+    ) -> crate::store::Result<Arc<SigningKeys>> {
+        let mut wanted: HashMap<bool, (String, Vec<String>)> = HashMap::new();
+        for r in rows {
+            let class = r.kind == KIND_USAGE_TRIGGER;
+            let (_, accounts) = wanted
+                .entry(class)
+                .or_insert_with(|| (r.kind.clone(), Vec::new()));
+            accounts.push(r.account_sid.clone());
+        }
+        let keys = self
+            .store
+            .run(move |c| {
+                let mut keys = SigningKeys::new();
+                for (class, (kind, accounts)) in wanted {
+                    let refs: Vec<&str> = accounts.iter().map(String::as_str).collect();
+                    let mut found = c.signing_keys(&kind, &refs)?;
+                    for a in accounts {
+                        let key = found.remove(&a);
+                        keys.entry((class, a)).or_insert(key);
+                    }
+                }
+                Ok(keys)
+            })
+            .await?;
+        Ok(Arc::new(keys))
+    }
+
+    /// Starts sending `due`, claimed until `lease`, with its account's slot
+    /// reserved already (given back here if no send starts).
+    fn send(self: &Arc<Self>, due: DueRow, lease: i64, keys: &SigningKeys) {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            // Never (slots were counted under the lock): the row is retried
+            // when its lease ends.
+            self.release_account(&due.row.account_sid);
+            return;
+        };
+        let slot = Slot {
+            dispatcher: self.clone(),
+            account: due.row.account_sid.clone(),
+            permit: Some(permit),
+        };
+        metrics::gauge!(m::WEBHOOKS_IN_FLIGHT).set(self.in_flight() as f64);
+        let key = keys
+            .get(&(
+                due.row.kind == KIND_USAGE_TRIGGER,
+                due.row.account_sid.clone(),
+            ))
+            .cloned()
+            .flatten();
+        tokio::spawn(self.clone().deliver(due, lease, slot, key));
+    }
+
+    /// Claims and starts sending every due row there is room for, reading
+    /// at most `queries` batches.
+    async fn dispatch_due(self: &Arc<Self>, queries: usize) {
+        let per_account = self.cfg.per_account_in_flight.max(1);
+        for _ in 0..queries {
             let free = self.permits.available_permits();
             // With sends in flight, wait until a quarter of the slots are
             // free: each round costs a read, a claim and a key read, which
@@ -307,19 +579,7 @@ impl Dispatcher {
                 return;
             }
             let lease = now_ms() + self.lease_ms();
-            let claims: Vec<(String, i64)> = chosen
-                .iter()
-                .map(|r| (r.row.id.clone(), r.next_attempt_at))
-                .collect();
-            let claimed = self
-                .store
-                .run(move |c| {
-                    let refs: Vec<(&str, i64)> =
-                        claims.iter().map(|(id, at)| (id.as_str(), *at)).collect();
-                    c.claim_outbox(&refs, lease)
-                })
-                .await;
-            let claimed = match claimed {
+            let claimed = match self.claim(&chosen, lease).await {
                 Ok(v) => v,
                 Err(e) => {
                     for r in &chosen {
@@ -328,29 +588,14 @@ impl Dispatcher {
                     return self.store_failed("claiming callbacks", &e);
                 }
             };
-            // The signing keys of the batch, read once (not per callback).
-            let wanted: Vec<(String, String)> = chosen
+            let mine: Vec<&OutboxRow> = chosen
                 .iter()
                 .zip(&claimed)
                 .filter(|(_, mine)| **mine)
-                .map(|(d, _)| (d.row.kind.clone(), d.row.account_sid.clone()))
+                .map(|(d, _)| &d.row)
                 .collect();
-            let keys = self
-                .store
-                .run(move |c| {
-                    let mut keys: HashMap<(bool, String), Option<String>> = HashMap::new();
-                    for (kind, account) in wanted {
-                        let class = kind == KIND_USAGE_TRIGGER;
-                        if !keys.contains_key(&(class, account.clone())) {
-                            let k = c.signing_key(&kind, &account)?;
-                            keys.insert((class, account), k);
-                        }
-                    }
-                    Ok(keys)
-                })
-                .await;
-            let keys = match keys {
-                Ok(k) => Arc::new(k),
+            let keys = match self.signing_keys(mine.into_iter()).await {
+                Ok(k) => k,
                 Err(e) => {
                     // Claimed but not sent: the rows are due again when
                     // their lease ends.
@@ -361,29 +606,12 @@ impl Dispatcher {
                 }
             };
             for (due, mine) in chosen.into_iter().zip(claimed) {
-                let permit = match (mine, self.permits.clone().try_acquire_owned()) {
-                    (true, Ok(p)) => p,
-                    _ => {
-                        // Claimed by another instance meanwhile (or, never,
-                        // no permit: the row is retried when its lease ends).
-                        self.release_account(&due.row.account_sid);
-                        continue;
-                    }
-                };
-                let slot = Slot {
-                    dispatcher: self.clone(),
-                    account: due.row.account_sid.clone(),
-                    permit: Some(permit),
-                };
-                metrics::gauge!(m::WEBHOOKS_IN_FLIGHT).set(self.in_flight() as f64);
-                let key = keys
-                    .get(&(
-                        due.row.kind == KIND_USAGE_TRIGGER,
-                        due.row.account_sid.clone(),
-                    ))
-                    .cloned()
-                    .flatten();
-                tokio::spawn(slot.dispatcher.clone().deliver(due, lease, slot, key));
+                if mine {
+                    self.send(due, lease, &keys);
+                } else {
+                    // Claimed by another instance meanwhile.
+                    self.release_account(&due.row.account_sid);
+                }
             }
             if !more && !left {
                 return;
@@ -404,6 +632,9 @@ impl Dispatcher {
     /// Sends one claimed row and reports the result.
     async fn deliver(self: Arc<Self>, due: DueRow, lease: i64, slot: Slot, key: Option<String>) {
         let outcome = self.attempt(&due, key).await;
+        // The receiver is done: its slot is free while the result is written.
+        self.reporting.fetch_add(1, Ordering::AcqRel);
+        drop(slot);
         let row = &due.row;
         let now = now_ms();
         let (label, next, error) = match &outcome {
@@ -462,7 +693,7 @@ impl Dispatcher {
             }
             break;
         }
-        drop(slot);
+        self.reporting.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// One attempt at `due`.
