@@ -37,8 +37,13 @@
 //! reads anything; a grant or release checks its fence there, under the holds
 //! file's write lock. A claim thus either waits for a write under the old
 //! epoch and then reads it, or comes first and the write is refused — as in
-//! one database. A crash between the two claims leaves the holds file one
-//! epoch behind, which only the crashed claimer could have used.
+//! one database. The copy only ever moves up: two claims of one partition
+//! may reach the holds file in the other order than they committed in the
+//! store (its busy handler is not first come, first served), and the older
+//! must not overwrite the newer. A crash between the two claims leaves the
+//! holds file at the previous owner's epoch until the next claim; that owner
+//! has lost the partition in the store, so its flushes are fenced there and
+//! its next assignment reloads.
 
 use std::path::{Path, PathBuf};
 
@@ -200,7 +205,7 @@ impl Conn {
                 c.execute(
                     "INSERT INTO wallet_owners (topic, partition, owner, epoch) VALUES ($1, $2, $3, $4) \
                      ON CONFLICT (topic, partition) DO UPDATE SET owner = excluded.owner, \
-                     epoch = excluded.epoch",
+                     epoch = excluded.epoch WHERE excluded.epoch > wallet_owners.epoch",
                     &[
                         Param::Text(topic),
                         Param::Int(p.into()),
@@ -437,5 +442,15 @@ mod tests {
         assert_eq!(status(&store, "CA2"), None);
         assert_eq!(write(&mut w, "CA3", second), Some(None));
         assert_eq!(status(&store, "CA3"), Some(HoldStatus::Reserved));
+        // An older claim's copy reaching the holds file late changes nothing.
+        store
+            .with_conn(|c| c.claim_holds("cdrs", &[(3, first)], "http://old"))
+            .unwrap();
+        assert_eq!(write(&mut w, "CA4", first), None, "still fenced");
+        assert_eq!(
+            write(&mut w, "CA5", second),
+            Some(None),
+            "the newer claim holds"
+        );
     }
 }
