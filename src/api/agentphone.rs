@@ -95,9 +95,10 @@ pub(super) async fn cached_account(
         }
         return Ok(hit);
     }
+    let seen = state.key_cache().generation();
     let a = with_account(state, headers, peer, |_, a| Ok(a)).await?;
     if let Some(h) = hash {
-        state.key_cache().put(h, a.clone());
+        state.key_cache().put(h, a.clone(), seen);
     }
     Ok(a)
 }

@@ -130,9 +130,17 @@ pub const KEY_CACHE_TTL: Duration = Duration::from_secs(1);
 #[derive(Default)]
 pub struct KeyCache {
     accounts: DashMap<String, (crate::api::accounts::Account, Instant)>,
+    /// Moved by every [`KeyCache::clear`]: an account read from the store
+    /// before a clear is not put in after it.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl KeyCache {
+    /// Taken before the store is read for an account that may be put in.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The account of the key with this hash, if authenticated less than
     /// [`KEY_CACHE_TTL`] ago.
     pub fn get(&self, hash: &str) -> Option<crate::api::accounts::Account> {
@@ -140,12 +148,26 @@ impl KeyCache {
         (hit.1.elapsed() < KEY_CACHE_TTL).then(|| hit.0.clone())
     }
 
-    pub fn put(&self, hash: String, account: crate::api::accounts::Account) {
-        self.accounts.insert(hash, (account, Instant::now()));
+    /// Remembers `account` for its key, unless the cache was cleared since
+    /// `seen` ([`KeyCache::generation`], taken before the account was read):
+    /// a key deleted while its request read the store is not remembered.
+    pub fn put(&self, hash: String, account: crate::api::accounts::Account, seen: u64) {
+        if self.generation() != seen {
+            return;
+        }
+        self.accounts
+            .insert(hash.clone(), (account, Instant::now()));
+        // A clear between the check and the insert: take it out again (the
+        // clear bumps the generation before it empties the map).
+        if self.generation() != seen {
+            self.accounts.remove(&hash);
+        }
     }
 
     /// Forgets every key (an account or key changed).
     pub fn clear(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.accounts.clear();
     }
 }
@@ -164,6 +186,30 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
         h
+    }
+
+    /// A key deleted while its request read the store is not remembered:
+    /// the clear that follows the deletion comes between the read and the put.
+    #[test]
+    fn an_account_read_before_a_clear_is_not_cached() {
+        let account = crate::api::accounts::Account {
+            sid: "AC00000000000000000000000000000001".into(),
+            auth_token: crate::config::Secret::new("t"),
+            parent_sid: None,
+            friendly_name: "a".into(),
+            plan: None,
+            limits: crate::config::PlanLimits::default(),
+            created_at: String::new(),
+            updated_at: String::new(),
+        };
+        let cache = KeyCache::default();
+        let seen = cache.generation();
+        cache.clear();
+        cache.put("h".into(), account.clone(), seen);
+        assert!(cache.get("h").is_none());
+        let seen = cache.generation();
+        cache.put("h".into(), account.clone(), seen);
+        assert_eq!(cache.get("h").map(|a| a.sid), Some(account.sid));
     }
 
     #[test]
