@@ -631,6 +631,14 @@ impl Dispatcher {
 
     /// Sends one claimed row and reports the result.
     async fn deliver(self: Arc<Self>, due: DueRow, lease: i64, slot: Slot, key: Option<String>) {
+        // The lease must outlast the attempt, or the row may be claimed and
+        // sent elsewhere while this one is in flight (a stall between the
+        // claim and here: the key read, a loaded machine). Not sent: it is
+        // due again when its lease ends.
+        if lease - now_ms() < self.cfg.timeout_ms as i64 {
+            drop(slot);
+            return;
+        }
         let outcome = self.attempt(&due, key).await;
         // The receiver is done: its slot is free while the result is written.
         self.reporting.fetch_add(1, Ordering::AcqRel);
