@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use reqwest::blocking::Client;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::Fate;
 use tallyd::api::ApiState;
 use tallyd::cdr::AccountSid;
 use tallyd::config::Config;
@@ -508,15 +509,6 @@ fn e2e_key(i: usize) -> String {
     format!("e2e_key_{i:04}")
 }
 
-/// What happens to a granted hold.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Fate {
-    Answered(u32),
-    NoAnswer,
-    Released,
-    Kept,
-}
-
 #[derive(Default)]
 struct Expect {
     /// Per account: starting credit + top-ups − CDR prices.
@@ -608,34 +600,14 @@ fn drive(
             match s {
                 StatusCode::CREATED | StatusCode::OK => {
                     assert_eq!(h["amount"], "0.50000", "{h}");
-                    let fate = match rng.gen_range(0..10) {
-                        0 => Fate::Kept,
-                        1 | 2 => Fate::Released,
-                        3 | 4 => Fate::NoAnswer,
-                        _ => Fate::Answered(rng.gen_range(1..=600)),
-                    };
+                    let fate = Fate::draw(&mut rng, 1..=600);
+                    if let Some(cdr) = fate.cdr(&call_id, &sid) {
+                        support::produce_one(&producer, TOPIC, &sid, &cdr, None);
+                        e.messages += 1;
+                    }
                     match fate {
-                        Fate::Answered(b) => {
-                            support::produce_one(
-                                &producer,
-                                TOPIC,
-                                &sid,
-                                &support::call_cdr(&call_id, &sid, "completed", b),
-                                None,
-                            );
-                            e.balance[a] -= support::callingbox_price(b);
-                            e.messages += 1;
-                        }
-                        Fate::NoAnswer => {
-                            support::produce_one(
-                                &producer,
-                                TOPIC,
-                                &sid,
-                                &support::call_cdr(&call_id, &sid, "no-answer", 0),
-                                None,
-                            );
-                            e.messages += 1;
-                        }
+                        Fate::Answered(b) => e.balance[a] -= support::callingbox_price(b),
+                        Fate::NoAnswer => {}
                         Fate::Released => {
                             let (s, r) = send(
                                 &http,
@@ -807,16 +779,9 @@ fn exact_across_sigkill(url: &str) {
             None,
         );
         assert_eq!(s, StatusCode::OK, "granted hold {call_id} lost: {b}");
-        let want = match fate {
-            Fate::Answered(billsec) => json!({"reservation_status": "settled",
-                "billed_duration_seconds": billsec, "billing_amount_milli_cents": support::callingbox_price(*billsec)}),
-            Fate::NoAnswer => json!({"reservation_status": "released",
-                "billed_duration_seconds": 0, "billing_amount_milli_cents": 0}),
-            Fate::Released => json!({"reservation_status": "released",
-                "billed_duration_seconds": 0, "billing_amount_milli_cents": 0}),
-            Fate::Kept => json!({"reservation_status": "reserved",
-                "billed_duration_seconds": 0, "billing_amount_milli_cents": 0}),
-        };
+        let (status, billsec, charged) = fate.billing();
+        let want = json!({"reservation_status": status,
+            "billed_duration_seconds": billsec, "billing_amount_milli_cents": charged});
         for (k, v) in want.as_object().unwrap() {
             assert_eq!(&b[k], v, "{call_id} ({fate:?}): {k} in {b}");
         }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use reqwest::blocking::Client;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::Fate;
 use tallyd::partitioner::Partitioner;
 use tallyd::store::{Param, Store};
 use tallyd::wallet::CENT;
@@ -196,7 +197,7 @@ struct Book {
     reserved: i64,
     /// Of those, the ones kept to the end.
     kept: i64,
-    granted: Vec<(String, Option<u32>, &'static str)>,
+    granted: Vec<(String, Fate)>,
 }
 
 impl Book {
@@ -449,38 +450,18 @@ fn postgres_wallets_across_two_instances_with_one_killed() {
                         "{call_id} granted with {} available at most: overspent",
                         decimal(book.available() + HOLD)
                     );
-                    let (fate, billsec) = match rng.gen_range(0..10) {
-                        0 => ("kept", None),
-                        1 | 2 => ("released", None),
-                        3 | 4 => ("no-answer", None),
-                        _ => ("answered", Some(rng.gen_range(200..=600))),
-                    };
+                    let fate = Fate::draw(&mut rng, 200..=600);
+                    if let Some(cdr) = fate.cdr(&call_id, &sid) {
+                        support::produce_one(&producer, TOPIC, &sid, &cdr, None);
+                        messages += 1;
+                    }
                     match fate {
-                        "answered" => {
-                            let b = billsec.unwrap();
-                            support::produce_one(
-                                &producer,
-                                TOPIC,
-                                &sid,
-                                &support::call_cdr(&call_id, &sid, "completed", b),
-                                None,
-                            );
-                            messages += 1;
+                        Fate::Answered(b) => {
                             book.reserved -= HOLD;
                             book.charges += support::callingbox_price(b);
                         }
-                        "no-answer" => {
-                            support::produce_one(
-                                &producer,
-                                TOPIC,
-                                &sid,
-                                &support::call_cdr(&call_id, &sid, "no-answer", 0),
-                                None,
-                            );
-                            messages += 1;
-                            book.reserved -= HOLD;
-                        }
-                        "released" => {
+                        Fate::NoAnswer => book.reserved -= HOLD,
+                        Fate::Released => {
                             let (s, r) = send(
                                 &http,
                                 &inst,
@@ -497,9 +478,9 @@ fn postgres_wallets_across_two_instances_with_one_killed() {
                             );
                             book.reserved -= HOLD;
                         }
-                        _ => book.kept += HOLD,
+                        Fate::Kept => book.kept += HOLD,
                     }
-                    book.granted.push((call_id, billsec, fate));
+                    book.granted.push((call_id, fate));
                 }
                 StatusCode::PAYMENT_REQUIRED => {
                     assert_eq!(h["code"], "calls_paused", "{h}");
@@ -565,22 +546,18 @@ fn postgres_wallets_across_two_instances_with_one_killed() {
             through(1),
             "wallet of account {a} through either instance"
         );
-        for (n, (call_id, billsec, fate)) in book.granted.iter().enumerate() {
+        for (n, (call_id, fate)) in book.granted.iter().enumerate() {
             let path = format!("/v1/calls/{call_id}/billing");
             let (s, b) = send(&http, &inst, n % 2, "GET", &path, &key(a), None);
             assert_eq!(s, StatusCode::OK, "granted hold {call_id} lost: {b}");
-            let (status, charged) = match *fate {
-                "answered" => ("settled", support::callingbox_price(billsec.unwrap())),
-                "kept" => ("reserved", 0),
-                _ => ("released", 0),
-            };
+            let (status, _, charged) = fate.billing();
             assert_eq!(
                 (
                     b["reservation_status"].as_str(),
                     b["billing_amount_milli_cents"].as_i64()
                 ),
                 (Some(status), Some(charged)),
-                "{call_id} ({fate}): {b}"
+                "{call_id} ({fate:?}): {b}"
             );
         }
     }

@@ -1182,6 +1182,49 @@ pub fn callingbox_price(billsec: u32) -> i64 {
     (billsec as i64 * 5 * tallyd::wallet::CENT + 30) / 60
 }
 
+/// What a wallet test does with a hold it was granted: the call is answered
+/// for some seconds (its CDR settles the hold), ends unanswered (its CDR
+/// releases it), is released through the API, or is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    Answered(u32),
+    NoAnswer,
+    Released,
+    Kept,
+}
+
+impl Fate {
+    /// One in ten kept, two released, two unanswered, the rest answered for
+    /// a `billsec` drawn from the range.
+    pub fn draw(rng: &mut impl rand::Rng, billsec: std::ops::RangeInclusive<u32>) -> Fate {
+        match rng.gen_range(0..10) {
+            0 => Fate::Kept,
+            1 | 2 => Fate::Released,
+            3 | 4 => Fate::NoAnswer,
+            _ => Fate::Answered(rng.gen_range(billsec)),
+        }
+    }
+
+    /// The CDR that ends the call ([`call_cdr`]), if the fate has one.
+    pub fn cdr(self, call_id: &str, sid: &str) -> Option<String> {
+        match self {
+            Fate::Answered(billsec) => Some(call_cdr(call_id, sid, "completed", billsec)),
+            Fate::NoAnswer => Some(call_cdr(call_id, sid, "no-answer", 0)),
+            Fate::Released | Fate::Kept => None,
+        }
+    }
+
+    /// The call's billing once its fate is known: reservation status, billed
+    /// seconds and the price charged (milli-cents, CallingBox's rate).
+    pub fn billing(self) -> (&'static str, u32, i64) {
+        match self {
+            Fate::Answered(billsec) => ("settled", billsec, callingbox_price(billsec)),
+            Fate::NoAnswer | Fate::Released => ("released", 0, 0),
+            Fate::Kept => ("reserved", 0, 0),
+        }
+    }
+}
+
 /// An outbound call CDR of now, as the switch sends it.
 #[allow(dead_code)]
 pub fn call_cdr(id: &str, sid: &str, status: &str, billsec: u32) -> String {
