@@ -106,9 +106,10 @@ struct Prepared<'m, T> {
 ///
 /// The memory the batch's updates will touch — dedup slots, counter and wallet
 /// slots, then the cells, breakdowns and ledger entries they point to, then the
-/// wallets — is requested in waves ahead of the updates, so the cache misses of the whole batch overlap instead of
-/// following one another; with live state far larger than the cache they were
-/// most of the cost of a CDR. Messages of one partition share `seen`.
+/// wallets — is requested in waves ahead of the updates, so the cache misses
+/// of the whole batch overlap instead of following one another; with live
+/// state far larger than the cache they were most of the cost of a CDR.
+/// Messages of one partition share `seen`.
 pub fn ingest_batch<'m, S: SeenIds>(
     msgs: &[&'m [u8]],
     tariff: &Tariff,

@@ -169,6 +169,13 @@ struct Breakdown {
     messages: Tally,
 }
 
+impl Breakdown {
+    /// What a page's breakdowns are ordered by: dimension, value, day.
+    fn key(&self) -> (Dimension, &str, i32) {
+        (self.dimension, self.value.as_str(), self.day)
+    }
+}
+
 /// A stored by-number or by-agent entry, as read from a page.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BreakdownEntry<'p> {
@@ -217,9 +224,9 @@ impl Page {
         calls: Tally,
         messages: Tally,
     ) {
-        let found = self.breakdowns.binary_search_by(|b| {
-            (b.dimension, b.value.as_str(), b.day).cmp(&(dimension, value, day.0))
-        });
+        let found = self
+            .breakdowns
+            .binary_search_by(|b| b.key().cmp(&(dimension, value, day.0)));
         match found {
             Ok(i) => {
                 self.breakdowns[i].calls.add(calls);
@@ -279,9 +286,6 @@ impl Page {
         if sorted.peek().is_none() {
             return;
         }
-        fn key(b: &Breakdown) -> (Dimension, &str, i32) {
-            (b.dimension, b.value.as_str(), b.day)
-        }
         let mut held: BTreeMap<Dimension, usize> = BTreeMap::new();
         let old = std::mem::take(&mut self.breakdowns);
         for b in old.iter().filter(|b| b.value != OTHER) {
@@ -293,7 +297,7 @@ impl Page {
         // The next entry of `sorted`, with the ones of the same key summed in.
         fn take(sorted: &mut std::iter::Peekable<impl Iterator<Item = Breakdown>>) -> Breakdown {
             let mut b = sorted.next().expect("peeked");
-            while let Some(n) = sorted.next_if(|n| key(n) == key(&b)) {
+            while let Some(n) = sorted.next_if(|n| n.key() == b.key()) {
                 b.calls.add(n.calls);
                 b.messages.add(n.messages);
             }
@@ -301,7 +305,7 @@ impl Page {
         }
         loop {
             let order = match (old.peek(), sorted.peek()) {
-                (Some(a), Some(b)) => key(a).cmp(&key(b)),
+                (Some(a), Some(b)) => a.key().cmp(&b.key()),
                 (Some(_), None) => std::cmp::Ordering::Less,
                 (None, Some(_)) => std::cmp::Ordering::Greater,
                 (None, None) => break,
@@ -461,15 +465,14 @@ impl PageDeltas {
     /// so each page takes its entries in one merge ([`Page::add_page`]'s)
     /// instead of a search and a shift per entry.
     pub fn add_breakdowns(&mut self, mut all: Vec<BreakdownDelta>) {
-        let page_key = |b: &BreakdownDelta| {
-            let k = &b.key;
-            (k.account, PageId::of_day(k.day), k.dimension, k.day)
-        };
-        all.sort_unstable_by(|a, b| {
-            let (x, y) = (page_key(a), page_key(b));
-            (x.0, x.1, x.2, &*a.key.value, x.3).cmp(&(y.0, y.1, y.2, &*b.key.value, y.3))
-        });
-        let page_of = |b: &BreakdownDelta| (b.key.account, PageId::of_day(b.key.day));
+        fn page_of(b: &BreakdownDelta) -> (AccountSid, PageId) {
+            (b.key.account, PageId::of_day(b.key.day))
+        }
+        // The page, then the page's own order (`Breakdown::key`).
+        fn order(b: &BreakdownDelta) -> ((AccountSid, PageId), Dimension, &str, Day) {
+            (page_of(b), b.key.dimension, &b.key.value, b.key.day)
+        }
+        all.sort_unstable_by(|a, b| order(a).cmp(&order(b)));
         let mut all = all.into_iter().peekable();
         while let Some(page) = all.peek().map(page_of) {
             let entries = std::iter::from_fn(|| all.next_if(|b| page_of(b) == page));
