@@ -56,8 +56,11 @@ impl HoldCommits {
     /// Starts the writer on the current tokio runtime.
     pub fn start(store: Store) -> HoldCommits {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 8);
-        let in_flight = if store.is_sqlite() { 1 } else { PG_IN_FLIGHT };
-        tokio::spawn(write(store, rx, in_flight));
+        if store.is_sqlite() {
+            tokio::spawn(write_sqlite(store, rx));
+        } else {
+            tokio::spawn(write_pooled(store, rx, PG_IN_FLIGHT));
+        }
         HoldCommits { tx }
     }
 
@@ -114,13 +117,6 @@ impl HoldCommits {
 
 fn stopped() -> Error {
     Error::Cancelled("the hold writer has stopped".into())
-}
-
-async fn write(store: Store, rx: mpsc::Receiver<Request>, in_flight: usize) {
-    if store.is_sqlite() {
-        return write_sqlite(store, rx).await;
-    }
-    write_pooled(store, rx, in_flight).await
 }
 
 /// How often the SQLite writer drops from the holds file what the store has
