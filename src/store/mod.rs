@@ -514,6 +514,32 @@ mod tests {
     use crate::counters::{BreakdownDelta, Leaves, RowKey, Tally};
     use page::{pages_of, RowDelta};
 
+    /// A fresh schema `tallyd_unit_NAME_<pid>` on the test server
+    /// (`TALLYD_TEST_POSTGRES_URL`, default the local one): an admin
+    /// connection, and the URL of a store in that schema. Dropped by
+    /// [`drop_schema`].
+    fn pg_schema(name: &str) -> (postgres::Client, String, String) {
+        let base = std::env::var("TALLYD_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let schema = format!("tallyd_unit_{name}_{}", std::process::id());
+        let mut admin = postgres::Client::connect(&base, postgres::NoTls)
+            .unwrap_or_else(|e| panic!("PostgreSQL at {base}: {e}"));
+        admin
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+            ))
+            .unwrap();
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}options=-csearch_path%3D{schema}");
+        (admin, schema, url)
+    }
+
+    fn drop_schema(admin: &mut postgres::Client, schema: &str) {
+        admin
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .unwrap();
+    }
+
     fn batch(from: Option<i64>, to: i64) -> FlushBatch {
         FlushBatch {
             as_of: "2025-01-10T00:00:00+00:00".into(),
@@ -668,19 +694,11 @@ mod tests {
     /// default the local one).
     #[test]
     fn a_postgres_store_with_the_old_usage_tables_is_converted_to_pages() {
-        let base = std::env::var("TALLYD_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let schema = format!("tallyd_unit_legacy_{}", std::process::id());
-        let mut admin = postgres::Client::connect(&base, postgres::NoTls)
-            .unwrap_or_else(|e| panic!("PostgreSQL at {base}: {e}"));
+        let (mut admin, schema, url) = pg_schema("legacy");
         admin
-            .batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}; SET search_path = {schema}; {}",
-                old_tables()
-            ))
+            .batch_execute(&format!("SET search_path = {schema}; {}", old_tables()))
             .unwrap();
-        let sep = if base.contains('?') { '&' } else { '?' };
-        assert_old_tables_become_pages(&format!("{base}{sep}options=-csearch_path%3D{schema}"));
+        assert_old_tables_become_pages(&url);
         let old: i64 = admin
             .query_one(
                 "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = $1
@@ -690,9 +708,7 @@ mod tests {
             .unwrap()
             .get(0);
         assert_eq!(old, 0, "the old tables are dropped");
-        admin
-            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-            .unwrap();
+        drop_schema(&mut admin, &schema);
     }
 
     /// Many accounts' pages, new and then added to, in both stores; the
@@ -700,17 +716,7 @@ mod tests {
     #[test]
     fn flushes_of_many_accounts_add_up_in_their_pages() {
         let dir = tempfile::tempdir().unwrap();
-        let base = std::env::var("TALLYD_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let schema = format!("tallyd_unit_pages_{}", std::process::id());
-        let mut admin = postgres::Client::connect(&base, postgres::NoTls).unwrap();
-        admin
-            .batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
-            ))
-            .unwrap();
-        let sep = if base.contains('?') { '&' } else { '?' };
-        let pg = format!("{base}{sep}options=-csearch_path%3D{schema}");
+        let (mut admin, schema, pg) = pg_schema("pages");
         let one = batch(None, 1);
         let n = 300u128;
         let on_partition = |partition: i32, from: Option<i64>, to: i64| {
@@ -779,9 +785,58 @@ mod tests {
             assert_eq!(numbers.len(), n as usize, "{url}");
             assert!(numbers.iter().all(|b| b.calls == [4, 240, 52_000]), "{url}");
         }
-        admin
-            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-            .unwrap();
+        drop_schema(&mut admin, &schema);
+    }
+
+    /// Two batches of the same call ids' grants written at once on two
+    /// PostgreSQL connections, listed in opposite orders: each call id is
+    /// stored once and found by the other batch, and neither batch fails (a
+    /// deadlock, had they locked the rows in their listed order).
+    #[test]
+    fn postgres_hold_batches_written_at_once_never_deadlock() {
+        use crate::wallet::HoldStatus;
+        use wallet::{HoldWrite, StoredHold};
+        let (mut admin, schema, url) = pg_schema("holds");
+        Store::open(&url).unwrap();
+        let grant = |round: usize, i: usize| {
+            HoldWrite::Grant(StoredHold {
+                account_sid: format!("AC{:032x}", i % 3),
+                call_id: format!("CA{round}-{i}"),
+                amount: 300_000,
+                status: HoldStatus::Reserved,
+                created_at: 0,
+                expires_at: 3_600,
+                billing: None,
+            })
+        };
+        let stores = [Store::new(&url, 1).unwrap(), Store::new(&url, 1).unwrap()];
+        for round in 0..20 {
+            let start = Arc::new(std::sync::Barrier::new(2));
+            let writers: Vec<_> = stores
+                .iter()
+                .enumerate()
+                .map(|(n, s)| {
+                    let mut writes: Vec<_> = (0..40).map(|i| (grant(round, i), None)).collect();
+                    if n == 1 {
+                        writes.reverse();
+                    }
+                    let (s, start) = (s.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        s.with_conn(|c| c.write_holds(&writes))
+                    })
+                })
+                .collect();
+            let found: Vec<_> = writers
+                .into_iter()
+                .map(|w| w.join().unwrap().expect("a batch failed"))
+                .collect();
+            // Each call id: stored by one batch (`Some(None)`), found by
+            // the other (`Some(Some(_))`).
+            let stored = found.iter().flatten().filter(|f| **f == Some(None)).count();
+            assert_eq!(stored, 40, "round {round}");
+        }
+        drop_schema(&mut admin, &schema);
     }
 
     #[test]

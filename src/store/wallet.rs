@@ -44,7 +44,7 @@ pub struct HoldUpdate {
 
 impl From<WalletCut> for WalletRows {
     fn from(cut: WalletCut) -> WalletRows {
-        WalletRows {
+        let mut rows = WalletRows {
             debits: cut
                 .debits
                 .into_iter()
@@ -64,7 +64,13 @@ impl From<WalletCut> for WalletRows {
                 })
                 .collect(),
             low_balance: cut.low_balance,
-        }
+        };
+        // In the order the hold writer locks rows in (see
+        // [`Conn::fenced_writes`]), so a flush and a batch of holds written at
+        // once on PostgreSQL never wait for each other in a cycle.
+        rows.holds
+            .sort_by(|a, b| (&a.account_sid, &a.call_id).cmp(&(&b.account_sid, &b.call_id)));
+        rows
     }
 }
 
@@ -151,6 +157,14 @@ pub enum HoldWrite {
     Grant(StoredHold),
     /// A hold released (explicitly or at expiry).
     Release(StoredHold),
+}
+
+impl HoldWrite {
+    /// The row it writes: (account SID, call id).
+    fn key(&self) -> (&str, &str) {
+        let (HoldWrite::Grant(h) | HoldWrite::Release(h)) = self;
+        (&h.account_sid, &h.call_id)
+    }
 }
 
 /// The ownership a wallet write depends on: its partition's epoch as this
@@ -451,14 +465,18 @@ impl Conn {
     /// Runs `write` for each write of the batch whose fence holds, in one
     /// transaction: each fence's row is locked once, before anything is
     /// written, as [`Conn::fenced`] does. `None` for a fenced write.
+    ///
+    /// Rows are locked in one order, so batches written at once on several
+    /// PostgreSQL connections (and a flush settling holds) never wait for
+    /// each other in a cycle: the fences sorted, then the holds by account
+    /// and call id — writes of one call id keep their order in the batch
+    /// (a grant before its release). Results are in the order of `writes`.
     pub(super) fn fenced_writes(
         &mut self,
         writes: &[(HoldWrite, Option<Fence>)],
         mut write: impl FnMut(&mut Conn, usize, &HoldWrite) -> Result<Option<StoredHold>>,
     ) -> Result<Vec<Option<Option<StoredHold>>>> {
         self.transaction(|c| {
-            // Locked in one order, so batches written at once on several
-            // connections never wait for each other in a cycle.
             let mut wanted: Vec<&Fence> = writes.iter().filter_map(|(_, f)| f.as_ref()).collect();
             wanted.sort_by(|a, b| {
                 (&a.topic, a.partition, a.epoch).cmp(&(&b.topic, b.partition, b.epoch))
@@ -468,19 +486,19 @@ impl Conn {
             for fence in wanted {
                 fences.push((fence, c.hold_fence(fence)?));
             }
-            writes
-                .iter()
-                .enumerate()
-                .map(|(i, (w, fence))| {
-                    let held = fence
-                        .as_ref()
-                        .map_or(true, |f| fences.iter().any(|(g, ok)| *g == f && *ok));
-                    if !held {
-                        return Ok(None);
-                    }
-                    write(c, i, w).map(Some)
-                })
-                .collect()
+            let mut order: Vec<usize> = (0..writes.len()).collect();
+            order.sort_by(|&a, &b| writes[a].0.key().cmp(&writes[b].0.key()));
+            let mut out = vec![None; writes.len()];
+            for i in order {
+                let (w, fence) = &writes[i];
+                let held = fence
+                    .as_ref()
+                    .map_or(true, |f| fences.iter().any(|(g, ok)| *g == f && *ok));
+                if held {
+                    out[i] = Some(write(c, i, w)?);
+                }
+            }
+            Ok(out)
         })
     }
 
