@@ -245,7 +245,19 @@ fn holds_and_top_ups_over_http(store: &TestStore) {
             "{e}"
         );
     }
-    for amount in ["-1", "0", "ten", "0.000001", "1e400"] {
+    let huge = "9".repeat(10_000);
+    for amount in [
+        "-1",
+        "0",
+        "0.00",
+        "ten",
+        "0.000001",
+        "1e400",
+        "1e3",
+        "+5",
+        "1_000",
+        huge.as_str(),
+    ] {
         let (s, e) = api.call(
             "POST",
             &path,
@@ -257,6 +269,8 @@ fn holds_and_top_ups_over_http(store: &TestStore) {
             (StatusCode::BAD_REQUEST, &json!("amount")),
             "{amount}: {e}"
         );
+        // The value is quoted cut short, whatever its length.
+        assert!(e.to_string().len() < 400, "{}", e.to_string().len());
     }
     let unknown = format!(
         "/admin/accounts/{}/credits",
@@ -294,6 +308,113 @@ fn holds_and_top_ups_over_http(store: &TestStore) {
         .wallet(AccountSid::parse(CB).unwrap())
         .view();
     assert_eq!((v.balance, v.held), (1500 * CENT, 0));
+}
+
+/// A top-up whose request is cut off while the store is busy (the client's
+/// timeout here; a proxy's or a forwarding instance's alike) is committed
+/// once the store is free, and then it is in the balance: the live wallet, not
+/// only the store. The same idempotency key again credits nothing more.
+#[test]
+fn a_top_up_cut_off_while_the_store_is_busy_is_in_the_balance() {
+    let store = TestStore::sqlite();
+    let (cfg, tariff) = config(&store.url());
+    let state = ApiState::seeded(&cfg, &tariff, Store::open(&cfg.store.url).unwrap()).unwrap();
+    let server = serve(state);
+    let api = Api {
+        base: server.base.clone(),
+        http: Client::new(),
+    };
+    assert_eq!(api.wallet(CB_KEY)["balance"], "5.00000");
+    let path = cfg.store.url.strip_prefix("sqlite://").unwrap().to_owned();
+    // Another writer holds the store's write lock for 1.5 s.
+    let (locked, is_locked) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let c = rusqlite::Connection::open(path).unwrap();
+        c.execute_batch("BEGIN IMMEDIATE").unwrap();
+        locked.send(()).unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        c.execute_batch("COMMIT").unwrap();
+    });
+    is_locked.recv().unwrap();
+    let cut = Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap()
+        .post(format!("{}/admin/accounts/{CB}/credits", api.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"amount": "10.00", "idempotency_key": "cut-1"}))
+        .send();
+    assert!(
+        cut.is_err(),
+        "the store was busy; the request should time out"
+    );
+    holder.join().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.wallet(CB_KEY)["balance"] != "15.00000" {
+        assert!(Instant::now() < deadline, "{}", api.wallet(CB_KEY));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (s, again) = api.call(
+        "POST",
+        &format!("/admin/accounts/{CB}/credits"),
+        ADMIN_TOKEN,
+        Some(json!({"amount": "10.00", "idempotency_key": "cut-1"})),
+    );
+    assert_eq!(
+        (s, &again["credited"]),
+        (StatusCode::CREATED, &json!(false)),
+        "{again}"
+    );
+    assert_eq!(api.wallet(CB_KEY)["balance"], "15.00000");
+}
+
+/// A deleted account's webhook goes with it: an account created again with
+/// its SID has none (and no secret to sign with); its wallet stays.
+#[test]
+fn a_deleted_account_takes_its_webhook_and_keeps_its_wallet() {
+    let store = TestStore::sqlite();
+    let (cfg, tariff) = config(&store.url());
+    let state = ApiState::seeded(&cfg, &tariff, Store::open(&cfg.store.url).unwrap()).unwrap();
+    let server = serve(state);
+    let api = Api {
+        base: server.base.clone(),
+        http: Client::new(),
+    };
+    let sid = "AC000000000000000000000000000beef1";
+    let account = format!("/admin/accounts/{sid}");
+    let create = json!({"sid": sid, "friendly_name": "one"});
+    let (s, v) = api.call("POST", "/admin/accounts", ADMIN_TOKEN, Some(create.clone()));
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let hook = format!("{account}/webhook");
+    let (s, v) = api.call(
+        "PUT",
+        &hook,
+        ADMIN_TOKEN,
+        Some(json!({"url": "https://tenant-one.example.com/hook"})),
+    );
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let credits = format!("{account}/credits");
+    let top_up = json!({"amount": "100.00", "idempotency_key": "inv-1"});
+    let (s, v) = api.call("POST", &credits, ADMIN_TOKEN, Some(top_up.clone()));
+    assert_eq!(
+        (s, &v["credited"]),
+        (StatusCode::CREATED, &json!(true)),
+        "{v}"
+    );
+    let (s, _) = api.call("DELETE", &account, ADMIN_TOKEN, None);
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, v) = api.call("POST", "/admin/accounts", ADMIN_TOKEN, Some(create));
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = api.call("GET", &hook, ADMIN_TOKEN, None);
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    // The top-up stays, once: the same key credits nothing again.
+    let (s, v) = api.call("POST", &credits, ADMIN_TOKEN, Some(top_up));
+    assert_eq!(
+        (s, &v["credited"]),
+        (StatusCode::CREATED, &json!(false)),
+        "{v}"
+    );
+    assert_eq!(v["wallet"]["balance"], "105.00000", "{v}");
 }
 
 /// Debits `amount` from `sid` as a flush of partition 0 moving its offset

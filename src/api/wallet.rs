@@ -248,7 +248,10 @@ async fn create_hold_for(
         Some(m) => Some(Mode::parse(m).ok_or_else(|| {
             ApiError::invalid_parameter(
                 "mode",
-                format!("mode must be webhook or hosted; got {m:?}"),
+                format!(
+                    "mode must be webhook or hosted; got {}",
+                    super::error::shown(m)
+                ),
             )
         })?),
     };
@@ -262,7 +265,8 @@ async fn create_hold_for(
             return Err(ApiError::invalid_parameter(
                 "number_type",
                 format!(
-                    "number_type must be local, mobile, tollfree, sip or client; got {other:?}"
+                    "number_type must be local, mobile, tollfree, sip or client; got {}",
+                    super::error::shown(other)
                 ),
             ))
         }
@@ -504,19 +508,32 @@ pub struct AutoRecharge {
 }
 
 fn amount_param(param: &str, v: Option<&str>) -> Result<Option<Money>, ApiError> {
-    let Some(v) = v else { return Ok(None) };
+    v.map(|v| money_param(param, v, "0 or more), or null for the default"))
+        .transpose()
+}
+
+/// An amount of money sent as a decimal string: digits with at most one
+/// point (`10`, `10.00`, `0.005`), at most five decimal places; no sign, no
+/// exponent (`1e3` would parse as a decimal and credit 1000), no spaces
+/// inside. `want` ends the message that says what to send instead.
+fn money_param(param: &str, v: &str, want: &str) -> Result<Money, ApiError> {
     let bad = |why: &str| {
         ApiError::invalid_parameter(
             param,
-            format!("{param} {v:?} {why}; send a decimal string like \"10.00\" (0 or more), or null for the default"),
+            format!(
+                "{param} {} {why}; send a decimal string like \"10.00\" ({want}",
+                super::error::shown(v)
+            ),
         )
     };
-    let d: rust_decimal::Decimal = v.trim().parse().map_err(|_| bad("is not a decimal"))?;
-    let m = w::money(param, d).map_err(|e| bad(&e))?;
-    if m < 0 {
-        return Err(bad("is negative"));
+    let t = v.trim();
+    let (whole, frac) = t.split_once('.').unwrap_or((t, "0"));
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if t.len() > 40 || !digits(whole) || !digits(frac) {
+        return Err(bad("is not a plain decimal"));
     }
-    Ok(Some(m))
+    let d: rust_decimal::Decimal = t.parse().map_err(|_| bad("is not a decimal"))?;
+    w::money(param, d).map_err(|e| bad(&e))
 }
 
 /// `PUT /admin/accounts/{sid}/auto-recharge`: the account's low-balance
@@ -618,23 +635,12 @@ pub async fn create_credit(
         Decision::Answered(r) => return Ok(r),
     };
     let req: NewCredit = parse_body(&body)?;
-    let bad_amount = |why: &str| {
-        ApiError::invalid_parameter(
+    let amount = money_param("amount", &req.amount, "more than 0)")?;
+    if amount == 0 {
+        return Err(ApiError::invalid_parameter(
             "amount",
-            format!(
-                "amount {:?} {why}; send a positive decimal string like \"10.00\"",
-                req.amount
-            ),
-        )
-    };
-    let decimal_amount: rust_decimal::Decimal = req
-        .amount
-        .trim()
-        .parse()
-        .map_err(|_| bad_amount("is not a decimal"))?;
-    let amount = w::money("amount", decimal_amount).map_err(|e| bad_amount(&e))?;
-    if amount <= 0 {
-        return Err(bad_amount("is not positive"));
+            "amount is 0; a top-up credits more than 0",
+        ));
     }
     if req.idempotency_key.is_empty() || req.idempotency_key.len() > 255 {
         return Err(ApiError::invalid_parameter(
@@ -653,26 +659,33 @@ pub async fn create_credit(
         reason: req.reason,
         created_at: accounts::now_rfc3339(),
     };
+    let wallet = wallets.wallet(account);
+    let credited = wallet.clone();
     let (a, result) = state
         .store()
         .run(move |c| {
-            c.fenced(fence.as_ref(), |c| {
-                let Some(a) = accounts::get(c, &sid)? else {
-                    return Ok(None);
-                };
-                Ok(Some((a, c.credit_wallet_in(&credit, starting, low)?)))
-            })
+            let done = c.synced(|c| {
+                c.fenced(fence.as_ref(), |c| {
+                    let Some(a) = accounts::get(c, &sid)? else {
+                        return Ok(None);
+                    };
+                    Ok(Some((a, c.credit_wallet_in(&credit, starting, low)?)))
+                })
+            })?;
+            // Credited in memory as soon as it is committed, on the store's
+            // thread: a request dropped meanwhile (the client gone, a timeout)
+            // still leaves the top-up in the balance it is stored in.
+            if let Some(Some((_, (credit, true)))) = &done {
+                credited.credit(credit.amount);
+                metrics::counter!(m::WALLET_CREDITS_TOTAL).increment(1);
+            }
+            Ok(done)
         })
         .await
         .map_err(store_unavailable)?
         .ok_or_else(fenced)?
         .ok_or_else(|| ApiError::not_found("no such account"))?;
     let (credit, new) = result;
-    let wallet = wallets.wallet(account);
-    if new {
-        wallet.credit(credit.amount);
-        metrics::counter!(m::WALLET_CREDITS_TOTAL).increment(1);
-    }
     let body = json!({
         "account_sid": credit.account_sid,
         "amount": decimal(credit.amount),

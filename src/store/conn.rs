@@ -250,6 +250,23 @@ impl Conn {
         }
     }
 
+    /// Runs `f` with its commits synced to disk before they return: for a
+    /// write that nothing could replay (a top-up is in no CDR), so its answer
+    /// survives a power loss too. SQLite's connections otherwise commit with
+    /// `synchronous = NORMAL` (a commit survives the process's crash; the WAL
+    /// is synced at checkpoints); PostgreSQL commits are synced already.
+    pub fn synced<T>(&mut self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
+        let Conn::Sqlite(c) = self else {
+            return f(self);
+        };
+        c.pragma_update(None, "synchronous", "FULL")?;
+        let result = f(self);
+        if let Conn::Sqlite(c) = self {
+            c.pragma_update(None, "synchronous", "NORMAL")?;
+        }
+        result
+    }
+
     /// Runs statements without parameters or rows.
     pub fn batch(&mut self, sql: &str) -> Result<()> {
         match self {
