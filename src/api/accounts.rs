@@ -235,11 +235,15 @@ pub fn upsert(c: &mut Conn, a: &Account) -> Result<()> {
     Ok(())
 }
 
-/// Deletes an account, its API keys and its usage triggers; returns whether
-/// it existed.
+/// Deletes an account, its API keys, its usage triggers and its webhook
+/// (wallet events not yet delivered then fail: nowhere to send them, no
+/// secret to sign them with); returns whether it existed. Its usage and its
+/// wallet (balance, holds, top-ups) stay: they are the record of what was
+/// used and paid, and CDRs of the SID may still come. An account created
+/// again with the same SID takes them up.
 pub fn delete(c: &mut Conn, sid: &str) -> Result<bool> {
     c.transaction(|c| {
-        for table in ["api_keys", "usage_triggers"] {
+        for table in ["api_keys", "usage_triggers", "account_webhooks"] {
             c.execute(
                 &format!("DELETE FROM {table} WHERE account_sid = $1"),
                 &[Param::Text(sid)],
