@@ -12,10 +12,11 @@ pub const MAX_URL_LEN: usize = 2048;
 /// Which internal addresses callbacks may go to.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UrlPolicy {
-    /// 127.0.0.0/8, ::1 and `localhost`.
+    /// 127.0.0.0/8, ::1, `localhost`, and the unspecified addresses 0.0.0.0/8
+    /// and :: (which reach this host).
     pub allow_loopback: bool,
     /// Private (10/8, 172.16/12, 192.168/16, fc00::/7), link-local
-    /// (169.254/16, fe80::/10), CGNAT, unspecified and other internal ranges.
+    /// (169.254/16, fe80::/10), CGNAT and other internal ranges.
     pub allow_private: bool,
 }
 
@@ -28,7 +29,13 @@ pub fn refused_ip(ip: IpAddr, policy: UrlPolicy) -> Option<&'static str> {
         },
         v4 => v4,
     };
-    if ip.is_loopback() {
+    // The unspecified address (0.0.0.0/8, ::) reaches this host when
+    // connected to: loopback, whatever else private addresses may be.
+    let unspecified = match ip {
+        IpAddr::V4(v4) => v4.octets()[0] == 0,
+        IpAddr::V6(v6) => v6.is_unspecified(),
+    };
+    if ip.is_loopback() || unspecified {
         return (!policy.allow_loopback).then_some("a loopback address");
     }
     let internal = match ip {
@@ -134,6 +141,21 @@ mod tests {
         };
         assert!(check_callback_url("http://127.0.0.1:8080/x", lo).is_ok());
         assert!(check_callback_url("http://10.1.2.3/", lo).is_err());
+        // Private addresses allowed, loopback not: the unspecified address
+        // reaches this host, so it is loopback.
+        let private = UrlPolicy {
+            allow_loopback: false,
+            allow_private: true,
+        };
+        assert!(check_callback_url("http://10.1.2.3/", private).is_ok());
+        for bad in [
+            "http://0.0.0.0:8080/",
+            "http://0.1.2.3/",
+            "http://[::]:8080/",
+            "http://[::ffff:0.0.0.0]/",
+        ] {
+            assert!(check_callback_url(bad, private).is_err(), "{bad}");
+        }
         assert!(check_callback_url("https://example.com/hook?a=1", NONE).is_ok());
     }
 
