@@ -85,7 +85,9 @@ while time.time() < deadline:
     done = consumed()
     if os.environ.get("BENCH_TRACE"):
         print(f"  {now - t0:6.2f}s cpu {cpu:6.2f} (+{cpu - last_cpu:.2f}) consumed {done}", file=sys.stderr)
-    if start is None and cpu - last_cpu >= 0.4 * (now - last_t):
+    if start is None and (cpu - last_cpu >= 0.4 * (now - last_t) or done >= n):
+        # A drain short enough to end within one window starts where that
+        # window began.
         start = last_t
         tansu_start = cpu_seconds(tansu) if tansu else 0
     last_cpu, last_t = cpu, now
