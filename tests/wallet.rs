@@ -368,6 +368,96 @@ fn a_top_up_cut_off_while_the_store_is_busy_is_in_the_balance() {
     assert_eq!(api.wallet(CB_KEY)["balance"], "15.00000");
 }
 
+/// A hold is answered only once it is in the store: with the holds file
+/// locked past the store's busy timeout, a grant whose request was cut off
+/// meanwhile is revoked when its write fails (not left granted in memory
+/// only), and a repeat of a call id whose grant is still being written waits
+/// for that write instead of answering "reserved" at once.
+#[test]
+fn holds_are_answered_only_once_stored() {
+    let store = TestStore::sqlite();
+    let (cfg, tariff) = config(&store.url());
+    let state = ApiState::seeded(&cfg, &tariff, Store::open(&cfg.store.url).unwrap()).unwrap();
+    let server = serve(state);
+    let api = Api {
+        base: server.base.clone(),
+        http: Client::new(),
+    };
+    // Room for two $3.00 holds; the holds file exists after a first hold.
+    let (s, v) = api.call(
+        "POST",
+        &format!("/admin/accounts/{CB}/credits"),
+        ADMIN_TOKEN,
+        Some(json!({"amount": "10.00", "idempotency_key": "room"})),
+    );
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(api.hold(CB_KEY, "CAwarm").0, StatusCode::CREATED);
+    assert_eq!(
+        api.call("DELETE", "/v1/holds/CAwarm", CB_KEY, None).0,
+        StatusCode::OK
+    );
+    let holds = format!("{}-holds", cfg.store.url.strip_prefix("sqlite://").unwrap());
+    let (locked, is_locked) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let c = rusqlite::Connection::open(holds).unwrap();
+        c.execute_batch("BEGIN IMMEDIATE").unwrap();
+        locked.send(()).unwrap();
+        // Past the busy timeout (10 s) of the write waiting first.
+        std::thread::sleep(Duration::from_millis(10_500));
+        c.execute_batch("COMMIT").unwrap();
+    });
+    is_locked.recv().unwrap();
+    let started = Instant::now();
+    // Cut off by its client; its write fails at the busy timeout.
+    let cut = Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap()
+        .post(format!("{}/v1/holds", api.base))
+        .bearer_auth(CB_KEY)
+        .json(&json!({"call_id": "CAcut"}))
+        .send();
+    assert!(
+        cut.is_err(),
+        "the holds file was locked; the request should time out"
+    );
+    let hold_at = |call_id: &'static str| {
+        let base = api.base.clone();
+        std::thread::spawn(move || {
+            let r = Client::new()
+                .post(format!("{base}/v1/holds"))
+                .bearer_auth(CB_KEY)
+                .json(&json!({ "call_id": call_id }))
+                .send()
+                .unwrap();
+            (r.status(), Instant::now())
+        })
+    };
+    let first = hold_at("CAdup");
+    std::thread::sleep(Duration::from_millis(300));
+    let repeat = hold_at("CAdup");
+    let (first, first_at) = first.join().unwrap();
+    let (repeat, repeat_at) = repeat.join().unwrap();
+    holder.join().unwrap();
+    assert_eq!(first, StatusCode::CREATED);
+    assert_eq!(repeat, StatusCode::OK);
+    assert!(
+        repeat_at + Duration::from_millis(50) >= first_at
+            && repeat_at - started > Duration::from_secs(9),
+        "the repeat answered {:?} after the start, before its first grant was stored",
+        repeat_at - started
+    );
+    // The cut-off grant is gone: not in memory, not in the store.
+    let (s, b) = api.call("GET", "/v1/calls/CAcut/billing", CB_KEY, None);
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+    let w = api.wallet(CB_KEY);
+    assert_eq!(
+        (&w["held"], &w["balance"]),
+        (&json!("3.00000"), &json!("15.00000")),
+        "{w}"
+    );
+}
+
 /// A deleted account's webhook goes with it: an account created again with
 /// its SID has none (and no secret to sign with); its wallet stays.
 #[test]

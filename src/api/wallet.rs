@@ -14,6 +14,7 @@
 //! nothing more.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use crate::metrics as m;
 use axum::body::Bytes;
@@ -35,7 +36,8 @@ use crate::cdr::{AccountSid, CallNumberType, Mode};
 use crate::store::wallet::{Fence, StoredCredit, StoredHold};
 use crate::store::Error as StoreError;
 use crate::wallet::{
-    self as w, decimal, hold_amount, refusal_message, Grant, Hold, HoldStatus, Money, Wallet,
+    self as w, decimal, hold_amount, refusal_message, Durable, Grant, Hold, HoldStatus, Money,
+    Wallet,
 };
 
 /// Loads every stored balance and reserved hold into the state's wallets.
@@ -280,42 +282,36 @@ async fn create_hold_for(
     let grant = wallets.grant(account, &req.call_id, amount, limit, now, expires_at);
     let wallet = wallets.wallet(account);
     let answer = match grant {
-        Grant::Granted(hold) => {
-            let row = stored(&hold);
-            match state.hold_commits().insert(row, fence).await {
-                Ok(None) => {
-                    wallets.revoke(&hold);
-                    return Err(fenced());
-                }
-                Ok(Some(None)) => {
-                    metrics::counter!(m::HOLDS_TOTAL, "outcome" => "granted").increment(1);
-                    let mut body = hold_json(&stored(&hold));
-                    body["wallet"] = wallet_json(&state, &a, &wallet);
-                    (StatusCode::CREATED, Json(body)).into_response()
-                }
-                Ok(Some(Some(_))) if hold.status() != HoldStatus::Reserved => {
-                    // Its call's CDR came and was flushed before this insert.
-                    metrics::counter!(m::HOLDS_TOTAL, "outcome" => "granted").increment(1);
-                    let mut body = hold_json(&stored(&hold));
-                    body["wallet"] = wallet_json(&state, &a, &wallet);
-                    (StatusCode::CREATED, Json(body)).into_response()
-                }
-                Ok(Some(Some(earlier))) => {
-                    // The call id had a hold the registry had forgotten.
-                    wallets.revoke(&hold);
-                    let mut body = hold_json(&earlier);
-                    body["wallet"] = wallet_json(&state, &a, &wallet);
-                    (StatusCode::OK, Json(body)).into_response()
-                }
-                Err(e) => {
-                    wallets.revoke(&hold);
-                    return Err(store_unavailable(e));
-                }
+        Grant::Granted(hold) => match commit_grant(&state, hold.clone(), fence).await? {
+            None => {
+                metrics::counter!(m::HOLDS_TOTAL, "outcome" => "granted").increment(1);
+                let mut body = hold_json(&stored(&hold));
+                body["wallet"] = wallet_json(&state, &a, &wallet);
+                (StatusCode::CREATED, Json(body)).into_response()
             }
-        }
+            Some(earlier) => {
+                // The call id had a hold the registry had forgotten.
+                let mut body = hold_json(&earlier);
+                body["wallet"] = wallet_json(&state, &a, &wallet);
+                (StatusCode::OK, Json(body)).into_response()
+            }
+        },
         Grant::Existing(hold) => {
+            // Answered once its grant is in the store: never "reserved"
+            // about a hold the store may not keep.
+            let found = match hold.stored().await {
+                Durable::Stored => stored(&hold),
+                Durable::Pending | Durable::NotStored => find_hold(&state, account, &req.call_id)
+                    .await?
+                    .ok_or_else(|| {
+                        store_unavailable(StoreError::Cancelled(format!(
+                            "the first request for call id {:?} did not store its hold",
+                            req.call_id
+                        )))
+                    })?,
+            };
             metrics::counter!(m::HOLDS_TOTAL, "outcome" => "repeated").increment(1);
-            let mut body = hold_json(&stored(&hold));
+            let mut body = hold_json(&found);
             body["wallet"] = wallet_json(&state, &a, &wallet);
             (StatusCode::OK, Json(body)).into_response()
         }
@@ -344,6 +340,41 @@ async fn create_hold_for(
     };
     m::HOLD_REQUEST_TO_ANSWER.record_since(started);
     Ok(answer)
+}
+
+/// Writes a granted hold and acts on what the store did — to the end even if
+/// the request is dropped meanwhile (its client gone, a timeout), so a hold
+/// the store did not take is always revoked, never left granted in memory
+/// only. `None` if it is stored (or its call's CDR settled it first);
+/// `Some` with the hold the call id already had in the store.
+async fn commit_grant(
+    state: &ApiState,
+    hold: Arc<Hold>,
+    fence: Option<Fence>,
+) -> Result<Option<StoredHold>, ApiError> {
+    let state = state.clone();
+    let outcome = tokio::spawn(async move {
+        let wallets = state.wallets();
+        let written = state.hold_commits().insert(stored(&hold), fence).await;
+        let outcome = match written {
+            Ok(Some(None)) => Ok(None),
+            // Its call's CDR came and was flushed before this insert.
+            Ok(Some(Some(_))) if hold.status() != HoldStatus::Reserved => Ok(None),
+            Ok(Some(Some(earlier))) => Ok(Some(earlier)),
+            Ok(None) => Err(fenced()),
+            Err(e) => Err(store_unavailable(e)),
+        };
+        if matches!(outcome, Ok(None)) {
+            hold.set_durable(Durable::Stored);
+        } else {
+            wallets.revoke(&hold);
+            hold.set_durable(Durable::NotStored);
+        }
+        outcome
+    })
+    .await
+    .map_err(|e| store_unavailable(StoreError::Task(e.to_string())))?;
+    outcome
 }
 
 /// The hold of `call_id` on `account`: the registry's, else the store's.
@@ -414,6 +445,7 @@ async fn release_hold_for(
         .await
         .map_err(store_unavailable)?
         .ok_or_else(fenced)?;
+    wallets.forget(&hold);
     let mut body = hold_json(&stored(&hold));
     body["wallet"] = wallet_json(&state, &a, &wallets.wallet(account));
     Ok((StatusCode::OK, Json(body)).into_response())
@@ -721,7 +753,7 @@ pub async fn expire_due(state: &ApiState) -> Result<usize, StoreError> {
 }
 
 /// Runs [`expire_due`] every second until `stop` is set.
-pub async fn expire_holds(state: ApiState, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+pub async fn expire_holds(state: ApiState, stop: Arc<std::sync::atomic::AtomicBool>) {
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         if let Err(e) = expire_due(&state).await {
             // Released in memory; a restart brings them back reserved and

@@ -216,6 +216,21 @@ pub struct Hold {
     status: AtomicU8,
     /// Set once, by the consumer thread, when the call's CDR is consumed.
     billing: parking_lot::Mutex<Option<CallBilling>>,
+    /// Whether its grant is in the store: a repeat of its call id is
+    /// answered only once it is ([`Hold::stored`]).
+    durable: AtomicU8,
+    stored_or_not: tokio::sync::Notify,
+}
+
+/// Whether a hold's grant is in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Durable {
+    /// Its write has not committed yet.
+    Pending = 0,
+    Stored = 1,
+    /// Its write failed or was fenced: the hold was revoked.
+    NotStored = 2,
 }
 
 impl Hold {
@@ -234,6 +249,54 @@ impl Hold {
             expires_at,
             status: AtomicU8::new(HoldStatus::Reserved as u8),
             billing: parking_lot::Mutex::new(None),
+            durable: AtomicU8::new(Durable::Pending as u8),
+            stored_or_not: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// A hold read from the store.
+    pub fn from_store(
+        account: AccountSid,
+        call_id: &str,
+        amount: Money,
+        created_at: i64,
+        expires_at: i64,
+    ) -> Hold {
+        let h = Hold::new(account, call_id, amount, created_at, expires_at);
+        h.durable.store(Durable::Stored as u8, Ordering::Release);
+        h
+    }
+
+    /// Records whether its grant's write committed, and wakes whoever waits
+    /// in [`Hold::stored`].
+    pub fn set_durable(&self, d: Durable) {
+        self.durable.store(d as u8, Ordering::Release);
+        self.stored_or_not.notify_waiters();
+    }
+
+    fn durability(&self) -> Durable {
+        match self.durable.load(Ordering::Acquire) {
+            0 => Durable::Pending,
+            1 => Durable::Stored,
+            _ => Durable::NotStored,
+        }
+    }
+
+    /// Waits until its grant's write is done: [`Durable::Stored`] or
+    /// [`Durable::NotStored`]. A request for a call id whose first grant
+    /// is still being written answers only then, so it never says
+    /// "reserved" about a hold that the store may not keep.
+    pub async fn stored(&self) -> Durable {
+        loop {
+            let woken = self.stored_or_not.notified();
+            tokio::pin!(woken);
+            // Registered before the state is read: a `set_durable` between the
+            // read and the wait still wakes it.
+            woken.as_mut().enable();
+            match self.durability() {
+                Durable::Pending => woken.await,
+                done => return done,
+            }
         }
     }
 
@@ -538,6 +601,23 @@ impl Wallets {
         }
         if removed && hold.leave_reserved(HoldStatus::Released) {
             self.wallet(hold.account).unreserve(hold.amount);
+        }
+    }
+
+    /// Drops a finished hold from the registry (the store has it): a hold
+    /// released because its call never started is not kept for a CDR, so
+    /// granting and releasing call ids at any rate leaves nothing behind in
+    /// memory. A repeat of its call id is answered from the store.
+    pub fn forget(&self, hold: &Arc<Hold>) {
+        let key: HoldKey = (hold.account, hold.call_id.as_str().into());
+        let removed = self
+            .holds
+            .remove_if(&key, |_, h| {
+                Arc::ptr_eq(h, hold) && h.status() != HoldStatus::Reserved
+            })
+            .is_some();
+        if removed {
+            self.hold_count.fetch_sub(1, Ordering::AcqRel);
         }
     }
 

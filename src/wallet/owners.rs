@@ -165,7 +165,7 @@ pub fn group_stored(
             .entry(a)
             .or_insert_with(|| (wallets.starting_credit(a), Vec::new()))
             .1
-            .push(Hold::new(
+            .push(Hold::from_store(
                 a,
                 &h.call_id,
                 h.amount,

@@ -106,6 +106,26 @@ fn grant_is_idempotent_refuses_overspending_and_limits_calls() {
     );
 }
 
+/// A hold released and forgotten leaves nothing in the registry, however
+/// many call ids come and go; a reserved one is never forgotten.
+#[test]
+fn released_holds_are_forgotten_reserved_ones_kept() {
+    let w = wallets(500 * CENT);
+    for i in 0..1000 {
+        let Grant::Granted(h) = w.grant(ACCOUNT, &format!("CA{i}"), 300 * CENT, 2, 0, 60) else {
+            panic!("hold {i} refused")
+        };
+        w.forget(&h);
+        assert!(w.hold(ACCOUNT, &h.call_id).is_some(), "reserved: kept");
+        assert!(w.release(&h));
+        w.forget(&h);
+    }
+    assert_eq!(w.hold_count.load(Ordering::Acquire), 0);
+    assert!(w.holds.is_empty());
+    let v = w.wallet(ACCOUNT).view();
+    assert_eq!((v.balance, v.held, v.active_holds), (500 * CENT, 0, 0));
+}
+
 fn call_cdr(id: &str, status: &str, billsec: u32) -> Vec<u8> {
     format!(
         r#"{{"id":"{id}","account_sid":"AC00000000000000000000000000000c11","kind":"call",
