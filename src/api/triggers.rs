@@ -134,7 +134,9 @@ pub fn parse_trigger_value(raw: &str) -> Result<(bool, Decimal), TwilioError> {
     if raw.len() > MAX_TRIGGER_VALUE_CHARS || !digits(int) || !digits(frac) {
         return Err(bad());
     }
-    let value = Decimal::from_str(number).map_err(|_| {
+    // Exact: a value with more decimal places than a Decimal keeps is
+    // refused, not rounded to another threshold.
+    let value = Decimal::from_str_exact(number).map_err(|_| {
         TwilioError::invalid_parameter(format!(
             "TriggerValue {} has more digits than a decimal of 28 significant digits holds",
             shown(raw)
@@ -893,6 +895,21 @@ mod tests {
         let raw = b"CallbackUrl=https://example.com/&TriggerValue=+30&UsageCategory=sms";
         let n = parse_create(raw, STRICT).unwrap();
         assert_eq!((n.relative, n.trigger_value), (true, Decimal::from(30)));
+    }
+
+    /// More decimal places than a Decimal keeps: refused, not rounded to
+    /// another threshold (0 would fire on any usage).
+    #[test]
+    fn trigger_values_are_exact_or_refused() {
+        for raw in [
+            "0.00000000000000000000000000001",
+            "1.00000000000000000000000000009",
+        ] {
+            let e = parse_trigger_value(raw).unwrap_err();
+            assert!(e.message.contains("TriggerValue"), "{raw}: {}", e.message);
+        }
+        let (_, v) = parse_trigger_value("0.0000000000000000000000000001").unwrap();
+        assert_eq!(v, Decimal::new(1, 28));
     }
 
     #[test]

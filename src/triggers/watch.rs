@@ -100,9 +100,12 @@ impl Watch {
         if fired.is_some() && matches!(t.recurring, Recurring::Once | Recurring::AllTime) {
             return None;
         }
-        let threshold = (t.trigger_value * Decimal::from(measure.scale(category)))
-            .ceil()
-            .to_i64()
+        // A value too large for the counters' units is one no usage reaches
+        // (and too large for a Decimal once scaled: the product would panic).
+        let threshold = t
+            .trigger_value
+            .checked_mul(Decimal::from(measure.scale(category)))
+            .and_then(|v| v.ceil().to_i64())
             .unwrap_or(i64::MAX);
         Some(Watch {
             sid: t.sid.as_str().into(),
@@ -339,6 +342,18 @@ mod tests {
         let c = call("2026-03-01", 600);
         g.add(&w, &decode(&c).unwrap(), charge(600));
         assert!(!g.crossed);
+    }
+
+    /// A value too large for the counters' units (28 digits, scaled by the
+    /// price's 10⁵) is watched as one never reached, not a panic of the
+    /// consumer thread that builds the watches.
+    #[test]
+    fn a_value_too_large_to_reach_is_never_crossed() {
+        for by in [TriggerBy::Price, TriggerBy::Usage, TriggerBy::Count] {
+            let t = trigger(by, dec!(9999999999999999999999999999), Recurring::Daily);
+            let w = Watch::of(&t, None).unwrap();
+            assert_eq!(w.threshold, i64::MAX, "{by:?}");
+        }
     }
 
     #[test]
