@@ -792,6 +792,48 @@ fn loopback_callbacks_need_allow_loopback() {
     assert_eq!(state.triggers().len(), 1);
 }
 
+/// A create that fails answers having stored nothing: the current value is
+/// read before the insert (it was read after the commit, so a failed read
+/// answered 500/503 "nothing was changed, retry" with the trigger stored,
+/// and the client's retry made a second one).
+#[test]
+fn a_failed_create_stores_nothing() {
+    let store = TestStore::sqlite();
+    let (s, state) = scenario_with(&store, false);
+    // The account's usage pages no longer decode.
+    state
+        .store()
+        .with_conn(|c| {
+            c.execute(
+                "UPDATE usage_pages SET data = $1 WHERE account_sid = $2",
+                &[
+                    tallyd::store::Param::Bytes(b"not a page"),
+                    tallyd::store::Param::Text(PARENT),
+                ],
+            )
+        })
+        .unwrap();
+    let form = [
+        ("CallbackUrl", HOOK),
+        ("TriggerValue", "100"),
+        ("UsageCategory", "calls"),
+        ("Recurring", "daily"),
+    ];
+    let r = send(
+        Method::POST,
+        &triggers_url(&s.base, PARENT, ".json"),
+        P,
+        &form,
+    );
+    assert!(r.status().is_server_error(), "{}", r.status());
+    let stored = state
+        .store()
+        .with_conn(|c| c.count_triggers(PARENT))
+        .unwrap();
+    assert_eq!(stored, 0);
+    assert_eq!(state.triggers().len(), 0);
+}
+
 fn run_twilio_client(store: TestStore) {
     ensure_python_requirements("twilio");
     let (server, state) = scenario(&store, NOW);

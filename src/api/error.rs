@@ -111,8 +111,17 @@ impl TwilioError {
     }
 }
 
+/// A store failure: 503 (Twilio 20503) if retrying may work — the store did
+/// not answer, so nothing it was asked was done — else 500.
 impl From<StoreError> for TwilioError {
     fn from(e: StoreError) -> Self {
+        if e.kind() == crate::store::ErrorKind::Retryable {
+            tracing::warn!(error = %e, "the store did not answer");
+            return TwilioError::for_status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Service Unavailable: the store did not answer; nothing was changed, retry",
+            );
+        }
         TwilioError::internal(e)
     }
 }
@@ -374,6 +383,27 @@ mod tests {
         let s = shown(&long);
         assert!(s.len() < SHOWN_CHARS + 8, "{}", s.len());
         assert!(s.ends_with('…'));
+    }
+
+    /// A store that did not answer is a 503 "retry" (Twilio 20503), what the
+    /// Twilio APIs promise; a store that answers wrongly is a 500.
+    #[test]
+    fn store_failures_are_503_when_retrying_may_work() {
+        let down = TwilioError::from(StoreError::Cancelled("connection refused".into()));
+        assert_eq!(
+            (down.status, down.code),
+            (StatusCode::SERVICE_UNAVAILABLE, 20503)
+        );
+        assert!(down.message.contains("retry"), "{}", down.message);
+        let broken = TwilioError::from(StoreError::BadRow {
+            table: "usage_triggers",
+            key: "UT1".into(),
+            reason: "trigger_value \"lots\"".into(),
+        });
+        assert_eq!(
+            (broken.status, broken.code),
+            (StatusCode::INTERNAL_SERVER_ERROR, 20500)
+        );
     }
 
     #[test]

@@ -21,7 +21,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::str::FromStr;
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Path, RawQuery, State};
@@ -39,7 +38,7 @@ use super::ApiState;
 use crate::calendar::{parse_rfc3339, Day, Period};
 use crate::counters::Leaves;
 use crate::store::triggers::TriggerFilter;
-use crate::store::{Conn, Error as StoreError, ErrorKind, Param};
+use crate::store::{Conn, Error as StoreError, Param};
 use crate::triggers::{value_of, CallbackMethod, Recurring, Trigger, TriggerBook, TriggerBy};
 use crate::webhooks::url::{check_callback_url, UrlPolicy};
 
@@ -469,7 +468,7 @@ fn trigger_json(t: &Trigger, current: Decimal) -> TriggerJson {
 fn json_of(c: &mut Conn, t: &Trigger, now: &mut CurrentValues) -> Result<TriggerJson, TwilioError> {
     let current = now
         .of(c, &t.usage_category, t.trigger_by, t.recurring)
-        .map_err(store_failed)?;
+        .map_err(TwilioError::from)?;
     Ok(trigger_json(t, current))
 }
 
@@ -485,19 +484,6 @@ pub struct TriggersPage {
     start: u64,
     uri: String,
     usage_triggers: Vec<TriggerJson>,
-}
-
-/// A store failure: 503 if retrying may work (nothing was changed), else 500.
-fn store_failed(e: StoreError) -> TwilioError {
-    if e.kind() == ErrorKind::Retryable {
-        tracing::warn!(error = %e, "usage triggers: the store did not answer");
-        TwilioError::for_status(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Service Unavailable: the store did not answer; nothing was changed, retry",
-        )
-    } else {
-        TwilioError::internal(e)
-    }
 }
 
 /// What a request changed, applied to the book once the store has it.
@@ -635,10 +621,13 @@ pub async fn create(
         let today = Day::from_unix(req.now);
         let mut now = CurrentValues::new(&account, today);
         let category = new.usage_category.name();
+        // Read before the insert: once it commits, nothing may fail the
+        // answer (a client told "nothing was changed, retry" would create it
+        // twice).
+        let current = now
+            .of(c, category, new.trigger_by, new.recurring)
+            .map_err(TwilioError::from)?;
         let trigger_value = if new.relative {
-            let current = now
-                .of(c, category, new.trigger_by, new.recurring)
-                .map_err(store_failed)?;
             current.checked_add(new.trigger_value).ok_or_else(|| {
                 TwilioError::invalid_parameter(format!(
                     "TriggerValue +{} is too large",
@@ -681,13 +670,13 @@ pub async fn create(
                 c.insert_trigger(&t)?;
                 Ok(None)
             })
-            .map_err(store_failed)?;
+            .map_err(TwilioError::from)?;
         if let Some(n) = inserted {
             return Err(TwilioError::invalid_parameter(format!(
                 "Account {account} has {n} usage triggers, the most one account may have ({MAX_TRIGGERS_PER_ACCOUNT}); delete one before creating another"
             )));
         }
-        let json = json_of(c, &t, &mut now)?;
+        let json = trigger_json(&t, current);
         Answer::json(StatusCode::CREATED, &json, BookChange::Upsert(Box::new(t)))
     })
     .await
@@ -724,7 +713,7 @@ pub async fn list(
         let page = start / size;
         let found = c
             .triggers_page(&account, &q.filter, start, q.page_size)
-            .map_err(store_failed)?;
+            .map_err(TwilioError::from)?;
         let mut now = CurrentValues::new(&account, Day::from_unix(req.now));
         let usage_triggers = found
             .triggers
@@ -770,7 +759,7 @@ pub async fn fetch(
     serve(state, sid, uri, headers, peer, move |c, target, req| {
         let account = target.account.sid;
         let t = match trigger_sid(&segment) {
-            Some(ut) => c.trigger(&account, ut).map_err(store_failed)?,
+            Some(ut) => c.trigger(&account, ut).map_err(TwilioError::from)?,
             None => None,
         }
         .ok_or_else(|| TwilioError::not_found(&req.path))?;
@@ -797,10 +786,16 @@ pub async fn update(
         let not_found = || TwilioError::not_found(&req.path);
         let ut = trigger_sid(&segment).ok_or_else(not_found)?;
         // An unknown SID is a 404 whatever the body says.
-        c.trigger(&account, ut)
-            .map_err(store_failed)?
+        let old = c
+            .trigger(&account, ut)
+            .map_err(TwilioError::from)?
             .ok_or_else(not_found)?;
         let u = parse_update(&body, req.policy)?;
+        // Read before the write, as for a create (an update changes none of
+        // what the value depends on).
+        let current = CurrentValues::new(&account, Day::from_unix(req.now))
+            .of(c, &old.usage_category, old.trigger_by, old.recurring)
+            .map_err(TwilioError::from)?;
         let t = c
             .update_trigger(
                 &account,
@@ -810,10 +805,9 @@ pub async fn update(
                 u.friendly_name.as_deref(),
                 &rfc3339(req.now),
             )
-            .map_err(store_failed)?
+            .map_err(TwilioError::from)?
             .ok_or_else(not_found)?;
-        let mut now = CurrentValues::new(&account, Day::from_unix(req.now));
-        let json = json_of(c, &t, &mut now)?;
+        let json = trigger_json(&t, current);
         Answer::json(StatusCode::OK, &json, BookChange::Upsert(Box::new(t)))
     })
     .await
@@ -831,7 +825,7 @@ pub async fn delete(
     serve(state, sid, uri, headers, peer, move |c, target, req| {
         let account = target.account.sid;
         let ut = trigger_sid(&segment).ok_or_else(|| TwilioError::not_found(&req.path))?;
-        if !c.delete_trigger(&account, ut).map_err(store_failed)? {
+        if !c.delete_trigger(&account, ut).map_err(TwilioError::from)? {
             return Err(TwilioError::not_found(&req.path));
         }
         Ok(Answer {
