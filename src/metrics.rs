@@ -248,7 +248,7 @@ pub const CATALOGUE: &[Metric] = &[
     metric(CDR_PARTITION_MISMATCH_TOTAL, Counter, None, &[],
         "CDRs read from another partition than kafka.partitioner computes for their key (the switch's partitioner differs from the configured one: wallets may be owned by the wrong instance)."),
     metric(WEBHOOK_DELIVERIES_TOTAL, Counter, None, &["outcome"],
-        "Webhook delivery attempts by outcome: delivered, retried (will be tried again) or failed (given up after the retry period)."),
+        "Webhook delivery attempts by outcome: delivered, retried (will be tried again), failed (given up after the retry period) or refused (can never work: an address the policy refuses, a deleted account or webhook; failed at once)."),
     metric(WEBHOOK_OUTBOX_PENDING, Gauge, None, &[],
         "Webhook callbacks (usage triggers, wallet events) in the store's outbox still to be delivered, over all instances; read every second by the dispatcher."),
     metric(WEBHOOKS_IN_FLIGHT, Gauge, None, &[],
@@ -408,7 +408,7 @@ fn start_at_zero() {
     for outcome in ["counted", "duplicate", "rejected"] {
         metrics::counter!(CDRS_TOTAL, "outcome" => outcome).absolute(0);
     }
-    for outcome in ["delivered", "retried", "failed"] {
+    for outcome in ["delivered", "retried", "failed", "refused"] {
         metrics::counter!(WEBHOOK_DELIVERIES_TOTAL, "outcome" => outcome).absolute(0);
     }
     for r in RejectReason::ALL {

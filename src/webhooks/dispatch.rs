@@ -647,7 +647,10 @@ impl Dispatcher {
         let now = now_ms();
         let (label, next, error) = match &outcome {
             Attempt::Delivered => ("delivered", None, None),
-            Attempt::Refused(e) => ("failed", None, Some(e.clone())),
+            // Stored failed (it never will work), counted apart from
+            // receivers that stayed down for the retry period: a tenant's
+            // bad URL is not an outage of theirs for the operator.
+            Attempt::Refused(e) => ("refused", None, Some(e.clone())),
             Attempt::Retry(e) => {
                 let deadline = row
                     .created_at
@@ -673,7 +676,7 @@ impl Dispatcher {
             (Attempt::Delivered, _) => {
                 tracing::debug!(id = %row.id, kind = %row.kind, "callback delivered")
             }
-            (_, Some(e)) if label == "failed" => {
+            (_, Some(e)) if next.is_none() => {
                 tracing::warn!(id = %row.id, kind = %row.kind, account = %row.account_sid,
                     error = %e, "callback failed for good")
             }
