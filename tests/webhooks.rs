@@ -605,6 +605,110 @@ both_stores!(wallet_events, |s: &TestStore| s.url(), |url: &String| {
     wallet_events_are_signed_with_the_account_secret(url)
 });
 
+/// Callbacks still to be delivered follow what they were sent for: a wallet
+/// event goes to the webhook's new URL (signed with its new secret), a usage
+/// trigger's callback to its updated URL, and a deleted trigger's callbacks
+/// are dropped. (They went to the URL of the moment they were written for as
+/// long as they were retried.)
+fn pending_callbacks_follow_their_trigger_and_webhook(url: &str) {
+    let f = fixture(url, |_| {});
+    let server = serve(f.state.clone());
+    let http = Client::new();
+    let hook = format!("{}/admin/accounts/{PARENT}/webhook", server.base);
+    let dead = format!("http://127.0.0.1:{}/ok/old", dead_port());
+    let (s, v) = admin(
+        &http,
+        reqwest::Method::PUT,
+        &hook,
+        Some(json!({ "url": dead })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let event = OutboxRow {
+        id: "EVmoved".into(),
+        account_sid: PARENT.into(),
+        kind: "wallet.low_balance".into(),
+        source_sid: "EVmoved".into(),
+        url: dead.clone(),
+        method: "POST".into(),
+        body: r#"{"type":"wallet.low_balance"}"#.into(),
+        created_at: now_ms(),
+    };
+    let moved = trigger_row("UT7-moved", PARENT, &dead, "POST");
+    let (port, log, running) = f.rt.block_on(async {
+        let (port, log) = receiver().await;
+        insert(&f.store, &event).await;
+        insert(&f.store, &moved).await;
+        let running = start(&f);
+        until_tried(&f.store, &event.id).await;
+        until_tried(&f.store, &moved.id).await;
+        (port, log, running)
+    });
+    // The webhook moves: a new URL, a new secret.
+    let live = format!("http://127.0.0.1:{port}/ok/wallet");
+    let (s, v) = admin(
+        &http,
+        reqwest::Method::PUT,
+        &hook,
+        Some(json!({ "url": live })),
+    );
+    assert_eq!(s, 200, "{v}");
+    let secret = v["secret"].as_str().unwrap().to_owned();
+    f.rt.block_on(async {
+        let to = format!("http://127.0.0.1:{port}/ok/trigger");
+        let source = moved.source_sid.clone();
+        f.store
+            .run(move |c| c.redirect_trigger_callbacks(&source, &to, "GET"))
+            .await
+            .unwrap();
+        until_status(&f.store, &event.id, "delivered", 20).await;
+        until_status(&f.store, &moved.id, "delivered", 20).await;
+        let got = log.got();
+        let wallet = got
+            .iter()
+            .find(|r| r.target == "/ok/wallet")
+            .expect("the event");
+        assert_eq!(
+            wallet.header("X-Tallyd-Signature"),
+            format!("sha256={}", python_hmac_sha256(&secret, &wallet.body))
+        );
+        let trigger = got
+            .iter()
+            .find(|r| r.target.starts_with("/ok/trigger?"))
+            .expect("the trigger's callback, by GET");
+        assert_eq!(trigger.method, "GET");
+        // A deleted trigger's callbacks are dropped.
+        let dropped = trigger_row("UT7-dropped", PARENT, &dead, "POST");
+        insert(&f.store, &dropped).await;
+        until_tried(&f.store, &dropped.id).await;
+        let source = dropped.source_sid.clone();
+        f.store
+            .run(move |c| c.drop_trigger_callbacks(&source, now_ms()))
+            .await
+            .unwrap();
+        let s = until_status(&f.store, &dropped.id, "failed", 5).await;
+        assert_eq!(
+            s.last_error.as_deref(),
+            Some("the usage trigger was deleted")
+        );
+        running.stop().await;
+    });
+}
+
+both_stores!(
+    pending_callbacks_follow,
+    |s: &TestStore| s.url(),
+    |url: &String| { pending_callbacks_follow_their_trigger_and_webhook(url) }
+);
+
+/// Waits until `id` has been tried at least once.
+async fn until_tried(store: &Store, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state_of(store, id).await.attempts < 1 {
+        assert!(Instant::now() < deadline, "{id} never tried");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn delivered_once_the_receiver_is_up(url: &str) {
     let f = fixture(url, |_| {});
     let port = dead_port();

@@ -797,14 +797,21 @@ pub async fn update(
             .of(c, &old.usage_category, old.trigger_by, old.recurring)
             .map_err(TwilioError::from)?;
         let t = c
-            .update_trigger(
-                &account,
-                ut,
-                u.callback_url.as_deref(),
-                u.callback_method,
-                u.friendly_name.as_deref(),
-                &rfc3339(req.now),
-            )
+            .transaction(|c| {
+                let t = c.update_trigger(
+                    &account,
+                    ut,
+                    u.callback_url.as_deref(),
+                    u.callback_method,
+                    u.friendly_name.as_deref(),
+                    &rfc3339(req.now),
+                )?;
+                // Callbacks still to be delivered go where it says now.
+                if let Some(t) = &t {
+                    c.redirect_trigger_callbacks(ut, &t.callback_url, t.callback_method.as_str())?;
+                }
+                Ok(t)
+            })
             .map_err(TwilioError::from)?
             .ok_or_else(not_found)?;
         let json = trigger_json(&t, current);
@@ -825,7 +832,17 @@ pub async fn delete(
     serve(state, sid, uri, headers, peer, move |c, target, req| {
         let account = target.account.sid;
         let ut = trigger_sid(&segment).ok_or_else(|| TwilioError::not_found(&req.path))?;
-        if !c.delete_trigger(&account, ut).map_err(TwilioError::from)? {
+        let deleted = c
+            .transaction(|c| {
+                let deleted = c.delete_trigger(&account, ut)?;
+                if deleted {
+                    // Nothing more is sent for it.
+                    c.drop_trigger_callbacks(ut, req.now.saturating_mul(1000))?;
+                }
+                Ok(deleted)
+            })
+            .map_err(TwilioError::from)?;
+        if !deleted {
             return Err(TwilioError::not_found(&req.path));
         }
         Ok(Answer {

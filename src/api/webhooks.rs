@@ -65,7 +65,11 @@ pub async fn set_webhook(
     let secret = new_secret();
     let now = accounts::now_rfc3339();
     on_account(&state, sid, move |c, sid| {
-        c.set_account_webhook(sid, &url, &secret, &now)?;
+        c.transaction(|c| {
+            c.set_account_webhook(sid, &url, &secret, &now)?;
+            // Events still to be delivered go to the new URL.
+            c.redirect_wallet_events(sid, &url)
+        })?;
         // The secret is shown this once.
         Ok(Ok(Json(json!({
             "account_sid": sid,

@@ -418,6 +418,58 @@ impl Conn {
         )? == 1)
     }
 
+    /// Points the callbacks of usage trigger `trigger_sid` not yet delivered
+    /// at its `url` and `method` as they are now: an updated trigger's
+    /// retries go where it says, not where it said when it fired. Returns how
+    /// many.
+    pub fn redirect_trigger_callbacks(
+        &mut self,
+        trigger_sid: &str,
+        url: &str,
+        method: &str,
+    ) -> Result<u64> {
+        self.execute(
+            "UPDATE webhook_outbox SET url = $1, method = $2 \
+             WHERE kind = $3 AND source_sid = $4 AND status = 'pending'",
+            &[
+                Param::Text(url),
+                Param::Text(method),
+                Param::Text(KIND_USAGE_TRIGGER),
+                Param::Text(trigger_sid),
+            ],
+        )
+    }
+
+    /// Fails the callbacks of usage trigger `trigger_sid` not yet delivered
+    /// (it was deleted: nothing is sent for it any more). Returns how many.
+    pub fn drop_trigger_callbacks(&mut self, trigger_sid: &str, at: i64) -> Result<u64> {
+        self.execute(
+            "UPDATE webhook_outbox SET status = 'failed', finished_at = $1, \
+             last_error = 'the usage trigger was deleted' \
+             WHERE kind = $2 AND source_sid = $3 AND status = 'pending'",
+            &[
+                Param::Int(at),
+                Param::Text(KIND_USAGE_TRIGGER),
+                Param::Text(trigger_sid),
+            ],
+        )
+    }
+
+    /// Points the account's wallet events not yet delivered at its webhook's
+    /// `url` as it is now (signed, like every attempt, with its secret as it
+    /// is now). Returns how many.
+    pub fn redirect_wallet_events(&mut self, account_sid: &str, url: &str) -> Result<u64> {
+        self.execute(
+            "UPDATE webhook_outbox SET url = $1 \
+             WHERE account_sid = $2 AND kind <> $3 AND status = 'pending'",
+            &[
+                Param::Text(url),
+                Param::Text(account_sid),
+                Param::Text(KIND_USAGE_TRIGGER),
+            ],
+        )
+    }
+
     /// Queues a wallet event for the account's webhook, if it has one (in the
     /// caller's transaction): id = the event id, POST of the JSON payload.
     /// True if a row was added.
