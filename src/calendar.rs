@@ -170,6 +170,15 @@ fn digits(b: &[u8]) -> Option<u32> {
     Some(v)
 }
 
+/// Unix seconds as an RFC 3339 UTC timestamp to the second
+/// (`2025-01-09T13:45:00Z`); out of range, the epoch. (Written directly, not
+/// through a format string parsed per call: every hold answer has two.)
+pub fn format_rfc3339(unix: i64) -> String {
+    chrono::DateTime::from_timestamp(unix, 0)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
 /// Parses an RFC 3339 timestamp (`2025-01-09T13:45:00Z`, `…+02:00`, fractional
 /// seconds allowed, `t`/space separator allowed) into Unix seconds.
 pub fn parse_rfc3339(s: &str) -> Option<i64> {

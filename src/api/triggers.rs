@@ -35,7 +35,7 @@ use super::error::{shown, throttled, TwilioError};
 use super::records::{read_rows, Listed, RowKind};
 use super::twilio::{self, PageToken, Target, API_VERSION};
 use super::ApiState;
-use crate::calendar::{parse_rfc3339, Day, Period};
+use crate::calendar::{format_rfc3339, parse_rfc3339, Day, Period};
 use crate::counters::Leaves;
 use crate::store::triggers::TriggerFilter;
 use crate::store::{Conn, Error as StoreError, Param};
@@ -92,13 +92,6 @@ pub fn new_trigger_sid() -> String {
         s.push_str(&format!("{x:02x}"));
     }
     s
-}
-
-fn rfc3339(unix: i64) -> String {
-    chrono::DateTime::from_timestamp(unix, 0)
-        .unwrap_or_default()
-        .format("%Y-%m-%dT%H:%M:%SZ")
-        .to_string()
 }
 
 /// A stored RFC 3339 time as Twilio writes dates: `Sun, 06 Sep 2015 12:58:45 +0000`.
@@ -637,7 +630,7 @@ pub async fn create(
         } else {
             new.trigger_value
         };
-        let created = rfc3339(req.now);
+        let created = format_rfc3339(req.now);
         let t = Trigger {
             sid: new_trigger_sid(),
             account_sid: account.clone(),
@@ -804,7 +797,7 @@ pub async fn update(
                     u.callback_url.as_deref(),
                     u.callback_method,
                     u.friendly_name.as_deref(),
-                    &rfc3339(req.now),
+                    &format_rfc3339(req.now),
                 )?;
                 // Callbacks still to be delivered go where it says now.
                 if let Some(t) = &t {

@@ -32,6 +32,7 @@ use super::agentphone::cached_account;
 use super::error::ApiError;
 use super::forward::{self, Decision, Incoming};
 use super::ApiState;
+use crate::calendar::format_rfc3339;
 use crate::cdr::{AccountSid, CallNumberType, Mode};
 use crate::store::wallet::{Fence, StoredCredit, StoredHold};
 use crate::store::Error as StoreError;
@@ -85,13 +86,6 @@ async fn account(
     cached_account(state, headers, peer).await
 }
 
-fn rfc3339(unix: i64) -> String {
-    chrono::DateTime::from_timestamp(unix, 0)
-        .unwrap_or_default()
-        .format("%Y-%m-%dT%H:%M:%SZ")
-        .to_string()
-}
-
 /// The per-call hold of `a` for a call of `number_type` and `mode`.
 fn hold_for(state: &ApiState, a: &Account, nt: CallNumberType, mode: Option<Mode>) -> Money {
     let plan = state
@@ -133,8 +127,8 @@ fn hold_json(h: &StoredHold) -> Json_ {
         "call_id": h.call_id,
         "amount": decimal(h.amount),
         "status": h.status.as_str(),
-        "created_at": rfc3339(h.created_at),
-        "expires_at": rfc3339(h.expires_at),
+        "created_at": format_rfc3339(h.created_at),
+        "expires_at": format_rfc3339(h.expires_at),
     })
 }
 

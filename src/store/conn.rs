@@ -87,20 +87,24 @@ fn sqlite_numbered(sql: &str) -> std::borrow::Cow<'_, str> {
     if !sql.contains('$') {
         return std::borrow::Cow::Borrowed(sql);
     }
+    // By bytes: `$`, `'` and digits are ASCII, so each `$` is a char
+    // boundary and the text between them is copied whole (this runs for
+    // every statement, the hold writer's many small ones included).
+    let bytes = sql.as_bytes();
     let mut out = String::with_capacity(sql.len());
-    let mut quoted = false;
-    let mut chars = sql.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '\'' => quoted = !quoted,
-            '$' if !quoted && chars.peek().is_some_and(char::is_ascii_digit) => {
+    let (mut quoted, mut copied) = (false, 0);
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'\'' => quoted = !quoted,
+            b'$' if !quoted && bytes.get(i + 1).is_some_and(u8::is_ascii_digit) => {
+                out.push_str(&sql[copied..i]);
                 out.push('?');
-                continue;
+                copied = i + 1;
             }
             _ => {}
         }
-        out.push(c);
     }
+    out.push_str(&sql[copied..]);
     std::borrow::Cow::Owned(out)
 }
 
@@ -361,5 +365,10 @@ mod tests {
             "SELECT '$1', ?1, ?10 FROM t WHERE a = ?2 AND b = 'x$3'"
         );
         assert_eq!(sqlite_numbered("SELECT 1"), "SELECT 1");
+        assert_eq!(
+            sqlite_numbered("SELECT 'é$1', $1 AS ü, $2"),
+            "SELECT 'é$1', ?1 AS ü, ?2",
+            "text around the placeholders is kept whole"
+        );
     }
 }

@@ -114,6 +114,11 @@ impl HoldWriter {
         Ok(HoldWriter { main, holds })
     }
 
+    /// Whether its connections still work (see [`Conn::is_alive`]).
+    pub fn is_alive(&mut self) -> bool {
+        self.main.is_alive()
+    }
+
     /// Writes a batch (see [`Conn::write_holds`]).
     pub fn write(
         &mut self,
@@ -135,14 +140,26 @@ pub(super) fn write_split(
     writes: &[(HoldWrite, Option<Fence>)],
 ) -> Result<Vec<Option<Option<StoredHold>>>> {
     // Read before the holds file's transaction: a hold the store has
-    // finished stays so.
-    let mut in_store = Vec::with_capacity(writes.len());
-    for (w, _) in writes {
-        in_store.push(match w {
-            HoldWrite::Grant(h) => main.hold_row(&h.account_sid, &h.call_id)?,
-            HoldWrite::Release(_) => None,
-        });
+    // finished stays so. Several grants are read in one read transaction
+    // (one snapshot, its locks taken once instead of per grant).
+    let grants = writes
+        .iter()
+        .filter(|(w, _)| matches!(w, HoldWrite::Grant(_)))
+        .count();
+    if grants > 1 {
+        main.batch("BEGIN")?;
     }
+    let read = writes
+        .iter()
+        .map(|(w, _)| match w {
+            HoldWrite::Grant(h) => main.hold_row(&h.account_sid, &h.call_id),
+            HoldWrite::Release(_) => Ok(None),
+        })
+        .collect::<Result<Vec<_>>>();
+    if grants > 1 {
+        main.batch(if read.is_ok() { "COMMIT" } else { "ROLLBACK" })?;
+    }
+    let in_store = read?;
     holds.fenced_writes(writes, |c, i, w| match w {
         HoldWrite::Grant(h) => match &in_store[i] {
             Some(found) => Ok(Some(found.clone())),

@@ -13,21 +13,30 @@
 //! and a flush) is paid once per batch instead of once per hold; alone, a
 //! write waits for no one.
 //!
-//! PostgreSQL commits on several connections at once: up to
-//! [`PG_IN_FLIGHT`] batches are written together, so while one waits for its
-//! commit's WAL flush the next is already being written, and the rate is not
-//! one batch per commit latency. Batches written at once may land in either
+//! The writers are OS threads of their own, each with its own connections
+//! to the store ([`HoldWriter`]), taking turns at the channel: one gathers
+//! a batch (blocking until a write comes, then taking whatever else waits)
+//! and lets go of the channel to write it, and the writes that arrive
+//! meanwhile are the next writer's batch. A writer answers each request of
+//! its batch itself once it is committed. (A batch handed to tokio's
+//! blocking pool took a hop there, another back to the writer's task before
+//! any request was answered and, on PostgreSQL, a pooled connection checked
+//! by a round trip per batch.)
+//!
+//! PostgreSQL has [`PG_IN_FLIGHT`] writers: while one waits for its commit's
+//! WAL flush the next is already being written, and the rate is not one
+//! batch per commit latency. Batches written at once may land in either
 //! order; the writes are made so that order does not matter (a release
 //! written before its grant stores the hold released, and the grant then
-//! finds it; see [`crate::store::Conn::release_hold`]). SQLite has one writer
-//! per file: one batch at a time, into the holds file of the store
-//! ([`crate::store::holds`]) over connections the writer keeps, so a batch
-//! never waits for a flush.
+//! finds it; see [`crate::store::Conn::release_hold`]). SQLite has one
+//! writer per file: one writer, writing into the holds file of the store
+//! ([`crate::store::holds`]), so a batch never waits for a flush.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::store::holds::HoldWriter;
 use crate::store::wallet::{Fence, HoldWrite, StoredHold};
@@ -44,7 +53,9 @@ pub const PG_IN_FLIGHT: usize = 4;
 /// id already had; for a release `Some(None)`.
 pub type Inserted = Result<Option<Option<StoredHold>>, Error>;
 
-type Request = (HoldWrite, Option<Fence>, oneshot::Sender<Inserted>);
+type Reply = oneshot::Sender<Inserted>;
+
+type Request = (HoldWrite, Option<Fence>, Reply);
 
 /// The handle requests use; cheap to clone.
 #[derive(Clone, Debug)]
@@ -53,13 +64,21 @@ pub struct HoldCommits {
 }
 
 impl HoldCommits {
-    /// Starts the writer on the current tokio runtime.
+    /// Starts the writers' threads.
     pub fn start(store: Store) -> HoldCommits {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 8);
-        if store.is_sqlite() {
-            tokio::spawn(write_sqlite(store, rx));
-        } else {
-            tokio::spawn(write_pooled(store, rx, PG_IN_FLIGHT));
+        let writers = if store.is_sqlite() { 1 } else { PG_IN_FLIGHT };
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..writers {
+            let (store, rx) = (store.clone(), rx.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("tallyd-holds-{i}"))
+                .spawn(move || write_batches(&store, &rx));
+            // With no writer at all, every write is refused as the writer's
+            // having stopped.
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "a hold writer's thread did not start");
+            }
         }
         HoldCommits { tx }
     }
@@ -119,95 +138,84 @@ fn stopped() -> Error {
     Error::Cancelled("the hold writer has stopped".into())
 }
 
-/// How often the SQLite writer drops from the holds file what the store has
+/// How often a writer drops from the SQLite holds file what the store has
 /// settled ([`HoldWriter::prune`]).
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
 
-async fn write_sqlite(store: Store, mut rx: mpsc::Receiver<Request>) {
+/// A writer idle this long checks its connections before the next batch (a
+/// PostgreSQL server may have closed them meanwhile); a busy one does not.
+const CHECK_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// A writer's loop, on its own thread; ends once every [`HoldCommits`] is
+/// dropped.
+fn write_batches(store: &Store, rx: &Mutex<mpsc::Receiver<Request>>) {
     // Opened at the first batch, and again after a batch failed.
     let mut writer: Option<HoldWriter> = None;
-    let mut pruned = Instant::now();
+    let (mut pruned, mut used) = (Instant::now(), Instant::now());
     let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let writes = writes_of(&batch);
-        let prune = pruned.elapsed() >= PRUNE_EVERY;
-        if prune {
-            pruned = Instant::now();
-        }
-        let (w, s) = (writer.take(), store.clone());
-        let (w, result) = tokio::task::spawn_blocking(move || {
-            let mut w = match w.map_or_else(|| s.hold_writer(), Ok) {
-                Ok(w) => w,
-                Err(e) => return (None, Err(e)),
+    loop {
+        {
+            let mut rx = rx.lock();
+            let Some(first) = rx.blocking_recv() else {
+                return;
             };
-            let result = s.write_holds(&mut w, &writes);
-            if result.is_err() {
-                return (None, result);
-            }
-            if prune {
-                let now = chrono::Utc::now().timestamp();
-                if let Err(e) = w.prune(now) {
-                    tracing::warn!(error = %e, "settled holds not pruned from the holds file");
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
                 }
             }
-            (Some(w), result)
-        })
-        .await
-        .unwrap_or_else(|e| (None, Err(Error::Task(e.to_string()))));
-        writer = w;
-        answer(batch.drain(..), result);
-    }
-}
-
-async fn write_pooled(store: Store, mut rx: mpsc::Receiver<Request>, in_flight: usize) {
-    let slots = Arc::new(Semaphore::new(in_flight));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
-        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
-            return;
         }
-        let store = store.clone();
-        tokio::spawn(async move {
-            commit(&store, batch).await;
-            drop(slot);
-        });
+        let (writes, replies) = split(&mut batch);
+        let idle = std::mem::replace(&mut used, Instant::now()).elapsed();
+        if idle >= CHECK_AFTER_IDLE && writer.as_mut().is_some_and(|w| !w.is_alive()) {
+            tracing::info!("the hold writer's store connection was closed; replacing it");
+            writer = None;
+        }
+        let mut w = match writer.take().map_or_else(|| store.hold_writer(), Ok) {
+            Ok(w) => w,
+            Err(e) => {
+                answer(replies, Err(e));
+                continue;
+            }
+        };
+        let result = store.write_holds(&mut w, &writes);
+        // A writer whose batch failed may be mid-transaction: opened anew.
+        let ok = result.is_ok();
+        answer(replies, result);
+        if !ok {
+            continue;
+        }
+        if pruned.elapsed() >= PRUNE_EVERY {
+            pruned = Instant::now();
+            if let Err(e) = w.prune(chrono::Utc::now().timestamp()) {
+                tracing::warn!(error = %e, "settled holds not pruned from the holds file");
+            }
+        }
+        writer = Some(w);
     }
 }
 
-fn writes_of(batch: &[Request]) -> Vec<(HoldWrite, Option<Fence>)> {
-    let writes: Vec<_> = batch
-        .iter()
-        .map(|(w, f, _)| (w.clone(), f.clone()))
-        .collect();
+/// Takes a batch apart: its writes (for the store) and who waits for each.
+fn split(batch: &mut Vec<Request>) -> (Vec<(HoldWrite, Option<Fence>)>, Vec<Reply>) {
     metrics::counter!(crate::metrics::HOLD_COMMITS_TOTAL).increment(1);
-    metrics::counter!(crate::metrics::HOLD_WRITES_TOTAL).increment(writes.len() as u64);
-    writes
-}
-
-async fn commit(store: &Store, batch: Vec<Request>) {
-    let writes = writes_of(&batch);
-    let result = store.run(move |c| c.write_holds(&writes)).await;
-    answer(batch.into_iter(), result);
+    metrics::counter!(crate::metrics::HOLD_WRITES_TOTAL).increment(batch.len() as u64);
+    batch.drain(..).map(|(w, f, r)| ((w, f), r)).unzip()
 }
 
 /// Answers each request of a batch with what the store did.
-fn answer(
-    batch: impl Iterator<Item = Request>,
-    result: Result<Vec<Option<Option<StoredHold>>>, Error>,
-) {
+fn answer(replies: Vec<Reply>, result: Result<Vec<Option<Option<StoredHold>>>, Error>) {
     match result {
         Ok(found) => {
-            for ((_, _, reply), found) in batch.zip(found) {
+            for (reply, found) in replies.into_iter().zip(found) {
                 let _ = reply.send(Ok(found));
             }
         }
         Err(e) => {
             let why = e.to_string();
             tracing::warn!(error = %why, "a batch of hold writes was not stored; each is refused");
-            for (_, _, reply) in batch {
+            for reply in replies {
                 let _ = reply.send(Err(Error::Cancelled(format!(
                     "the batch of hold writes was not stored: {why}"
                 ))));
