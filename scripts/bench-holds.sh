@@ -17,6 +17,8 @@
 #                     ignored.
 #   HOLD_LOAD_RATE=R  open loop: both loads send R requests per second over
 #                     the CONNECTIONS (latency counted from when each was due).
+#   HOLD_LOAD_RELEASE=0 leaves each hold granted (no DELETE): R holds per
+#                     second are then the whole request rate, as for /healthz.
 #   BENCH_COMPARE=BIN also runs each store with that tallyd binary (label
 #                     `<store>-compare`), just before the one built here.
 set -euo pipefail
