@@ -265,4 +265,58 @@ mod tests {
         let stored = store.with_conn(|c| c.reserved_holds()).unwrap();
         assert_eq!(stored.len(), 1_980);
     }
+
+    /// A writer keeps its connection between batches; one the server closed
+    /// while the writer was idle is replaced before the next batch instead
+    /// of failing it. Needs the server the test command starts
+    /// (`TALLYD_TEST_POSTGRES_URL`, default the local one).
+    #[test]
+    fn a_connection_closed_while_the_writer_was_idle_is_replaced() {
+        let base = std::env::var("TALLYD_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let schema = format!("tallyd_unit_hold_writer_{}", std::process::id());
+        let mut admin = postgres::Client::connect(&base, postgres::NoTls)
+            .unwrap_or_else(|e| panic!("PostgreSQL at {base}: {e}"));
+        admin
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+            ))
+            .unwrap();
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let store = Store::open(&format!(
+            "{base}{sep}options=-csearch_path%3D{schema}&application_name={schema}"
+        ))
+        .unwrap();
+        let commits = HoldCommits::start(store.clone());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // One at a time, so the writers take them in turn: each has opened
+        // its connection.
+        let writes = 2 * PG_IN_FLIGHT;
+        for i in 0..writes {
+            let stored = rt.block_on(commits.insert(hold(i), None)).unwrap();
+            assert_eq!(stored, Some(None));
+        }
+        let killed: i64 = admin
+            .query_one(
+                "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE application_name = $1) k",
+                &[&schema],
+            )
+            .unwrap()
+            .get(0);
+        assert!(killed >= 1, "no connection of the writer to close");
+        std::thread::sleep(CHECK_AFTER_IDLE + Duration::from_millis(200));
+        for i in writes..2 * writes {
+            let stored = rt.block_on(commits.insert(hold(i), None));
+            assert_eq!(stored.unwrap(), Some(None), "a batch after the close");
+        }
+        let stored = store.with_conn(|c| c.reserved_holds()).unwrap();
+        assert_eq!(stored.len(), 2 * writes);
+        admin
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .unwrap();
+    }
 }
