@@ -24,9 +24,8 @@
 //! The timed requests go over hyper's HTTP/1.1 client, one kept-alive
 //! connection per client, with the parts that do not change (path, headers)
 //! made once: the generator shares the two cores with the server, so what it
-//! spends per request is taken from what is measured. (A pooled client with a
-//! URL parsed and a JSON value built per request cost it about as much CPU as
-//! the server's answer.) The untimed setup uses reqwest.
+//! spends per request is taken from what is measured (~11 µs of CPU per
+//! request). The untimed setup uses reqwest.
 
 use std::time::{Duration, Instant};
 
