@@ -506,7 +506,7 @@ pub fn is_sqlite_url(url: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::calendar::{Day, Period};
     use crate::category::Category;
@@ -518,7 +518,7 @@ mod tests {
     /// (`TALLYD_TEST_POSTGRES_URL`, default the local one): an admin
     /// connection, and the URL of a store in that schema. Dropped by
     /// [`drop_schema`].
-    fn pg_schema(name: &str) -> (postgres::Client, String, String) {
+    pub(crate) fn pg_schema(name: &str) -> (postgres::Client, String, String) {
         let base = std::env::var("TALLYD_TEST_POSTGRES_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
         let schema = format!("tallyd_unit_{name}_{}", std::process::id());
@@ -534,7 +534,7 @@ mod tests {
         (admin, schema, url)
     }
 
-    fn drop_schema(admin: &mut postgres::Client, schema: &str) {
+    pub(crate) fn drop_schema(admin: &mut postgres::Client, schema: &str) {
         admin
             .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
             .unwrap();

@@ -272,21 +272,9 @@ mod tests {
     /// (`TALLYD_TEST_POSTGRES_URL`, default the local one).
     #[test]
     fn a_connection_closed_while_the_writer_was_idle_is_replaced() {
-        let base = std::env::var("TALLYD_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let schema = format!("tallyd_unit_hold_writer_{}", std::process::id());
-        let mut admin = postgres::Client::connect(&base, postgres::NoTls)
-            .unwrap_or_else(|e| panic!("PostgreSQL at {base}: {e}"));
-        admin
-            .batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
-            ))
-            .unwrap();
-        let sep = if base.contains('?') { '&' } else { '?' };
-        let store = Store::open(&format!(
-            "{base}{sep}options=-csearch_path%3D{schema}&application_name={schema}"
-        ))
-        .unwrap();
+        let (mut admin, schema, url) = crate::store::tests::pg_schema("hold_writer");
+        // Its connections named, to close them from outside.
+        let store = Store::open(&format!("{url}&application_name={schema}")).unwrap();
         let commits = HoldCommits::start(store.clone());
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -310,8 +298,6 @@ mod tests {
         }
         let stored = store.with_conn(|c| c.reserved_holds()).unwrap();
         assert_eq!(stored.len(), 2 * writes);
-        admin
-            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-            .unwrap();
+        crate::store::tests::drop_schema(&mut admin, &schema);
     }
 }
