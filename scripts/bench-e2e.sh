@@ -32,6 +32,12 @@
 #                 quantiles from tallyd's /metrics. With BENCH_COMPARE, the
 #                 other builds drain with the same triggers too
 #                 ("<file name>-<store>-triggers").
+#                 The triggers' cost is measured against a drain of the same
+#                 accounts without triggers ("<store>-accounts", seeded the
+#                 same way with 0 triggers each): registered accounts have
+#                 wallets, whose debits and low-balance events the flush
+#                 writes too, triggers or not. With BENCH_RUNS > 1 the end
+#                 also prints the median per-round cost of the triggers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-2000000}
@@ -97,9 +103,10 @@ trigger_latency() { # $1 = label, $2 = tallyd's HTTP port
     | tee -a "$WORK/results.txt"
 }
 
-# A store with the generator's accounts and $BENCH_TRIGGERS triggers each.
-seed_triggers() { # $1 = store url
-  "$TRIGGER_BENCH" seed "$1" "$ACCOUNTS" "$BENCH_TRIGGERS" "http://127.0.0.1:$SINK_PORT/usage" >&2
+# A store with the generator's accounts and $2 (default $BENCH_TRIGGERS)
+# triggers each.
+seed_triggers() { # $1 = store url, $2 = triggers per account
+  "$TRIGGER_BENCH" seed "$1" "$ACCOUNTS" "${2:-$BENCH_TRIGGERS}" "http://127.0.0.1:$SINK_PORT/usage" >&2
 }
 if [ -n "${BENCH_TRIGGERS:-}" ]; then
   SINK_PORT=$((PORT + 200))
@@ -129,9 +136,16 @@ for round in $(seq 1 "$RUNS"); do
     done
     if [ -n "${BENCH_TRIGGERS:-}" ]; then
       rm -f "$WORK"/bench.db*
+      seed_triggers "sqlite://$WORK/bench.db" 0
+      run_tallyd sqlite-accounts "sqlite://$WORK/bench.db" bench-acc-sqlite-$round
+      rm -f "$WORK"/bench.db*
       seed_triggers "sqlite://$WORK/bench.db"
       run_tallyd sqlite-triggers "sqlite://$WORK/bench.db" bench-trig-sqlite-$round
       for other in ${BENCH_COMPARE:-}; do
+        rm -f "$WORK"/bench.db*
+        seed_triggers "sqlite://$WORK/bench.db" 0
+        run_tallyd "$(compared_label "$other")-sqlite-accounts" "sqlite://$WORK/bench.db" \
+          bench-$(compared_label "$other")-acc-sqlite-$round "${other%%=*}" "$(compared_config "$other")"
         rm -f "$WORK"/bench.db*
         seed_triggers "sqlite://$WORK/bench.db"
         run_tallyd "$(compared_label "$other")-sqlite-triggers" "sqlite://$WORK/bench.db" \
@@ -152,11 +166,18 @@ for round in $(seq 1 "$RUNS"); do
     done
     if [ -n "${BENCH_TRIGGERS:-}" ]; then
       PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "CREATE SCHEMA $SCHEMA" >/dev/null
+      seed_triggers "$PG?options=-csearch_path%3D$SCHEMA" 0
+      run_tallyd postgres-accounts "$PG?options=-csearch_path%3D$SCHEMA" bench-acc-pg-$round
+      PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE; CREATE SCHEMA $SCHEMA" >/dev/null
       seed_triggers "$PG?options=-csearch_path%3D$SCHEMA"
       run_tallyd postgres-triggers "$PG?options=-csearch_path%3D$SCHEMA" bench-trig-pg-$round
       PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
       for other in ${BENCH_COMPARE:-}; do
         PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "CREATE SCHEMA $SCHEMA" >/dev/null
+        seed_triggers "$PG?options=-csearch_path%3D$SCHEMA" 0
+        run_tallyd "$(compared_label "$other")-postgres-accounts" "$PG?options=-csearch_path%3D$SCHEMA" \
+          bench-$(compared_label "$other")-acc-pg-$round "${other%%=*}" "$(compared_config "$other")"
+        PGOPTIONS="-c client_min_messages=warning" psql "$PG" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE; CREATE SCHEMA $SCHEMA" >/dev/null
         seed_triggers "$PG?options=-csearch_path%3D$SCHEMA"
         run_tallyd "$(compared_label "$other")-postgres-triggers" "$PG?options=-csearch_path%3D$SCHEMA" \
           bench-$(compared_label "$other")-trig-pg-$round "${other%%=*}" "$(compared_config "$other")"
@@ -170,12 +191,33 @@ if [ "$RUNS" -gt 1 ]; then
   compared=""
   for other in ${BENCH_COMPARE:-}; do
     l=$(compared_label "$other")
-    compared="$compared $l-sqlite $l-postgres $l-sqlite-triggers $l-postgres-triggers"
+    compared="$compared $l-sqlite $l-postgres $l-sqlite-accounts $l-postgres-accounts $l-sqlite-triggers $l-postgres-triggers"
   done
-  for label in sqlite postgres sqlite-triggers postgres-triggers $compared; do
+  for label in sqlite postgres sqlite-accounts postgres-accounts sqlite-triggers postgres-triggers $compared; do
     grep -q "^tallyd\[$label\]" "$WORK/results.txt" || continue
     grep "^tallyd\[$label\]" "$WORK/results.txt" | grep -v "triggers fired" | sed 's/.*ratio to bare consumer \([0-9.]*\);.*/\1/' | sort -n \
       | awk -v l="$label" '{r[NR] = $1} END {m = NR % 2 ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2;
           printf "tallyd[%s] over %d runs: median ratio %.2f (min %.2f, max %.2f)\n", l, NR, m, r[1], r[NR]}'
+  done
+fi
+# The triggers' cost per round: the drain with triggers against the same
+# accounts without (same round, same build).
+if [ -n "${BENCH_TRIGGERS:-}" ]; then
+  for other in "" ${BENCH_COMPARE:-}; do
+    for store in ${other:+$(compared_label "$other")-}sqlite ${other:+$(compared_label "$other")-}postgres; do
+      grep -q "^tallyd\[$store-triggers\]:" "$WORK/results.txt" || continue
+      awk -v s="$store" '
+        function secs(line) { sub(/.* flushed in /, "", line); sub(/ s = .*/, "", line); return line }
+        index($0, "tallyd[" s "-accounts]:") == 1 {a[++na] = secs($0)}
+        index($0, "tallyd[" s "-triggers]:") == 1 {t[++nt] = secs($0)}
+        END {
+          n = na < nt ? na : nt
+          for (i = 1; i <= n; i++) { c[i] = a[i] / t[i] - 1; printf "  round %d: %s %.2f s with accounts only, %.2f s with triggers: %+.1f%%\n", i, s, a[i], t[i], 100 * c[i] }
+          if (n == 0) exit
+          for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (c[j] < c[i]) { x = c[i]; c[i] = c[j]; c[j] = x }
+          m = n % 2 ? c[(n + 1) / 2] : (c[n / 2] + c[n / 2 + 1]) / 2
+          printf "tallyd[%s] cost of the triggers (throughput against the same accounts without triggers), median of %d rounds: %+.1f%%\n", s, n, 100 * m
+        }' "$WORK/results.txt"
+    done
   done
 fi

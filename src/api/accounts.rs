@@ -243,12 +243,13 @@ pub fn upsert(c: &mut Conn, a: &Account) -> Result<()> {
 /// again with the same SID takes them up.
 pub fn delete(c: &mut Conn, sid: &str) -> Result<bool> {
     c.transaction(|c| {
-        for table in ["api_keys", "usage_triggers", "account_webhooks"] {
+        for table in ["api_keys", "account_webhooks"] {
             c.execute(
                 &format!("DELETE FROM {table} WHERE account_sid = $1"),
                 &[Param::Text(sid)],
             )?;
         }
+        c.delete_account_triggers(sid)?;
         Ok(c.execute(
             "DELETE FROM api_accounts WHERE account_sid = $1",
             &[Param::Text(sid)],

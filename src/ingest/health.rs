@@ -11,6 +11,8 @@ pub struct IngestHealth {
     pending_cells: AtomicUsize,
     /// Messages between where the consumers are and the partitions' ends.
     lag: AtomicUsize,
+    /// Consumers whose flush in flight writes CDRs counted while far behind.
+    flushing_backlog: AtomicUsize,
     /// Held while a sum is moved and its gauge set: two consumers assigned
     /// at once otherwise could set the gauge in the other order than they
     /// moved the sum (the gauge then showed one consumer's share).
@@ -28,14 +30,28 @@ impl IngestHealth {
     }
 
     /// Whether the consumers are far behind the partitions' ends (more than
-    /// [`super::EARLY_FLUSH_MAX_LAG`] messages: draining a backlog).
+    /// [`super::EARLY_FLUSH_MAX_LAG`] messages: draining a backlog), or a
+    /// flush of CDRs counted then is still being written: at the end of a
+    /// drain the consumers have caught up while the flush that writes the
+    /// rest of the backlog, its largest, is yet to land.
     pub fn behind(&self) -> bool {
         self.lag.load(Ordering::Relaxed) > super::EARLY_FLUSH_MAX_LAG as usize
+            || self.flushing_backlog.load(Ordering::Relaxed) > 0
     }
 
     /// Sets one consumer's lag (`mine` holds its share).
     pub(super) fn set_lag(&self, mine: &IngestHealth, lag: usize) {
         move_sum(&self.lag, &mine.lag, lag);
+    }
+
+    /// Sets whether one consumer's flush in flight writes CDRs counted while
+    /// far behind (`mine` holds its share).
+    pub(super) fn set_flushing_backlog(&self, mine: &IngestHealth, backlog: bool) {
+        move_sum(
+            &self.flushing_backlog,
+            &mine.flushing_backlog,
+            backlog as usize,
+        );
     }
 
     /// Sets one consumer's assigned partitions (`mine` holds its share) and
@@ -70,5 +86,28 @@ fn move_sum(sum: &AtomicUsize, mine: &AtomicUsize, now: usize) -> usize {
         sum.fetch_add(now - before, Ordering::Relaxed) + (now - before)
     } else {
         sum.fetch_sub(before - now, Ordering::Relaxed) - (before - now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Behind while far from the partitions' ends, and then until the
+    /// flushes of what was counted meanwhile have landed.
+    #[test]
+    fn behind_until_the_backlog_is_flushed() {
+        let all = IngestHealth::default();
+        let (a, b) = (IngestHealth::default(), IngestHealth::default());
+        all.set_lag(&a, super::super::EARLY_FLUSH_MAX_LAG as usize + 1);
+        assert!(all.behind());
+        all.set_flushing_backlog(&a, true);
+        all.set_flushing_backlog(&b, true);
+        all.set_lag(&a, 0);
+        assert!(all.behind(), "caught up, the backlog's flushes still out");
+        all.set_flushing_backlog(&a, false);
+        assert!(all.behind(), "one consumer's backlog flush still out");
+        all.set_flushing_backlog(&b, false);
+        assert!(!all.behind());
     }
 }

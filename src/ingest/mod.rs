@@ -146,6 +146,12 @@ struct State {
     /// Since when the consumer has been at most [`EARLY_FLUSH_MAX_LAG`]
     /// messages behind (`None`: more now).
     keeping_up_since: Option<Instant>,
+    /// Whether CDRs counted while far behind wait for the next flush.
+    backlog_unflushed: bool,
+    /// Whether the flush in flight (if any) writes CDRs counted while far
+    /// behind: the end of a backlog, its largest flush often
+    /// ([`IngestHealth::behind`] still says so).
+    backlog_in_flight: bool,
     /// CDR event time → counted, buffered for `tallyd_cdr_event_to_counted_seconds`.
     event_ages: LocalSummary<'static>,
 }
@@ -333,6 +339,8 @@ impl Ingest {
                     .unwrap_or_else(Instant::now),
                 behind: false,
                 keeping_up_since: None,
+                backlog_unflushed: false,
+                backlog_in_flight: false,
                 event_ages: crate::metrics::CDR_EVENT_TO_COUNTED.local(),
             }),
             jobs,
@@ -470,6 +478,8 @@ impl Ingest {
             let lag = publish_lag(&st, &self.consumer);
             ctx.health.set_lag(&ctx.my_health, lag.max(0) as usize);
             st.behind = lag > EARLY_FLUSH_MAX_LAG;
+            st.backlog_unflushed |= st.behind;
+            ctx.publish_backlog(&st);
             let now = Instant::now();
             st.keeping_up_since = match st.keeping_up_since {
                 _ if st.behind => None,

@@ -214,6 +214,7 @@ impl IngestContext {
         let Some(rx) = st.in_flight.take() else {
             return true;
         };
+        self.publish_backlog(st);
         let left = deadline.saturating_duration_since(Instant::now());
         let res = rx.recv_timeout(left).or_else(|_| {
             st.in_flight_cancel.store(true, Ordering::Relaxed);
@@ -225,7 +226,20 @@ impl IngestContext {
         matches!(res, Ok(Ok(_)))
     }
 
+    /// Tells the instance's health whether this consumer's flush in flight
+    /// writes CDRs counted while far behind.
+    pub(super) fn publish_backlog(&self, st: &State) {
+        let backlog = st.in_flight.is_some() && st.backlog_in_flight;
+        self.health.set_flushing_backlog(&self.my_health, backlog);
+    }
+
     pub(super) fn submit(&self, st: &mut State, snapshot: Snapshot) {
+        // Published before the flusher takes the job: it asks the webhook
+        // dispatcher whether to hand callbacks over as it starts.
+        st.backlog_in_flight = st.backlog_unflushed;
+        st.backlog_unflushed = st.behind;
+        self.health
+            .set_flushing_backlog(&self.my_health, st.backlog_in_flight);
         let (tx, rx) = mpsc::sync_channel(1);
         let cancel = Arc::new(AtomicBool::new(false));
         let job = Job {
@@ -239,10 +253,10 @@ impl IngestContext {
                 // A shared (SQLite) flusher is writing another consumer's
                 // flush; this consumer has none out, so it waits for one.
                 if self.jobs.send(job).is_err() {
-                    return;
+                    return self.publish_backlog(st);
                 }
             }
-            Err(TrySendError::Disconnected(_)) => return,
+            Err(TrySendError::Disconnected(_)) => return self.publish_backlog(st),
         }
         st.in_flight = Some(rx);
         st.in_flight_cancel = cancel;

@@ -18,7 +18,8 @@
 //!   instead of one per CDR), with the day they were seen; whole rows are pruned
 //!   once older than the dedup window.
 //! - `tallyd_meta`: key/value; `last_flush` is the RFC 3339 time of the last flush
-//!   (the records' `as_of`).
+//!   (the records' `as_of`); `usage_trigger_edits` counts the edits made to
+//!   `usage_triggers` (see [`super::triggers`]).
 //! - `api_accounts`: accounts of the HTTP API (auth token, parent, plan and limits),
 //!   from config and the admin API.
 //! - `api_keys`: AgentPhone Bearer keys, stored as SHA-256 hex only; `key_id` is the

@@ -304,14 +304,20 @@ pub fn crossings<T: std::borrow::Borrow<Trigger>>(
     out
 }
 
-/// How often the book is reloaded from the store.
+/// How often the book looks whether triggers were edited in the store
+/// (through another instance), and reloads them if so.
 pub const RELOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often the book is reloaded whether or not an edit was counted: the
+/// firing columns that other instances' flushes write are not counted as
+/// edits (the store decides a firing; the book's copy only spares work), nor
+/// are the edits of a tallyd from before the count.
+pub const FULL_RELOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Every trigger by account, in memory, so that the flusher knows which of a
 /// cut's accounts to evaluate without reading the store, and the consumers
 /// know which CDRs may cross one ([`watch`]). Loaded at start, changed by
-/// this instance's API as it changes the store, and reloaded every few
-/// seconds to see changes made through other instances.
+/// this instance's API as it changes the store, and reloaded when the store
+/// counted edits made through other instances ([`Reloads`]).
 #[derive(Debug, Clone, Default)]
 pub struct TriggerBook {
     inner: Arc<RwLock<Inner>>,
@@ -321,6 +327,16 @@ pub struct TriggerBook {
     /// Bumped at every trigger this instance's API created, changed or
     /// deleted: a reload read before such a change must not undo it.
     edits: Arc<AtomicU64>,
+}
+
+/// What the book's last reload from the store saw
+/// ([`TriggerBook::reload_if_edited`]).
+#[derive(Debug, Default)]
+pub struct Reloads {
+    /// The store's count of trigger edits then.
+    edits: Option<String>,
+    /// When (`None`: never).
+    at: Option<std::time::Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -499,32 +515,62 @@ impl TriggerBook {
         Some(built)
     }
 
-    /// Reloads every trigger from `store` every [`RELOAD_EVERY`] until
-    /// `shutdown` (triggers created, changed or deleted through another
-    /// instance; this instance's own edits change the book at once).
+    /// Every [`RELOAD_EVERY`] until `shutdown`, reloads the triggers from
+    /// `store` if they were edited there ([`Self::reload_if_edited`]):
+    /// created, changed or deleted through another instance (this
+    /// instance's own edits change the book at once).
     pub async fn keep_loaded(
         self,
         store: crate::store::Store,
         shutdown: Arc<std::sync::atomic::AtomicBool>,
     ) {
+        let reloads = Arc::new(parking_lot::Mutex::new(Reloads::default()));
         loop {
             tokio::time::sleep(RELOAD_EVERY).await;
             if shutdown.load(Ordering::Relaxed) {
                 return;
             }
-            let edits = self.edits();
-            match store.run(|c| c.all_triggers()).await {
-                Ok(all) => {
-                    let n = all.len();
-                    if self.reload(all, edits) {
-                        tracing::debug!(triggers = n, "usage triggers reloaded");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not reload the usage triggers; trying again")
-                }
+            let (book, reloads) = (self.clone(), reloads.clone());
+            let now = std::time::Instant::now();
+            let done = store
+                .run(move |c| book.reload_if_edited(c, &mut reloads.lock(), now))
+                .await;
+            if let Err(e) = done {
+                tracing::warn!(error = %e, "could not reload the usage triggers; trying again")
             }
         }
+    }
+
+    /// Reloads every trigger from `c` if the store counted an edit since the
+    /// last reload, or that was [`FULL_RELOAD_EVERY`] ago or more (`now`
+    /// being now); true if it did.
+    pub fn reload_if_edited(
+        &self,
+        c: &mut crate::store::Conn,
+        reloads: &mut Reloads,
+        now: std::time::Instant,
+    ) -> crate::store::Result<bool> {
+        // The count first: an edit between the two reads is read again next
+        // time.
+        let counted = c.triggers_edited()?;
+        let fresh = reloads
+            .at
+            .is_some_and(|at| now.saturating_duration_since(at) < FULL_RELOAD_EVERY);
+        if fresh && reloads.edits == counted {
+            return Ok(false);
+        }
+        let edits = self.edits();
+        let all = c.all_triggers()?;
+        let n = all.len();
+        if !self.reload(all, edits) {
+            return Ok(false);
+        }
+        tracing::debug!(triggers = n, "usage triggers reloaded");
+        *reloads = Reloads {
+            edits: counted,
+            at: Some(now),
+        };
+        Ok(true)
     }
 
     /// The triggers of `account_sid` (empty if none), shared, not copied.
@@ -576,6 +622,76 @@ mod tests {
 
     fn day(d: u32) -> Day {
         Day::from_ymd(2026, 3, d)
+    }
+
+    /// The store is read again after an edit counted there (made through
+    /// any instance), and otherwise only after [`FULL_RELOAD_EVERY`].
+    #[test]
+    fn a_reload_reads_the_store_after_an_edit_or_a_while() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            crate::store::Store::open(&format!("sqlite://{}/t.db", dir.path().display())).unwrap();
+        let book = TriggerBook::new();
+        let mut reloads = Reloads::default();
+        let t0 = std::time::Instant::now();
+        let mut reload = |secs: u64| {
+            let now = t0 + std::time::Duration::from_secs(secs);
+            store
+                .with_conn(|c| book.reload_if_edited(c, &mut reloads, now))
+                .unwrap()
+        };
+        let a = trigger("sms", TriggerBy::Count, dec!(5), Recurring::Daily);
+        let account = a.account_sid.clone();
+        store.with_conn(|c| c.insert_trigger(&a)).unwrap();
+        assert!(reload(0), "the first look reads");
+        assert_eq!(book.len(), 1);
+        assert!(!reload(5), "nothing edited");
+        // A firing column is no edit: read with the next full reload.
+        store
+            .with_conn(|c| c.execute("UPDATE usage_triggers SET fired_period = '2026-03-01'", &[]))
+            .unwrap();
+        assert!(!reload(10));
+        assert_eq!(book.of(&account)[0].fired_period, None);
+        assert!(reload(FULL_RELOAD_EVERY.as_secs()));
+        assert_eq!(
+            book.of(&account)[0].fired_period.as_deref(),
+            Some("2026-03-01")
+        );
+        // Every kind of edit is read at the next look.
+        let mut b = a.clone();
+        b.sid = "UT2".into();
+        let look = FULL_RELOAD_EVERY.as_secs() + 5;
+        store.with_conn(|c| c.insert_trigger(&b)).unwrap();
+        assert!(reload(look));
+        assert_eq!(book.len(), 2);
+        store
+            .with_conn(|c| {
+                c.update_trigger(
+                    &account,
+                    "UT2",
+                    Some("https://example.com/b"),
+                    None,
+                    None,
+                    "2026-03-02T00:00:00Z",
+                )
+            })
+            .unwrap();
+        assert!(reload(look + 5));
+        assert!(book
+            .of(&account)
+            .iter()
+            .any(|t| t.callback_url == "https://example.com/b"));
+        store
+            .with_conn(|c| c.delete_trigger(&account, "UT2"))
+            .unwrap();
+        assert!(reload(look + 10));
+        assert_eq!(book.len(), 1);
+        store
+            .with_conn(|c| crate::api::accounts::delete(c, &account))
+            .unwrap();
+        assert!(reload(look + 15));
+        assert!(book.is_empty());
+        assert!(!reload(look + 20));
     }
 
     #[test]

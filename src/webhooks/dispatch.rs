@@ -32,8 +32,8 @@
 //! attempt when its turn comes (a flush that took long to commit) is claimed
 //! again from that lease first.
 //!
-//! While the consumers are far behind ([`Behind`]: draining a backlog) the
-//! dispatcher paces itself: flushes hand nothing over, wake-ups are ignored,
+//! While the consumers are far behind ([`Behind`]: draining a backlog, until
+//! the flush of its last CDRs has landed) the dispatcher paces itself: flushes hand nothing over, wake-ups are ignored,
 //! and it reads one batch a second. Callbacks of a backlog are late anyway,
 //! and sending them at full speed took the CPU the drain needed; once the
 //! consumers catch up, what waits goes out at full speed. The dispatcher runs
