@@ -99,6 +99,20 @@ impl Api {
     }
 }
 
+/// The API over a fresh SQLite store with this file's accounts: the store
+/// and the server (kept for the test's life), the config and a client.
+fn sqlite_api() -> (TestStore, Config, common::Server, Api) {
+    let store = TestStore::sqlite();
+    let (cfg, tariff) = config(&store.url());
+    let state = ApiState::seeded(&cfg, &tariff, Store::open(&cfg.store.url).unwrap()).unwrap();
+    let server = serve(state);
+    let api = Api {
+        base: server.base.clone(),
+        http: Client::new(),
+    };
+    (store, cfg, server, api)
+}
+
 fn holds_and_top_ups_over_http(store: &TestStore) {
     let (cfg, tariff) = config(&store.url());
     let state = ApiState::seeded(&cfg, &tariff, Store::open(&cfg.store.url).unwrap()).unwrap();
@@ -316,14 +330,7 @@ fn holds_and_top_ups_over_http(store: &TestStore) {
 /// only the store. The same idempotency key again credits nothing more.
 #[test]
 fn a_top_up_cut_off_while_the_store_is_busy_is_in_the_balance() {
-    let store = TestStore::sqlite();
-    let (cfg, tariff) = config(&store.url());
-    let state = ApiState::seeded(&cfg, &tariff, Store::open(&cfg.store.url).unwrap()).unwrap();
-    let server = serve(state);
-    let api = Api {
-        base: server.base.clone(),
-        http: Client::new(),
-    };
+    let (_store, cfg, _server, api) = sqlite_api();
     assert_eq!(api.wallet(CB_KEY)["balance"], "5.00000");
     let path = cfg.store.url.strip_prefix("sqlite://").unwrap().to_owned();
     // Another writer holds the store's write lock for 1.5 s.
@@ -375,14 +382,7 @@ fn a_top_up_cut_off_while_the_store_is_busy_is_in_the_balance() {
 /// for that write instead of answering "reserved" at once.
 #[test]
 fn holds_are_answered_only_once_stored() {
-    let store = TestStore::sqlite();
-    let (cfg, tariff) = config(&store.url());
-    let state = ApiState::seeded(&cfg, &tariff, Store::open(&cfg.store.url).unwrap()).unwrap();
-    let server = serve(state);
-    let api = Api {
-        base: server.base.clone(),
-        http: Client::new(),
-    };
+    let (_store, cfg, _server, api) = sqlite_api();
     // Room for two $3.00 holds; the holds file exists after a first hold.
     let (s, v) = api.call(
         "POST",
@@ -462,14 +462,7 @@ fn holds_are_answered_only_once_stored() {
 /// its SID has none (and no secret to sign with); its wallet stays.
 #[test]
 fn a_deleted_account_takes_its_webhook_and_keeps_its_wallet() {
-    let store = TestStore::sqlite();
-    let (cfg, tariff) = config(&store.url());
-    let state = ApiState::seeded(&cfg, &tariff, Store::open(&cfg.store.url).unwrap()).unwrap();
-    let server = serve(state);
-    let api = Api {
-        base: server.base.clone(),
-        http: Client::new(),
-    };
+    let (_store, _, _server, api) = sqlite_api();
     let sid = "AC000000000000000000000000000beef1";
     let account = format!("/admin/accounts/{sid}");
     let create = json!({"sid": sid, "friendly_name": "one"});
@@ -651,14 +644,7 @@ fn postgres_holds_and_top_ups_over_http() {
 /// change made through the admin API applies to the very next request.
 #[test]
 fn admin_changes_apply_to_the_next_hold() {
-    let store = TestStore::sqlite();
-    let (cfg, tariff) = config(&store.url());
-    let state = ApiState::seeded(&cfg, &tariff, Store::open(&cfg.store.url).unwrap()).unwrap();
-    let server = serve(state);
-    let api = Api {
-        base: server.base.clone(),
-        http: Client::new(),
-    };
+    let (_store, _, _server, api) = sqlite_api();
     let (s, key) = api.call(
         "POST",
         &format!("/admin/accounts/{CB}/api-keys"),
