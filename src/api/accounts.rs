@@ -243,6 +243,14 @@ pub fn upsert(c: &mut Conn, a: &Account) -> Result<()> {
 /// again with the same SID takes them up.
 pub fn delete(c: &mut Conn, sid: &str) -> Result<bool> {
     c.transaction(|c| {
+        // The account's row first: a trigger's create locks it before the
+        // count of trigger edits, so the two never wait for each other in a
+        // cycle (PostgreSQL), and a create that committed first has its
+        // trigger seen, and deleted, by the statements below.
+        let existed = c.execute(
+            "DELETE FROM api_accounts WHERE account_sid = $1",
+            &[Param::Text(sid)],
+        )? > 0;
         for table in ["api_keys", "account_webhooks"] {
             c.execute(
                 &format!("DELETE FROM {table} WHERE account_sid = $1"),
@@ -250,10 +258,7 @@ pub fn delete(c: &mut Conn, sid: &str) -> Result<bool> {
             )?;
         }
         c.delete_account_triggers(sid)?;
-        Ok(c.execute(
-            "DELETE FROM api_accounts WHERE account_sid = $1",
-            &[Param::Text(sid)],
-        )? > 0)
+        Ok(existed)
     })
 }
 

@@ -652,22 +652,30 @@ pub async fn create(
                 // Locks the account's row until the commit, so that creates
                 // racing on PostgreSQL count one another (SQLite's write
                 // transactions are serial already).
-                c.execute(
+                let locked = c.execute(
                     "UPDATE api_accounts SET account_sid = account_sid WHERE account_sid = $1",
                     &[Param::Text(&account)],
                 )?;
+                if locked == 0 {
+                    // Deleted since it was authorized: no trigger for it.
+                    return Ok(Err(None));
+                }
                 let n = c.count_triggers(&account)?;
                 if n >= MAX_TRIGGERS_PER_ACCOUNT {
-                    return Ok(Some(n));
+                    return Ok(Err(Some(n)));
                 }
                 c.insert_trigger(&t)?;
-                Ok(None)
+                Ok(Ok(()))
             })
             .map_err(TwilioError::from)?;
-        if let Some(n) = inserted {
-            return Err(TwilioError::invalid_parameter(format!(
-                "Account {account} has {n} usage triggers, the most one account may have ({MAX_TRIGGERS_PER_ACCOUNT}); delete one before creating another"
-            )));
+        match inserted {
+            Ok(()) => {}
+            Err(None) => return Err(TwilioError::not_found(&req.path)),
+            Err(Some(n)) => {
+                return Err(TwilioError::invalid_parameter(format!(
+                    "Account {account} has {n} usage triggers, the most one account may have ({MAX_TRIGGERS_PER_ACCOUNT}); delete one before creating another"
+                )))
+            }
         }
         let json = trigger_json(&t, current);
         Answer::json(StatusCode::CREATED, &json, BookChange::Upsert(Box::new(t)))

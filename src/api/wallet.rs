@@ -295,7 +295,10 @@ async fn create_hold_for(
             // about a hold the store may not keep.
             let found = match hold.stored().await {
                 Durable::Stored => stored(&hold),
-                Durable::Pending | Durable::NotStored => find_hold(&state, account, &req.call_id)
+                // Not stored: what the store has, if anything (not the
+                // registry, where a retry may have put a grant of its own
+                // that is not stored yet either).
+                Durable::Pending | Durable::NotStored => stored_hold(&state, account, &req.call_id)
                     .await?
                     .ok_or_else(|| {
                         store_unavailable(StoreError::Cancelled(format!(
@@ -380,6 +383,15 @@ async fn find_hold(
     if let Some(h) = state.wallets().hold(account, call_id) {
         return Ok(Some(stored(&h)));
     }
+    stored_hold(state, account, call_id).await
+}
+
+/// The hold of `call_id` on `account` as the store has it.
+async fn stored_hold(
+    state: &ApiState,
+    account: AccountSid,
+    call_id: &str,
+) -> Result<Option<StoredHold>, ApiError> {
     let (sid, id) = (account.to_string(), call_id.to_owned());
     Ok(state.store().run(move |c| c.hold(&sid, &id)).await?)
 }

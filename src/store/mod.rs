@@ -788,6 +788,71 @@ pub(crate) mod tests {
         drop_schema(&mut admin, &schema);
     }
 
+    /// An account deleted while a trigger is created on it (PostgreSQL, the
+    /// create holding the account's row): neither waits for the other in a
+    /// cycle, and no trigger outlives the account.
+    #[test]
+    fn an_account_deleted_during_a_trigger_create_takes_the_trigger() {
+        use crate::api::accounts;
+        use crate::triggers::{Recurring, Trigger, TriggerBy};
+        let (mut admin, schema, url) = pg_schema("acctdel");
+        Store::open(&url).unwrap();
+        let sid = "AC0000000000000000000000000000de1e";
+        let account = accounts::Account {
+            sid: sid.into(),
+            auth_token: crate::config::Secret::new("token-123456"),
+            parent_sid: None,
+            friendly_name: String::new(),
+            plan: None,
+            limits: crate::config::PlanLimits::default(),
+            created_at: "2026-12-07T00:00:00Z".into(),
+            updated_at: "2026-12-07T00:00:00Z".into(),
+        };
+        let trigger = |n: u32| Trigger {
+            sid: format!("UT{n:032}"),
+            account_sid: sid.into(),
+            ..Trigger::example("calls", TriggerBy::Count, 10.into(), Recurring::Daily)
+        };
+        let stores = [Store::new(&url, 1).unwrap(), Store::new(&url, 1).unwrap()];
+        stores[0]
+            .with_conn(|c| {
+                accounts::upsert(c, &account)?;
+                c.insert_trigger(&trigger(1))
+            })
+            .unwrap();
+        let start = Arc::new(std::sync::Barrier::new(2));
+        let create = {
+            let (s, start) = (stores[0].clone(), start.clone());
+            let t = trigger(2);
+            std::thread::spawn(move || {
+                s.with_conn(|c| {
+                    c.transaction(|c| {
+                        c.execute(
+                            "UPDATE api_accounts SET account_sid = account_sid WHERE account_sid = $1",
+                            &[Param::Text(sid)],
+                        )?;
+                        start.wait();
+                        // Give the delete time to queue behind this row.
+                        std::thread::sleep(std::time::Duration::from_millis(300));
+                        c.insert_trigger(&t)
+                    })
+                })
+            })
+        };
+        let delete = {
+            let (s, start) = (stores[1].clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                s.with_conn(|c| accounts::delete(c, sid))
+            })
+        };
+        create.join().unwrap().expect("the create");
+        assert!(delete.join().unwrap().expect("the delete"));
+        let left = stores[0].with_conn(|c| c.count_triggers(sid)).unwrap();
+        assert_eq!(left, 0, "a trigger outlived its account");
+        drop_schema(&mut admin, &schema);
+    }
+
     /// Two batches of the same call ids' grants written at once on two
     /// PostgreSQL connections, listed in opposite orders: each call id is
     /// stored once and found by the other batch, and neither batch fails (a
