@@ -359,3 +359,26 @@ pub fn router(state: ApiState) -> Router {
         .route("/openapi.yaml", get(openapi))
         .with_state(state)
 }
+
+/// Why a text is not a [`plain_decimal`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotPlain {
+    /// Not digits with at most one point between digits.
+    Shape,
+    /// More digits than a `Decimal` holds exactly.
+    Inexact,
+}
+
+/// A decimal as the APIs take one (trigger values, money): ASCII digits with
+/// at most one point, digits on both sides of it; no sign, exponent,
+/// separator or space (`1e3` parses as a `Decimal`, and would mean 1000).
+/// Parsed exactly: more digits than a `Decimal` holds are refused, not
+/// rounded to another number.
+pub fn plain_decimal(s: &str) -> Result<rust_decimal::Decimal, NotPlain> {
+    let (int, frac) = s.split_once('.').unwrap_or((s, "0"));
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(int) || !digits(frac) {
+        return Err(NotPlain::Shape);
+    }
+    rust_decimal::Decimal::from_str_exact(s).map_err(|_| NotPlain::Inexact)
+}

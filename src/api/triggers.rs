@@ -34,7 +34,7 @@ use super::auth::{self, AuthThrottle};
 use super::error::{shown, throttled, TwilioError};
 use super::records::{read_rows, Listed, RowKind};
 use super::twilio::{self, PageToken, Target, API_VERSION};
-use super::ApiState;
+use super::{ApiState, NotPlain};
 use crate::calendar::{format_rfc3339, parse_rfc3339, Day, Period};
 use crate::counters::Leaves;
 use crate::store::triggers::TriggerFilter;
@@ -121,18 +121,17 @@ pub fn parse_trigger_value(raw: &str) -> Result<(bool, Decimal), TwilioError> {
         Some(b'+' | b' ') => (true, &raw[1..]),
         _ => (false, raw),
     };
-    let (int, frac) = number.split_once('.').unwrap_or((number, "0"));
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if raw.len() > MAX_TRIGGER_VALUE_CHARS || !digits(int) || !digits(frac) {
+    if raw.len() > MAX_TRIGGER_VALUE_CHARS {
         return Err(bad());
     }
     // Exact: a value with more decimal places than a Decimal keeps is
     // refused, not rounded to another threshold.
-    let value = Decimal::from_str_exact(number).map_err(|_| {
-        TwilioError::invalid_parameter(format!(
+    let value = super::plain_decimal(number).map_err(|why| match why {
+        NotPlain::Shape => bad(),
+        NotPlain::Inexact => TwilioError::invalid_parameter(format!(
             "TriggerValue {} has more digits than a decimal of 28 significant digits holds",
             shown(raw)
-        ))
+        )),
     })?;
     Ok((relative, value.normalize()))
 }
@@ -459,9 +458,7 @@ fn trigger_json(t: &Trigger, current: Decimal) -> TriggerJson {
 }
 
 fn json_of(c: &mut Conn, t: &Trigger, now: &mut CurrentValues) -> Result<TriggerJson, TwilioError> {
-    let current = now
-        .of(c, &t.usage_category, t.trigger_by, t.recurring)
-        .map_err(TwilioError::from)?;
+    let current = now.of(c, &t.usage_category, t.trigger_by, t.recurring)?;
     Ok(trigger_json(t, current))
 }
 
@@ -619,7 +616,7 @@ pub async fn create(
         // twice).
         let current = now
             .of(c, category, new.trigger_by, new.recurring)
-            .map_err(TwilioError::from)?;
+            ?;
         let trigger_value = if new.relative {
             current.checked_add(new.trigger_value).ok_or_else(|| {
                 TwilioError::invalid_parameter(format!(
@@ -667,7 +664,7 @@ pub async fn create(
                 c.insert_trigger(&t)?;
                 Ok(Ok(()))
             })
-            .map_err(TwilioError::from)?;
+            ?;
         match inserted {
             Ok(()) => {}
             Err(None) => return Err(TwilioError::not_found(&req.path)),
@@ -712,9 +709,7 @@ pub async fn list(
         let size = u64::from(q.page_size);
         let start = twilio::page_start(q.token, q.page, q.page_size, &listing)?;
         let page = start / size;
-        let found = c
-            .triggers_page(&account, &q.filter, start, q.page_size)
-            .map_err(TwilioError::from)?;
+        let found = c.triggers_page(&account, &q.filter, start, q.page_size)?;
         let mut now = CurrentValues::new(&account, Day::from_unix(req.now));
         let usage_triggers = found
             .triggers
@@ -760,7 +755,7 @@ pub async fn fetch(
     serve(state, sid, uri, headers, peer, move |c, target, req| {
         let account = target.account.sid;
         let t = match trigger_sid(&segment) {
-            Some(ut) => c.trigger(&account, ut).map_err(TwilioError::from)?,
+            Some(ut) => c.trigger(&account, ut)?,
             None => None,
         }
         .ok_or_else(|| TwilioError::not_found(&req.path))?;
@@ -787,16 +782,16 @@ pub async fn update(
         let not_found = || TwilioError::not_found(&req.path);
         let ut = trigger_sid(&segment).ok_or_else(not_found)?;
         // An unknown SID is a 404 whatever the body says.
-        let old = c
-            .trigger(&account, ut)
-            .map_err(TwilioError::from)?
-            .ok_or_else(not_found)?;
+        let old = c.trigger(&account, ut)?.ok_or_else(not_found)?;
         let u = parse_update(&body, req.policy)?;
         // Read before the write, as for a create (an update changes none of
         // what the value depends on).
-        let current = CurrentValues::new(&account, Day::from_unix(req.now))
-            .of(c, &old.usage_category, old.trigger_by, old.recurring)
-            .map_err(TwilioError::from)?;
+        let current = CurrentValues::new(&account, Day::from_unix(req.now)).of(
+            c,
+            &old.usage_category,
+            old.trigger_by,
+            old.recurring,
+        )?;
         let t = c
             .transaction(|c| {
                 let t = c.update_trigger(
@@ -812,8 +807,7 @@ pub async fn update(
                     c.redirect_trigger_callbacks(ut, &t.callback_url, t.callback_method.as_str())?;
                 }
                 Ok(t)
-            })
-            .map_err(TwilioError::from)?
+            })?
             .ok_or_else(not_found)?;
         let json = trigger_json(&t, current);
         Answer::json(StatusCode::OK, &json, BookChange::Upsert(Box::new(t)))
@@ -833,16 +827,14 @@ pub async fn delete(
     serve(state, sid, uri, headers, peer, move |c, target, req| {
         let account = target.account.sid;
         let ut = trigger_sid(&segment).ok_or_else(|| TwilioError::not_found(&req.path))?;
-        let deleted = c
-            .transaction(|c| {
-                let deleted = c.delete_trigger(&account, ut)?;
-                if deleted {
-                    // Nothing more is sent for it.
-                    c.drop_trigger_callbacks(ut, req.now.saturating_mul(1000))?;
-                }
-                Ok(deleted)
-            })
-            .map_err(TwilioError::from)?;
+        let deleted = c.transaction(|c| {
+            let deleted = c.delete_trigger(&account, ut)?;
+            if deleted {
+                // Nothing more is sent for it.
+                c.drop_trigger_callbacks(ut, req.now.saturating_mul(1000))?;
+            }
+            Ok(deleted)
+        })?;
         if !deleted {
             return Err(TwilioError::not_found(&req.path));
         }

@@ -31,7 +31,7 @@ use super::admin::{check_sid, parse_body, Admin};
 use super::agentphone::cached_account;
 use super::error::ApiError;
 use super::forward::{self, Decision, Incoming};
-use super::ApiState;
+use super::{ApiState, NotPlain};
 use crate::calendar::format_rfc3339;
 use crate::cdr::{AccountSid, CallNumberType, Mode};
 use crate::store::wallet::{Fence, StoredCredit, StoredHold};
@@ -550,10 +550,9 @@ fn amount_param(param: &str, v: Option<&str>) -> Result<Option<Money>, ApiError>
         .transpose()
 }
 
-/// An amount of money sent as a decimal string: digits with at most one
-/// point (`10`, `10.00`, `0.005`), at most five decimal places; no sign, no
-/// exponent (`1e3` would parse as a decimal and credit 1000), no spaces
-/// inside. `want` ends the message that says what to send instead.
+/// An amount of money sent as a decimal string: a [`super::plain_decimal`]
+/// (`10`, `10.00`, `0.005`) of at most five decimal places. `want` ends the
+/// message that says what to send instead.
 fn money_param(param: &str, v: &str, want: &str) -> Result<Money, ApiError> {
     let bad = |why: &str| {
         ApiError::invalid_parameter(
@@ -565,12 +564,13 @@ fn money_param(param: &str, v: &str, want: &str) -> Result<Money, ApiError> {
         )
     };
     let t = v.trim();
-    let (whole, frac) = t.split_once('.').unwrap_or((t, "0"));
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if t.len() > 40 || !digits(whole) || !digits(frac) {
+    if t.len() > 40 {
         return Err(bad("is not a plain decimal"));
     }
-    let d: rust_decimal::Decimal = t.parse().map_err(|_| bad("is not a decimal"))?;
+    let d = super::plain_decimal(t).map_err(|why| match why {
+        NotPlain::Shape => bad("is not a plain decimal"),
+        NotPlain::Inexact => bad("has more digits than a decimal holds"),
+    })?;
     w::money(param, d).map_err(|e| bad(&e))
 }
 
