@@ -106,32 +106,39 @@ impl HoldCommits {
     /// writer makes of them and of what else is waiting; returns once all are
     /// committed, or the first error.
     pub async fn release_all(&self, holds: Vec<StoredHold>) -> Result<(), Error> {
+        // All handed over before any answer is awaited.
         let mut answers = Vec::with_capacity(holds.len());
         for h in holds {
-            let (reply, answer) = oneshot::channel();
-            if self
-                .tx
-                .send((HoldWrite::Release(h), None, reply))
-                .await
-                .is_err()
-            {
-                return Err(stopped());
-            }
-            answers.push(answer);
+            answers.push(self.send(HoldWrite::Release(h), None).await?);
         }
         for answer in answers {
-            answer.await.unwrap_or_else(|_| Err(stopped()))?;
+            answered(answer).await?;
         }
         Ok(())
     }
 
     async fn write(&self, w: HoldWrite, fence: Option<Fence>) -> Inserted {
-        let (reply, answer) = oneshot::channel();
-        if self.tx.send((w, fence, reply)).await.is_err() {
-            return Err(stopped());
-        }
-        answer.await.unwrap_or_else(|_| Err(stopped()))
+        answered(self.send(w, fence).await?).await
     }
+
+    /// Hands a write to the writers; its answer comes on the receiver.
+    async fn send(
+        &self,
+        w: HoldWrite,
+        fence: Option<Fence>,
+    ) -> Result<oneshot::Receiver<Inserted>, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send((w, fence, reply))
+            .await
+            .map_err(|_| stopped())?;
+        Ok(answer)
+    }
+}
+
+/// A write's answer (a writer gone before answering: stopped).
+async fn answered(answer: oneshot::Receiver<Inserted>) -> Inserted {
+    answer.await.unwrap_or_else(|_| Err(stopped()))
 }
 
 fn stopped() -> Error {

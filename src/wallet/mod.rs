@@ -591,17 +591,23 @@ impl Wallets {
     /// Takes back a hold [`Wallets::grant`] just granted (its grant could not be
     /// made durable): as if it had never been asked for.
     pub fn revoke(&self, hold: &Arc<Hold>) {
+        if self.unregister(hold, |_| true) && hold.leave_reserved(HoldStatus::Released) {
+            self.wallet(hold.account).unreserve(hold.amount);
+        }
+    }
+
+    /// Removes `hold` itself (not a later hold of its call id) from the
+    /// registry if `also` accepts it; true if it did.
+    fn unregister(&self, hold: &Arc<Hold>, also: impl FnOnce(&Hold) -> bool) -> bool {
         let key: HoldKey = (hold.account, hold.call_id.as_str().into());
         let removed = self
             .holds
-            .remove_if(&key, |_, h| Arc::ptr_eq(h, hold))
+            .remove_if(&key, |_, h| Arc::ptr_eq(h, hold) && also(h))
             .is_some();
         if removed {
             self.hold_count.fetch_sub(1, Ordering::AcqRel);
         }
-        if removed && hold.leave_reserved(HoldStatus::Released) {
-            self.wallet(hold.account).unreserve(hold.amount);
-        }
+        removed
     }
 
     /// Drops a finished hold from the registry (the store has it): a hold
@@ -609,16 +615,7 @@ impl Wallets {
     /// granting and releasing call ids at any rate leaves nothing behind in
     /// memory. A repeat of its call id is answered from the store.
     pub fn forget(&self, hold: &Arc<Hold>) {
-        let key: HoldKey = (hold.account, hold.call_id.as_str().into());
-        let removed = self
-            .holds
-            .remove_if(&key, |_, h| {
-                Arc::ptr_eq(h, hold) && h.status() != HoldStatus::Reserved
-            })
-            .is_some();
-        if removed {
-            self.hold_count.fetch_sub(1, Ordering::AcqRel);
-        }
+        self.unregister(hold, |h| h.status() != HoldStatus::Reserved);
     }
 
     /// Releases a reserved hold (its call never started, or it expired); false
