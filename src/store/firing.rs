@@ -120,7 +120,7 @@ impl Conn {
             return Ok(report);
         }
         let now = chrono::Utc::now();
-        let date_fired = now.format("%Y-%m-%dT%H:%M:%SZ").to_string();
+        let date_fired = crate::calendar::format_rfc3339(now.timestamp());
         let date_fired_2822 = now.format("%a, %d %b %Y %H:%M:%S +0000").to_string();
         let mut by_account: HashMap<&str, Vec<std::sync::Arc<Trigger>>> = HashMap::new();
         for t in triggers {

@@ -215,12 +215,7 @@ impl HoldWriter {
                 done.push((sid, id));
             }
         }
-        holds.transaction(|c| {
-            for (sid, id) in &done {
-                c.delete_reserved_hold(sid, id)?;
-            }
-            Ok(())
-        })?;
+        holds.delete_reserved_holds(&done)?;
         Ok(done.len())
     }
 }
@@ -289,22 +284,29 @@ impl Conn {
             }
         }
         if !settled.is_empty() {
-            holds.transaction(|c| {
-                for h in &settled {
-                    c.delete_reserved_hold(&h.account_sid, &h.call_id)?;
-                }
-                Ok(())
-            })?;
+            let keys: Vec<_> = settled
+                .iter()
+                .map(|h| (h.account_sid.as_str(), h.call_id.as_str()))
+                .collect();
+            holds.delete_reserved_holds(&keys)?;
         }
         Ok(out)
     }
 
-    fn delete_reserved_hold(&mut self, account_sid: &str, call_id: &str) -> Result<()> {
-        self.execute(
-            "DELETE FROM wallet_holds WHERE account_sid = $1 AND call_id = $2 AND status = 'reserved'",
-            &[Param::Text(account_sid), Param::Text(call_id)],
-        )?;
-        Ok(())
+    /// Drops from the holds file, in one transaction, the grants of `keys`
+    /// (account SID, call id) still there as reserved: the store has them
+    /// finished.
+    fn delete_reserved_holds(&mut self, keys: &[(&str, &str)]) -> Result<()> {
+        self.transaction(|c| {
+            for (account_sid, call_id) in keys {
+                c.execute(
+                    "DELETE FROM wallet_holds WHERE account_sid = $1 AND call_id = $2 \
+                     AND status = 'reserved'",
+                    &[Param::Text(account_sid), Param::Text(call_id)],
+                )?;
+            }
+            Ok(())
+        })
     }
 }
 

@@ -33,8 +33,9 @@
 //! again from that lease first.
 //!
 //! While the consumers are far behind ([`Behind`]: draining a backlog, until
-//! the flush of its last CDRs has landed) the dispatcher paces itself: flushes hand nothing over, wake-ups are ignored,
-//! and it reads one batch a second. Callbacks of a backlog are late anyway,
+//! the flush of its last CDRs has landed) the dispatcher paces itself:
+//! flushes hand nothing over, wake-ups are ignored, and it reads one batch a
+//! second. Callbacks of a backlog are late anyway,
 //! and sending them at full speed took the CPU the drain needed; once the
 //! consumers catch up, what waits goes out at full speed. The dispatcher runs
 //! on a runtime of its own at a lower CPU priority than the consumers

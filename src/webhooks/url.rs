@@ -47,13 +47,12 @@ pub fn refused_ip(ip: IpAddr, policy: UrlPolicy) -> Option<&'static str> {
 
 fn internal_v4(ip: Ipv4Addr) -> bool {
     let o = ip.octets();
+    // 0.0.0.0/8 is loopback here (see `refused_ip`).
     ip.is_private()
         || ip.is_link_local()
-        || ip.is_unspecified()
         || ip.is_broadcast()
         || ip.is_multicast()
         || ip.is_documentation()
-        || o[0] == 0
         || (o[0] == 100 && (64..128).contains(&o[1]))
         || (o[0] == 192 && o[1] == 0 && o[2] == 0)
         || (o[0] == 198 && (18..20).contains(&o[1]))
@@ -62,8 +61,8 @@ fn internal_v4(ip: Ipv4Addr) -> bool {
 
 fn internal_v6(ip: Ipv6Addr) -> bool {
     let s = ip.segments();
-    ip.is_unspecified()
-        || ip.is_multicast()
+    // `::` is loopback here (see `refused_ip`).
+    ip.is_multicast()
         || (s[0] & 0xfe00) == 0xfc00
         || (s[0] & 0xffc0) == 0xfe80
         || (s[0] == 0x2001 && s[1] == 0x0db8)
