@@ -324,6 +324,39 @@ fn holds_and_top_ups_over_http(store: &TestStore) {
     assert_eq!((v.balance, v.held), (1500 * CENT, 0));
 }
 
+/// Holds the write lock of the SQLite file at `path` for `held`, from
+/// another connection; returns once it is taken.
+fn write_locked(path: String, held: Duration) -> std::thread::JoinHandle<()> {
+    let (locked, is_locked) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let c = rusqlite::Connection::open(path).unwrap();
+        c.execute_batch("BEGIN IMMEDIATE").unwrap();
+        locked.send(()).unwrap();
+        std::thread::sleep(held);
+        c.execute_batch("COMMIT").unwrap();
+    });
+    is_locked.recv().unwrap();
+    holder
+}
+
+/// A POST of `body` to `path` whose client gives up after `timeout`.
+fn cut_off(
+    api: &Api,
+    path: &str,
+    key: &str,
+    body: Value,
+    timeout: Duration,
+) -> reqwest::Result<reqwest::blocking::Response> {
+    Client::builder()
+        .timeout(timeout)
+        .build()
+        .unwrap()
+        .post(format!("{}{path}", api.base))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+}
+
 /// A top-up whose request is cut off while the store is busy (the client's
 /// timeout here; a proxy's or a forwarding instance's alike) is committed
 /// once the store is free, and then it is in the balance: the live wallet, not
@@ -334,23 +367,14 @@ fn a_top_up_cut_off_while_the_store_is_busy_is_in_the_balance() {
     assert_eq!(api.wallet(CB_KEY)["balance"], "5.00000");
     let path = cfg.store.url.strip_prefix("sqlite://").unwrap().to_owned();
     // Another writer holds the store's write lock for 1.5 s.
-    let (locked, is_locked) = std::sync::mpsc::channel();
-    let holder = std::thread::spawn(move || {
-        let c = rusqlite::Connection::open(path).unwrap();
-        c.execute_batch("BEGIN IMMEDIATE").unwrap();
-        locked.send(()).unwrap();
-        std::thread::sleep(Duration::from_millis(1500));
-        c.execute_batch("COMMIT").unwrap();
-    });
-    is_locked.recv().unwrap();
-    let cut = Client::builder()
-        .timeout(Duration::from_millis(300))
-        .build()
-        .unwrap()
-        .post(format!("{}/admin/accounts/{CB}/credits", api.base))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"amount": "10.00", "idempotency_key": "cut-1"}))
-        .send();
+    let holder = write_locked(path, Duration::from_millis(1500));
+    let cut = cut_off(
+        &api,
+        &format!("/admin/accounts/{CB}/credits"),
+        ADMIN_TOKEN,
+        json!({"amount": "10.00", "idempotency_key": "cut-1"}),
+        Duration::from_millis(300),
+    );
     assert!(
         cut.is_err(),
         "the store was busy; the request should time out"
@@ -397,26 +421,17 @@ fn holds_are_answered_only_once_stored() {
         StatusCode::OK
     );
     let holds = format!("{}-holds", cfg.store.url.strip_prefix("sqlite://").unwrap());
-    let (locked, is_locked) = std::sync::mpsc::channel();
-    let holder = std::thread::spawn(move || {
-        let c = rusqlite::Connection::open(holds).unwrap();
-        c.execute_batch("BEGIN IMMEDIATE").unwrap();
-        locked.send(()).unwrap();
-        // Past the busy timeout (10 s) of the write waiting first.
-        std::thread::sleep(Duration::from_millis(10_500));
-        c.execute_batch("COMMIT").unwrap();
-    });
-    is_locked.recv().unwrap();
+    // Past the busy timeout (10 s) of the write waiting first.
+    let holder = write_locked(holds, Duration::from_millis(10_500));
     let started = Instant::now();
     // Cut off by its client; its write fails at the busy timeout.
-    let cut = Client::builder()
-        .timeout(Duration::from_secs(1))
-        .build()
-        .unwrap()
-        .post(format!("{}/v1/holds", api.base))
-        .bearer_auth(CB_KEY)
-        .json(&json!({"call_id": "CAcut"}))
-        .send();
+    let cut = cut_off(
+        &api,
+        "/v1/holds",
+        CB_KEY,
+        json!({"call_id": "CAcut"}),
+        Duration::from_secs(1),
+    );
     assert!(
         cut.is_err(),
         "the holds file was locked; the request should time out"
