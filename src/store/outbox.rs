@@ -220,18 +220,37 @@ impl Conn {
     /// one row at once); its `next_attempt_at` becomes `lease_until`, when
     /// another instance may take it over if this one never reports, and its
     /// attempt is counted. Returns, per row, whether this call claimed it.
+    ///
+    /// Rows are locked in id order, as every other change of several rows
+    /// here locks them ([`Conn::pending_of`]): on PostgreSQL two such
+    /// transactions never wait for each other in a cycle.
     pub fn claim_outbox(&mut self, rows: &[(&str, i64)], lease_until: i64) -> Result<Vec<bool>> {
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_unstable_by_key(|&i| rows[i].0);
         self.transaction(|c| {
-            rows.iter()
-                .map(|(id, seen)| {
-                    Ok(c.execute(
-                        "UPDATE webhook_outbox SET next_attempt_at = $1, attempts = attempts + 1 \
-                         WHERE id = $2 AND status = 'pending' AND next_attempt_at = $3",
-                        &[Param::Int(lease_until), Param::Text(id), Param::Int(*seen)],
-                    )? == 1)
-                })
-                .collect()
+            let mut claimed = vec![false; rows.len()];
+            for i in order {
+                let (id, seen) = rows[i];
+                claimed[i] = c.execute(
+                    "UPDATE webhook_outbox SET next_attempt_at = $1, attempts = attempts + 1 \
+                     WHERE id = $2 AND status = 'pending' AND next_attempt_at = $3",
+                    &[Param::Int(lease_until), Param::Text(id), Param::Int(seen)],
+                )? == 1;
+            }
+            Ok(claimed)
         })
+    }
+
+    /// The condition "`id` is one of the pending rows that pass `filter`",
+    /// which on PostgreSQL also locks those rows in id order (a plain
+    /// `UPDATE … WHERE filter` locks them in scan order, and could wait in a
+    /// cycle with a claim of the same rows).
+    fn pending_of(&self, filter: &str) -> String {
+        let lock = match self {
+            Conn::Postgres(_) => " ORDER BY id FOR UPDATE",
+            Conn::Sqlite(_) => "",
+        };
+        format!("id IN (SELECT id FROM webhook_outbox WHERE {filter} AND status = 'pending'{lock})")
     }
 
     /// Marks a row delivered at `at` (a receiver answered 2xx). Whoever holds
@@ -428,9 +447,9 @@ impl Conn {
         url: &str,
         method: &str,
     ) -> Result<u64> {
+        let which = self.pending_of("kind = $3 AND source_sid = $4");
         self.execute(
-            "UPDATE webhook_outbox SET url = $1, method = $2 \
-             WHERE kind = $3 AND source_sid = $4 AND status = 'pending'",
+            &format!("UPDATE webhook_outbox SET url = $1, method = $2 WHERE {which}"),
             &[
                 Param::Text(url),
                 Param::Text(method),
@@ -443,10 +462,12 @@ impl Conn {
     /// Fails the callbacks of usage trigger `trigger_sid` not yet delivered
     /// (it was deleted: nothing is sent for it any more). Returns how many.
     pub fn drop_trigger_callbacks(&mut self, trigger_sid: &str, at: i64) -> Result<u64> {
+        let which = self.pending_of("kind = $2 AND source_sid = $3");
         self.execute(
-            "UPDATE webhook_outbox SET status = 'failed', finished_at = $1, \
-             last_error = 'the usage trigger was deleted' \
-             WHERE kind = $2 AND source_sid = $3 AND status = 'pending'",
+            &format!(
+                "UPDATE webhook_outbox SET status = 'failed', finished_at = $1, \
+                 last_error = 'the usage trigger was deleted' WHERE {which}"
+            ),
             &[
                 Param::Int(at),
                 Param::Text(KIND_USAGE_TRIGGER),
@@ -459,9 +480,9 @@ impl Conn {
     /// `url` as it is now (signed, like every attempt, with its secret as it
     /// is now). Returns how many.
     pub fn redirect_wallet_events(&mut self, account_sid: &str, url: &str) -> Result<u64> {
+        let which = self.pending_of("account_sid = $2 AND kind <> $3");
         self.execute(
-            "UPDATE webhook_outbox SET url = $1 \
-             WHERE account_sid = $2 AND kind <> $3 AND status = 'pending'",
+            &format!("UPDATE webhook_outbox SET url = $1 WHERE {which}"),
             &[
                 Param::Text(url),
                 Param::Text(account_sid),
