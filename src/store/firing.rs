@@ -1,7 +1,8 @@
 //! Usage triggers fired in the flush transaction ([`crate::triggers`]): a
 //! crossing found on the pages as the flush leaves them marks its trigger
-//! fired for the period — a conditional update, so a period fires at most
-//! once whatever an instance's in-memory book believed — and writes the
+//! fired for the period in `usage_trigger_firings` — a conditional upsert,
+//! so a period fires at most once whatever an instance's in-memory book
+//! believed — and writes the
 //! callback into the webhook outbox ([`super::outbox`]) with an idempotency
 //! token made of the trigger and the period, the same across replays.
 
@@ -59,51 +60,93 @@ fn record_uri(account: &str, category: &str, recurring: &str, period: Period) ->
 
 impl Conn {
     /// Marks each crossing's trigger fired for its period unless it already
-    /// fired for it (or, once-only, at all) — one statement for the chunk;
-    /// returns, for those it marked: SID, period key, callback URL and
-    /// method, category, trigger_by, trigger_value, recurring.
+    /// fired for it or a later one (or, once-only, at all), or is gone;
+    /// returns, for those it marked, the trigger as stored now: SID,
+    /// account, callback URL and method, category, trigger_by,
+    /// trigger_value, recurring.
+    ///
+    /// Two statements: the triggers are read (on PostgreSQL locked FOR
+    /// SHARE, in SID order, so that an update or delete of one waits for
+    /// this transaction and then redirects or drops what it wrote), then
+    /// their firings upserted in `usage_trigger_firings` — narrow rows,
+    /// not the wide definitions.
     fn mark_fired(
         &mut self,
         chunk: &[(Crossing, String)],
         date_fired: &str,
     ) -> Result<Vec<Vec<super::Value>>> {
-        let values: Vec<String> = (0..chunk.len())
-            .map(|i| {
-                let b = 2 + i * 4;
-                format!("(${b}, ${}, ${}, ${})", b + 1, b + 2, b + 3)
+        let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let lock = if matches!(self, Conn::Postgres(_)) {
+            " ORDER BY sid FOR SHARE"
+        } else {
+            ""
+        };
+        let sids: Vec<Param> = chunk.iter().map(|(c, _)| Param::Text(&c.sid)).collect();
+        let stored = self.query(
+            &format!(
+                "SELECT sid, account_sid, callback_url, callback_method, usage_category, \
+                 trigger_by, trigger_value, recurring FROM usage_triggers \
+                 WHERE sid IN ({}){lock}",
+                marks.join(", ")
+            ),
+            &sids,
+        )?;
+        let mut stored: HashMap<String, Vec<super::Value>> = stored
+            .into_iter()
+            .map(|r| (r[0].text().to_owned(), r))
+            .collect();
+        // In the crossings' order; a trigger of another account of that SID
+        // is not the crossing's.
+        let firings: Vec<(&Crossing, &str, String, String)> = chunk
+            .iter()
+            .filter_map(|(c, key)| {
+                let r = stored.get(&c.sid)?;
+                (r[1].text() == c.account_sid).then(|| {
+                    let value = c.value.normalize().to_string();
+                    (c, key.as_str(), value, r[7].text().to_owned())
+                })
             })
             .collect();
-        let texts: Vec<String> = chunk
-            .iter()
-            .map(|(c, _)| c.value.normalize().to_string())
+        if firings.is_empty() {
+            return Ok(Vec::new());
+        }
+        let values: Vec<String> = (0..firings.len())
+            .map(|i| {
+                let b = 2 + i * 4;
+                format!("(${b}, ${}, $1, ${}, ${})", b + 1, b + 2, b + 3)
+            })
             .collect();
         let mut params = vec![Param::Text(date_fired)];
-        for ((c, key), value) in chunk.iter().zip(&texts) {
+        for (c, key, value, recurring) in &firings {
             params.extend([
                 Param::Text(&c.sid),
-                Param::Text(&c.account_sid),
                 Param::Text(key),
                 Param::Text(value),
+                Param::Text(recurring),
             ]);
         }
-        let sql = format!(
-            "UPDATE usage_triggers SET fired_period = v.column3, date_fired = $1, \
-             fired_value = v.column4 FROM (VALUES {}) AS v \
-             WHERE usage_triggers.sid = v.column1 AND usage_triggers.account_sid = v.column2 \
-             AND (usage_triggers.fired_period IS NULL \
-               OR (usage_triggers.recurring IN ('daily', 'monthly', 'yearly') \
-                   AND usage_triggers.fired_period < v.column3)) \
-             RETURNING usage_triggers.sid, usage_triggers.fired_period, \
-             usage_triggers.callback_url, usage_triggers.callback_method, \
-             usage_triggers.usage_category, usage_triggers.trigger_by, \
-             usage_triggers.trigger_value, usage_triggers.recurring",
-            values.join(", ")
-        );
-        self.query(&sql, &params)
+        let fired = self.query(
+            &format!(
+                "INSERT INTO usage_trigger_firings (sid, period, date_fired, value, recurring) \
+                 VALUES {} ON CONFLICT (sid) DO UPDATE SET period = excluded.period, \
+                 date_fired = excluded.date_fired, value = excluded.value \
+                 WHERE usage_trigger_firings.recurring IN ('daily', 'monthly', 'yearly') \
+                 AND usage_trigger_firings.period < excluded.period \
+                 RETURNING sid",
+                values.join(", ")
+            ),
+            &params,
+        )?;
+        let fired: std::collections::HashSet<&str> = fired.iter().map(|r| r[0].text()).collect();
+        Ok(firings
+            .iter()
+            .filter(|f| fired.contains(f.0.sid.as_str()))
+            .filter_map(|f| stored.remove(&f.0.sid))
+            .collect())
     }
 
     /// Evaluates `triggers` on the pages `touched` and fires each crossing the
-    /// store has not fired yet: trigger row and outbox row, in the caller's
+    /// store has not fired yet: firing row and outbox row, in the caller's
     /// transaction. The outbox row's time is the crossing's in
     /// `crossed_at_ms` if there, else `consumed_at_ms`; with `lease_until`
     /// the rows are written claimed until then and returned in the report.
@@ -129,6 +172,7 @@ impl Conn {
                 .or_default()
                 .push(t.clone());
         }
+        let started = std::time::Instant::now();
         let mut found: Vec<Crossing> = Vec::new();
         for page in touched {
             let Some(mine) = by_account.get(page.account_sid.as_str()) else {
@@ -158,6 +202,8 @@ impl Conn {
             .iter()
             .map(|(sid, p, at)| ((sid.as_str(), p.as_str()), *at))
             .collect();
+        let evaluated = started.elapsed();
+        let (mut marking, mut queueing) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
         let mut rounds: Vec<Vec<(Crossing, String)>> = Vec::new();
         let mut seen: HashMap<String, usize> = HashMap::new();
         for c in found {
@@ -171,16 +217,19 @@ impl Conn {
         }
         for round in &rounds {
             for chunk in round.chunks(FIRE_CHUNK) {
+                let t = std::time::Instant::now();
                 let fired = self.mark_fired(chunk, &date_fired)?;
+                marking += t.elapsed();
+                let t = std::time::Instant::now();
                 // A round holds each trigger once.
-                let by_sid: HashMap<&str, &Crossing> =
-                    chunk.iter().map(|(c, _)| (c.sid.as_str(), c)).collect();
+                let by_sid: HashMap<&str, &(Crossing, String)> =
+                    chunk.iter().map(|x| (x.0.sid.as_str(), x)).collect();
                 let mut rows = Vec::with_capacity(fired.len());
                 for r in &fired {
-                    let (sid, key) = (r[0].text(), r[1].text());
-                    let Some(c) = by_sid.get(sid) else {
+                    let Some((c, key)) = by_sid.get(r[0].text()) else {
                         continue;
                     };
+                    let key = key.as_str();
                     let (url, method, category, by, trigger_value, recurring) = (
                         r[2].text(),
                         r[3].text(),
@@ -245,8 +294,17 @@ impl Conn {
                             .extend(rows.into_iter().filter(|r| added.contains(&r.id)));
                     }
                 }
+                queueing += t.elapsed();
             }
         }
+        tracing::debug!(
+            triggers = triggers.len(),
+            fired = report.fired.len(),
+            evaluate_ms = evaluated.as_millis() as u64,
+            mark_ms = marking.as_millis() as u64,
+            outbox_ms = queueing.as_millis() as u64,
+            "usage triggers evaluated"
+        );
         Ok(report)
     }
 }
@@ -328,26 +386,7 @@ mod tests {
     }
 
     fn insert(store: &Store, t: &Trigger) {
-        store
-            .with_conn(|c| {
-                c.execute(
-                    "INSERT INTO usage_triggers (sid, account_sid, friendly_name, usage_category, \
-                     trigger_by, trigger_value, recurring, callback_url, callback_method, \
-                     date_created, date_updated) VALUES ($1, $2, '', $3, $4, $5, $6, $7, $8, $9, $9)",
-                    &[
-                        Param::Text(&t.sid),
-                        Param::Text(&t.account_sid),
-                        Param::Text(&t.usage_category),
-                        Param::Text(t.trigger_by.as_str()),
-                        Param::Text(&t.trigger_value.to_string()),
-                        Param::Text(t.recurring.as_str()),
-                        Param::Text(&t.callback_url),
-                        Param::Text(t.callback_method.as_str()),
-                        Param::Text(&t.date_created),
-                    ],
-                )
-            })
-            .unwrap();
+        store.with_conn(|c| c.insert_trigger(t)).unwrap();
     }
 
     fn outbox(store: &Store) -> Vec<(String, String, String, i64)> {
@@ -491,6 +530,81 @@ mod tests {
         let (id, ..) = &outbox(&store)[1];
         let s = store.with_conn(|c| c.outbox_state(id)).unwrap().unwrap();
         assert_eq!((s.attempts, s.next_attempt_at), (0, 1_000));
+    }
+
+    /// `usage_triggers` as stores made before `usage_trigger_firings` had it,
+    /// with a daily trigger of account 7 that fired on 2026-03-01 at 4 and
+    /// one that never fired.
+    fn old_triggers(account: &str) -> String {
+        let row = |sid: &str, fired: &str| {
+            format!(
+                "INSERT INTO usage_triggers VALUES ('{sid}', '{account}', '', 'calls', 'usage', \
+                 '3', 'daily', 'https://example.com/a', 'POST', '2026-01-01T00:00:00Z', \
+                 '2026-01-01T00:00:00Z', {fired});"
+            )
+        };
+        format!(
+            "CREATE TABLE usage_triggers (sid TEXT PRIMARY KEY, account_sid TEXT NOT NULL, \
+             friendly_name TEXT NOT NULL, usage_category TEXT NOT NULL, \
+             trigger_by TEXT NOT NULL, trigger_value TEXT NOT NULL, recurring TEXT NOT NULL, \
+             callback_url TEXT NOT NULL, callback_method TEXT NOT NULL, \
+             date_created TEXT NOT NULL, date_updated TEXT NOT NULL, date_fired TEXT, \
+             fired_period TEXT, fired_value TEXT); {} {}",
+            row("UT1", "'2026-03-01T10:00:00Z', '2026-03-01', '4'"),
+            row("UT2", "NULL, NULL, NULL"),
+        )
+    }
+
+    /// The store at `url` holds [`old_triggers`]: opened (twice), the firing
+    /// is in `usage_trigger_firings`, the old columns are gone, and the
+    /// firing still counts (the same day never fires again, the next does).
+    fn assert_old_firings_move(url: &str) {
+        let account = AccountSid(7).to_string();
+        Store::open(url).unwrap();
+        let store = Store::open(url).unwrap();
+        let (fired, calm) = store
+            .with_conn(|c| Ok((c.trigger(&account, "UT1")?, c.trigger(&account, "UT2")?)))
+            .unwrap();
+        let fired = fired.unwrap();
+        assert_eq!(fired.fired_period.as_deref(), Some("2026-03-01"));
+        assert_eq!(fired.date_fired.as_deref(), Some("2026-03-01T10:00:00Z"));
+        assert_eq!(fired.fired_value, Some(dec!(4)));
+        let calm = calm.unwrap();
+        assert_eq!((calm.fired_period, calm.date_fired), (None, None));
+        let gone = store.with_conn(|c| c.query("SELECT fired_period FROM usage_triggers", &[]));
+        assert!(gone.is_err(), "the old columns are dropped");
+        let mut stale = fired.clone();
+        stale.fired_period = None;
+        assert!(flush(&store, &stale, Day::from_ymd(2026, 3, 1), 9, None, 1).is_empty());
+        let f = flush(&store, &stale, Day::from_ymd(2026, 3, 2), 9, Some(1), 2);
+        assert_eq!(f.len(), 1);
+    }
+
+    #[test]
+    fn a_sqlite_store_keeping_firings_in_usage_triggers_moves_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch(&old_triggers(&AccountSid(7).to_string()))
+            .unwrap();
+        assert_old_firings_move(&format!("sqlite://{}", path.display()));
+    }
+
+    /// Needs the server the test command starts (`TALLYD_TEST_POSTGRES_URL`,
+    /// default the local one).
+    #[test]
+    fn a_postgres_store_keeping_firings_in_usage_triggers_moves_them() {
+        use crate::store::tests::{drop_schema, pg_schema};
+        let (mut admin, schema, url) = pg_schema("firings");
+        admin
+            .batch_execute(&format!(
+                "SET search_path = {schema}; {}",
+                old_triggers(&AccountSid(7).to_string())
+            ))
+            .unwrap();
+        assert_old_firings_move(&url);
+        drop_schema(&mut admin, &schema);
     }
 
     #[test]

@@ -182,6 +182,7 @@ impl Conn {
                 &b.crossed_at_ms,
                 b.outbox_lease_until,
             )?;
+            let fired_done = started.elapsed();
             for d in &b.dedup {
                 c.execute(
                     "INSERT INTO dedup_batches (topic, partition, seen_day, first_offset, ids) \
@@ -206,7 +207,8 @@ impl Conn {
             tracing::debug!(
                 pages = b.pages.len(),
                 pages_ms = pages_done.as_millis() as u64,
-                dedup_ms = (started.elapsed() - pages_done).as_millis() as u64,
+                triggers_ms = (fired_done - pages_done).as_millis() as u64,
+                rest_ms = (started.elapsed() - fired_done).as_millis() as u64,
                 fired = fired.fired.len(),
                 "flush written"
             );

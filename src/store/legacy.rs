@@ -4,6 +4,10 @@
 //! transaction, their contents are added into pages and the two tables dropped.
 //! By-number rows kept per day (by versions before numbers were all-time) become
 //! the number's all-time entry.
+//!
+//! Stores made before `usage_trigger_firings` kept each trigger's latest
+//! firing in three columns of `usage_triggers` (`date_fired`, `fired_period`,
+//! `fired_value`); they are moved into that table and the columns dropped.
 
 use std::sync::LazyLock;
 
@@ -93,6 +97,41 @@ pub(super) fn convert(c: &mut Conn) -> Result<()> {
     let pages = to_pages(&rows, &breakdowns)?;
     c.write_pages(&pages, &Default::default())?;
     c.batch(DROP_SQL)
+}
+
+/// If `usage_triggers` still has its firing columns: moves the firings they
+/// hold into `usage_trigger_firings` and drops them (inside the migration's
+/// transaction).
+pub(super) fn convert_trigger_firings(c: &mut Conn) -> Result<()> {
+    let probe = match c {
+        Conn::Sqlite(_) => {
+            "SELECT name FROM pragma_table_info('usage_triggers') WHERE name = 'fired_period'"
+        }
+        Conn::Postgres(_) => {
+            "SELECT column_name::text FROM information_schema.columns \
+             WHERE table_schema = current_schema() AND table_name = 'usage_triggers' \
+             AND column_name = 'fired_period'"
+        }
+    };
+    if c.query(probe, &[])?.is_empty() {
+        return Ok(());
+    }
+    let moved = c.execute(
+        "INSERT INTO usage_trigger_firings (sid, period, date_fired, value, recurring) \
+         SELECT sid, fired_period, date_fired, fired_value, recurring FROM usage_triggers \
+         WHERE fired_period IS NOT NULL AND date_fired IS NOT NULL AND fired_value IS NOT NULL \
+         ON CONFLICT (sid) DO NOTHING",
+        &[],
+    )?;
+    tracing::info!(
+        firings = moved,
+        "moving usage trigger firings into their own table"
+    );
+    c.batch(
+        "ALTER TABLE usage_triggers DROP COLUMN date_fired; \
+         ALTER TABLE usage_triggers DROP COLUMN fired_period; \
+         ALTER TABLE usage_triggers DROP COLUMN fired_value",
+    )
 }
 
 fn bad(what: &str, v: &str) -> Error {

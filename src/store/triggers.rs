@@ -7,9 +7,10 @@
 //! once). A row whose text does not decode is a permanent [`Error::BadRow`],
 //! never a panic: the same read fails the same way until the row is fixed.
 //!
-//! The firing columns (`date_fired`, `fired_period`, `fired_value`) are
-//! written only by the flush that fires a trigger; nothing here changes them,
-//! so an update through the API never undoes a firing.
+//! A trigger's firing (`date_fired`, `fired_period`, `fired_value`) is read
+//! from `usage_trigger_firings`, written only by the flush that fires it
+//! ([`super::firing`]); an update through the API never undoes a firing, and
+//! a delete takes the trigger's firing with it.
 //!
 //! Every insert, update and delete here also counts one edit in
 //! `tallyd_meta` ([`Conn::triggers_edited`]): an instance whose book is
@@ -24,10 +25,13 @@ use rust_decimal::Decimal;
 use super::{Conn, Error, Param, Result, Value};
 use crate::triggers::{CallbackMethod, Recurring, Trigger, TriggerBy};
 
-/// The columns of `usage_triggers` in the order [`trigger_from_row`] reads.
-pub const TRIGGER_COLUMNS: &str = "sid, account_sid, friendly_name, usage_category, trigger_by, \
-     trigger_value, recurring, callback_url, callback_method, date_created, date_updated, \
-     date_fired, fired_period, fired_value";
+/// A trigger's columns in the order [`trigger_from_row`] reads: its
+/// definition from `usage_triggers` (`t`), then its latest firing from
+/// `usage_trigger_firings` (`f`; NULLs if it never fired).
+const TRIGGER_SELECT: &str = "SELECT t.sid, t.account_sid, t.friendly_name, t.usage_category, \
+     t.trigger_by, t.trigger_value, t.recurring, t.callback_url, t.callback_method, \
+     t.date_created, t.date_updated, f.date_fired, f.period, f.value \
+     FROM usage_triggers t LEFT JOIN usage_trigger_firings f ON f.sid = t.sid";
 
 /// Which triggers a listing shows (Twilio's `Recurring`, `TriggerBy` and
 /// `UsageCategory` filters); `None` shows all.
@@ -61,13 +65,10 @@ fn decimal(key: &str, column: &str, text: &str) -> Result<Decimal> {
         .map_err(|e| bad(key, format!("{column} {text:?} is not a decimal: {e}")))
 }
 
-/// Decodes a row of [`TRIGGER_COLUMNS`].
+/// Decodes a row of [`TRIGGER_SELECT`].
 pub fn trigger_from_row(r: &[Value]) -> Result<Trigger> {
     if r.len() < 14 {
-        return Err(bad(
-            "?",
-            format!("{} columns read, {TRIGGER_COLUMNS} expected", r.len()),
-        ));
+        return Err(bad("?", format!("{} columns read, 14 expected", r.len())));
     }
     let sid = r[0].text();
     let trigger_by = TriggerBy::parse(r[4].text()).ok_or_else(|| {
@@ -143,15 +144,13 @@ impl Conn {
             .map(|r| r[0].text().to_owned()))
     }
 
-    /// Adds a new trigger (its SID must be new).
+    /// Adds a new trigger (its SID must be new), with its firing if it has one.
     pub fn insert_trigger(&mut self, t: &Trigger) -> Result<()> {
         let value = t.trigger_value.to_string();
-        let fired_value = t.fired_value.map(|v| v.to_string());
         self.execute(
-            &format!(
-                "INSERT INTO usage_triggers ({TRIGGER_COLUMNS}) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
-            ),
+            "INSERT INTO usage_triggers (sid, account_sid, friendly_name, usage_category, \
+             trigger_by, trigger_value, recurring, callback_url, callback_method, date_created, \
+             date_updated) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             &[
                 Param::Text(&t.sid),
                 Param::Text(&t.account_sid),
@@ -164,11 +163,23 @@ impl Conn {
                 Param::Text(t.callback_method.as_str()),
                 Param::Text(&t.date_created),
                 Param::Text(&t.date_updated),
-                Param::OptText(t.date_fired.as_deref()),
-                Param::OptText(t.fired_period.as_deref()),
-                Param::OptText(fired_value.as_deref()),
             ],
         )?;
+        if let (Some(date_fired), Some(period), Some(fired)) =
+            (&t.date_fired, &t.fired_period, t.fired_value)
+        {
+            self.execute(
+                "INSERT INTO usage_trigger_firings (sid, period, date_fired, value, recurring) \
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[
+                    Param::Text(&t.sid),
+                    Param::Text(period),
+                    Param::Text(date_fired),
+                    Param::Text(&fired.to_string()),
+                    Param::Text(t.recurring.as_str()),
+                ],
+            )?;
+        }
         self.count_trigger_edit()
     }
 
@@ -176,9 +187,7 @@ impl Conn {
     /// also when another account has one of that SID).
     pub fn trigger(&mut self, account_sid: &str, sid: &str) -> Result<Option<Trigger>> {
         let rows = self.query(
-            &format!(
-                "SELECT {TRIGGER_COLUMNS} FROM usage_triggers WHERE account_sid = $1 AND sid = $2"
-            ),
+            &format!("{TRIGGER_SELECT} WHERE t.account_sid = $1 AND t.sid = $2"),
             &[Param::Text(account_sid), Param::Text(sid)],
         )?;
         rows.first().map(|r| trigger_from_row(r)).transpose()
@@ -200,11 +209,11 @@ impl Conn {
         let r2 = recurring.get(1).or(recurring.first()).map(|r| r.as_str());
         let mut rows = self.query(
             &format!(
-                "SELECT {TRIGGER_COLUMNS} FROM usage_triggers WHERE account_sid = $1 \
-                 AND (CAST($2 AS TEXT) IS NULL OR recurring = $2 OR recurring = $3) \
-                 AND (CAST($4 AS TEXT) IS NULL OR trigger_by = $4) \
-                 AND (CAST($5 AS TEXT) IS NULL OR usage_category = $5) \
-                 ORDER BY date_created, sid LIMIT $6 OFFSET $7"
+                "{TRIGGER_SELECT} WHERE t.account_sid = $1 \
+                 AND (CAST($2 AS TEXT) IS NULL OR t.recurring = $2 OR t.recurring = $3) \
+                 AND (CAST($4 AS TEXT) IS NULL OR t.trigger_by = $4) \
+                 AND (CAST($5 AS TEXT) IS NULL OR t.usage_category = $5) \
+                 ORDER BY t.date_created, t.sid LIMIT $6 OFFSET $7"
             ),
             &[
                 Param::Text(account_sid),
@@ -236,13 +245,11 @@ impl Conn {
         friendly_name: Option<&str>,
         date_updated: &str,
     ) -> Result<Option<Trigger>> {
-        let rows = self.query(
-            &format!(
-                "UPDATE usage_triggers SET callback_url = COALESCE($1, callback_url), \
-                 callback_method = COALESCE($2, callback_method), \
-                 friendly_name = COALESCE($3, friendly_name), date_updated = $4 \
-                 WHERE account_sid = $5 AND sid = $6 RETURNING {TRIGGER_COLUMNS}"
-            ),
+        let n = self.execute(
+            "UPDATE usage_triggers SET callback_url = COALESCE($1, callback_url), \
+             callback_method = COALESCE($2, callback_method), \
+             friendly_name = COALESCE($3, friendly_name), date_updated = $4 \
+             WHERE account_sid = $5 AND sid = $6",
             &[
                 Param::OptText(callback_url),
                 Param::OptText(callback_method.map(CallbackMethod::as_str)),
@@ -252,10 +259,11 @@ impl Conn {
                 Param::Text(sid),
             ],
         )?;
-        if !rows.is_empty() {
-            self.count_trigger_edit()?;
+        if n == 0 {
+            return Ok(None);
         }
-        rows.first().map(|r| trigger_from_row(r)).transpose()
+        self.count_trigger_edit()?;
+        self.trigger(account_sid, sid)
     }
 
     /// Deletes the account's trigger `sid`; false if it had none.
@@ -274,6 +282,13 @@ impl Conn {
     }
 
     fn delete_triggers_where(&mut self, filter: &str, params: &[Param<'_>]) -> Result<u64> {
+        self.execute(
+            &format!(
+                "DELETE FROM usage_trigger_firings \
+                 WHERE sid IN (SELECT sid FROM usage_triggers WHERE {filter})"
+            ),
+            params,
+        )?;
         let n = self.execute(
             &format!("DELETE FROM usage_triggers WHERE {filter}"),
             params,
@@ -287,9 +302,7 @@ impl Conn {
     /// Every trigger of every account (to load or reload the book).
     pub fn all_triggers(&mut self) -> Result<Vec<Trigger>> {
         triggers_of(self.query(
-            &format!(
-                "SELECT {TRIGGER_COLUMNS} FROM usage_triggers ORDER BY account_sid, date_created, sid"
-            ),
+            &format!("{TRIGGER_SELECT} ORDER BY t.account_sid, t.date_created, t.sid"),
             &[],
         )?)
     }
@@ -388,6 +401,8 @@ mod tests {
             .with_conn(|c| {
                 let mut t = trigger("ACa", "UT1", "2026-01-01T00:00:00Z");
                 t.fired_period = Some("all".into());
+                t.date_fired = Some("2026-01-02T00:00:00Z".into());
+                t.fired_value = Some(Decimal::new(2, 0));
                 c.insert_trigger(&t)?;
                 let u = c
                     .update_trigger(
@@ -409,6 +424,8 @@ mod tests {
                 assert!(c.delete_trigger("ACa", "UT1")?);
                 assert!(!c.delete_trigger("ACa", "UT1")?);
                 assert_eq!(c.trigger("ACa", "UT1")?, None);
+                let firings = c.query("SELECT sid FROM usage_trigger_firings", &[])?;
+                assert!(firings.is_empty(), "its firing goes with it");
                 Ok(())
             })
             .unwrap();

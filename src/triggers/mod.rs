@@ -646,9 +646,15 @@ mod tests {
         assert!(reload(0), "the first look reads");
         assert_eq!(book.len(), 1);
         assert!(!reload(5), "nothing edited");
-        // A firing column is no edit: read with the next full reload.
+        // A firing is no edit: read with the next full reload.
         store
-            .with_conn(|c| c.execute("UPDATE usage_triggers SET fired_period = '2026-03-01'", &[]))
+            .with_conn(|c| {
+                c.execute(
+                    "INSERT INTO usage_trigger_firings (sid, period, date_fired, value, recurring) \
+                     VALUES ($1, '2026-03-01', '2026-03-01T10:00:00Z', '5', 'daily')",
+                    &[crate::store::Param::Text(&a.sid)],
+                )
+            })
             .unwrap();
         assert!(!reload(10));
         assert_eq!(book.of(&account)[0].fired_period, None);
