@@ -86,6 +86,8 @@ pub const REPLAYED_MESSAGES_TOTAL: &str = "tallyd_replayed_messages_total";
 pub const WEBHOOK_OUTBOX_PENDING: &str = "tallyd_webhook_outbox_pending";
 /// Gauge: webhook callbacks being sent now.
 pub const WEBHOOKS_IN_FLIGHT: &str = "tallyd_webhooks_in_flight";
+/// Counter: finished webhook callbacks removed from the outbox.
+pub const WEBHOOK_OUTBOX_PRUNED_TOTAL: &str = "tallyd_webhook_outbox_pruned_total";
 /// Counter `{outcome = delivered | retried | failed}`: webhook delivery attempts.
 pub const WEBHOOK_DELIVERIES_TOTAL: &str = "tallyd_webhook_deliveries_total";
 
@@ -253,6 +255,8 @@ pub const CATALOGUE: &[Metric] = &[
         "Webhook callbacks (usage triggers, wallet events) in the store's outbox still to be delivered, over all instances; read every second by the dispatcher."),
     metric(WEBHOOKS_IN_FLIGHT, Gauge, None, &[],
         "Webhook callbacks this instance is sending now (at most webhooks.max_in_flight)."),
+    metric(WEBHOOK_OUTBOX_PRUNED_TOTAL, Counter, None, &[],
+        "Finished (delivered or failed) webhook callbacks this instance removed from the store's outbox webhooks.keep_finished_secs after they finished; their counts stay in the delivery statistics."),
 ];
 
 /// Metrics the wallet, hold and webhook work will emit, named now so that the

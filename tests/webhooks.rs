@@ -807,16 +807,12 @@ fn failed_after_the_retry_window_and_counted(url: &str) {
         assert_eq!(r.status().as_u16(), 200);
         r.json().unwrap()
     };
-    let stats = &get("/v1/usage")["stats"];
-    assert_eq!(
-        (
-            &stats["totalWebhookDeliveries"],
-            &stats["successfulWebhookDeliveries"],
-            &stats["failedWebhookDeliveries"]
-        ),
-        (&json!(3), &json!(1), &json!(1)),
-        "{stats}"
-    );
+    // The account's (total, successful, failed) webhook deliveries.
+    let delivered = || -> [Value; 3] {
+        let stats = &get("/v1/usage")["stats"];
+        ["total", "successful", "failed"].map(|k| stats[format!("{k}WebhookDeliveries")].clone())
+    };
+    assert_eq!(delivered(), [json!(3), json!(1), json!(1)]);
     let daily = get("/v1/usage/daily?days=2");
     let data = daily["data"].as_array().unwrap();
     assert_eq!(
@@ -829,6 +825,37 @@ fn failed_after_the_retry_window_and_counted(url: &str) {
         (&data[0]["webhooks"], &data[1]["webhooks"]),
         (&json!(0), &json!(3))
     );
+
+    // Kept a second once finished: every row leaves the outbox (the pending
+    // one once it too has failed), and the statistics still count them.
+    let running = f.rt.block_on(async {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut cfg = f.cfg.webhooks.clone();
+        cfg.keep_finished_secs = 1;
+        let handle = Dispatcher::start(f.store.clone(), cfg, stop.clone()).unwrap();
+        Running { handle, stop }
+    });
+    let left = || {
+        f.store
+            .with_conn(|c| c.query("SELECT id FROM webhook_outbox", &[]))
+            .unwrap()
+            .len()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while left() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "finished callbacks never removed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f.rt.block_on(running.stop());
+    assert!(metric("tallyd_webhook_outbox_pruned_total") >= 4.0);
+    assert_eq!(delivered(), [json!(3), json!(1), json!(2)]);
+    let daily = get("/v1/usage/daily?days=2");
+    assert_eq!(daily["data"][1]["webhooks"], json!(3));
+    let monthly = get("/v1/usage/monthly?months=2");
+    assert_eq!(monthly["data"][1]["webhooks"], json!(3));
 }
 
 both_stores!(never_up, |s: &TestStore| s.url(), |url: &String| {

@@ -164,6 +164,27 @@ const COUNTS: &str = "CAST(COUNT(*) AS BIGINT), \
      CAST(COALESCE(SUM(CASE WHEN status = 'delivered' THEN 1 ELSE 0 END), 0) AS BIGINT), \
      CAST(COALESCE(SUM(CASE WHEN status = 'failed' THEN 1 ELSE 0 END), 0) AS BIGINT)";
 
+/// [`COUNTS`]' columns summed over `webhook_delivery_days`.
+const PRUNED_COUNTS: &str = "CAST(COALESCE(SUM(total), 0) AS BIGINT), \
+     CAST(COALESCE(SUM(delivered), 0) AS BIGINT), CAST(COALESCE(SUM(failed), 0) AS BIGINT)";
+
+impl std::ops::Add for DeliveryCounts {
+    type Output = DeliveryCounts;
+    fn add(self, o: DeliveryCounts) -> DeliveryCounts {
+        DeliveryCounts {
+            total: self.total + o.total,
+            delivered: self.delivered + o.delivered,
+            failed: self.failed + o.failed,
+        }
+    }
+}
+
+impl std::ops::AddAssign for DeliveryCounts {
+    fn add_assign(&mut self, o: DeliveryCounts) {
+        *self = *self + o;
+    }
+}
+
 fn counts(r: &[Value]) -> DeliveryCounts {
     DeliveryCounts {
         total: r[0].int(),
@@ -334,14 +355,25 @@ impl Conn {
 
     /// An account's delivery counts over all time.
     pub fn delivery_counts(&mut self, sid: &str) -> Result<DeliveryCounts> {
-        Ok(self
+        let live = self
             .query(
                 &format!("SELECT {COUNTS} FROM webhook_outbox WHERE account_sid = $1"),
                 &[Param::Text(sid)],
             )?
             .first()
             .map(|r| counts(r))
-            .unwrap_or_default())
+            .unwrap_or_default();
+        let pruned = self
+            .query(
+                &format!(
+                    "SELECT {PRUNED_COUNTS} FROM webhook_delivery_days WHERE account_sid = $1"
+                ),
+                &[Param::Text(sid)],
+            )?
+            .first()
+            .map(|r| counts(r))
+            .unwrap_or_default();
+        Ok(live + pruned)
     }
 
     /// An account's delivery counts per day its callbacks were written (days
@@ -352,17 +384,56 @@ impl Conn {
         from: i64,
         to: i64,
     ) -> Result<Vec<(i64, DeliveryCounts)>> {
-        Ok(self
-            .query(
+        let params = [Param::Text(sid), Param::Int(from), Param::Int(to)];
+        let live = self.query(
+            &format!(
+                "SELECT day, {COUNTS} FROM webhook_outbox \
+                 WHERE account_sid = $1 AND day >= $2 AND day <= $3 GROUP BY day"
+            ),
+            &params,
+        )?;
+        let pruned = self.query(
+            "SELECT day, total, delivered, failed FROM webhook_delivery_days \
+             WHERE account_sid = $1 AND day >= $2 AND day <= $3",
+            &params,
+        )?;
+        let mut by_day: std::collections::BTreeMap<i64, DeliveryCounts> = Default::default();
+        for r in live.iter().chain(&pruned) {
+            *by_day.entry(r[0].int()).or_default() += counts(&r[1..]);
+        }
+        Ok(by_day.into_iter().collect())
+    }
+
+    /// Removes up to `limit` callbacks that finished (delivered or failed)
+    /// before `before` (Unix ms), oldest first, after adding them to
+    /// `webhook_delivery_days`: the delivery stats count them as before.
+    /// One transaction, serialised between PostgreSQL instances (two must
+    /// not both count the same rows). Returns how many it removed.
+    pub fn prune_outbox(&mut self, before: i64, limit: i64) -> Result<u64> {
+        const OLDEST: &str = "SELECT id FROM webhook_outbox WHERE finished_at < $1 \
+             ORDER BY finished_at, id LIMIT $2";
+        let params = [Param::Int(before), Param::Int(limit)];
+        self.transaction(|c| {
+            if matches!(c, Conn::Postgres(_)) {
+                c.execute("SELECT pg_advisory_xact_lock(7461727)", &[])?;
+            }
+            c.execute(
                 &format!(
-                    "SELECT day, {COUNTS} FROM webhook_outbox \
-                     WHERE account_sid = $1 AND day >= $2 AND day <= $3 GROUP BY day ORDER BY day"
+                    "INSERT INTO webhook_delivery_days (account_sid, day, total, delivered, failed) \
+                     SELECT account_sid, day, {COUNTS} FROM webhook_outbox \
+                     WHERE id IN ({OLDEST}) GROUP BY account_sid, day \
+                     ON CONFLICT (account_sid, day) DO UPDATE SET \
+                     total = webhook_delivery_days.total + excluded.total, \
+                     delivered = webhook_delivery_days.delivered + excluded.delivered, \
+                     failed = webhook_delivery_days.failed + excluded.failed"
                 ),
-                &[Param::Text(sid), Param::Int(from), Param::Int(to)],
-            )?
-            .iter()
-            .map(|r| (r[0].int(), counts(&r[1..])))
-            .collect())
+                &params,
+            )?;
+            c.execute(
+                &format!("DELETE FROM webhook_outbox WHERE id IN ({OLDEST})"),
+                &params,
+            )
+        })
     }
 
     /// The keys callbacks of `kind` to `accounts` are signed with now: each

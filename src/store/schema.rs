@@ -62,6 +62,11 @@
 //!   (the same across replays and retries), `body` the form-encoded parameters
 //!   or JSON, `status` `pending` → `delivered` | `failed`, times in Unix ms,
 //!   `day` the UTC day (days since 1970) it was created, for the delivery stats.
+//!   Finished rows are removed `webhooks.keep_finished_days` after they
+//!   finished, their counts added to `webhook_delivery_days` first.
+//! - `webhook_delivery_days`: per account and `day`, the counts of the
+//!   removed outbox rows (written, delivered, failed); the delivery stats are
+//!   these plus the rows still in the outbox.
 
 use super::{Conn, Result};
 
@@ -247,6 +252,16 @@ const MIGRATIONS: &[&str] = &[
     )",
     "CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (status, next_attempt_at)",
     "CREATE INDEX IF NOT EXISTS webhook_outbox_by_account ON webhook_outbox (account_sid, day)",
+    "CREATE INDEX IF NOT EXISTS webhook_outbox_finished ON webhook_outbox (finished_at) \
+     WHERE finished_at IS NOT NULL",
+    "CREATE TABLE IF NOT EXISTS webhook_delivery_days (
+        account_sid TEXT NOT NULL,
+        day BIGINT NOT NULL,
+        total BIGINT NOT NULL,
+        delivered BIGINT NOT NULL,
+        failed BIGINT NOT NULL,
+        PRIMARY KEY (account_sid, day)
+    )",
 ];
 
 /// Creates or updates the tables, converting the usage tables of an older

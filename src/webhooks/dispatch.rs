@@ -32,6 +32,11 @@
 //! attempt when its turn comes (a flush that took long to commit) is claimed
 //! again from that lease first.
 //!
+//! Rows that finished (delivered or failed) more than `keep_finished_secs`
+//! ago are removed, their counts added to the per-day delivery counts the
+//! statistics read ([`crate::store::Conn::prune_outbox`]), so the outbox does
+//! not grow without end.
+//!
 //! While the consumers are far behind ([`Behind`]: draining a backlog, until
 //! the flush of its last CDRs has landed) the dispatcher paces itself:
 //! flushes hand nothing over, wake-ups are ignored, and it reads one batch a
@@ -71,6 +76,8 @@ use crate::store::Store;
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Rows read per query.
 const BATCH: i64 = 256;
+/// Finished rows removed per store transaction.
+const PRUNE_BATCH: i64 = 10_000;
 /// Queries per round (a round ends early when no more rows are due).
 const MAX_QUERIES: usize = 16;
 /// The first retry's backoff ceiling; it doubles per attempt.
@@ -355,6 +362,7 @@ impl Dispatcher {
 
     async fn run(self: Arc<Self>, shutdown: Arc<AtomicBool>) {
         let mut depth_at: Option<Instant> = None;
+        let mut pruned_at: Option<Instant> = None;
         while !shutdown.load(Ordering::Relaxed) {
             // Far behind: one batch a second, wake-ups ignored.
             let paced = self.is_behind();
@@ -364,6 +372,12 @@ impl Dispatcher {
             if depth_at.map_or(true, |t| t.elapsed() >= POLL_INTERVAL) {
                 self.report_depth().await;
                 depth_at = Some(Instant::now());
+            }
+            if let Some(every) = self.prune_every() {
+                if !paced && pruned_at.map_or(true, |t| t.elapsed() >= every) {
+                    self.prune().await;
+                    pruned_at = Some(Instant::now());
+                }
             }
             let until = Instant::now() + POLL_INTERVAL;
             while !shutdown.load(Ordering::Relaxed) && Instant::now() < until {
@@ -742,6 +756,38 @@ impl Dispatcher {
             Ok(Ok(res)) if res.status().is_success() => Attempt::Delivered,
             Ok(Ok(res)) => Attempt::Retry(format!("HTTP {}", res.status().as_u16())),
             Ok(Err(e)) => classify(&e, self.cfg.timeout_ms),
+        }
+    }
+
+    /// How often finished rows are looked for: a tenth of the time they are
+    /// kept, between a second and an hour; `None` if they are all kept.
+    fn prune_every(&self) -> Option<Duration> {
+        (self.cfg.keep_finished_secs > 0)
+            .then(|| Duration::from_secs((self.cfg.keep_finished_secs / 10).clamp(1, 3_600)))
+    }
+
+    /// Removes the rows finished longer than `keep_finished_secs` ago (their
+    /// counts kept for the delivery stats), a batch per transaction.
+    async fn prune(&self) {
+        let keep_ms =
+            i64::try_from(self.cfg.keep_finished_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let before = now_ms().saturating_sub(keep_ms);
+        let pruned = self
+            .store
+            .run(move |c| {
+                let mut pruned = 0;
+                loop {
+                    let n = c.prune_outbox(before, PRUNE_BATCH)?;
+                    pruned += n;
+                    if n < PRUNE_BATCH as u64 {
+                        return Ok(pruned);
+                    }
+                }
+            })
+            .await;
+        match pruned {
+            Ok(n) => metrics::counter!(m::WEBHOOK_OUTBOX_PRUNED_TOTAL).increment(n),
+            Err(e) => self.store_failed("removing finished callbacks", &e),
         }
     }
 

@@ -34,6 +34,11 @@ pub struct WebhooksConfig {
     /// Callbacks in flight at once for one account.
     #[serde(default = "default_per_account")]
     pub per_account_in_flight: usize,
+    /// Seconds a finished (delivered or failed) callback is kept in the
+    /// outbox before it is removed, its counts kept for the delivery stats;
+    /// 0 keeps them all.
+    #[serde(default = "default_keep_finished_secs")]
+    pub keep_finished_secs: u64,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -48,6 +53,9 @@ fn default_max_in_flight() -> usize {
 fn default_per_account() -> usize {
     4
 }
+fn default_keep_finished_secs() -> u64 {
+    30 * 86_400
+}
 
 impl Default for WebhooksConfig {
     fn default() -> WebhooksConfig {
@@ -58,6 +66,7 @@ impl Default for WebhooksConfig {
             retry_for_secs: default_retry_for_secs(),
             max_in_flight: default_max_in_flight(),
             per_account_in_flight: default_per_account(),
+            keep_finished_secs: default_keep_finished_secs(),
         }
     }
 }
