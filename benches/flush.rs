@@ -11,6 +11,12 @@
 //! `postgres://postgres@127.0.0.1:5432/test`), schema `tallyd_bench_flush`, dropped
 //! and recreated at each run; skipped with a message if the server is not there.
 //!
+//! `flush/<store>-triggers` writes the same batch for accounts with three usage
+//! triggers each (a monthly calls count trigger at 1, which every account with
+//! calls in a month of the batch crosses, and two that never fire), their
+//! firings and callbacks removed between the timed writes: each timed flush
+//! evaluates 30 000 triggers and fires thousands, as a drain's flushes do.
+//!
 //! `cargo bench --bench flush` prints the time per flush and rows per second.
 
 use std::path::Path;
@@ -26,6 +32,7 @@ use tallyd::generate::{Generator, GeneratorSettings};
 use tallyd::pipeline::{ingest, NoDedup};
 use tallyd::rating::Tariff;
 use tallyd::store::{Conn, FlushBatch, OffsetAdvance, Store};
+use tallyd::triggers::{CallbackMethod, Recurring, Trigger, TriggerBy};
 
 const ACCOUNTS: usize = 10_000;
 const CDRS: usize = 200_000;
@@ -70,16 +77,62 @@ fn flush_batch(tariff: &Tariff) -> FlushBatch {
     }
 }
 
+/// Three triggers for each account of `batch` (see the module documentation).
+fn triggers(batch: &FlushBatch) -> Vec<std::sync::Arc<Trigger>> {
+    let mut accounts: Vec<String> = batch.pages.iter().map(|p| p.account.to_string()).collect();
+    accounts.sort();
+    accounts.dedup();
+    let kinds = [
+        ("calls", TriggerBy::Count, 1, Recurring::Monthly),
+        ("sms", TriggerBy::Count, 1_000_000_000, Recurring::Daily),
+        (
+            "totalprice",
+            TriggerBy::Price,
+            1_000_000_000,
+            Recurring::Monthly,
+        ),
+    ];
+    let mut n = 0u128;
+    let mut out = Vec::new();
+    for account in accounts {
+        for (category, by, value, recurring) in kinds {
+            n += 1;
+            out.push(std::sync::Arc::new(Trigger {
+                sid: format!("UT{n:032x}"),
+                account_sid: account.clone(),
+                friendly_name: String::new(),
+                usage_category: category.into(),
+                trigger_by: by,
+                trigger_value: value.into(),
+                recurring,
+                callback_url: format!("https://example.com/usage/{account}"),
+                callback_method: CallbackMethod::Post,
+                date_created: "2025-01-01T00:00:00Z".into(),
+                date_updated: "2025-01-01T00:00:00Z".into(),
+                date_fired: None,
+                fired_period: None,
+                fired_value: None,
+            }));
+        }
+    }
+    out
+}
+
 /// Rows and breakdown rows of `batch`: the benchmark's elements.
 fn rows(batch: &FlushBatch) -> u64 {
     batch.pages.iter().map(|p| p.delta.len() as u64).sum()
 }
 
-/// Writes `batch` once per iteration, each time advancing partition 0 by one.
+/// Writes `batch` once per iteration, each time advancing partition 0 by one;
+/// with triggers in the batch, they are stored first and their firings and
+/// callbacks removed between the timed writes.
 fn bench_store(c: &mut Criterion, name: &str, url: &str, batch: &FlushBatch) {
     // As in the daemon, commits do not checkpoint a SQLite WAL (connections
     // are opened so); here a checkpoint runs between the timed writes.
     let mut store = Store::open(url).expect("store").connect().expect("connect");
+    for t in &batch.triggers {
+        store.insert_trigger(t).expect("trigger");
+    }
     let mut next = 0i64;
     let mut write = |store: &mut Conn| {
         let mut b = batch.clone();
@@ -91,20 +144,25 @@ fn bench_store(c: &mut Criterion, name: &str, url: &str, batch: &FlushBatch) {
         }];
         next += 1;
         let t = Instant::now();
-        store.write_flush(&b).expect("flush");
+        let (_, report) = store.write_flush_firing(&b).expect("flush");
         let took = t.elapsed();
+        if !batch.triggers.is_empty() {
+            store
+                .batch("DELETE FROM usage_trigger_firings; DELETE FROM webhook_outbox")
+                .expect("reset");
+        }
         store.checkpoint().expect("checkpoint");
-        took
+        (took, report.fired.len())
     };
     // The first flush inserts every row; the benchmark measures the updates after.
-    let first = write(&mut store);
-    eprintln!("{name}: first flush (inserts) {first:?}");
+    let (first, fired) = write(&mut store);
+    eprintln!("{name}: first flush (inserts) {first:?}, {fired} triggers fired");
     let mut g = c.benchmark_group("flush");
     g.sample_size(10)
         .measurement_time(Duration::from_secs(20))
         .throughput(Throughput::Elements(rows(batch)));
     g.bench_function(name, |b| {
-        b.iter_custom(|iters| (0..iters).map(|_| write(&mut store)).sum())
+        b.iter_custom(|iters| (0..iters).map(|_| write(&mut store).0).sum())
     });
     g.finish();
 }
@@ -131,9 +189,15 @@ fn flush(c: &mut Criterion) {
     });
     g.finish();
 
+    let with_triggers = FlushBatch {
+        triggers: triggers(&batch),
+        ..batch.clone()
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let sqlite = format!("sqlite://{}/flush.db", dir.path().display());
     bench_store(c, "sqlite", &sqlite, &batch);
+    let sqlite = format!("sqlite://{}/flush-triggers.db", dir.path().display());
+    bench_store(c, "sqlite-triggers", &sqlite, &with_triggers);
 
     let base = std::env::var("TALLYD_BENCH_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
@@ -147,6 +211,12 @@ fn flush(c: &mut Criterion) {
             let sep = if base.contains('?') { '&' } else { '?' };
             let url = format!("{base}{sep}options=-csearch_path%3Dtallyd_bench_flush");
             bench_store(c, "postgres", &url, &batch);
+            admin
+                .batch_execute(
+                    "DROP SCHEMA tallyd_bench_flush CASCADE; CREATE SCHEMA tallyd_bench_flush",
+                )
+                .expect("schema");
+            bench_store(c, "postgres-triggers", &url, &with_triggers);
         }
         Err(e) => eprintln!("PostgreSQL at {base} not reachable ({e}); its flush is not measured"),
     }
