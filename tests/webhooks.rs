@@ -691,6 +691,33 @@ fn pending_callbacks_follow_their_trigger_and_webhook(url: &str) {
             Some("the usage trigger was deleted")
         );
         running.stop().await;
+
+        // A claim of a row read before its redirect fails (it is read again,
+        // with where it goes now).
+        let read = trigger_row("UT7-read", PARENT, &dead, "POST");
+        insert(&f.store, &read).await;
+        let due = f
+            .store
+            .run(|c| c.due_outbox(now_ms() + 1_000, 100, &[]))
+            .await
+            .unwrap();
+        let seen = due.iter().find(|d| d.row.id == read.id).unwrap();
+        let (id, at) = (read.id.clone(), seen.next_attempt_at);
+        let source = read.source_sid.clone();
+        f.store
+            .run(move |c| c.redirect_trigger_callbacks(&source, "http://127.0.0.1:9/new", "GET"))
+            .await
+            .unwrap();
+        let claimed = f
+            .store
+            .run(move |c| c.claim_outbox(&[(id.as_str(), at)], now_ms() + 60_000))
+            .await
+            .unwrap();
+        assert_eq!(
+            claimed,
+            [false],
+            "claimed with the address it had when read"
+        );
     });
 }
 

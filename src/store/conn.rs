@@ -1,7 +1,7 @@
 //! One store connection, SQLite or PostgreSQL, and the one way to query it.
 //!
-//! One SQL text serves both databases: `$n` placeholders numbered in order of
-//! first use (SQLite binds named parameters by first appearance), `CAST(… AS
+//! One SQL text serves both databases: `$n` placeholders (rewritten `?n` for
+//! SQLite, so they may appear in any order and more than once), `CAST(… AS
 //! BIGINT)` around aggregates, `ON CONFLICT` upserts. What differs between the
 //! databases — opening a connection, bulk page writes, checkpoints — is in
 //! [`super::sqlite`] and [`super::pg`]; everything else is written once on top of

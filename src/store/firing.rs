@@ -39,6 +39,15 @@ pub struct TriggerReport {
     pub leased: Vec<OutboxRow>,
 }
 
+/// A crossing [`Conn::mark_fired`] marked: its period key, its value as
+/// text and its trigger's stored row.
+struct Marked<'c> {
+    crossing: &'c Crossing,
+    key: &'c String,
+    value: String,
+    row: Vec<super::Value>,
+}
+
 /// Crossings marked fired by one statement at most.
 const FIRE_CHUNK: usize = 500;
 
@@ -61,25 +70,24 @@ fn record_uri(account: &str, category: &str, recurring: &str, period: Period) ->
 impl Conn {
     /// Marks each crossing's trigger fired for its period unless it already
     /// fired for it or a later one (or, once-only, at all), or is gone;
-    /// returns, for those it marked, the trigger as stored now: SID,
-    /// account, callback URL and method, category, trigger_by,
-    /// trigger_value, recurring.
+    /// returns those it marked, each with its value as text and the trigger
+    /// as stored now: SID, account, callback URL and method, category,
+    /// trigger_by, trigger_value, recurring.
     ///
     /// Two statements: the triggers are read (on PostgreSQL locked FOR
-    /// SHARE, in SID order, so that an update or delete of one waits for
-    /// this transaction and then redirects or drops what it wrote), then
-    /// their firings upserted in `usage_trigger_firings` — narrow rows,
-    /// not the wide definitions.
-    fn mark_fired(
+    /// SHARE in SID order, as an update or delete locks them: one of those
+    /// waits for this transaction, then redirects or deletes what it wrote),
+    /// then their firings upserted in `usage_trigger_firings` — narrow rows
+    /// instead of the wide definitions (on PostgreSQL the lock still marks
+    /// each definition's row).
+    fn mark_fired<'c>(
         &mut self,
-        chunk: &[(Crossing, String)],
+        chunk: &'c [(Crossing, String)],
         date_fired: &str,
-    ) -> Result<Vec<Vec<super::Value>>> {
-        let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-        let lock = if matches!(self, Conn::Postgres(_)) {
-            " ORDER BY sid FOR SHARE"
-        } else {
-            ""
+    ) -> Result<Vec<Marked<'c>>> {
+        let lock = match self {
+            Conn::Postgres(_) => " ORDER BY sid FOR SHARE",
+            Conn::Sqlite(_) => "",
         };
         let sids: Vec<Param> = chunk.iter().map(|(c, _)| Param::Text(&c.sid)).collect();
         let stored = self.query(
@@ -87,7 +95,7 @@ impl Conn {
                 "SELECT sid, account_sid, callback_url, callback_method, usage_category, \
                  trigger_by, trigger_value, recurring FROM usage_triggers \
                  WHERE sid IN ({}){lock}",
-                marks.join(", ")
+                super::conn::placeholders(1, sids.len())
             ),
             &sids,
         )?;
@@ -97,13 +105,15 @@ impl Conn {
             .collect();
         // In the crossings' order; a trigger of another account of that SID
         // is not the crossing's.
-        let firings: Vec<(&Crossing, &str, String, String)> = chunk
+        let firings: Vec<Marked<'c>> = chunk
             .iter()
             .filter_map(|(c, key)| {
-                let r = stored.get(&c.sid)?;
-                (r[1].text() == c.account_sid).then(|| {
-                    let value = c.value.normalize().to_string();
-                    (c, key.as_str(), value, r[7].text().to_owned())
+                let row = stored.remove(&c.sid)?;
+                (row[1].text() == c.account_sid).then(|| Marked {
+                    crossing: c,
+                    key,
+                    value: c.value.normalize().to_string(),
+                    row,
                 })
             })
             .collect();
@@ -117,12 +127,12 @@ impl Conn {
             })
             .collect();
         let mut params = vec![Param::Text(date_fired)];
-        for (c, key, value, recurring) in &firings {
+        for f in &firings {
             params.extend([
-                Param::Text(&c.sid),
-                Param::Text(key),
-                Param::Text(value),
-                Param::Text(recurring),
+                Param::Text(&f.crossing.sid),
+                Param::Text(f.key),
+                Param::Text(&f.value),
+                Param::Text(f.row[7].text()),
             ]);
         }
         let fired = self.query(
@@ -137,11 +147,11 @@ impl Conn {
             ),
             &params,
         )?;
-        let fired: std::collections::HashSet<&str> = fired.iter().map(|r| r[0].text()).collect();
+        let fired: std::collections::HashSet<String> =
+            fired.iter().map(|r| r[0].text().to_owned()).collect();
         Ok(firings
-            .iter()
-            .filter(|f| fired.contains(f.0.sid.as_str()))
-            .filter_map(|f| stored.remove(&f.0.sid))
+            .into_iter()
+            .filter(|f| fired.contains(&f.crossing.sid))
             .collect())
     }
 
@@ -215,20 +225,24 @@ impl Conn {
             rounds[*n].push((c, key));
             *n += 1;
         }
+        // Locked in SID order across the chunks too (see `mark_fired`).
+        for round in &mut rounds {
+            round.sort_unstable_by(|a, b| a.0.sid.cmp(&b.0.sid));
+        }
         for round in &rounds {
             for chunk in round.chunks(FIRE_CHUNK) {
                 let t = std::time::Instant::now();
                 let fired = self.mark_fired(chunk, &date_fired)?;
                 marking += t.elapsed();
                 let t = std::time::Instant::now();
-                // A round holds each trigger once.
-                let by_sid: HashMap<&str, &(Crossing, String)> =
-                    chunk.iter().map(|x| (x.0.sid.as_str(), x)).collect();
                 let mut rows = Vec::with_capacity(fired.len());
-                for r in &fired {
-                    let Some((c, key)) = by_sid.get(r[0].text()) else {
-                        continue;
-                    };
+                for Marked {
+                    crossing: c,
+                    key,
+                    value,
+                    row: r,
+                } in &fired
+                {
                     let key = key.as_str();
                     let (url, method, category, by, trigger_value, recurring) = (
                         r[2].text(),
@@ -238,7 +252,6 @@ impl Conn {
                         r[6].text(),
                         r[7].text(),
                     );
-                    let value = c.value.normalize().to_string();
                     let token = format!("{}-FIRES-{}-{key}", c.account_sid, c.sid);
                     let body = serde_urlencoded::to_string([
                         ("AccountSid", c.account_sid.as_str()),

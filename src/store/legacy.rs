@@ -116,6 +116,11 @@ pub(super) fn convert_trigger_firings(c: &mut Conn) -> Result<()> {
     if c.query(probe, &[])?.is_empty() {
         return Ok(());
     }
+    if matches!(c, Conn::Postgres(_)) {
+        // An instance of an older version still running must not mark a
+        // firing in the old columns between the copy and the drop.
+        c.batch("LOCK TABLE usage_triggers IN SHARE ROW EXCLUSIVE MODE")?;
+    }
     let moved = c.execute(
         "INSERT INTO usage_trigger_firings (sid, period, date_fired, value, recurring) \
          SELECT sid, fired_period, date_fired, fired_value, recurring FROM usage_triggers \

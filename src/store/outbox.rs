@@ -262,6 +262,12 @@ impl Conn {
         })
     }
 
+    /// (A redirect also moves each row's `next_attempt_at` on by a
+    /// millisecond: a claim of a row read before it fails its
+    /// compare-and-set, and the row is read again with where it goes now;
+    /// an attempt already under way that fails is tried again at its
+    /// lease's end, to the new address.)
+    ///
     /// The condition "`id` is one of the pending rows that pass `filter`",
     /// which on PostgreSQL also locks those rows in id order (a plain
     /// `UPDATE … WHERE filter` locks them in scan order, and could wait in a
@@ -520,7 +526,10 @@ impl Conn {
     ) -> Result<u64> {
         let which = self.pending_of("kind = $3 AND source_sid = $4");
         self.execute(
-            &format!("UPDATE webhook_outbox SET url = $1, method = $2 WHERE {which}"),
+            &format!(
+                "UPDATE webhook_outbox SET url = $1, method = $2, \
+                 next_attempt_at = next_attempt_at + 1 WHERE {which}"
+            ),
             &[
                 Param::Text(url),
                 Param::Text(method),
@@ -553,7 +562,10 @@ impl Conn {
     pub fn redirect_wallet_events(&mut self, account_sid: &str, url: &str) -> Result<u64> {
         let which = self.pending_of("account_sid = $2 AND kind <> $3");
         self.execute(
-            &format!("UPDATE webhook_outbox SET url = $1 WHERE {which}"),
+            &format!(
+                "UPDATE webhook_outbox SET url = $1, next_attempt_at = next_attempt_at + 1 \
+                 WHERE {which}"
+            ),
             &[
                 Param::Text(url),
                 Param::Text(account_sid),

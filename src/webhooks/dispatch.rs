@@ -196,6 +196,9 @@ async fn report(
             .collect();
         let written = store
             .run(move |c| {
+                // In id order, as every change of several rows locks them.
+                let mut reports = reports;
+                reports.sort_unstable_by(|a, b| a.id.cmp(&b.id));
                 c.transaction(|c| {
                     for r in &reports {
                         if r.delivered {
