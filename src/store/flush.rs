@@ -118,18 +118,9 @@ pub struct Touched {
 
 impl Touched {
     fn of(account_sid: &str, delta: &Page, after: &Page) -> Touched {
-        let rows = delta
-            .rows()
-            .filter_map(|(period, _, _)| {
-                after
-                    .rows()
-                    .find(|(p, _, _)| *p == period)
-                    .map(|(_, _, leaves)| (period, leaves))
-            })
-            .collect();
         Touched {
             account_sid: account_sid.to_owned(),
-            rows,
+            rows: after.rows_of(delta),
         }
     }
 }
@@ -273,7 +264,8 @@ impl Conn {
             let mut fresh_at = Vec::new();
             for (i, (p, key)) in todo.iter().zip(&keys).enumerate() {
                 let old = stored.remove(key);
-                let new = if watched.contains(key.0.as_str()) {
+                // Pages of breakdowns only have nothing triggers measure.
+                let new = if p.delta.has_rows() && watched.contains(key.0.as_str()) {
                     let page = p.sum(old.as_deref())?;
                     touched.push(Touched::of(&key.0, &p.delta, &page));
                     page.encode()

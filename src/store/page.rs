@@ -360,6 +360,23 @@ impl Page {
             .map(|r| (r.span.into(), r.price_unit.as_str(), r.dense()))
     }
 
+    /// This page's rows of the periods `delta` has rows of: (period, leaves).
+    pub fn rows_of(&self, delta: &Page) -> Vec<(Period, Leaves)> {
+        delta
+            .rows
+            .iter()
+            .filter_map(|d| {
+                let i = self.rows.binary_search_by(|r| r.span.cmp(&d.span)).ok()?;
+                Some((self.rows[i].span.into(), self.rows[i].dense()))
+            })
+            .collect()
+    }
+
+    /// Whether the page has usage rows (not only breakdowns).
+    pub fn has_rows(&self) -> bool {
+        !self.rows.is_empty()
+    }
+
     pub fn breakdowns(&self) -> impl Iterator<Item = BreakdownEntry<'_>> + '_ {
         self.breakdowns.iter().map(|b| BreakdownEntry {
             dimension: b.dimension,
