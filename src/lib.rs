@@ -44,6 +44,14 @@
 //!   process; [`generate`] makes synthetic CDR traffic; [`config`] loads
 //!   `config/tallyd.toml`.
 
+/// The allocator of every program built on the library (the daemon, its
+/// tests, benchmarks and examples): mimalloc. With glibc's, a flush firing
+/// 10,000 usage triggers spent a third of its time in malloc and free; it
+/// is 25% faster with mimalloc, a plain flush 9% (`cargo bench --bench
+/// flush`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod calendar;
 pub mod category;
 pub mod cdr;
