@@ -310,26 +310,38 @@ fn default_message(status: StatusCode, path: &str, method: &str) -> String {
     }
 }
 
+/// The length of `uri` as text (what `uri.to_string().len()` is, without
+/// writing it out).
+fn uri_len(uri: &axum::http::Uri) -> usize {
+    uri.scheme_str().map_or(0, |s| s.len() + "://".len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path().len()
+        + uri.query().map_or(0, |q| q.len() + 1)
+}
+
 /// Middleware: refuses over-long URIs (414) and headers (431), and turns every
 /// error response that is not JSON yet into the JSON error of its path's API.
 pub async fn json_errors(req: Request, next: Next) -> Response {
-    let uri_len = req.uri().to_string().len();
+    let uri_len = uri_len(req.uri());
     let header_bytes: usize = req
         .headers()
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
         .sum();
-    let path = req.uri().path().to_owned();
+    // Shared with the request (no copy of the path per request): read only
+    // for an error.
+    let uri = req.uri().clone();
+    let path = uri.path();
     if uri_len > MAX_URI_BYTES {
         return error_for(
-            &path,
+            path,
             StatusCode::URI_TOO_LONG,
             format!("URI Too Long: {uri_len} bytes, at most {MAX_URI_BYTES}"),
         );
     }
     if header_bytes > MAX_HEADER_BYTES {
         return error_for(
-            &path,
+            path,
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             format!(
                 "Request Header Fields Too Large: {header_bytes} bytes of headers, at most {MAX_HEADER_BYTES}"
@@ -354,7 +366,7 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
     let text = axum::body::to_bytes(body, 1024).await.unwrap_or_default();
     let text = String::from_utf8_lossy(&text);
     let message = if text.trim().is_empty() {
-        default_message(status, &path, method.as_str())
+        default_message(status, path, method.as_str())
     } else {
         format!(
             "{}: {}",
@@ -362,7 +374,7 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
             text.trim()
         )
     };
-    let mut shaped = error_for(&path, status, message);
+    let mut shaped = error_for(path, status, message);
     for name in [header::ALLOW, header::RETRY_AFTER] {
         if let Some(v) = parts.headers.get(&name) {
             shaped.headers_mut().insert(name, v.clone());
@@ -374,6 +386,22 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_uris_length_is_that_of_its_text() {
+        for u in [
+            "/",
+            "/v1/holds",
+            "/v1/usage?from=2026-01-01&to=2026-02-01",
+            "http://example.com:8080/a/b?c=d",
+            "https://example.com",
+            "example.com:443",
+            "*",
+        ] {
+            let uri: axum::http::Uri = u.parse().unwrap();
+            assert_eq!(uri_len(&uri), uri.to_string().len(), "{u}");
+        }
+    }
 
     #[test]
     fn shown_values_are_bounded_and_quoted() {
