@@ -902,3 +902,72 @@ pub async fn expire_holds(state: ApiState, stop: Arc<std::sync::atomic::AtomicBo
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wallet::CENT;
+
+    const SID: &str = "AC00000000000000000000000000000c11";
+
+    /// The API over a fresh SQLite store in `dir`.
+    fn api(dir: &std::path::Path) -> ApiState {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tallyd.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let url = format!("sqlite://{}/t.db", dir.display());
+        let env = [("TALLYD_STORE__URL".to_string(), url.clone())];
+        let (cfg, tariff) = crate::config::Config::from_toml(&text, &path, env).unwrap();
+        ApiState::seeded(&cfg, &tariff, crate::store::Store::open(&url).unwrap()).unwrap()
+    }
+
+    /// Grants a hold of `call_id` in memory and writes it as a hold request
+    /// does: its answer's status.
+    async fn hold(state: &ApiState, call_id: &str) -> StatusCode {
+        let account = AccountSid::parse(SID).unwrap();
+        let Grant::Granted(h) = state.wallets().grant(account, call_id, CENT, 100, 0, 3_600) else {
+            panic!("{call_id} not granted in memory");
+        };
+        match commit_grant(state, h, None).await {
+            Ok(None) => StatusCode::CREATED,
+            Ok(Some(_)) => StatusCode::OK,
+            Err(e) => e.status,
+        }
+    }
+
+    /// A panic in the hold writer fails its batch only: the hold is refused
+    /// with a 503 to retry and not left granted in memory, and the writer
+    /// goes on granting (the writer's thread died with the panic, and every
+    /// later hold was refused).
+    #[test]
+    fn a_panic_in_the_hold_writer_refuses_its_batch_and_later_holds_are_granted() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = api(dir.path());
+        let account = AccountSid::parse(SID).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            assert_eq!(hold(&state, "CA0").await, StatusCode::CREATED);
+            state.hold_commits().panic_in_next_batches(1);
+            assert_eq!(
+                hold(&state, "CA1").await,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the panicked batch's hold is refused"
+            );
+            let wallets = state.wallets();
+            assert!(wallets.hold(account, "CA1").is_none(), "not in memory");
+            let v = wallets.wallet(account).view();
+            assert_eq!((v.active_holds, v.held), (1, CENT), "only CA0 holds");
+            for id in ["CA2", "CA1"] {
+                assert_eq!(hold(&state, id).await, StatusCode::CREATED, "{id}");
+            }
+        });
+        let stored = state
+            .store()
+            .with_conn(|c| c.reserved_holds())
+            .unwrap()
+            .len();
+        assert_eq!(stored, 3, "CA0, CA2 and CA1 on its retry");
+    }
+}
