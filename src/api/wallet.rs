@@ -523,8 +523,7 @@ async fn stored_hold(
     account: AccountSid,
     call_id: &str,
 ) -> Result<Option<StoredHold>, ApiError> {
-    let (sid, id) = (account.to_string(), call_id.to_owned());
-    Ok(state.store().run(move |c| c.hold(&sid, &id)).await?)
+    Ok(state.store().hold(&account.to_string(), call_id).await?)
 }
 
 fn no_hold(call_id: &str) -> ApiError {
