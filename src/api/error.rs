@@ -328,20 +328,17 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
         .sum();
-    // Shared with the request (no copy of the path per request): read only
-    // for an error.
-    let uri = req.uri().clone();
-    let path = uri.path();
+    let path = req.uri().path().to_owned();
     if uri_len > MAX_URI_BYTES {
         return error_for(
-            path,
+            &path,
             StatusCode::URI_TOO_LONG,
             format!("URI Too Long: {uri_len} bytes, at most {MAX_URI_BYTES}"),
         );
     }
     if header_bytes > MAX_HEADER_BYTES {
         return error_for(
-            path,
+            &path,
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             format!(
                 "Request Header Fields Too Large: {header_bytes} bytes of headers, at most {MAX_HEADER_BYTES}"
@@ -366,7 +363,7 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
     let text = axum::body::to_bytes(body, 1024).await.unwrap_or_default();
     let text = String::from_utf8_lossy(&text);
     let message = if text.trim().is_empty() {
-        default_message(status, path, method.as_str())
+        default_message(status, &path, method.as_str())
     } else {
         format!(
             "{}: {}",
@@ -374,7 +371,7 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
             text.trim()
         )
     };
-    let mut shaped = error_for(path, status, message);
+    let mut shaped = error_for(&path, status, message);
     for name in [header::ALLOW, header::RETRY_AFTER] {
         if let Some(v) = parts.headers.get(&name) {
             shaped.headers_mut().insert(name, v.clone());

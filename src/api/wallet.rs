@@ -312,25 +312,26 @@ fn fenced() -> ApiError {
     }
 }
 
-/// Where the wallet request of `a` is answered: here (with the fence of this
-/// instance's ownership), or by its owner (its answer).
-async fn routed(
+/// The account of a wallet request and the fence it is answered under here;
+/// or its answer: refused, or its owner's (see [`forward::route`]).
+async fn local(
     state: &ApiState,
-    a: &Account,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    peer: Option<ConnectInfo<SocketAddr>>,
     body: Bytes,
-) -> Result<Option<Fence>, Response> {
-    let sid = sid_of(a).map_err(IntoResponse::into_response)?;
+) -> Result<(Arc<Account>, Option<Fence>), Response> {
+    let a = account(state, &headers, peer).await?;
+    let sid = sid_of(&a).map_err(IntoResponse::into_response)?;
     let req = Incoming {
-        method,
-        uri,
-        headers,
+        method: &method,
+        uri: &uri,
+        headers: &headers,
         body,
     };
     match forward::route(state, sid, req).await {
-        Decision::Local(fence) => Ok(fence),
+        Decision::Local(fence) => Ok((a, fence)),
         Decision::Answered(r) => Err(r),
     }
 }
@@ -344,12 +345,8 @@ pub async fn create_hold(
     peer: Option<ConnectInfo<SocketAddr>>,
     body: Bytes,
 ) -> Response {
-    let a = match account(&state, &headers, peer).await {
-        Ok(a) => a,
-        Err(refused) => return refused,
-    };
-    match routed(&state, &a, &method, &uri, &headers, body.clone()).await {
-        Ok(fence) => create_hold_for(state, a, body, fence).await.into_response(),
+    match local(&state, method, uri, headers, peer, body.clone()).await {
+        Ok((a, fence)) => create_hold_for(state, a, body, fence).await.into_response(),
         Err(answer) => answer,
     }
 }
@@ -539,12 +536,8 @@ pub async fn release_hold(
     peer: Option<ConnectInfo<SocketAddr>>,
     Path(call_id): Path<String>,
 ) -> Response {
-    let a = match account(&state, &headers, peer).await {
-        Ok(a) => a,
-        Err(refused) => return refused,
-    };
-    match routed(&state, &a, &method, &uri, &headers, Bytes::new()).await {
-        Ok(fence) => release_hold_for(state, a, call_id, fence)
+    match local(&state, method, uri, headers, peer, Bytes::new()).await {
+        Ok((a, fence)) => release_hold_for(state, a, call_id, fence)
             .await
             .into_response(),
         Err(answer) => answer,
@@ -607,12 +600,8 @@ pub async fn call_billing(
     peer: Option<ConnectInfo<SocketAddr>>,
     Path(call_id): Path<String>,
 ) -> Response {
-    let a = match account(&state, &headers, peer).await {
-        Ok(a) => a,
-        Err(refused) => return refused,
-    };
-    match routed(&state, &a, &method, &uri, &headers, Bytes::new()).await {
-        Ok(_) => call_billing_for(state, a, call_id).await.into_response(),
+    match local(&state, method, uri, headers, peer, Bytes::new()).await {
+        Ok((a, _)) => call_billing_for(state, a, call_id).await.into_response(),
         Err(answer) => answer,
     }
 }
@@ -645,12 +634,8 @@ pub async fn wallet(
     headers: HeaderMap,
     peer: Option<ConnectInfo<SocketAddr>>,
 ) -> Response {
-    let a = match account(&state, &headers, peer).await {
-        Ok(a) => a,
-        Err(refused) => return refused,
-    };
-    match routed(&state, &a, &method, &uri, &headers, Bytes::new()).await {
-        Ok(_) => wallet_for(state, a).await.into_response(),
+    match local(&state, method, uri, headers, peer, Bytes::new()).await {
+        Ok((a, _)) => wallet_for(state, a).await.into_response(),
         Err(answer) => answer,
     }
 }
