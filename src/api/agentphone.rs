@@ -17,6 +17,7 @@
 use std::collections::BTreeMap;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -85,7 +86,7 @@ pub(super) async fn cached_account(
     state: &ApiState,
     headers: &HeaderMap,
     peer: Option<ConnectInfo<SocketAddr>>,
-) -> Result<Account, Response> {
+) -> Result<Arc<Account>, Response> {
     let hash = auth::bearer(headers).map(accounts::key_hash);
     if let Some(hit) = hash.as_deref().and_then(|h| state.key_cache().get(h)) {
         // A blocked client stays blocked, whatever key it sends.
@@ -96,7 +97,7 @@ pub(super) async fn cached_account(
         return Ok(hit);
     }
     let seen = state.key_cache().generation();
-    let a = with_account(state, headers, peer, |_, a| Ok(a)).await?;
+    let a = Arc::new(with_account(state, headers, peer, |_, a| Ok(a)).await?);
     if let Some(h) = hash {
         state.key_cache().put(h, a.clone(), seen);
     }

@@ -13,6 +13,7 @@
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
@@ -129,7 +130,8 @@ pub const KEY_CACHE_TTL: Duration = Duration::from_secs(1);
 /// [`KEY_CACHE_TTL`].
 #[derive(Default)]
 pub struct KeyCache {
-    accounts: DashMap<String, (crate::api::accounts::Account, Instant)>,
+    /// Shared, not copied out per request (an account is seven strings).
+    accounts: DashMap<String, (Arc<crate::api::accounts::Account>, Instant)>,
     /// Moved by every [`KeyCache::clear`]: an account read from the store
     /// before a clear is not put in after it.
     generation: std::sync::atomic::AtomicU64,
@@ -143,7 +145,7 @@ impl KeyCache {
 
     /// The account of the key with this hash, if authenticated less than
     /// [`KEY_CACHE_TTL`] ago.
-    pub fn get(&self, hash: &str) -> Option<crate::api::accounts::Account> {
+    pub fn get(&self, hash: &str) -> Option<Arc<crate::api::accounts::Account>> {
         let hit = self.accounts.get(hash)?;
         (hit.1.elapsed() < KEY_CACHE_TTL).then(|| hit.0.clone())
     }
@@ -151,7 +153,7 @@ impl KeyCache {
     /// Remembers `account` for its key, unless the cache was cleared since
     /// `seen` ([`KeyCache::generation`], taken before the account was read):
     /// a key deleted while its request read the store is not remembered.
-    pub fn put(&self, hash: String, account: crate::api::accounts::Account, seen: u64) {
+    pub fn put(&self, hash: String, account: Arc<crate::api::accounts::Account>, seen: u64) {
         if self.generation() != seen {
             return;
         }
@@ -192,7 +194,7 @@ mod tests {
     /// the clear that follows the deletion comes between the read and the put.
     #[test]
     fn an_account_read_before_a_clear_is_not_cached() {
-        let account = crate::api::accounts::Account {
+        let account = Arc::new(crate::api::accounts::Account {
             sid: "AC00000000000000000000000000000001".into(),
             auth_token: crate::config::Secret::new("t"),
             parent_sid: None,
@@ -201,7 +203,7 @@ mod tests {
             limits: crate::config::PlanLimits::default(),
             created_at: String::new(),
             updated_at: String::new(),
-        };
+        });
         let cache = KeyCache::default();
         let seen = cache.generation();
         cache.clear();
@@ -209,7 +211,10 @@ mod tests {
         assert!(cache.get("h").is_none());
         let seen = cache.generation();
         cache.put("h".into(), account.clone(), seen);
-        assert_eq!(cache.get("h").map(|a| a.sid), Some(account.sid));
+        assert_eq!(
+            cache.get("h").map(|a| a.sid.clone()),
+            Some(account.sid.clone())
+        );
     }
 
     #[test]

@@ -310,10 +310,19 @@ fn default_message(status: StatusCode, path: &str, method: &str) -> String {
     }
 }
 
+/// The length of `uri` as text (what `uri.to_string().len()` is, without
+/// writing it out).
+fn uri_len(uri: &axum::http::Uri) -> usize {
+    uri.scheme_str().map_or(0, |s| s.len() + "://".len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path().len()
+        + uri.query().map_or(0, |q| q.len() + 1)
+}
+
 /// Middleware: refuses over-long URIs (414) and headers (431), and turns every
 /// error response that is not JSON yet into the JSON error of its path's API.
 pub async fn json_errors(req: Request, next: Next) -> Response {
-    let uri_len = req.uri().to_string().len();
+    let uri_len = uri_len(req.uri());
     let header_bytes: usize = req
         .headers()
         .iter()
@@ -374,6 +383,22 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_uris_length_is_that_of_its_text() {
+        for u in [
+            "/",
+            "/v1/holds",
+            "/v1/usage?from=2026-01-01&to=2026-02-01",
+            "http://example.com:8080/a/b?c=d",
+            "https://example.com",
+            "example.com:443",
+            "*",
+        ] {
+            let uri: axum::http::Uri = u.parse().unwrap();
+            assert_eq!(uri_len(&uri), uri.to_string().len(), "{u}");
+        }
+    }
 
     #[test]
     fn shown_values_are_bounded_and_quoted() {

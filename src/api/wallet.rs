@@ -20,10 +20,10 @@ use crate::metrics as m;
 use axum::body::Bytes;
 use axum::extract::ConnectInfo;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json_};
 
 use super::accounts::{self, Account};
@@ -34,6 +34,7 @@ use super::forward::{self, Decision, Incoming};
 use super::{ApiState, NotPlain};
 use crate::calendar::format_rfc3339;
 use crate::cdr::{AccountSid, CallNumberType, Mode};
+use crate::rating::Plan;
 use crate::store::wallet::{Fence, StoredCredit, StoredHold};
 use crate::store::Error as StoreError;
 use crate::wallet::{
@@ -81,55 +82,178 @@ async fn account(
     state: &ApiState,
     headers: &HeaderMap,
     peer: Option<ConnectInfo<SocketAddr>>,
-) -> Result<Account, Response> {
+) -> Result<Arc<Account>, Response> {
     check_loaded(state).map_err(IntoResponse::into_response)?;
     cached_account(state, headers, peer).await
 }
 
-/// The per-call hold of `a` for a call of `number_type` and `mode`.
-fn hold_for(state: &ApiState, a: &Account, nt: CallNumberType, mode: Option<Mode>) -> Money {
-    let plan = state
-        .inner
-        .tariff
-        .plan_for(AccountSid::parse(&a.sid).unwrap_or(AccountSid(0)));
+/// The per-call hold of an account on `plan` for a call of `number_type` and
+/// `mode`.
+fn hold_for(plan: &Plan, a: &Account, nt: CallNumberType, mode: Option<Mode>) -> Money {
     let minutes = a.limits.max_call_duration_minutes.clamp(0, u32::MAX as i64) as u32;
     hold_amount(plan, nt, mode, minutes)
 }
 
+/// The rating plan of `a` (the default plan's for a malformed SID).
+fn plan_of<'s>(state: &'s ApiState, a: &Account) -> &'s Plan {
+    state
+        .inner
+        .tariff
+        .plan_for(AccountSid::parse(&a.sid).unwrap_or(AccountSid(0)))
+}
+
+// The answers' bodies are typed and written straight into the response: a
+// hold is the hot path, and a `serde_json::Value` built per answer cost a
+// map node and a key string per field. Fields are declared in the order of
+// their names — the order the `Value` maps wrote them in — so each body is
+// byte for byte what it was.
+
+/// An amount as the answers show it: the exact decimal text of [`decimal`]
+/// (`"4.98750"`), written without a `String` of its own.
+struct Amount(Money);
+
+impl Serialize for Amount {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&crate::rating::price_to_decimal(self.0))
+    }
+}
+
+/// The auto-recharge settings of `GET /v1/wallet` and of the admin API.
+#[derive(Serialize)]
+struct AutoRechargeBody {
+    amount: Amount,
+    enabled: bool,
+    threshold: Amount,
+}
+
 /// The auto-recharge settings in effect: the account's own, else the defaults.
-fn auto_recharge_json(state: &ApiState, own: (Option<Money>, Option<Money>)) -> Json_ {
+fn auto_recharge_body(state: &ApiState, own: (Option<Money>, Option<Money>)) -> AutoRechargeBody {
     let d = state.wallets().low_balance;
     let (threshold, amount) = (own.0.unwrap_or(d.threshold), own.1.unwrap_or(d.recharge));
-    json!({
-        "enabled": amount > 0,
-        "threshold": decimal(threshold),
-        "amount": decimal(amount),
-    })
+    AutoRechargeBody {
+        amount: Amount(amount),
+        enabled: amount > 0,
+        threshold: Amount(threshold),
+    }
 }
 
-fn wallet_json(state: &ApiState, a: &Account, wallet: &Wallet) -> Json_ {
+/// A wallet as the answers show it.
+#[derive(Serialize)]
+struct WalletBody<'a> {
+    account_sid: &'a str,
+    active_holds: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    auto_recharge: Option<AutoRechargeBody>,
+    available: Amount,
+    balance: Amount,
+    currency: &'a str,
+    held: Amount,
+    hold_amount: Amount,
+    status: &'static str,
+}
+
+/// The wallet of `a` now; `local_hold` is its hold for a local call if the
+/// caller has it at hand (else it is sized here).
+fn wallet_body<'a>(
+    plan: &'a Plan,
+    a: &'a Account,
+    wallet: &Wallet,
+    local_hold: Option<Money>,
+) -> WalletBody<'a> {
     let v = wallet.view();
-    let hold = hold_for(state, a, CallNumberType::Local, None);
-    json!({
-        "account_sid": a.sid,
-        "balance": decimal(v.balance),
-        "held": decimal(v.held),
-        "available": decimal(v.available),
-        "hold_amount": decimal(hold),
-        "active_holds": v.active_holds,
-        "currency": state.currency_of(&a.sid),
-        "status": w::status(v.available, hold),
-    })
+    let hold = local_hold.unwrap_or_else(|| hold_for(plan, a, CallNumberType::Local, None));
+    WalletBody {
+        account_sid: &a.sid,
+        active_holds: v.active_holds,
+        auto_recharge: None,
+        available: Amount(v.available),
+        balance: Amount(v.balance),
+        currency: &plan.currency,
+        held: Amount(v.held),
+        hold_amount: Amount(hold),
+        status: w::status(v.available, hold),
+    }
 }
 
-fn hold_json(h: &StoredHold) -> Json_ {
-    json!({
-        "call_id": h.call_id,
-        "amount": decimal(h.amount),
-        "status": h.status.as_str(),
-        "created_at": format_rfc3339(h.created_at),
-        "expires_at": format_rfc3339(h.expires_at),
-    })
+/// A hold as the answers show it, with its account's wallet in the answers
+/// to a hold request or release.
+#[derive(Serialize)]
+struct HoldBody<'a> {
+    amount: Amount,
+    call_id: &'a str,
+    created_at: String,
+    expires_at: String,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wallet: Option<WalletBody<'a>>,
+}
+
+impl<'a> HoldBody<'a> {
+    fn of(h: &'a StoredHold) -> HoldBody<'a> {
+        HoldBody::new(&h.call_id, h.amount, h.status, h.created_at, h.expires_at)
+    }
+
+    fn of_hold(h: &'a Hold) -> HoldBody<'a> {
+        HoldBody::new(&h.call_id, h.amount, h.status(), h.created_at, h.expires_at)
+    }
+
+    fn new(
+        call_id: &'a str,
+        amount: Money,
+        status: HoldStatus,
+        created_at: i64,
+        expires_at: i64,
+    ) -> HoldBody<'a> {
+        HoldBody {
+            amount: Amount(amount),
+            call_id,
+            created_at: format_rfc3339(created_at),
+            expires_at: format_rfc3339(expires_at),
+            status: status.as_str(),
+            wallet: None,
+        }
+    }
+
+    fn with_wallet(mut self, wallet: WalletBody<'a>) -> HoldBody<'a> {
+        self.wallet = Some(wallet);
+        self
+    }
+}
+
+/// The `402` of a hold refused for lack of balance.
+#[derive(Serialize)]
+struct RefusedBody {
+    available: Amount,
+    code: &'static str,
+    hold_amount: Amount,
+    message: String,
+}
+
+/// The `429` of a hold over the plan's concurrent calls.
+#[derive(Serialize)]
+struct TooManyCallsBody {
+    code: &'static str,
+    limit: u32,
+    message: String,
+}
+
+/// Most answers' bodies fit in this (a hold with its wallet is ~350 bytes):
+/// written into one buffer of it, not into axum's 128 bytes grown twice.
+const BODY_BYTES: usize = 512;
+
+/// `body` as a JSON answer (what `(status, Json(body))` answers).
+fn json_answer(status: StatusCode, body: &impl Serialize) -> Response {
+    let mut buf = Vec::with_capacity(BODY_BYTES);
+    if let Err(e) = serde_json::to_writer(&mut buf, body) {
+        return ApiError::internal(e).into_response();
+    }
+    let mut r = Response::new(axum::body::Body::from(buf));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 fn stored(h: &Hold) -> StoredHold {
@@ -188,25 +312,26 @@ fn fenced() -> ApiError {
     }
 }
 
-/// Where the wallet request of `a` is answered: here (with the fence of this
-/// instance's ownership), or by its owner (its answer).
-async fn routed(
+/// The account of a wallet request and the fence it is answered under here;
+/// or its answer: refused, or its owner's (see [`forward::route`]).
+async fn local(
     state: &ApiState,
-    a: &Account,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    peer: Option<ConnectInfo<SocketAddr>>,
     body: Bytes,
-) -> Result<Option<Fence>, Response> {
-    let sid = sid_of(a).map_err(IntoResponse::into_response)?;
+) -> Result<(Arc<Account>, Option<Fence>), Response> {
+    let a = account(state, &headers, peer).await?;
+    let sid = sid_of(&a).map_err(IntoResponse::into_response)?;
     let req = Incoming {
-        method,
-        uri,
-        headers,
+        method: &method,
+        uri: &uri,
+        headers: &headers,
         body,
     };
     match forward::route(state, sid, req).await {
-        Decision::Local(fence) => Ok(fence),
+        Decision::Local(fence) => Ok((a, fence)),
         Decision::Answered(r) => Err(r),
     }
 }
@@ -220,19 +345,15 @@ pub async fn create_hold(
     peer: Option<ConnectInfo<SocketAddr>>,
     body: Bytes,
 ) -> Response {
-    let a = match account(&state, &headers, peer).await {
-        Ok(a) => a,
-        Err(refused) => return refused,
-    };
-    match routed(&state, &a, &method, &uri, &headers, body.clone()).await {
-        Ok(fence) => create_hold_for(state, a, body, fence).await.into_response(),
+    match local(&state, method, uri, headers, peer, body.clone()).await {
+        Ok((a, fence)) => create_hold_for(state, a, body, fence).await.into_response(),
         Err(answer) => answer,
     }
 }
 
 async fn create_hold_for(
     state: ApiState,
-    a: Account,
+    a: Arc<Account>,
     body: Bytes,
     fence: Option<Fence>,
 ) -> Result<Response, ApiError> {
@@ -268,71 +389,78 @@ async fn create_hold_for(
         }
     };
     let account = sid_of(&a)?;
-    let amount = hold_for(&state, &a, nt, mode);
+    let plan = state.inner.tariff.plan_for(account);
+    let amount = hold_for(plan, &a, nt, mode);
+    // The wallet's hold for a local call, which its body shows: this one's
+    // unless the call is of another kind.
+    let local_hold = (nt == CallNumberType::Local && mode.is_none()).then_some(amount);
     let now = state.now();
     let expires_at = now + a.limits.max_call_duration_minutes * 60 + state.inner.hold_grace;
     let limit = a.limits.concurrent_calls.clamp(0, u32::MAX as i64) as u32;
-    let wallets = state.wallets().clone();
+    let wallets = state.wallets();
     let grant = wallets.grant(account, &req.call_id, amount, limit, now, expires_at);
     let wallet = wallets.wallet(account);
+    let answer_with_wallet = |status: StatusCode, body: HoldBody<'_>| {
+        let body = body.with_wallet(wallet_body(plan, &a, &wallet, local_hold));
+        json_answer(status, &body)
+    };
     let answer = match grant {
         Grant::Granted(hold) => match commit_grant(&state, hold.clone(), fence).await? {
             None => {
                 metrics::counter!(m::HOLDS_TOTAL, "outcome" => "granted").increment(1);
-                let mut body = hold_json(&stored(&hold));
-                body["wallet"] = wallet_json(&state, &a, &wallet);
-                (StatusCode::CREATED, Json(body)).into_response()
+                answer_with_wallet(StatusCode::CREATED, HoldBody::of_hold(&hold))
             }
             Some(earlier) => {
                 // The call id had a hold the registry had forgotten.
-                let mut body = hold_json(&earlier);
-                body["wallet"] = wallet_json(&state, &a, &wallet);
-                (StatusCode::OK, Json(body)).into_response()
+                answer_with_wallet(StatusCode::OK, HoldBody::of(&earlier))
             }
         },
         Grant::Existing(hold) => {
             // Answered once its grant is in the store: never "reserved"
             // about a hold the store may not keep.
             let found = match hold.stored().await {
-                Durable::Stored => stored(&hold),
+                Durable::Stored => None,
                 // Not stored: what the store has, if anything (not the
                 // registry, where a retry may have put a grant of its own
                 // that is not stored yet either).
-                Durable::Pending | Durable::NotStored => stored_hold(&state, account, &req.call_id)
-                    .await?
-                    .ok_or_else(|| {
-                        store_unavailable(StoreError::Cancelled(format!(
-                            "the first request for call id {:?} did not store its hold",
-                            req.call_id
-                        )))
-                    })?,
+                Durable::Pending | Durable::NotStored => Some(
+                    stored_hold(&state, account, &req.call_id)
+                        .await?
+                        .ok_or_else(|| {
+                            store_unavailable(StoreError::Cancelled(format!(
+                                "the first request for call id {:?} did not store its hold",
+                                req.call_id
+                            )))
+                        })?,
+                ),
             };
             metrics::counter!(m::HOLDS_TOTAL, "outcome" => "repeated").increment(1);
-            let mut body = hold_json(&found);
-            body["wallet"] = wallet_json(&state, &a, &wallet);
-            (StatusCode::OK, Json(body)).into_response()
+            let body = found
+                .as_ref()
+                .map_or_else(|| HoldBody::of_hold(&hold), HoldBody::of);
+            answer_with_wallet(StatusCode::OK, body)
         }
         Grant::Refused { available, amount } => {
             metrics::counter!(m::HOLDS_TOTAL, "outcome" => "refused").increment(1);
-            let body = json!({
-                "code": "calls_paused",
-                "message": refusal_message(available, amount),
-                "available": decimal(available),
-                "hold_amount": decimal(amount),
-            });
-            (StatusCode::PAYMENT_REQUIRED, Json(body)).into_response()
+            let body = RefusedBody {
+                available: Amount(available),
+                code: "calls_paused",
+                hold_amount: Amount(amount),
+                message: refusal_message(available, amount),
+            };
+            json_answer(StatusCode::PAYMENT_REQUIRED, &body)
         }
         Grant::TooManyCalls { limit } => {
             metrics::counter!(m::HOLDS_TOTAL, "outcome" => "limited").increment(1);
-            let body = json!({
-                "code": "too_many_concurrent_calls",
-                "message": format!(
+            let body = TooManyCallsBody {
+                code: "too_many_concurrent_calls",
+                message: format!(
                     "Your plan allows {limit} concurrent calls and {limit} are in progress. \
                      Wait for a call to end or release its hold."
                 ),
-                "limit": limit,
-            });
-            (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response()
+                limit,
+            };
+            json_answer(StatusCode::TOO_MANY_REQUESTS, &body)
         }
     };
     m::HOLD_REQUEST_TO_ANSWER.record_since(started);
@@ -392,8 +520,7 @@ async fn stored_hold(
     account: AccountSid,
     call_id: &str,
 ) -> Result<Option<StoredHold>, ApiError> {
-    let (sid, id) = (account.to_string(), call_id.to_owned());
-    Ok(state.store().run(move |c| c.hold(&sid, &id)).await?)
+    Ok(state.store().hold(&account.to_string(), call_id).await?)
 }
 
 fn no_hold(call_id: &str) -> ApiError {
@@ -409,12 +536,8 @@ pub async fn release_hold(
     peer: Option<ConnectInfo<SocketAddr>>,
     Path(call_id): Path<String>,
 ) -> Response {
-    let a = match account(&state, &headers, peer).await {
-        Ok(a) => a,
-        Err(refused) => return refused,
-    };
-    match routed(&state, &a, &method, &uri, &headers, Bytes::new()).await {
-        Ok(fence) => release_hold_for(state, a, call_id, fence)
+    match local(&state, method, uri, headers, peer, Bytes::new()).await {
+        Ok((a, fence)) => release_hold_for(state, a, call_id, fence)
             .await
             .into_response(),
         Err(answer) => answer,
@@ -423,13 +546,13 @@ pub async fn release_hold(
 
 async fn release_hold_for(
     state: ApiState,
-    a: Account,
+    a: Arc<Account>,
     call_id: String,
     fence: Option<Fence>,
 ) -> Result<Response, ApiError> {
     check_call_id(&call_id)?;
     let account = sid_of(&a)?;
-    let wallets = state.wallets().clone();
+    let wallets = state.wallets();
     let Some(hold) = wallets.hold(account, &call_id) else {
         // Not in memory: finished long ago (the store says how) or unknown.
         let h = find_hold(&state, account, &call_id)
@@ -452,9 +575,10 @@ async fn release_hold_for(
         .map_err(store_unavailable)?
         .ok_or_else(fenced)?;
     wallets.forget(&hold);
-    let mut body = hold_json(&stored(&hold));
-    body["wallet"] = wallet_json(&state, &a, &wallets.wallet(account));
-    Ok((StatusCode::OK, Json(body)).into_response())
+    let wallet = wallets.wallet(account);
+    let body =
+        HoldBody::of_hold(&hold).with_wallet(wallet_body(plan_of(&state, &a), &a, &wallet, None));
+    Ok(json_answer(StatusCode::OK, &body))
 }
 
 fn finished(h: &StoredHold) -> Result<Response, ApiError> {
@@ -463,7 +587,7 @@ fn finished(h: &StoredHold) -> Result<Response, ApiError> {
             "the hold of call {} was already settled by its CDR",
             h.call_id
         ))),
-        _ => Ok((StatusCode::OK, Json(hold_json(h))).into_response()),
+        _ => Ok(json_answer(StatusCode::OK, &HoldBody::of(h))),
     }
 }
 
@@ -476,19 +600,15 @@ pub async fn call_billing(
     peer: Option<ConnectInfo<SocketAddr>>,
     Path(call_id): Path<String>,
 ) -> Response {
-    let a = match account(&state, &headers, peer).await {
-        Ok(a) => a,
-        Err(refused) => return refused,
-    };
-    match routed(&state, &a, &method, &uri, &headers, Bytes::new()).await {
-        Ok(_) => call_billing_for(state, a, call_id).await.into_response(),
+    match local(&state, method, uri, headers, peer, Bytes::new()).await {
+        Ok((a, _)) => call_billing_for(state, a, call_id).await.into_response(),
         Err(answer) => answer,
     }
 }
 
 async fn call_billing_for(
     state: ApiState,
-    a: Account,
+    a: Arc<Account>,
     call_id: String,
 ) -> Result<Json<Json_>, ApiError> {
     check_call_id(&call_id)?;
@@ -514,26 +634,22 @@ pub async fn wallet(
     headers: HeaderMap,
     peer: Option<ConnectInfo<SocketAddr>>,
 ) -> Response {
-    let a = match account(&state, &headers, peer).await {
-        Ok(a) => a,
-        Err(refused) => return refused,
-    };
-    match routed(&state, &a, &method, &uri, &headers, Bytes::new()).await {
-        Ok(_) => wallet_for(state, a).await.into_response(),
+    match local(&state, method, uri, headers, peer, Bytes::new()).await {
+        Ok((a, _)) => wallet_for(state, a).await.into_response(),
         Err(answer) => answer,
     }
 }
 
-async fn wallet_for(state: ApiState, a: Account) -> Result<Json<Json_>, ApiError> {
+async fn wallet_for(state: ApiState, a: Arc<Account>) -> Result<Response, ApiError> {
     let wallet = state.wallets().wallet(sid_of(&a)?);
     let sid = a.sid.clone();
     let own = state
         .store()
         .run(move |c| c.low_balance_settings(&sid))
         .await?;
-    let mut body = wallet_json(&state, &a, &wallet);
-    body["auto_recharge"] = auto_recharge_json(&state, own);
-    Ok(Json(body))
+    let mut body = wallet_body(plan_of(&state, &a), &a, &wallet, None);
+    body.auto_recharge = Some(auto_recharge_body(&state, own));
+    Ok(json_answer(StatusCode::OK, &body))
 }
 
 /// Body of `PUT /admin/accounts/{sid}/auto-recharge`: a decimal string, or
@@ -606,7 +722,7 @@ pub async fn set_auto_recharge(
     }
     Ok(Json(json!({
         "account_sid": sid,
-        "auto_recharge": auto_recharge_json(&state, (threshold, amount)),
+        "auto_recharge": auto_recharge_body(&state, (threshold, amount)),
     })))
 }
 
@@ -731,7 +847,7 @@ pub async fn create_credit(
         "reason": credit.reason,
         "created_at": credit.created_at,
         "credited": new,
-        "wallet": wallet_json(&state, &a, &wallet),
+        "wallet": wallet_body(plan_of(&state, &a), &a, &wallet, None),
     });
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
@@ -767,5 +883,75 @@ pub async fn expire_holds(state: ApiState, stop: Arc<std::sync::atomic::AtomicBo
             tracing::warn!(error = %e, "expired holds not written");
         }
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wallet::CENT;
+
+    const SID: &str = "AC00000000000000000000000000000c11";
+
+    /// The API over a fresh SQLite store in `dir`.
+    fn api(dir: &std::path::Path) -> ApiState {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tallyd.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let url = format!("sqlite://{}/t.db", dir.display());
+        let env = [("TALLYD_STORE__URL".to_string(), url.clone())];
+        let (cfg, tariff) = crate::config::Config::from_toml(&text, &path, env).unwrap();
+        ApiState::seeded(&cfg, &tariff, crate::store::Store::open(&url).unwrap()).unwrap()
+    }
+
+    /// Grants a hold of `call_id` in memory and writes it as a hold request
+    /// does: its answer's status.
+    async fn hold(state: &ApiState, call_id: &str) -> StatusCode {
+        let account = AccountSid::parse(SID).unwrap();
+        let Grant::Granted(h) = state.wallets().grant(account, call_id, CENT, 100, 0, 3_600) else {
+            panic!("{call_id} not granted in memory");
+        };
+        match commit_grant(state, h, None).await {
+            Ok(None) => StatusCode::CREATED,
+            Ok(Some(_)) => StatusCode::OK,
+            Err(e) => e.status,
+        }
+    }
+
+    /// A panic in the hold writer fails its batch only: the hold is refused
+    /// with a 503 to retry and not left granted in memory, and the writer
+    /// goes on granting (the writer's thread died with the panic, and every
+    /// later hold was refused).
+    #[test]
+    fn a_panic_in_the_hold_writer_refuses_its_batch_and_later_holds_are_granted() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = api(dir.path());
+        let account = AccountSid::parse(SID).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            assert_eq!(hold(&state, "CA0").await, StatusCode::CREATED);
+            state.hold_commits().panic_in_next_batches(1);
+            assert_eq!(
+                hold(&state, "CA1").await,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the panicked batch's hold is refused"
+            );
+            let wallets = state.wallets();
+            assert!(wallets.hold(account, "CA1").is_none(), "not in memory");
+            let v = wallets.wallet(account).view();
+            assert_eq!((v.active_holds, v.held), (1, CENT), "only CA0 holds");
+            for id in ["CA2", "CA1"] {
+                assert_eq!(hold(&state, id).await, StatusCode::CREATED, "{id}");
+            }
+        });
+        let stored = state
+            .store()
+            .with_conn(|c| c.reserved_holds())
+            .unwrap()
+            .len();
+        assert_eq!(stored, 3, "CA0, CA2 and CA1 on its retry");
     }
 }

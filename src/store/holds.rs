@@ -48,7 +48,7 @@
 use std::path::{Path, PathBuf};
 
 use super::wallet::{Fence, HoldWrite, StoredHold};
-use super::{Conn, Param, Result};
+use super::{Conn, Param, Result, Store};
 use crate::wallet::HoldStatus;
 
 /// The holds file of the SQLite store at `store`.
@@ -257,12 +257,24 @@ impl Conn {
         account_sid: &str,
         call_id: &str,
     ) -> Result<Option<StoredHold>> {
+        self.merged_hold_with(account_sid, call_id, |main| {
+            open_beside(main)?.hold_row(account_sid, call_id)
+        })
+    }
+
+    /// [`Conn::merged_hold`], the holds file's row read by `written` (given
+    /// this connection, to the store) if the store has not finished the hold.
+    fn merged_hold_with(
+        &mut self,
+        account_sid: &str,
+        call_id: &str,
+        written: impl FnOnce(&Conn) -> Result<Option<StoredHold>>,
+    ) -> Result<Option<StoredHold>> {
         let stored = self.hold_row(account_sid, call_id)?;
         if stored.as_ref().is_some_and(finished) {
             return Ok(stored);
         }
-        let written = open_beside(self)?.hold_row(account_sid, call_id)?;
-        Ok(written.or(stored))
+        Ok(written(self)?.or(stored))
     }
 
     /// SQLite: the holds reserved in both files together; drops from the
@@ -307,6 +319,38 @@ impl Conn {
             }
             Ok(())
         })
+    }
+}
+
+impl Store {
+    /// A hold as stored ([`Conn::hold`]), read on a pooled connection; on
+    /// SQLite the holds file is read on a pooled connection of its own too,
+    /// instead of one opened (its pragmas set, its tables checked) per read.
+    pub async fn hold(&self, account_sid: &str, call_id: &str) -> Result<Option<StoredHold>> {
+        let (sid, id, store) = (account_sid.to_owned(), call_id.to_owned(), self.clone());
+        self.run(move |c| match c {
+            Conn::Sqlite(_) => c.merged_hold_with(&sid, &id, |_| {
+                store.with_holds_conn(|holds| holds.hold_row(&sid, &id))
+            }),
+            Conn::Postgres(_) => c.hold(&sid, &id),
+        })
+        .await
+    }
+
+    /// Runs `f` on an idle connection to the SQLite store's holds file, or
+    /// on a new one, which is kept for the next read.
+    fn with_holds_conn<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
+        let super::Backend::Sqlite(store) = &self.inner.backend else {
+            unreachable!("PostgreSQL has no holds file");
+        };
+        let idle = self.inner.holds_idle.lock().pop();
+        let mut conn = match idle {
+            Some(c) => c,
+            None => open(store)?,
+        };
+        let out = f(&mut conn);
+        super::give_back(&self.inner.holds_idle, conn, out.is_ok());
+        out
     }
 }
 
@@ -416,6 +460,20 @@ mod tests {
         assert_eq!(status(&store, "released"), Some(HoldStatus::Released));
         assert_eq!(status(&store, "in-store"), Some(HoldStatus::Released));
         assert_eq!(status(&store, "none"), None);
+        // Read through the store's pool, the holds file on one connection
+        // kept between reads: the same holds.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for id in ["settled", "released", "in-store", "reserved", "old", "none"] {
+            let pooled = rt.block_on(store.hold(SID, id)).unwrap();
+            assert_eq!(
+                pooled,
+                store.with_conn(|c| c.hold(SID, id)).unwrap(),
+                "{id}"
+            );
+        }
+        assert_eq!(store.inner.holds_idle.lock().len(), 1, "one connection");
         let again = grant(&mut w, hold("settled", 100)).unwrap().unwrap();
         assert_eq!(
             again.billing.unwrap().charged,

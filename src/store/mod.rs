@@ -268,6 +268,9 @@ struct Inner {
     /// The URL with its password replaced, for logs and errors.
     shown: String,
     idle: Mutex<Vec<Conn>>,
+    /// A SQLite store's idle connections to its holds file, for the reads
+    /// of [`Store::hold`] (see [`holds`]).
+    holds_idle: Mutex<Vec<Conn>>,
     /// Bounds concurrent queries of the async callers ([`Store::run`]).
     permits: Semaphore,
     health: Arc<StoreHealth>,
@@ -308,6 +311,17 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Returns `conn` to the pool `idle` after a use that went `ok`: a
+/// connection that failed may be mid-transaction or dead, and is not reused.
+fn give_back(idle: &Mutex<Vec<Conn>>, conn: Conn, ok: bool) {
+    if ok && !conn.is_broken() {
+        let mut idle = idle.lock();
+        if idle.len() < MAX_IDLE {
+            idle.push(conn);
+        }
+    }
+}
+
 impl Store {
     /// Parses `sqlite://PATH` or `postgres://…` (also `postgresql://…`); opens
     /// nothing. `pool_size` bounds the async callers' concurrent queries.
@@ -336,6 +350,7 @@ impl Store {
                 backend,
                 shown: redact_url(url),
                 idle: Mutex::new(Vec::new()),
+                holds_idle: Mutex::new(Vec::new()),
                 permits: Semaphore::new(pool_size.max(1)),
                 health: Arc::new(StoreHealth::default()),
                 checkpointer,
@@ -396,13 +411,7 @@ impl Store {
         };
         let out = f(&mut conn);
         self.inner.health.record(&out);
-        // A connection that failed may be mid-transaction or dead: not reused.
-        if out.is_ok() && !conn.is_broken() {
-            let mut idle = self.inner.idle.lock();
-            if idle.len() < MAX_IDLE {
-                idle.push(conn);
-            }
-        }
+        give_back(&self.inner.idle, conn, out.is_ok());
         out
     }
 

@@ -31,7 +31,16 @@
 //! finds it; see [`crate::store::Conn::release_hold`]). SQLite has one
 //! writer per file: one writer, writing into the holds file of the store
 //! ([`crate::store::holds`]), so a batch never waits for a flush.
+//!
+//! A panic while a batch is written (a bug, in tallyd or below it) fails
+//! that batch only: each of its requests is answered with a retryable
+//! error, as when the store refuses a batch (their grants are revoked), the
+//! writer's connections are opened anew, and the writer goes on with the
+//! next batch. A panic anywhere else in a writer's loop restarts the loop.
+//! Without this, the writer's thread ended, and every hold after it was
+//! refused until a restart (SQLite has only the one writer).
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,6 +70,34 @@ type Request = (HoldWrite, Option<Fence>, Reply);
 #[derive(Clone, Debug)]
 pub struct HoldCommits {
     tx: mpsc::Sender<Request>,
+    #[cfg(test)]
+    faults: Faults,
+}
+
+/// Faults the tests inject into the writers (nothing outside tests).
+#[derive(Clone, Debug, Default)]
+struct Faults {
+    /// Batches still to panic in.
+    #[cfg(test)]
+    panics: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Faults {
+    /// Panics if a test asked for it.
+    fn check(&self) {
+        #[cfg(test)]
+        if self
+            .panics
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok()
+        {
+            panic!("a panic injected into the hold writer");
+        }
+    }
 }
 
 impl HoldCommits {
@@ -69,18 +106,31 @@ impl HoldCommits {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 8);
         let writers = if store.is_sqlite() { 1 } else { PG_IN_FLIGHT };
         let rx = Arc::new(Mutex::new(rx));
+        let faults = Faults::default();
         for i in 0..writers {
-            let (store, rx) = (store.clone(), rx.clone());
+            let (store, rx, faults) = (store.clone(), rx.clone(), faults.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("tallyd-holds-{i}"))
-                .spawn(move || write_batches(&store, &rx));
+                .spawn(move || supervise(&store, &rx, &faults));
             // With no writer at all, every write is refused as the writer's
             // having stopped.
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "a hold writer's thread did not start");
             }
         }
-        HoldCommits { tx }
+        HoldCommits {
+            tx,
+            #[cfg(test)]
+            faults,
+        }
+    }
+
+    /// Tests: the writers panic in the next `n` batches they write.
+    #[cfg(test)]
+    pub(crate) fn panic_in_next_batches(&self, n: usize) {
+        self.faults
+            .panics
+            .store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Stores a granted `hold` with whatever else is waiting; returns once it
@@ -153,9 +203,21 @@ const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// PostgreSQL server may have closed them meanwhile); a busy one does not.
 const CHECK_AFTER_IDLE: Duration = Duration::from_secs(1);
 
+/// Runs a writer's loop on its thread until every [`HoldCommits`] is
+/// dropped, starting it again after a panic outside a batch's write (the
+/// requests the loop held are then answered by their senders' being dropped:
+/// refused as if the writer had stopped).
+fn supervise(store: &Store, rx: &Mutex<mpsc::Receiver<Request>>, faults: &Faults) {
+    while std::panic::catch_unwind(AssertUnwindSafe(|| write_batches(store, rx, faults))).is_err() {
+        tracing::error!("a hold writer panicked; starting it again");
+        // Not a busy loop if the panic comes back at once.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A writer's loop, on its own thread; ends once every [`HoldCommits`] is
 /// dropped.
-fn write_batches(store: &Store, rx: &Mutex<mpsc::Receiver<Request>>) {
+fn write_batches(store: &Store, rx: &Mutex<mpsc::Receiver<Request>>, faults: &Faults) {
     // Opened at the first batch, and again after a batch failed.
     let mut writer: Option<HoldWriter> = None;
     let (mut pruned, mut used) = (Instant::now(), Instant::now());
@@ -187,7 +249,12 @@ fn write_batches(store: &Store, rx: &Mutex<mpsc::Receiver<Request>>) {
                 continue;
             }
         };
-        let result = store.write_holds(&mut w, &writes);
+        // A panic fails the batch as a store error does.
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            faults.check();
+            store.write_holds(&mut w, &writes)
+        }))
+        .unwrap_or_else(|panic| Err(panicked(&*panic)));
         // A writer whose batch failed may be mid-transaction: opened anew.
         let ok = result.is_ok();
         answer(replies, result);
@@ -202,6 +269,18 @@ fn write_batches(store: &Store, rx: &Mutex<mpsc::Receiver<Request>>) {
         }
         writer = Some(w);
     }
+}
+
+/// The error a batch's requests get when its write panicked: retryable, as
+/// the write may well succeed on the next try.
+fn panicked(panic: &(dyn std::any::Any + Send)) -> Error {
+    let what = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message");
+    tracing::error!(panic = what, "the hold writer panicked writing a batch");
+    Error::Cancelled(format!("the hold writer failed writing the batch ({what})"))
 }
 
 /// Takes a batch apart: its writes (for the store) and who waits for each.
