@@ -86,6 +86,9 @@ pub(crate) fn open(store: &Path) -> Result<Conn> {
     Ok(Conn::Sqlite(c))
 }
 
+/// The page cache of a kept reader of the holds file: 2 MiB.
+const READER_CACHE: &str = "PRAGMA cache_size = -2048";
+
 /// The holds file of the SQLite store `main` is connected to.
 pub(super) fn open_beside(main: &Conn) -> Result<Conn> {
     match main {
@@ -346,7 +349,13 @@ impl Store {
         let idle = self.inner.holds_idle.lock().pop();
         let mut conn = match idle {
             Some(c) => c,
-            None => open(store)?,
+            None => {
+                let mut c = open(store)?;
+                // Point reads of a hold: a kept connection needs no 64 MiB
+                // page cache of its own.
+                c.batch(READER_CACHE)?;
+                c
+            }
         };
         let out = f(&mut conn);
         super::give_back(&self.inner.holds_idle, conn, out.is_ok());

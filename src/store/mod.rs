@@ -229,7 +229,7 @@ impl StoreHealth {
         self.last_error.lock().clone()
     }
 
-    fn record<T>(&self, result: &Result<T>) {
+    pub(crate) fn record<T>(&self, result: &Result<T>) {
         match result {
             Ok(_) => {
                 if !self.up.swap(true, Ordering::Relaxed) {

@@ -254,13 +254,20 @@ fn write_batches(store: &Store, rx: &Mutex<mpsc::Receiver<Request>>, faults: &Fa
             faults.check();
             store.write_holds(&mut w, &writes)
         }))
-        .unwrap_or_else(|panic| Err(panicked(&*panic)));
-        // A writer whose batch failed may be mid-transaction: opened anew.
-        let ok = result.is_ok();
-        answer(replies, result);
-        if !ok {
+        .unwrap_or_else(|panic| {
+            let e = Err(panicked(&*panic));
+            store.health().record(&e);
+            e
+        });
+        // A writer whose batch failed may be mid-transaction: closed (rolled
+        // back, its locks let go) before the retries its answers invite, and
+        // opened anew for the next batch.
+        if result.is_err() {
+            drop(w);
+            answer(replies, result);
             continue;
         }
+        answer(replies, result);
         if pruned.elapsed() >= PRUNE_EVERY {
             pruned = Instant::now();
             if let Err(e) = w.prune(chrono::Utc::now().timestamp()) {
