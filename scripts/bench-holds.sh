@@ -19,8 +19,11 @@
 #                     the CONNECTIONS (latency counted from when each was due).
 #   HOLD_LOAD_RELEASE=0 leaves each hold granted (no DELETE): R holds per
 #                     second are then the whole request rate, as for /healthz.
-#   BENCH_COMPARE=BIN also runs each store with that tallyd binary (label
-#                     `<store>-compare`), just before the one built here.
+#   BENCH_COMPARE=BIN[=CONFIG] also runs each store with that tallyd binary
+#                     (label `<store>-compare`), just before the one built
+#                     here; CONFIG is the config it reads (an older build
+#                     rejects keys added since; e.g.
+#                     `git show REV:config/tallyd.toml > old.toml`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-1000000}
@@ -46,7 +49,7 @@ fi
 metric() { curl -s "http://127.0.0.1:$HTTP/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
 lag() { curl -s "http://127.0.0.1:$HTTP/metrics" | awk '/^tallyd_consumer_lag/ {s += $2} END {print s + 0}'; }
 
-run() { # $1 = label, $2 = store url, $3 = tallyd binary
+run() { # $1 = label, $2 = store url, $3 = tallyd binary, $4 = its config
   # Live CDRs go to a topic of the run's own, which its daemon starts on empty.
   local topic=cdrs
   if [ -n "${BENCH_CDR_RATE:-}" ]; then
@@ -55,7 +58,7 @@ run() { # $1 = label, $2 = store url, $3 = tallyd binary
   fi
   TALLYD_KAFKA__BROKERS=127.0.0.1:$PORT TALLYD_KAFKA__GROUP_ID=holds-$1-$$ TALLYD_STORE__URL=$2 TALLYD_KAFKA__TOPIC=$topic \
   TALLYD_HTTP__LISTEN=127.0.0.1:$HTTP TALLYD_API__ADMIN_TOKEN=$ADMIN RUST_LOG=warn \
-    "$3" run --config config/tallyd.toml 2>"$WORK/$1.log" &
+    "$3" run --config "${4:-config/tallyd.toml}" 2>"$WORK/$1.log" &
   TALLYD_PID=$!
   # Ready, and consuming (every partition assigned and loaded).
   for _ in $(seq 1 300); do
@@ -86,7 +89,10 @@ run() { # $1 = label, $2 = store url, $3 = tallyd binary
 # A drain runs each store's daemons over the same prefilled topic (each its
 # own consumer group); live CDRs go to a topic per run.
 both() { # $1 = label, $2 = store url maker
-  if [ -n "${BENCH_COMPARE:-}" ]; then run "$1-compare" "$($2 "$1-compare")" "$BENCH_COMPARE"; fi
+  if [ -n "${BENCH_COMPARE:-}" ]; then
+    case $BENCH_COMPARE in *=*) other_config=${BENCH_COMPARE#*=} ;; *) other_config= ;; esac
+    run "$1-compare" "$($2 "$1-compare")" "${BENCH_COMPARE%%=*}" "$other_config"
+  fi
   run "$1" "$($2 "$1")" "$BIN"
 }
 sqlite_url() { echo "sqlite://$WORK/$1.db"; }
