@@ -75,7 +75,7 @@ run_tallyd() { # $1 = label, $2 = store url, $3 = group, $4 = binary (default $B
   TALLYD_HTTP__LISTEN=127.0.0.1:$http_port TALLYD_FLUSH__INTERVAL_MS=1000 RUST_LOG=${BENCH_LOG:-warn} \
     "$bin" run --config "$config" 2>"$WORK/$label.log" &
   TALLYD_PID=$!
-  TANSU_PID=$TANSU_PID python3 scripts/bench_watch.py "$label" "$url" "$N" "$TALLYD_PID" "$BARE_RATE" \
+  TANSU_PID=$TANSU_PID METRICS_URL=http://127.0.0.1:$http_port/metrics python3 scripts/bench_watch.py "$label" "$url" "$N" "$TALLYD_PID" "$BARE_RATE" \
     | tee -a "$WORK/results.txt"
   case $label in *-triggers) trigger_latency "$label" $http_port ;; esac
   kill -TERM $TALLYD_PID; wait $TALLYD_PID || true
