@@ -280,6 +280,17 @@ impl Conn {
         Ok(())
     }
 
+    /// `clause` — a row lock (`FOR SHARE`, `FOR UPDATE`, with the `ORDER BY`
+    /// that takes the locks in a fixed order) — on PostgreSQL; nothing on
+    /// SQLite, whose write transaction already holds the database's one
+    /// write lock.
+    pub fn row_lock(&self, clause: &'static str) -> &'static str {
+        match self {
+            Conn::Postgres(_) => clause,
+            Conn::Sqlite(_) => "",
+        }
+    }
+
     /// Whether the connection is known to be unusable (a PostgreSQL connection
     /// the server closed).
     pub fn is_broken(&self) -> bool {

@@ -85,10 +85,7 @@ impl Conn {
         chunk: &'c [(Crossing, String)],
         date_fired: &str,
     ) -> Result<Vec<Marked<'c>>> {
-        let lock = match self {
-            Conn::Postgres(_) => " ORDER BY sid FOR SHARE",
-            Conn::Sqlite(_) => "",
-        };
+        let lock = self.row_lock(" ORDER BY sid FOR SHARE");
         let sids: Vec<Param> = chunk.iter().map(|(c, _)| Param::Text(&c.sid)).collect();
         let stored = self.query(
             &format!(

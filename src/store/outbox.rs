@@ -164,6 +164,13 @@ const COUNTS: &str = "CAST(COUNT(*) AS BIGINT), \
      CAST(COALESCE(SUM(CASE WHEN status = 'delivered' THEN 1 ELSE 0 END), 0) AS BIGINT), \
      CAST(COALESCE(SUM(CASE WHEN status = 'failed' THEN 1 ELSE 0 END), 0) AS BIGINT)";
 
+/// What a redirect sets besides the address: each row's `next_attempt_at`
+/// moved on by a millisecond, so that a claim of a row read before the
+/// redirect fails its compare-and-set and the row is read again with where
+/// it goes now (an attempt already under way that fails is tried again at
+/// its lease's end, to the new address).
+const REDIRECTED: &str = "next_attempt_at = next_attempt_at + 1";
+
 /// [`COUNTS`]' columns summed over `webhook_delivery_days`.
 const PRUNED_COUNTS: &str = "CAST(COALESCE(SUM(total), 0) AS BIGINT), \
      CAST(COALESCE(SUM(delivered), 0) AS BIGINT), CAST(COALESCE(SUM(failed), 0) AS BIGINT)";
@@ -262,21 +269,12 @@ impl Conn {
         })
     }
 
-    /// (A redirect also moves each row's `next_attempt_at` on by a
-    /// millisecond: a claim of a row read before it fails its
-    /// compare-and-set, and the row is read again with where it goes now;
-    /// an attempt already under way that fails is tried again at its
-    /// lease's end, to the new address.)
-    ///
     /// The condition "`id` is one of the pending rows that pass `filter`",
     /// which on PostgreSQL also locks those rows in id order (a plain
     /// `UPDATE … WHERE filter` locks them in scan order, and could wait in a
     /// cycle with a claim of the same rows).
     fn pending_of(&self, filter: &str) -> String {
-        let lock = match self {
-            Conn::Postgres(_) => " ORDER BY id FOR UPDATE",
-            Conn::Sqlite(_) => "",
-        };
+        let lock = self.row_lock(" ORDER BY id FOR UPDATE");
         format!("id IN (SELECT id FROM webhook_outbox WHERE {filter} AND status = 'pending'{lock})")
     }
 
@@ -526,10 +524,7 @@ impl Conn {
     ) -> Result<u64> {
         let which = self.pending_of("kind = $3 AND source_sid = $4");
         self.execute(
-            &format!(
-                "UPDATE webhook_outbox SET url = $1, method = $2, \
-                 next_attempt_at = next_attempt_at + 1 WHERE {which}"
-            ),
+            &format!("UPDATE webhook_outbox SET url = $1, method = $2, {REDIRECTED} WHERE {which}"),
             &[
                 Param::Text(url),
                 Param::Text(method),
@@ -562,10 +557,7 @@ impl Conn {
     pub fn redirect_wallet_events(&mut self, account_sid: &str, url: &str) -> Result<u64> {
         let which = self.pending_of("account_sid = $2 AND kind <> $3");
         self.execute(
-            &format!(
-                "UPDATE webhook_outbox SET url = $1, next_attempt_at = next_attempt_at + 1 \
-                 WHERE {which}"
-            ),
+            &format!("UPDATE webhook_outbox SET url = $1, {REDIRECTED} WHERE {which}"),
             &[
                 Param::Text(url),
                 Param::Text(account_sid),

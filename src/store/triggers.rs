@@ -288,10 +288,7 @@ impl Conn {
     /// first could wait in a cycle with such a flush, or miss the firing it
     /// was writing.)
     fn delete_triggers_where(&mut self, filter: &str, params: &[Param<'_>]) -> Result<u64> {
-        let lock = match self {
-            Conn::Postgres(_) => " ORDER BY sid FOR UPDATE",
-            Conn::Sqlite(_) => "",
-        };
+        let lock = self.row_lock(" ORDER BY sid FOR UPDATE");
         let gone = self.query(
             &format!(
                 "DELETE FROM usage_triggers \

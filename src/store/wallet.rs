@@ -238,10 +238,7 @@ impl Conn {
     /// once, a claim ([`Conn::claim_partitions`]) waits for them all. SQLite's
     /// transaction already holds the database's one write lock.
     fn hold_fence(&mut self, fence: &Fence) -> Result<bool> {
-        let lock = match self {
-            Conn::Sqlite(_) => "",
-            Conn::Postgres(_) => " FOR SHARE",
-        };
+        let lock = self.row_lock(" FOR SHARE");
         let held = self.query(
             &format!(
                 "SELECT 1 FROM wallet_owners \
