@@ -224,7 +224,6 @@ impl Flusher {
                 m::CDR_CONSUMED_TO_FLUSHED.record_consumed(&cut.consumed, Instant::now());
             }
             let result = result.map(|(outcome, report)| {
-                self.triggers.record_flush(&report.observed, &report.fired);
                 self.fired(report, batch.outbox_lease_until);
                 outcome
             });
@@ -276,24 +275,25 @@ impl Flusher {
         out
     }
 
-    /// Logs and counts firings that committed (the book has them already)
-    /// and hands their callbacks, written claimed until `lease_until`, to
-    /// the dispatcher (or wakes it to read them).
+    /// Logs and counts firings that committed, hands their callbacks,
+    /// written claimed until `lease_until`, to the dispatcher (or wakes it
+    /// to read them), and gives the book what the flush did.
     fn fired(&self, report: store::firing::TriggerReport, lease_until: Option<i64>) {
-        if report.fired.is_empty() {
-            return;
-        }
-        for f in &report.fired {
-            tracing::info!(account = %f.account_sid, trigger = %f.sid, period = %f.period,
-                value = %f.value, "usage trigger fired");
-        }
-        metrics::counter!(m::TRIGGERS_FIRED_TOTAL).increment(report.fired.len() as u64);
-        if let Some(d) = &self.dispatcher {
-            match lease_until {
-                Some(until) => d.hand_over(report.leased, until),
-                None => d.wake(),
+        if !report.fired.is_empty() {
+            for f in &report.fired {
+                tracing::info!(account = %f.account_sid, trigger = %f.sid, period = %f.period,
+                    value = %f.value, "usage trigger fired");
+            }
+            metrics::counter!(m::TRIGGERS_FIRED_TOTAL).increment(report.fired.len() as u64);
+            if let Some(d) = &self.dispatcher {
+                match lease_until {
+                    Some(until) => d.hand_over(report.leased, until),
+                    None => d.wake(),
+                }
             }
         }
+        self.triggers
+            .record_flush_soon(report.observed, report.fired);
     }
 
     /// Runs `op` until it succeeds, fails for good (fenced, permanent) or is

@@ -9,12 +9,14 @@
 use std::collections::HashMap;
 
 use rust_decimal::Decimal;
+use rustc_hash::FxHashMap;
 
 use super::flush::Touched;
 use super::outbox::{OutboxRow, KIND_USAGE_TRIGGER};
 use super::{Conn, Param, Result};
-use crate::calendar::{Day, Period};
+use crate::calendar::Period;
 use crate::counters::Tally;
+use crate::triggers::callback::Callback;
 use crate::triggers::{crossings, period_key, Crossing, Trigger};
 
 /// A trigger fired by a flush, for the in-memory book once it committed.
@@ -39,116 +41,94 @@ pub struct TriggerReport {
     pub leased: Vec<OutboxRow>,
 }
 
-/// A crossing [`Conn::mark_fired`] marked: its period key, its value as
-/// text and its trigger's stored row.
-struct Marked<'c> {
-    crossing: &'c Crossing,
-    key: &'c String,
+/// A crossing to mark fired: the crossing, its period key and value as
+/// text, and its trigger as the flush's book has it (the fields a firing's
+/// callback keeps never change; its URL and method are read as stored).
+struct ToMark<'c> {
+    crossing: Crossing,
+    key: String,
     value: String,
-    row: Vec<super::Value>,
+    trigger: &'c Trigger,
 }
 
 /// Crossings marked fired by one statement at most.
 const FIRE_CHUNK: usize = 500;
 
-/// The UsageRecords list of the period a trigger fired in.
-fn record_uri(account: &str, category: &str, recurring: &str, period: Period) -> String {
-    let base = format!("/2010-04-01/Accounts/{account}/Usage/Records");
-    let (sub, from, to) = match period {
-        Period::Day(d) => ("/Daily", d, d),
-        Period::Month(m) => ("/Monthly", m.first_day(), m.last_day()),
-        Period::Year(y) => ("/Yearly", Day::from_ymd(y, 1, 1), Day::from_ymd(y, 12, 31)),
-        Period::AllTime if recurring.is_empty() => ("", Day(0), Day(0)),
-        Period::AllTime => ("/AllTime", Day(0), Day(0)),
-    };
-    if matches!(period, Period::AllTime) {
-        return format!("{base}{sub}.json?Category={category}");
-    }
-    format!("{base}{sub}.json?Category={category}&StartDate={from}&EndDate={to}")
-}
-
 impl Conn {
     /// Marks each crossing's trigger fired for its period unless it already
-    /// fired for it or a later one (or, once-only, at all), or is gone;
-    /// returns those it marked, each with its value as text and the trigger
-    /// as stored now: SID, account, callback URL and method, category,
-    /// trigger_by, trigger_value, recurring.
+    /// fired for it or a later one (or, once-only, at all), or is gone (or
+    /// is another account's); returns, for those it marked, their positions
+    /// in `chunk` with the callback URL and method stored now.
     ///
     /// Two statements: the triggers are read (on PostgreSQL locked FOR
     /// SHARE in SID order, as an update or delete locks them: one of those
     /// waits for this transaction, then redirects or deletes what it wrote),
-    /// then their firings upserted in `usage_trigger_firings` — narrow rows
-    /// instead of the wide definitions (on PostgreSQL the lock still marks
-    /// each definition's row).
-    fn mark_fired<'c>(
+    /// then their firings upserted in `usage_trigger_firings`. (One
+    /// `INSERT … SELECT` joining the triggers was slower on PostgreSQL: it
+    /// hashed the whole table for each chunk.)
+    fn mark_fired(
         &mut self,
-        chunk: &'c [(Crossing, String)],
+        chunk: &[ToMark<'_>],
         date_fired: &str,
-    ) -> Result<Vec<Marked<'c>>> {
+    ) -> Result<Vec<(usize, String, String)>> {
         let lock = self.row_lock(" ORDER BY sid FOR SHARE");
-        let sids: Vec<Param> = chunk.iter().map(|(c, _)| Param::Text(&c.sid)).collect();
+        let sids: Vec<Param> = chunk.iter().map(|m| Param::Text(&m.crossing.sid)).collect();
         let stored = self.query(
             &format!(
-                "SELECT sid, account_sid, callback_url, callback_method, usage_category, \
-                 trigger_by, trigger_value, recurring FROM usage_triggers \
+                "SELECT sid, account_sid, callback_url, callback_method FROM usage_triggers \
                  WHERE sid IN ({}){lock}",
                 super::conn::placeholders(1, sids.len())
             ),
             &sids,
         )?;
-        let mut stored: HashMap<String, Vec<super::Value>> = stored
-            .into_iter()
-            .map(|r| (r[0].text().to_owned(), r))
-            .collect();
+        let mut stored: HashMap<&str, &[super::Value]> =
+            stored.iter().map(|r| (r[0].text(), r.as_slice())).collect();
         // In the crossings' order; a trigger of another account of that SID
         // is not the crossing's.
-        let firings: Vec<Marked<'c>> = chunk
+        let found: Vec<(usize, &[super::Value])> = chunk
             .iter()
-            .filter_map(|(c, key)| {
-                let row = stored.remove(&c.sid)?;
-                (row[1].text() == c.account_sid).then(|| Marked {
-                    crossing: c,
-                    key,
-                    value: c.value.normalize().to_string(),
-                    row,
-                })
+            .enumerate()
+            .filter_map(|(i, m)| {
+                let row = stored.remove(m.crossing.sid.as_str())?;
+                (row[1].text() == m.crossing.account_sid).then_some((i, row))
             })
             .collect();
-        if firings.is_empty() {
+        if found.is_empty() {
             return Ok(Vec::new());
         }
-        let values: Vec<String> = (0..firings.len())
-            .map(|i| {
-                let b = 2 + i * 4;
-                format!("(${b}, ${}, $1, ${}, ${})", b + 1, b + 2, b + 3)
-            })
-            .collect();
-        let mut params = vec![Param::Text(date_fired)];
-        for f in &firings {
+        let mut values = String::with_capacity(found.len() * 24);
+        let mut params = Vec::with_capacity(1 + found.len() * 4);
+        params.push(Param::Text(date_fired));
+        for (n, (i, _)) in found.iter().enumerate() {
+            let m = &chunk[*i];
+            let b = 2 + n * 4;
+            if n > 0 {
+                values.push_str(", ");
+            }
+            values.push_str(&format!("(${b}, ${}, $1, ${}, ${})", b + 1, b + 2, b + 3));
             params.extend([
-                Param::Text(&f.crossing.sid),
-                Param::Text(f.key),
-                Param::Text(&f.value),
-                Param::Text(f.row[7].text()),
+                Param::Text(&m.crossing.sid),
+                Param::Text(&m.key),
+                Param::Text(&m.value),
+                Param::Text(m.trigger.recurring.as_str()),
             ]);
         }
         let fired = self.query(
             &format!(
                 "INSERT INTO usage_trigger_firings (sid, period, date_fired, value, recurring) \
-                 VALUES {} ON CONFLICT (sid) DO UPDATE SET period = excluded.period, \
+                 VALUES {values} ON CONFLICT (sid) DO UPDATE SET period = excluded.period, \
                  date_fired = excluded.date_fired, value = excluded.value \
                  WHERE usage_trigger_firings.recurring IN ('daily', 'monthly', 'yearly') \
                  AND usage_trigger_firings.period < excluded.period \
-                 RETURNING sid",
-                values.join(", ")
+                 RETURNING sid"
             ),
             &params,
         )?;
-        let fired: std::collections::HashSet<String> =
-            fired.iter().map(|r| r[0].text().to_owned()).collect();
-        Ok(firings
+        let fired: std::collections::HashSet<&str> = fired.iter().map(|r| r[0].text()).collect();
+        Ok(found
             .into_iter()
-            .filter(|f| fired.contains(&f.crossing.sid))
+            .filter(|(i, _)| fired.contains(chunk[*i].crossing.sid.as_str()))
+            .map(|(i, row)| (i, row[2].text().to_owned(), row[3].text().to_owned()))
             .collect())
     }
 
@@ -171,8 +151,7 @@ impl Conn {
         }
         let now = chrono::Utc::now();
         let date_fired = crate::calendar::format_rfc3339(now.timestamp());
-        let date_fired_2822 = now.format("%a, %d %b %Y %H:%M:%S +0000").to_string();
-        let mut by_account: HashMap<&str, Vec<std::sync::Arc<Trigger>>> = HashMap::new();
+        let mut by_account: FxHashMap<&str, Vec<std::sync::Arc<Trigger>>> = FxHashMap::default();
         for t in triggers {
             by_account
                 .entry(t.account_sid.as_str())
@@ -180,7 +159,8 @@ impl Conn {
                 .push(t.clone());
         }
         let started = std::time::Instant::now();
-        let mut found: Vec<Crossing> = Vec::new();
+        report.observed.reserve(triggers.len());
+        let mut found: Vec<(Crossing, &Trigger)> = Vec::new();
         for page in touched {
             let Some(mine) = by_account.get(page.account_sid.as_str()) else {
                 continue;
@@ -200,7 +180,12 @@ impl Conn {
                         .push(((*t).clone(), *p, leaves.get(category)));
                 }
             }
-            found.extend(crossings(mine, &page.rows));
+            for c in crossings(mine, &page.rows) {
+                let Some(t) = mine.iter().find(|t| t.sid == c.sid) else {
+                    continue;
+                };
+                found.push((c, t));
+            }
         }
         // A trigger crossing in two periods of one flush (CDRs of two days)
         // is marked one period per round, oldest first: one statement may
@@ -211,81 +196,57 @@ impl Conn {
             .collect();
         let evaluated = started.elapsed();
         let (mut marking, mut queueing) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
-        let mut rounds: Vec<Vec<(Crossing, String)>> = Vec::new();
-        let mut seen: HashMap<String, usize> = HashMap::new();
-        for c in found {
+        let mut rounds: Vec<Vec<ToMark<'_>>> = Vec::new();
+        let mut seen: FxHashMap<String, usize> = FxHashMap::default();
+        for (c, trigger) in found {
             let n = seen.entry(c.sid.clone()).or_insert(0);
             if rounds.len() <= *n {
                 rounds.push(Vec::new());
             }
-            let key = period_key(c.period);
-            rounds[*n].push((c, key));
+            rounds[*n].push(ToMark {
+                key: period_key(c.period),
+                value: c.value.normalize().to_string(),
+                crossing: c,
+                trigger,
+            });
             *n += 1;
         }
         // Locked in SID order across the chunks too (see `mark_fired`).
         for round in &mut rounds {
-            round.sort_unstable_by(|a, b| a.0.sid.cmp(&b.0.sid));
+            round.sort_unstable_by(|a, b| a.crossing.sid.cmp(&b.crossing.sid));
         }
         for round in &rounds {
             for chunk in round.chunks(FIRE_CHUNK) {
                 let t = std::time::Instant::now();
-                let fired = self.mark_fired(chunk, &date_fired)?;
+                let marked = self.mark_fired(chunk, &date_fired)?;
                 marking += t.elapsed();
                 let t = std::time::Instant::now();
-                let mut rows = Vec::with_capacity(fired.len());
-                for Marked {
-                    crossing: c,
-                    key,
-                    value,
-                    row: r,
-                } in &fired
-                {
-                    let key = key.as_str();
-                    let (url, method, category, by, trigger_value, recurring) = (
-                        r[2].text(),
-                        r[3].text(),
-                        r[4].text(),
-                        r[5].text(),
-                        r[6].text(),
-                        r[7].text(),
-                    );
-                    let token = format!("{}-FIRES-{}-{key}", c.account_sid, c.sid);
-                    let body = serde_urlencoded::to_string([
-                        ("AccountSid", c.account_sid.as_str()),
-                        ("UsageTriggerSid", c.sid.as_str()),
-                        ("DateFired", date_fired_2822.as_str()),
-                        ("Recurring", recurring),
-                        ("UsageCategory", category),
-                        ("TriggerBy", by),
-                        ("TriggerValue", trigger_value),
-                        ("CurrentValue", value.as_str()),
-                        (
-                            "UsageRecordUri",
-                            &record_uri(&c.account_sid, category, recurring, c.period),
-                        ),
-                        ("IdempotencyToken", token.as_str()),
-                    ])
-                    .expect("strings encode");
+                let mut rows = Vec::with_capacity(marked.len());
+                for (i, url, method) in marked {
+                    let m = &chunk[i];
+                    let c = &m.crossing;
+                    let token = format!("{}-FIRES-{}-{}", c.account_sid, c.sid, m.key);
+                    let body = Callback::of(m.trigger, c.period, now.timestamp(), c.value).encode();
                     rows.push(OutboxRow {
-                        id: token,
                         account_sid: c.account_sid.clone(),
                         kind: KIND_USAGE_TRIGGER.to_owned(),
                         source_sid: c.sid.clone(),
-                        url: url.to_owned(),
-                        method: method.to_owned(),
+                        url,
+                        method,
                         body,
                         // When the CDR that reached the value was counted, if
                         // the consumer saw it coming; else when the batch
                         // began.
                         created_at: crossed_at
-                            .get(&(c.sid.as_str(), key))
+                            .get(&(c.sid.as_str(), m.key.as_str()))
                             .copied()
                             .unwrap_or(consumed_at_ms),
+                        id: token,
                     });
                     report.fired.push(Firing {
                         account_sid: c.account_sid.clone(),
                         sid: c.sid.clone(),
-                        period: key.to_owned(),
+                        period: m.key.clone(),
                         date_fired: date_fired.clone(),
                         value: c.value,
                     });
@@ -464,8 +425,9 @@ mod tests {
         let (id, method, body, at) = &rows[0];
         assert_eq!(id, &format!("{account}-FIRES-{}-2026-03-01", t.sid));
         assert_eq!((method.as_str(), *at), ("GET", 1_000));
+        let body = crate::triggers::callback::form_body(body, &account, &t.sid, id);
         let params: std::collections::HashMap<String, String> =
-            serde_urlencoded::from_str(body).unwrap();
+            serde_urlencoded::from_str(&body).unwrap();
         assert_eq!(params["AccountSid"], account);
         assert_eq!(params["UsageTriggerSid"], t.sid);
         assert_eq!(params["CurrentValue"], "4");
@@ -615,22 +577,5 @@ mod tests {
             .unwrap();
         assert_old_firings_move(&url);
         drop_schema(&mut admin, &schema);
-    }
-
-    #[test]
-    fn record_uris_name_the_period() {
-        let d = Day::from_ymd(2026, 3, 2);
-        assert_eq!(
-            record_uri("AC1", "calls", "daily", Period::Day(d)),
-            "/2010-04-01/Accounts/AC1/Usage/Records/Daily.json?Category=calls&StartDate=2026-03-02&EndDate=2026-03-02"
-        );
-        assert_eq!(
-            record_uri("AC1", "sms", "monthly", Period::Month(d.month())),
-            "/2010-04-01/Accounts/AC1/Usage/Records/Monthly.json?Category=sms&StartDate=2026-03-01&EndDate=2026-03-31"
-        );
-        assert_eq!(
-            record_uri("AC1", "sms", "", Period::AllTime),
-            "/2010-04-01/Accounts/AC1/Usage/Records.json?Category=sms"
-        );
     }
 }

@@ -19,7 +19,7 @@ use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 use rustc_hash::FxHashMap;
 
-use super::{Recurring, Trigger, TriggerBy};
+use super::{parse_period_key, Recurring, Trigger, TriggerBy};
 use crate::calendar::Period;
 use crate::category::{Category, Unit};
 use crate::cdr::{AccountSid, Cdr};
@@ -96,7 +96,7 @@ impl Watch {
         let fired = t
             .fired_period
             .as_deref()
-            .map(|key| parse_key(t.recurring, key));
+            .map(|key| parse_period_key(t.recurring, key));
         if fired.is_some() && matches!(t.recurring, Recurring::Once | Recurring::AllTime) {
             return None;
         }
@@ -133,18 +133,6 @@ impl Watch {
             None => Some(0),
         }
     }
-}
-
-/// The period a `fired_period` key names for `recurring` (`None` if it does
-/// not parse: then the store's conditional update decides).
-fn parse_key(recurring: Recurring, key: &str) -> Option<Period> {
-    use crate::calendar::Day;
-    Some(match recurring {
-        Recurring::Daily => Period::Day(Day::parse(key)?),
-        Recurring::Monthly => Period::Month(Day::parse(&format!("{key}-01"))?.month()),
-        Recurring::Yearly => Period::Year(key.parse().ok()?),
-        Recurring::AllTime | Recurring::Once => Period::AllTime,
-    })
 }
 
 /// Every watched account's triggers: an immutable snapshot the consumer
@@ -193,7 +181,7 @@ impl Watches {
         let fired = t
             .fired_period
             .as_deref()
-            .and_then(|key| parse_key(t.recurring, key));
+            .and_then(|key| parse_period_key(t.recurring, key));
         if let Some(w) = self.watch_mut(t) {
             w.fired = fired;
         }

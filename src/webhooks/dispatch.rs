@@ -863,20 +863,23 @@ fn build_request(
             )
             .body(row.body.clone()));
     }
+    // A firing's outbox row keeps what its parameters are rendered from.
+    let params =
+        crate::triggers::callback::form_body(&row.body, &row.account_sid, &row.source_sid, &row.id);
     let builder = match row.method.as_str() {
         "GET" => {
             // The parameters go in the query; the signature covers the full URL.
             let sep = if url.query().is_some() { '&' } else { '?' };
-            let full = format!("{url}{sep}{}", row.body);
+            let full = format!("{url}{sep}{params}");
             let full = ::url::Url::parse(&full)
                 .map_err(|e| format!("the callback URL with its parameters is not valid ({e})"))?;
             let signature = sign::twilio_signature(key, full.as_str(), &[]);
             client.get(full).header(sign::TWILIO_SIGNATURE, signature)
         }
         "POST" => {
-            let params: Vec<(String, String)> = serde_urlencoded::from_str(&row.body)
+            let pairs: Vec<(String, String)> = serde_urlencoded::from_str(&params)
                 .map_err(|e| format!("the callback's parameters do not decode ({e})"))?;
-            let signature = sign::twilio_signature(key, url.as_str(), &params);
+            let signature = sign::twilio_signature(key, url.as_str(), &pairs);
             client
                 .post(url)
                 .header(
@@ -884,7 +887,7 @@ fn build_request(
                     "application/x-www-form-urlencoded",
                 )
                 .header(sign::TWILIO_SIGNATURE, signature)
-                .body(row.body.clone())
+                .body(params)
         }
         other => return Err(format!("method {other:?} is neither GET nor POST")),
     };
