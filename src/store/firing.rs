@@ -425,6 +425,7 @@ mod tests {
         let (id, method, body, at) = &rows[0];
         assert_eq!(id, &format!("{account}-FIRES-{}-2026-03-01", t.sid));
         assert_eq!((method.as_str(), *at), ("GET", 1_000));
+        assert!(body.starts_with("firing/1 "), "kept to render: {body}");
         let body = crate::triggers::callback::form_body(body, &account, &t.sid, id);
         let params: std::collections::HashMap<String, String> =
             serde_urlencoded::from_str(&body).unwrap();

@@ -20,7 +20,9 @@ pub struct OutboxRow {
     pub url: String,
     /// `GET` or `POST`.
     pub method: String,
-    /// Form-encoded parameters (triggers) or the JSON body (wallet events).
+    /// What a firing's callback parameters are rendered from
+    /// ([`crate::triggers::callback`]; rows an older tallyd wrote hold the
+    /// form-encoded parameters) or the JSON body (wallet events).
     pub body: String,
     /// Unix ms it was written (the firing's time).
     pub created_at: i64,

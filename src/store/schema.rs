@@ -59,10 +59,10 @@
 //!   secret their HMAC-SHA256 signature is made with.
 //! - `webhook_outbox`: callbacks to send (trigger firings, wallet events), each
 //!   written in the transaction that caused it; `id` is the idempotency token
-//!   (the same across replays and retries), `body` the form-encoded parameters
-//!   or JSON, `status` `pending` → `delivered` | `failed`, times in Unix ms,
+//!   (the same across replays and retries), `body` what a firing's parameters
+//!   are rendered from (`triggers::callback`) or a wallet event's JSON, `status` `pending` → `delivered` | `failed`, times in Unix ms,
 //!   `day` the UTC day (days since 1970) it was created, for the delivery stats.
-//!   Finished rows are removed `webhooks.keep_finished_days` after they
+//!   Finished rows are removed `webhooks.keep_finished_secs` after they
 //!   finished, their counts added to `webhook_delivery_days` first.
 //! - `webhook_delivery_days`: per account and `day`, the counts of the
 //!   removed outbox rows (written, delivered, failed); the delivery stats are

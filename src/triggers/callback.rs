@@ -95,7 +95,10 @@ impl<'a> Callback<'a> {
             .unwrap_or_default()
             .format("%a, %d %b %Y %H:%M:%S +0000")
             .to_string();
-        let (trigger_value, value) = (self.trigger_value.to_string(), self.value.to_string());
+        let (trigger_value, value) = (
+            self.trigger_value.to_string(),
+            self.value.normalize().to_string(),
+        );
         let uri = record_uri(account_sid, self.category, self.recurring, self.period);
         serde_urlencoded::to_string([
             ("AccountSid", account_sid),

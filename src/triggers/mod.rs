@@ -341,8 +341,12 @@ pub struct TriggerBook {
     edits: Arc<AtomicU64>,
     /// The thread [`Self::record_flush_soon`] hands flushes to, started at
     /// its first use; it ends when the last clone of the book is dropped.
-    recorder: Arc<std::sync::OnceLock<std::sync::mpsc::Sender<FlushRecord>>>,
+    recorder: Arc<std::sync::OnceLock<std::sync::mpsc::SyncSender<FlushRecord>>>,
 }
+
+/// Flushes [`TriggerBook::record_flush_soon`] queues for the book's thread
+/// at most.
+const RECORDS_QUEUED: usize = 16;
 
 /// What one committed flush did to the book ([`TriggerBook::record_flush`]).
 type FlushRecord = (
@@ -491,7 +495,9 @@ impl TriggerBook {
             return;
         }
         let sender = self.recorder.get_or_init(|| {
-            let (tx, rx) = std::sync::mpsc::channel::<FlushRecord>();
+            // Bounded: a flusher ahead of the book waits for it rather
+            // than queueing stale records without end.
+            let (tx, rx) = std::sync::mpsc::sync_channel::<FlushRecord>(RECORDS_QUEUED);
             let (inner, version) = (self.inner.clone(), self.version.clone());
             let spawned = std::thread::Builder::new()
                 .name("tallyd-triggers".into())
@@ -533,6 +539,14 @@ impl TriggerBook {
                     *slot = (*period, *tally);
                     true
                 }
+                // Not for a trigger deleted since that flush (its record
+                // was queued): it would stay for good.
+                None if !by_account
+                    .get(&t.account_sid)
+                    .is_some_and(|l| l.iter().any(|x| x.sid == t.sid)) =>
+                {
+                    false
+                }
                 None => {
                     known.insert(t.sid.clone(), (*period, *tally));
                     true
@@ -546,6 +560,9 @@ impl TriggerBook {
             if let Some(t) = by_account
                 .get_mut(&f.account_sid)
                 .and_then(|l| l.iter_mut().find(|t| t.sid == f.sid))
+                // A reload read after a later firing is not undone (period
+                // keys sort in time order).
+                .filter(|t| t.fired_period.as_deref() < Some(f.period.as_str()))
             {
                 // A flush holding the old one keeps it.
                 let t = Arc::make_mut(t);
@@ -895,6 +912,41 @@ mod tests {
         book.record_flush(&[(sms.clone(), Period::Day(day(1)), Tally::default())], &[]);
         let again = book.watches_since(&mut seen).expect("changed");
         assert_eq!(*again, rebuilt);
+    }
+
+    /// Records reach the book's thread after the commit, so a later change
+    /// may be there first: a trigger deleted since is not brought back into
+    /// the known values, and a firing for an earlier period than the book
+    /// has (a reload read after a later one) does not undo it. The
+    /// recorded flushes arrive in order.
+    #[test]
+    fn a_late_record_undoes_no_delete_and_no_later_firing() {
+        let book = TriggerBook::new();
+        let t = Arc::new(trigger("sms", TriggerBy::Count, dec!(5), Recurring::Daily));
+        book.replace_all(vec![(*t).clone()]);
+        let firing = |d: u32| crate::store::firing::Firing {
+            account_sid: t.account_sid.clone(),
+            sid: t.sid.clone(),
+            period: period_key(Period::Day(day(d))),
+            date_fired: "2026-03-02T10:00:00Z".into(),
+            value: dec!(5),
+        };
+        let fired = || book.of(&t.account_sid)[0].fired_period.clone();
+        let recorded = book.version.load(Ordering::Acquire);
+        book.record_flush_soon(Vec::new(), vec![firing(2)]);
+        book.record_flush_soon(Vec::new(), vec![firing(1)]);
+        // Each record is one change of the book: both are in once it
+        // changed twice.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while book.version.load(Ordering::Acquire) < recorded + 2 {
+            assert!(std::time::Instant::now() < deadline, "not recorded");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(fired().as_deref(), Some("2026-03-02"));
+
+        book.remove(&t.account_sid, &t.sid);
+        book.record_flush(&[(t.clone(), Period::Day(day(3)), Tally::default())], &[]);
+        assert!(!book.inner.read().known.contains_key(&t.sid));
     }
 
     #[test]
