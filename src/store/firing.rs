@@ -180,12 +180,10 @@ impl Conn {
                         .push(((*t).clone(), *p, leaves.get(category)));
                 }
             }
-            for c in crossings(mine, &page.rows) {
-                let Some(t) = mine.iter().find(|t| t.sid == c.sid) else {
-                    continue;
-                };
-                found.push((c, t));
-            }
+            found.extend(crossings(mine, &page.rows).into_iter().map(|c| {
+                let t: &Trigger = &mine[c.trigger];
+                (c, t)
+            }));
         }
         // A trigger crossing in two periods of one flush (CDRs of two days)
         // is marked one period per round, oldest first: one statement may

@@ -267,6 +267,8 @@ fn last_day(p: Period) -> Day {
 /// touched; it fires if the store agrees it has not fired for that period.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Crossing {
+    /// The position of the trigger in the slice [`crossings`] was given.
+    pub trigger: usize,
     pub sid: String,
     pub account_sid: String,
     pub period: Period,
@@ -284,7 +286,7 @@ pub fn crossings<T: std::borrow::Borrow<Trigger>>(
     touched: &[(Period, Leaves)],
 ) -> Vec<Crossing> {
     let mut out = Vec::new();
-    for t in triggers {
+    for (i, t) in triggers.iter().enumerate() {
         let t: &Trigger = t.borrow();
         let Some(category) = t.category() else {
             continue;
@@ -305,6 +307,7 @@ pub fn crossings<T: std::borrow::Borrow<Trigger>>(
             if value >= t.trigger_value {
                 fired = Some(*period);
                 out.push(Crossing {
+                    trigger: i,
                     sid: t.sid.clone(),
                     account_sid: t.account_sid.clone(),
                     period: *period,
